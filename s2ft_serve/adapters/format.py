@@ -1,0 +1,255 @@
+"""Adapter format v1: load, validate and save S²FT adapters.
+
+A folder with `adapter_config.json` and `adapter_model.safetensors`. For each adapted Linear
+module `M` (named as in the Hugging Face model's `named_modules()`), the safetensors file holds
+`M.s2ft_index` (int64 `[k]`, distinct input-feature indices) and `M.s2ft_delta` (float
+`[out_features, k]`); the adapted weight is `W` with `W[:, index] += delta`.
+
+Everything is validated before an adapter is returned; a failure raises
+`AdapterValidationError` naming the file, the tensor and the reason. Pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from s2ft_serve.errors import AdapterValidationError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+INDEX_SUFFIX = ".s2ft_index"
+DELTA_SUFFIX = ".s2ft_delta"
+DEFAULT_TARGET_MODULES = ["o_proj", "down_proj"]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class ModuleDelta:
+    """One adapted module: `W[:, index] += delta`."""
+
+    index: torch.Tensor  # [k] int64, distinct
+    delta: torch.Tensor  # [out_features, k]
+
+    @property
+    def k(self) -> int:
+        return int(self.index.numel())
+
+
+@dataclass
+class Adapter:
+    """An S²FT adapter in memory: its config (all keys kept) and per-module column deltas."""
+
+    config: dict
+    modules: dict[str, ModuleDelta]
+    path: Path | None = None
+    nbytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str:
+        return str(self.config.get("base_model", ""))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.config.get("base_model_fingerprint")
+
+    def num_parameters(self) -> int:
+        return sum(m.delta.numel() for m in self.modules.values())
+
+    def summary(self, head_dim: int | None = None) -> dict:
+        """Heads and channels per layer (heads from o_proj columns / head_dim)."""
+        per_layer: dict[str, dict[str, int]] = {}
+        for name, md in sorted(self.modules.items(), key=lambda kv: _layer_key(kv[0])):
+            layer = _layer_of(name)
+            entry = per_layer.setdefault(layer, {})
+            if name.endswith("o_proj"):
+                entry["o_proj_columns"] = md.k
+                if head_dim:
+                    entry["heads"] = len({int(i) // head_dim for i in md.index.tolist()})
+            elif name.endswith("down_proj"):
+                entry["channels"] = md.k
+        return {
+            "modules": len(self.modules),
+            "parameters": self.num_parameters(),
+            "bytes": self.nbytes,
+            "per_layer": per_layer,
+        }
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    return parts[parts.index("layers") + 1] if "layers" in parts else name
+
+
+def _layer_key(name: str):
+    layer = _layer_of(name)
+    return (int(layer) if layer.isdigit() else 10**9, name)
+
+
+def make_config(base_model: str, fingerprint: str | None = None, **extra) -> dict:
+    config = {
+        "adapter_type": "s2ft",
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "target_modules": list(DEFAULT_TARGET_MODULES),
+    }
+    if fingerprint:
+        config["base_model_fingerprint"] = fingerprint
+    config.update(extra)
+    return config
+
+
+def save_adapter(adapter: Adapter, path: str | Path) -> Path:
+    """Write an adapter folder in format v1 (tensors contiguous, on CPU)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, md in adapter.modules.items():
+        tensors[name + INDEX_SUFFIX] = md.index.detach().to("cpu", torch.int64).contiguous()
+        tensors[name + DELTA_SUFFIX] = md.delta.detach().to("cpu").contiguous()
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "s2ft", "format_version": "1"})
+    (path / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise AdapterValidationError(f"{path}: not an adapter folder (no such directory)")
+    if not cfg_path.is_file():
+        raise AdapterValidationError(f"{cfg_path}: missing; an adapter folder needs {CONFIG_FILE}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterValidationError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterValidationError(f"{cfg_path}: must hold a JSON object")
+    if config.get("adapter_type") != "s2ft":
+        raise AdapterValidationError(f"{cfg_path}: adapter_type must be \"s2ft\", got {config.get('adapter_type')!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise AdapterValidationError(
+            f"{cfg_path}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r}"
+        )
+    if not isinstance(config.get("base_model"), str):
+        raise AdapterValidationError(f"{cfg_path}: base_model must be a string")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterValidationError(f"{cfg_path}: target_modules must be a list of module names")
+    fp = config.get("base_model_fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise AdapterValidationError(f"{cfg_path}: base_model_fingerprint must be a string")
+    return config
+
+
+def load_adapter(
+    path: str | Path,
+    linears: Mapping[str, tuple[int, int]] | None = None,
+    base_fingerprint: str | None = None,
+    max_bytes: int | None = None,
+) -> Adapter:
+    """Read and fully validate an adapter folder.
+
+    `linears` maps each adaptable module name to `(out_features, in_features)`; when given,
+    every tensor must name one of them with matching shapes. `base_fingerprint`, when given,
+    must equal the adapter's `base_model_fingerprint` if the adapter records one.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    config = read_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterValidationError(f"{weights}: missing; an adapter folder needs {WEIGHTS_FILE} (pickle files are never loaded)")
+    nbytes = weights.stat().st_size
+    if max_bytes is not None and nbytes > max_bytes:
+        raise AdapterValidationError(f"{weights}: {nbytes} bytes exceeds the limit of {max_bytes} bytes")
+    fp = config.get("base_model_fingerprint")
+    if base_fingerprint and fp and fp != base_fingerprint:
+        raise AdapterValidationError(
+            f"{path / CONFIG_FILE}: base_model_fingerprint {fp} does not match the loaded base model ({base_fingerprint}); "
+            "this adapter was trained on different base weights"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from None
+    modules = validate_tensors(tensors, linears, source=str(weights))
+    return Adapter(config=config, modules=modules, path=path, nbytes=nbytes)
+
+
+def validate_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    linears: Mapping[str, tuple[int, int]] | None = None,
+    source: str = "adapter",
+) -> dict[str, ModuleDelta]:
+    """Pair `.s2ft_index` / `.s2ft_delta` tensors per module and check every invariant."""
+
+    def fail(tensor: str, reason: str):
+        raise AdapterValidationError(f"{source}: tensor '{tensor}': {reason}")
+
+    names: set[str] = set()
+    for key in tensors:
+        if key.endswith(INDEX_SUFFIX):
+            names.add(key[: -len(INDEX_SUFFIX)])
+        elif key.endswith(DELTA_SUFFIX):
+            names.add(key[: -len(DELTA_SUFFIX)])
+        else:
+            fail(key, f"unexpected tensor name; expected '<module>{INDEX_SUFFIX}' or '<module>{DELTA_SUFFIX}'")
+    if not names:
+        raise AdapterValidationError(f"{source}: holds no adapted modules")
+    modules: dict[str, ModuleDelta] = {}
+    for name in sorted(names):
+        ikey, dkey = name + INDEX_SUFFIX, name + DELTA_SUFFIX
+        if ikey not in tensors:
+            fail(dkey, f"has no matching '{ikey}'")
+        if dkey not in tensors:
+            fail(ikey, f"has no matching '{dkey}'")
+        index, delta = tensors[ikey], tensors[dkey]
+        if linears is not None and name not in linears:
+            fail(ikey, f"module '{name}' is not an adaptable linear module (o_proj / down_proj) of the base model")
+        if index.dtype != torch.int64:
+            fail(ikey, f"dtype must be int64, got {str(index.dtype).replace('torch.', '')}")
+        if index.dim() != 1 or index.numel() == 0:
+            fail(ikey, f"shape must be [k] with k >= 1, got {list(index.shape)}")
+        if delta.dtype not in FLOAT_DTYPES:
+            fail(dkey, f"dtype must be floating point, got {str(delta.dtype).replace('torch.', '')}")
+        k = index.numel()
+        if delta.dim() != 2 or delta.shape[1] != k:
+            fail(dkey, f"shape must be [out_features, {k}], got {list(delta.shape)}")
+        if linears is not None:
+            out_features, in_features = linears[name]
+            if delta.shape[0] != out_features:
+                fail(dkey, f"shape must be [{out_features}, {k}] (out_features of '{name}'), got {list(delta.shape)}")
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= in_features:
+                fail(ikey, f"indices must lie in [0, {in_features}), found {lo if lo < 0 else hi}")
+        elif int(index.min()) < 0:
+            fail(ikey, "indices must be non-negative")
+        if torch.unique(index).numel() != k:
+            fail(ikey, "indices must be distinct")
+        if not bool(torch.isfinite(delta).all()):
+            fail(dkey, "values must be finite (found NaN or inf)")
+        modules[name] = ModuleDelta(index=index.contiguous(), delta=delta.contiguous())
+    return modules
+
+
+def linear_shapes(linears: Mapping[str, torch.nn.Linear]) -> dict[str, tuple[int, int]]:
+    return {name: (m.out_features, m.in_features) for name, m in linears.items()}
+
+
+def merge_into(model: torch.nn.Module, adapter: Adapter, weight: float = 1.0) -> None:
+    """Reference merge: `W[:, index] += weight * delta` in place (tests, `fuse` to a full model)."""
+    named = dict(model.named_modules())
+    with torch.no_grad():
+        for name, md in adapter.modules.items():
+            W = named[name].weight
+            W[:, md.index.to(W.device)] += (weight * md.delta).to(W.device, W.dtype)
