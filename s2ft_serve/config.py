@@ -1,0 +1,22 @@
+"""Engine configuration: one dataclass, built once (CLI, `create_app`, tests) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # a local Hugging Face folder; None = the embedded SmolLM2-135M-Instruct
+    device: str = "auto"  # auto picks cuda when available
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    max_batch_size: int = 32  # requests decoded together per step
+    max_tokens_per_step: int = 2048  # prefill token budget per step (at least one prompt is always admitted)
+    max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)
+    max_queue: int = 256  # waiting requests before submit raises QueueFullError (HTTP 429)
+    max_resident_adapters: int = 64  # adapters with weights in memory; LRU eviction beyond
+    max_resident_bytes: int = 2 << 30  # total adapter bytes in memory; LRU eviction beyond
+    max_adapter_bytes: int = 512 << 20  # one adapter's safetensors file
+    adapter_root: str | None = None  # the only folder adapters are loaded from by name (None: any path)
+    lazy_load: bool = True  # a request naming an unloaded adapter under adapter_root loads it
+    max_fused_adapters: int = 1

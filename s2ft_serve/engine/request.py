@@ -1,0 +1,108 @@
+"""Requests, sampling parameters and outputs: the engine's public data types (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from s2ft_serve.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings; the text ends before them
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # False: stop on the tokenizer's EOS token
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the top k
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise InvalidRequestError("max_tokens must be a non-negative integer", param="max_tokens")
+        if self.temperature < 0:
+            raise InvalidRequestError("temperature must be >= 0", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if self.top_k < 0:
+            raise InvalidRequestError("top_k must be >= 0", param="top_k")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise InvalidRequestError(f"{name} must be between 0 and 20", param=name)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop must hold non-empty strings", param="stop")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class StreamEvent:
+    """One step of one request: a new token (or the end)."""
+
+    request_id: str
+    token_id: int | None  # None on a final event that carries no new token
+    text_delta: str  # text that became final with this token (stop strings never appear)
+    logprob: TokenLogprob | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    adapter: str | None  # the adapter's name, None for the base model
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token has none
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class AdapterInfo:
+    """What the engine tells about one adapter (admin API, `/v1/models`)."""
+
+    name: str
+    path: str | None
+    nbytes: int
+    parameters: int
+    modules: int
+    per_layer: dict  # layer -> {"heads", "o_proj_columns", "channels"}
+    config: dict
+    resident: bool  # weights in memory (False: evicted, reloads on its next request)
+    fused: bool
+    requests_served: int
+    base_model: str
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics (`/metrics`, `vllm:lora_requests_info`)."""
+
+    waiting: int
+    running: int
+    running_adapters: list[str]
+    waiting_adapters: list[str]
+    resident_adapters: int
+    resident_bytes: int
+    fused_adapters: list[str]
+    max_resident_adapters: int
+    steps: int
