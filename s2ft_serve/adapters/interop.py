@@ -1,0 +1,168 @@
+"""Interop with engines that know nothing of S²FT: fuse an adapter into a full model folder.
+
+`fuse_to_model` writes a complete Hugging Face model folder (safetensors weights with
+`W[:, index] += delta` applied, config, tokenizer files copied) that any engine can load.
+The sums are computed in float32 and stored in the base model's own dtype.
+
+Also here: the small folder helpers shared with `extract` (reading a checkpoint's safetensors
+tensors lazily, writing an output folder atomically). Pickle checkpoints are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter
+from s2ft_serve.errors import InvalidRequestError, ModelNotSupportedError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WRITTEN_BY_SAVE_PRETRAINED = ("config.json", "generation_config.json", "model.safetensors.index.json")
+PROVENANCE_FILE = "s2ft_fused.json"
+
+
+@dataclass
+class FuseReport:
+    out_dir: Path
+    base_model: str
+    adapter: str
+    modules: int  # adapted modules merged
+    parameters: int  # delta values merged
+    dtype: str  # dtype of the written weights (the base's own)
+
+
+@dataclass
+class LoadedBase:
+    """A base model loaded in its stored dtype, for the offline tools."""
+
+    model: torch.nn.Module
+    name: str
+    path: Path
+    fingerprint: str
+
+
+def load_base(model: str | os.PathLike | None) -> LoadedBase:
+    """A local Llama-family folder (or None / "default": the embedded model), dtype as stored."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from s2ft_serve.model.loading import (
+        DEFAULT_MODEL_NAME,
+        check_supported,
+        default_model_dir_if_exists,
+        fingerprint,
+        resolve_model_path,
+    )
+
+    path = resolve_model_path(model)
+    check_supported(AutoConfig.from_pretrained(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    name = DEFAULT_MODEL_NAME if path == default_model_dir_if_exists() else str(path)
+    return LoadedBase(model=hf_model, name=name, path=path, fingerprint=fingerprint(hf_model))
+
+
+def fuse_to_model(model_path: str | os.PathLike | None, adapter_path: str | os.PathLike,
+                  out_dir: str | os.PathLike) -> FuseReport:
+    """Write base + adapter as a full Hugging Face model folder at `out_dir` (must not exist or be empty)."""
+    from s2ft_serve.model.loading import target_linears
+
+    out = Path(out_dir)
+    check_output_dir(out)
+    base = load_base(model_path)
+    linears = target_linears(base.model)
+    adapter = load_adapter(adapter_path, linear_shapes(linears), base_fingerprint=base.fingerprint)
+    add_deltas(linears, adapter)
+    with atomic_dir(out) as tmp:
+        base.model.save_pretrained(tmp)
+        copy_side_files(base.path, tmp)
+        provenance = {"base_model": base.name, "base_model_fingerprint": base.fingerprint,
+                      "adapter": str(adapter_path), "adapter_config": adapter.config}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    dtype = str(next(iter(linears.values())).weight.dtype).replace("torch.", "")
+    return FuseReport(out_dir=out, base_model=base.name, adapter=str(adapter_path), modules=len(adapter.modules),
+                      parameters=adapter.num_parameters(), dtype=dtype)
+
+
+def add_deltas(linears: dict[str, torch.nn.Linear], adapter: Adapter) -> None:
+    """`W[:, index] += delta` for every module, summed in float32 and stored in W's dtype."""
+    with torch.no_grad():
+        for name, md in adapter.modules.items():
+            weight = linears[name].weight  # [out, in]
+            index = md.index.to(weight.device)
+            summed = weight[:, index].to(torch.float32) + md.delta.to(weight.device, torch.float32)
+            weight[:, index] = summed.to(weight.dtype)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer (and other non-weight) files that `save_pretrained` does not write."""
+    for item in sorted(src.iterdir()):
+        if not item.is_file() or item.name.endswith(WEIGHT_SUFFIXES) or item.name in WRITTEN_BY_SAVE_PRETRAINED:
+            continue
+        if item.name.endswith(".index.json") or (dst / item.name).exists():
+            continue
+        shutil.copy2(item, dst / item.name)
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to write over anything: the output folder must be new or empty."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder", param="out")
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; on success it becomes `out`, on failure it vanishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, as check_output_dir made sure
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CheckpointTensors:
+    """The tensors of a model folder's safetensors files, read one at a time (never pickle)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InvalidRequestError(f"{self.path}: not a model folder (no such directory)")
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelNotSupportedError(_no_safetensors_message(self.path))
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+
+def _no_safetensors_message(path: Path) -> str:
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickles:
+        return f"{path}: holds no *.safetensors weights"
+    return (
+        f"{path}: holds only pickle weights ({', '.join(pickles)}), which s2ft-adapter never loads "
+        "(loading pickle can run arbitrary code). If you trust the file, convert it once with: "
+        "python -c \"import torch; from safetensors.torch import save_file; "
+        f"sd = torch.load('{pickles[0]}', weights_only=True); "
+        "save_file({k: v.clone().contiguous() for k, v in sd.items()}, 'model.safetensors')\""
+    )
