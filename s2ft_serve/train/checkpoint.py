@@ -1,0 +1,99 @@
+"""Training checkpoints without pickle: deltas, AdamW state and progress in safetensors + JSON.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding `state.safetensors` (for each
+adapted module its index, delta and AdamW moments) and `state.json` (step, optimizer scalars,
+train-loss history). `state.json` is written last, so a folder without it is incomplete and
+is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.train.sparse_linear import S2FTLinear
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next optimizer step to run and recent losses."""
+
+    step: int = 0
+    losses: list[float] | None = None
+    tokens: int = 0
+
+
+def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
+                    progress: Progress, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    target = folder / f"step-{progress.step}"
+    target.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.index"] = layer.index.detach().cpu().contiguous()
+        tensors[f"{name}.delta"] = layer.delta.detach().cpu().contiguous()
+        state = optimizer.state.get(layer.delta, {})
+        if "exp_avg" in state:
+            tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            steps[name] = float(state["step"])
+    save_file(tensors, str(target / STATE_TENSORS))
+    meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps}
+    (target / STATE_JSON).write_text(json.dumps(meta))
+    _prune(folder, keep)
+    return target
+
+
+def _prune(folder: Path, keep: int) -> None:
+    done = sorted(complete_checkpoints(folder), key=_step_of)
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / STATE_JSON).is_file()]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = complete_checkpoints(folder)
+    return max(done, key=_step_of) if done else None
+
+
+def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer) -> Progress:
+    """Restore deltas and AdamW moments into `layers` / `optimizer`; the selection must match."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / STATE_TENSORS))
+    meta = json.loads((path / STATE_JSON).read_text())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            index = tensors.get(f"{name}.index")
+            if index is None or not torch.equal(index, layer.index.cpu()):
+                raise InvalidRequestError(
+                    f"{path}: checkpoint selected different columns for {name}; resume with the same "
+                    "model, selection options and seed")
+            layer.delta.copy_(tensors[f"{name}.delta"])
+            if name in meta["adam_steps"]:
+                dev = layer.delta.device
+                optimizer.state[layer.delta] = {
+                    "step": torch.tensor(meta["adam_steps"][name]),
+                    "exp_avg": tensors[f"{name}.exp_avg"].to(dev),
+                    "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(dev),
+                }
+    return Progress(step=int(meta["step"]), losses=list(meta["losses"]), tokens=int(meta.get("tokens", 0)))

@@ -1,0 +1,86 @@
+"""`TrainConfig`: every option of the trainer, shared by `s2ft-train` and `train(TrainConfig)`.
+
+Each field carries its command-line help in `metadata["help"]`; the CLI is generated from the
+fields, so the command line and the Python API always take the same options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from s2ft_serve.errors import InvalidRequestError
+
+
+def opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt("", "training data, JSONL: {prompt, completion}, {messages} or {text} per line (required)")
+    output: str = opt("", "folder to write the adapter to (format v1); checkpoints go to OUTPUT/checkpoints (required)")
+    model: str | None = opt(None, "base model folder (Llama family); default: the embedded SmolLM2-135M-Instruct")
+    val_data: str | None = opt(None, "optional validation JSONL, same formats; its loss is reported and recorded")
+    # selection
+    strategy: str = opt("random", "column selection: random, weight, activation or gradient",
+                        choices=("random", "weight", "activation", "gradient"))
+    order: str = opt("largest", "for weight/activation/gradient: keep the largest or smallest scores",
+                     choices=("largest", "smallest"))
+    heads_per_layer: int | None = opt(None, "attention (query) heads trained per layer: all head_dim columns of o_proj each")
+    channels_per_layer: int | None = opt(None, "FFN channels trained per layer: one down_proj column each")
+    trainable_ratio: float = opt(0.01, "budget as a fraction of all model parameters, half to heads and half to "
+                                       "channels, uniform across layers; used for whichever of "
+                                       "--heads-per-layer / --channels-per-layer is not given")
+    calibration_fraction: float = opt(0.01, "share of the training rows used to score columns for the "
+                                            "activation / gradient strategies (at least one batch)")
+    # optimisation
+    learning_rate: float = opt(2e-4, "peak AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay (applied to the deltas)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    lr_scheduler: str = opt("cosine", "learning-rate decay after warm-up: cosine, linear or constant",
+                            choices=("cosine", "linear", "constant"))
+    warmup_steps: int | None = opt(None, "linear warm-up steps (default: --warmup-ratio of all steps)")
+    warmup_ratio: float = opt(0.03, "warm-up as a fraction of all optimizer steps, when --warmup-steps is not given")
+    epochs: float = opt(1.0, "passes over the training data (ignored when --max-steps is given)")
+    max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)")
+    batch_size: int = opt(8, "rows per micro-batch on each process")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    max_length: int = opt(1024, "maximum tokens per row; longer examples are truncated")
+    packing: bool = opt(False, "pack examples into rows of exactly --max-length tokens instead of padding")
+    dtype: str = opt("float32", "base model dtype: float32 or bfloat16 (deltas and optimizer state stay float32)",
+                     choices=("float32", "bfloat16", "fp32", "bf16"))
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK when CUDA is present)")
+    seed: int = opt(42, "seed for selection, data order and initialisation")
+    # bookkeeping
+    save_every: int = opt(0, "write a checkpoint every N optimizer steps (0: none until the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: bool = opt(False, "resume from the latest checkpoint in OUTPUT/checkpoints")
+    eval_every: int = opt(0, "compute the validation loss every N steps (0: only at the end)")
+    progress: bool = opt(True, "show a progress bar (step, loss, tokens per second)")
+
+    def validate(self) -> None:
+        """Refuse inconsistent options before anything is loaded."""
+        if not self.data:
+            raise InvalidRequestError("a training data file is required (--data)")
+        if not self.output:
+            raise InvalidRequestError("an output folder is required (--output)")
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length}
+        for name, value in positive.items():
+            if value < 1:
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InvalidRequestError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise InvalidRequestError(f"--epochs must be positive, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise InvalidRequestError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 < self.calibration_fraction <= 1:
+            raise InvalidRequestError(f"--calibration-fraction must lie in (0, 1], got {self.calibration_fraction}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise InvalidRequestError(
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")

@@ -1,0 +1,139 @@
+"""The S²FT training loop: select columns, train only their deltas, write an adapter (format v1).
+
+`train(TrainConfig)` loads the base model and data, chooses the columns (selection.py), swaps
+the target Linears for `S2FTLinear` (sparse_linear.py), and runs AdamW over the deltas alone,
+with warm-up + decay, gradient accumulation, clipping and periodic checkpoints. Under
+`torchrun` it runs as DistributedDataParallel (gloo on CPU, nccl on CUDA): each process takes
+its share of every global batch, and rank 0 writes checkpoints and the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from s2ft_serve.adapters.format import Adapter, ModuleDelta, make_config, save_adapter
+from s2ft_serve.model.loading import LoadedModel, load_model, resolve_device
+from s2ft_serve.train import data as D
+from s2ft_serve.train.config import TrainConfig
+from s2ft_serve.train.loop import World, evaluate, run_loop
+from s2ft_serve.train.selection import Budget, Selection, budget_from_ratio, select
+from s2ft_serve.train.sparse_linear import S2FTLinear, wrap_linears
+
+
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the adapter (also written to `path`) and the trained model."""
+
+    path: Path
+    adapter: Adapter
+    model: torch.nn.Module  # the base with S2FTLinear layers, deltas trained (not merged)
+    layers: dict[str, S2FTLinear]
+    selection: Selection
+    steps: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+
+
+def init_world(device: str) -> tuple[World, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), resolve_device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size()), dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_rows(cfg: TrainConfig, tokenizer, path: str) -> list[D.Example]:
+    examples = D.load_examples(path, tokenizer, cfg.max_length)
+    return D.pack(examples, cfg.max_length) if cfg.packing else examples
+
+
+def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Example], pad_id: int,
+                   world: World) -> Selection:
+    ratio_budget = budget_from_ratio(model, cfg.trainable_ratio)
+    budget = Budget(
+        heads_per_layer=ratio_budget.heads_per_layer if cfg.heads_per_layer is None else cfg.heads_per_layer,
+        channels_per_layer=ratio_budget.channels_per_layer if cfg.channels_per_layer is None else cfg.channels_per_layer,
+    )
+    calibration = None
+    if cfg.strategy in ("activation", "gradient"):
+        n = min(len(rows), max(cfg.batch_size, math.ceil(cfg.calibration_fraction * len(rows))))
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+        device = next(model.parameters()).device
+        calibration = [
+            {k: v.to(device) for k, v in D.collate([rows[i] for i in pick[j: j + cfg.batch_size]], pad_id).items()}
+            for j in range(0, n, cfg.batch_size)
+        ]
+    selection = select(model, budget, cfg.strategy, cfg.order, cfg.seed, calibration)
+    if world.size > 1:  # every process must train the same columns
+        for name in sorted(selection.indices):
+            idx = selection.indices[name].to(next(model.parameters()).device)
+            dist.broadcast(idx, src=0)
+            selection.indices[name] = idx.cpu()
+    return selection
+
+
+def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: Selection, cfg: TrainConfig,
+                 data_hash: str, stats: dict) -> Adapter:
+    modules = {name: ModuleDelta(index=layer.index.detach().cpu().clone(), delta=layer.delta.detach().float().cpu().clone())
+               for name, layer in layers.items()}
+    config = make_config(
+        loaded.name,
+        loaded.fingerprint,
+        selection=selection.describe(),
+        seed=cfg.seed,
+        training={"data": str(cfg.data), "data_sha256": data_hash, "val_data": cfg.val_data, **stats,
+                  "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                  "max_length": cfg.max_length, "packing": cfg.packing, "dtype": cfg.dtype},
+    )
+    return Adapter(config=config, modules=modules)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train an S²FT adapter as `cfg` says and write it to `cfg.output`."""
+    cfg.validate()
+    world, device = init_world(cfg.device)
+    seed_everything(cfg.seed)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device))
+    tok = loaded.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rows = build_rows(cfg, tok, cfg.data)
+    val_rows = build_rows(cfg, tok, cfg.val_data) if cfg.val_data else None
+    model = loaded.model
+    selection = choose_columns(cfg, model, rows, pad_id, world)
+    layers = wrap_linears(model, selection.indices)
+    model.train()
+    steps, losses = run_loop(cfg, model, layers, rows, val_rows, world, device, pad_id)
+    final_train = sum(losses) / len(losses) if losses else None
+    final_val = evaluate(model, val_rows, cfg, world, pad_id, device) if val_rows else None
+    stats = {"steps": steps, "final_train_loss": final_train, "final_val_loss": final_val,
+             "train_rows": len(rows), "world_size": world.size}
+    adapter = make_adapter(loaded, layers, selection, cfg, D.file_sha256(cfg.data), stats)
+    path = Path(cfg.output)
+    if world.main:
+        save_adapter(adapter, path)
+    if world.size > 1:
+        dist.barrier()
+    model.eval()
+    return TrainResult(path=path, adapter=adapter, model=model, layers=layers, selection=selection, steps=steps,
+                       final_train_loss=final_train, final_val_loss=final_val)
