@@ -1,0 +1,138 @@
+"""`fuse` writes a plain HF model equal to base + adapter; `extract` gives the adapter back or refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from s2ft_serve.adapters.extract import extract_adapter
+from s2ft_serve.adapters.format import load_adapter, merge_into, save_adapter
+from s2ft_serve.adapters.interop import fuse_to_model
+from s2ft_serve.errors import AdapterValidationError, InvalidRequestError, ModelNotSupportedError
+from s2ft_serve.model.loading import load_model
+from s2ft_serve.model.testing import random_adapter
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _save_tuned(model, path):
+    """Save a modified model the way a fine-tuning run would: a plain safetensors HF folder."""
+    model.save_pretrained(path)
+    return path
+
+
+def _assert_same_adapter(expected, got, atol=1e-6):
+    assert set(got.modules) == set(expected.modules)
+    for name, md in expected.modules.items():
+        order = torch.argsort(md.index)
+        assert got.modules[name].index.tolist() == md.index[order].tolist(), name
+        torch.testing.assert_close(got.modules[name].delta, md.delta[:, order], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture()
+def base_and_adapter(tiny_model_dir, tmp_path):
+    loaded = load_model(tiny_model_dir)
+    adapter = random_adapter(loaded.model, str(tiny_model_dir), seed=7, heads=2, channels=6,
+                             fingerprint=loaded.fingerprint)
+    save_adapter(adapter, tmp_path / "adapter")
+    return loaded, adapter, tmp_path / "adapter"
+
+
+def test_fused_model_is_base_plus_adapter_and_loads_anywhere(tiny_model_dir, base_and_adapter, tmp_path):
+    from transformers import AutoTokenizer
+
+    loaded, adapter, adapter_dir = base_and_adapter
+    report = fuse_to_model(tiny_model_dir, adapter_dir, tmp_path / "fused")
+    assert report.modules == len(adapter.modules) and report.parameters == adapter.num_parameters()
+    fused = _hf(tmp_path / "fused")
+    merge_into(loaded.model, adapter)
+    ids = torch.tensor([[3, 17, 42, 5, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, loaded.model(ids).logits, atol=1e-5, rtol=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "fused")
+    assert tokenizer.encode("hello world") == loaded.tokenizer.encode("hello world")
+    assert tokenizer.chat_template == loaded.tokenizer.chat_template
+
+
+def test_fuse_then_extract_gives_back_the_adapter(tiny_model_dir, base_and_adapter, tmp_path):
+    loaded, adapter, adapter_dir = base_and_adapter
+    fuse_to_model(tiny_model_dir, adapter_dir, tmp_path / "fused")
+    report = extract_adapter(tiny_model_dir, tmp_path / "fused", tmp_path / "extracted")
+    assert not report.permuted and report.max_unchanged_diff == 0.0
+    got = load_adapter(tmp_path / "extracted")
+    _assert_same_adapter(adapter, got)
+    assert got.fingerprint == loaded.fingerprint
+    assert got.config["extracted_from"]["permuted"] is False
+
+
+def test_fuse_refuses_an_adapter_of_another_base(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    other = load_model(tiny_qwen2_dir)
+    adapter = random_adapter(other.model, "qwen", seed=1, fingerprint=other.fingerprint)
+    save_adapter(adapter, tmp_path / "a")
+    with pytest.raises(AdapterValidationError, match="base_model_fingerprint"):
+        fuse_to_model(tiny_llama_dir, tmp_path / "a", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_never_overwrite(tiny_llama_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    with pytest.raises(InvalidRequestError, match="not empty"):
+        fuse_to_model(tiny_llama_dir, tmp_path / "missing", tmp_path / "out")
+    with pytest.raises(InvalidRequestError, match="not empty"):
+        extract_adapter(tiny_llama_dir, tiny_llama_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("tensor", ["self_attn.q_proj", "input_layernorm", "mlp.up_proj"])
+def test_extract_refuses_when_other_weights_changed(tiny_llama_dir, tmp_path, tensor):
+    model = _hf(tiny_llama_dir)
+    with torch.no_grad():
+        model.get_submodule(f"model.layers.1.{tensor}").weight[0] += 0.01
+        model.model.layers[0].self_attn.o_proj.weight[:, 3] += 0.1  # a legitimate change as well
+    _save_tuned(model, tmp_path / "tuned")
+    with pytest.raises(InvalidRequestError, match=f"model.layers.1.{tensor}.weight") as info:
+        extract_adapter(tiny_llama_dir, tmp_path / "tuned", tmp_path / "out")
+    assert "tolerance" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tolerance_admits_rounding_noise(tiny_llama_dir, tmp_path):
+    model = _hf(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight += 1e-4
+        model.model.layers[1].mlp.down_proj.weight[:, [4, 8]] += 0.05
+    _save_tuned(model, tmp_path / "tuned")
+    with pytest.raises(InvalidRequestError, match="post_attention_layernorm"):
+        extract_adapter(tiny_llama_dir, tmp_path / "tuned", tmp_path / "strict")
+    report = extract_adapter(tiny_llama_dir, tmp_path / "tuned", tmp_path / "loose", tolerance=1e-3)
+    assert report.max_unchanged_diff == pytest.approx(1e-4, rel=1e-2)
+    got = load_adapter(tmp_path / "loose")
+    assert list(got.modules) == ["model.layers.1.mlp.down_proj"]
+    assert got.modules["model.layers.1.mlp.down_proj"].index.tolist() == [4, 8]
+
+
+def test_extract_refuses_an_unchanged_checkpoint(tiny_llama_dir, tmp_path):
+    with pytest.raises(InvalidRequestError, match="nothing to extract"):
+        extract_adapter(tiny_llama_dir, tiny_llama_dir, tmp_path / "out")
+
+
+def test_extract_never_loads_pickle(tiny_llama_dir, tmp_path):
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelNotSupportedError, match="pickle"):
+        extract_adapter(tiny_llama_dir, tuned, tmp_path / "out")
+
+
+def test_extract_refuses_a_checkpoint_of_another_model(tiny_llama_dir, tmp_path):
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tuned / "model.safetensors"))
+    with pytest.raises(InvalidRequestError, match="lacks tensor"):
+        extract_adapter(tiny_llama_dir, tuned, tmp_path / "out")
