@@ -1,71 +1,336 @@
 """The engine's public API: one base model, many adapters, sync and asyncio requests.
 
-CONTRACT (implementation in progress): every method below keeps this signature.
+A background thread runs steps (admit + prefill new requests, then one decode step for every
+running request). Everything that changes weights or adapter slots, and every forward pass,
+happens under one step lock, so each forward pass sees one consistent set of weights.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
-from s2ft_serve.adapters.format import Adapter
+import torch
+
+from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter, validate_tensors
+from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
-from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams, StreamEvent
+from s2ft_serve.engine.detokenizer import Detokenizer
+from s2ft_serve.engine.handle import RequestHandle
+from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams
+from s2ft_serve.engine.runner import ModelRunner
+from s2ft_serve.engine.scheduler import Scheduler, Sequence
+from s2ft_serve.engine.stepper import Stepper
+from s2ft_serve.errors import (
+    AdapterNotFoundError,
+    AdapterValidationError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    QueueFullError,
+)
+from s2ft_serve.model.loading import LoadedModel, load_model, target_linears
 
+log = logging.getLogger(__name__)
 
-class RequestHandle:
-    """A submitted request. Iterate `events()` (sync) or `aevents()` (async); `cancel()` aborts it."""
-
-    request_id: str
-    adapter: str | None
-    prompt_token_ids: list[int]
-
-    def events(self, timeout: float | None = None) -> Iterator[StreamEvent]: ...
-    def aevents(self) -> AsyncIterator[StreamEvent]: ...
-    def result(self, timeout: float | None = None) -> RequestOutput: ...
-    async def aresult(self) -> RequestOutput: ...
-    def cancel(self) -> None: ...
+__all__ = ["Engine", "RequestHandle"]
 
 
 class Engine:
-    """Holds the base weights once and any number of adapters; a background thread runs steps.
+    """Holds the base weights once and any number of adapters; a background thread runs steps."""
 
-    Errors raised (from s2ft_serve.errors): InvalidRequestError (bad params, prompt too long),
-    AdapterNotFoundError (unknown adapter), QueueFullError (queue at max_queue),
-    AdapterValidationError (bad adapter folder), ConflictError (name exists / fused state),
-    PermissionDeniedError (path outside adapter_root).
-    """
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        hf_config = loaded.model.config
+        self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 2048), 2048)
+        self.vocab_size = hf_config.vocab_size
+        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self._shapes = linear_shapes(target_linears(loaded.model))
+        self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len)
+        self.device = self.runner.device
+        self.dtype = loaded.model.dtype
+        self.registry = AdapterRegistry(
+            self.runner.layers, config.max_resident_adapters, config.max_resident_bytes, self.head_dim,
+            max_fused=config.max_fused_adapters)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
+        self.lock = threading.RLock()
+        self.stepper = Stepper(self)
+        self._ids = itertools.count()
+        self._accepting = True
+        self._thread: threading.Thread | None = None
 
-    model_name: str  # the base model's name as the API shows it
-    tokenizer: object  # transformers tokenizer (has apply_chat_template, eos_token_id)
-    max_model_len: int
-    fingerprint: str
-    config: EngineConfig
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.stepper.loop, name="s2ft-engine", daemon=True)
+            self._thread.start()
+        return self
 
-    def __init__(self, config: EngineConfig, loaded=None) -> None: ...
-    def start(self) -> "Engine": ...  # starts the step thread; returns self
-    def shutdown(self, timeout: float = 30.0) -> None: ...  # finishes in-flight requests (bounded), stops
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.scheduler.has_work() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.02)
+        self.stepper.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
-    # requests
+    # ---- requests ------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("the base model's tokenizer has no chat template", param="messages")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenize(text)
+
     def submit(self, prompt: str | list[int], adapter: str | None = None,
-               params: SamplingParams | None = None) -> RequestHandle: ...
+               params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request (may load a lazily-loaded or evicted adapter first)."""
+        if not self._accepting:
+            raise EngineNotReadyError("the engine is shutting down")
+        params = params or SamplingParams()
+        params.validate()
+        prompt_ids = self._prompt_ids(prompt)
+        self._check_length(len(prompt_ids), params.max_tokens)
+        version = self._pin(adapter)
+        handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
+        seq = Sequence(
+            request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
+            version=version, sink=handle, detokenizer=Detokenizer(self.tokenizer, params.stop),
+            generator=self._generator(params.seed))
+        handle.bind(seq)
+        if not self.scheduler.add(seq):
+            with self.lock:
+                if version is not None:
+                    self.registry.release(version)
+            raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+        return handle
+
     def generate(self, prompt: str | list[int], adapter: str | None = None,
-                 params: SamplingParams | None = None) -> RequestOutput: ...
+                 params: SamplingParams | None = None) -> RequestOutput:
+        self.start()
+        return self.submit(prompt, adapter, params).result()
+
+    async def asubmit(self, prompt: str | list[int], adapter: str | None = None,
+                      params: SamplingParams | None = None) -> RequestHandle:
+        """Like `submit`, from asyncio: file loads run in a thread; events arrive on this loop."""
+        handle = await asyncio.to_thread(self.submit, prompt, adapter, params)
+        handle.attach_loop(asyncio.get_running_loop())
+        return handle
+
     async def agenerate(self, prompt: str | list[int], adapter: str | None = None,
-                        params: SamplingParams | None = None) -> RequestOutput: ...
-    def tokenize(self, text: str) -> list[int]: ...
-    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+                        params: SamplingParams | None = None) -> RequestOutput:
+        self.start()
+        handle = await self.asubmit(prompt, adapter, params)
+        return await handle.aresult()
 
-    # adapters
-    def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo: ...
-    def add_adapter(self, name: str, adapter: Adapter, replace: bool = False) -> AdapterInfo: ...
-    def remove_adapter(self, name: str) -> None: ...
-    def list_adapters(self) -> list[AdapterInfo]: ...
-    def get_adapter(self, name: str) -> AdapterInfo: ...
-    def has_adapter(self, name: str) -> bool: ...  # loaded or evicted-but-known; not lazy candidates
-    def fuse(self, name: str) -> AdapterInfo: ...
-    def unfuse(self, name: str) -> AdapterInfo: ...
-    def merge(self, name: str, sources: list[tuple[str, float]]) -> AdapterInfo: ...
+    def stream(self, prompt, adapter=None, params=None) -> Iterator:
+        self.start()
+        return self.submit(prompt, adapter, params).events()
 
-    # operations
-    def stats(self) -> EngineStats: ...
-    def add_step_listener(self, fn: Callable[[int, int], None]) -> None: ...  # fn(batch_size, num_tokens)
+    async def astream(self, prompt, adapter=None, params=None) -> AsyncIterator:
+        self.start()
+        handle = await self.asubmit(prompt, adapter, params)
+        async for event in handle.aevents():
+            yield event
+
+    def logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Full-sequence logits [len, vocab] float32 through the serving path (tests, scoring)."""
+        ids = self._prompt_ids(list(token_ids))
+        self._check_length(len(ids), 0)
+        version = self._pin(adapter)
+        try:
+            with self.lock:
+                row = len(self.scheduler.running)  # a free row; the next admitted request overwrites it
+                return self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True).clone()
+        finally:
+            if version is not None:
+                with self.lock:
+                    self.registry.release(version)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")
+            ids = list(prompt)
+        else:
+            raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt")
+        if not ids:  # an empty prompt starts from BOS (or EOS), like other servers
+            start = self.tokenizer.bos_token_id
+            ids = [start if start is not None else self.tokenizer.eos_token_id]
+        return ids
+
+    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max(max_tokens, 1) > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.", param="max_tokens" if prompt_len < self.max_model_len else "prompt")
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        return gen
+
+    # ---- adapters ------------------------------------------------------------------------
+    def _check_path(self, path: str | Path) -> Path:
+        resolved = Path(path).expanduser().resolve()
+        root = self.config.adapter_root
+        if root is not None:
+            root_resolved = Path(root).expanduser().resolve()
+            if resolved != root_resolved and root_resolved not in resolved.parents:
+                raise PermissionDeniedError(f"adapter path '{path}' is outside the adapter root", param="path")
+        return resolved
+
+    def _read(self, path: Path) -> Adapter:
+        return load_adapter(path, self._shapes, self.fingerprint, self.config.max_adapter_bytes)
+
+    def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
+        """Validate an adapter folder, then make it visible under `name` (atomically)."""
+        self._check_name(name)
+        resolved = self._check_path(path)
+        adapter = self._read(resolved)
+        with self.lock:
+            entry = self.registry.install(name, adapter, resolved, replace)
+            return self._info(entry)
+
+    def add_adapter(self, name: str, adapter: Adapter, replace: bool = False) -> AdapterInfo:
+        """Add an adapter held in memory (validated like a file; never evicted)."""
+        self._check_name(name)
+        modules = validate_tensors(
+            {**{f"{m}.s2ft_index": d.index for m, d in adapter.modules.items()},
+             **{f"{m}.s2ft_delta": d.delta for m, d in adapter.modules.items()}},
+            self._shapes, source=f"adapter '{name}'")
+        fp = adapter.config.get("base_model_fingerprint")
+        if fp and fp != self.fingerprint:
+            raise AdapterValidationError(f"adapter '{name}': base_model_fingerprint {fp} does not match the base model")
+        nbytes = adapter.nbytes or sum(d.index.numel() * 8 + d.delta.numel() * d.delta.element_size() for d in modules.values())
+        adapter = Adapter(config=adapter.config, modules=modules, path=adapter.path, nbytes=nbytes)
+        with self.lock:
+            return self._info(self.registry.install(name, adapter, None, replace))
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name.strip() or len(name) > 256:
+            raise InvalidRequestError("adapter name must be a non-empty string", param="name")
+        if name == self.model_name:
+            raise InvalidRequestError(f"'{name}' is the base model's name", param="name")
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self.registry.remove(name)
+
+    def _pin(self, name: str | None):
+        """Resolve a request's adapter to a resident, pinned version (loading it if needed)."""
+        if name is None:
+            return None
+        with self.lock:
+            entry = self.registry.entries.get(name)
+            if entry is not None and entry.version is not None:
+                return self.registry.acquire(entry)
+        path = self._lazy_path(name, entry)
+        adapter = self._read(path)  # file IO outside the lock
+        with self.lock:
+            entry = self.registry.entries.get(name)
+            if entry is None:
+                entry = self.registry.install(name, adapter, path, replace=False)
+            elif entry.version is None:
+                self.registry.reload(entry, adapter)
+            return self.registry.acquire(entry)
+
+    def _lazy_path(self, name: str, entry: Entry | None) -> Path:
+        if entry is not None:
+            return entry.path
+        root = self.config.adapter_root
+        if not self.config.lazy_load or root is None or "/" in name or name in (".", ".."):
+            raise AdapterNotFoundError(name)
+        path = Path(root) / name
+        if not (path / "adapter_config.json").is_file():
+            raise AdapterNotFoundError(name)
+        return self._check_path(path)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        with self.lock:
+            return [self._info(e) for e in self.registry.entries.values()]
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        with self.lock:
+            return self._info(self.registry.get(name))
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.registry.entries
+
+    def fuse(self, name: str) -> AdapterInfo:
+        """Add the adapter into the base columns in place; other requests stay exact."""
+        self._pin(name)  # makes it resident; the pin is released below
+        with self.lock:
+            entry = self.registry.get(name)
+            try:
+                self.registry.fuse(name)
+            finally:
+                self.registry.release(entry.version)
+            return self._info(entry)
+
+    def unfuse(self, name: str) -> AdapterInfo:
+        with self.lock:
+            entry = self.registry.get(name)
+            self.registry.unfuse(name)
+            return self._info(entry)
+
+    def merge(self, name: str, sources: list[tuple[str, float]]) -> AdapterInfo:
+        """A new adapter: the weighted sum of `sources` over the union of their indices."""
+        from s2ft_serve.adapters.compose import merge_adapters
+
+        if not sources:
+            raise InvalidRequestError("merge needs at least one source adapter", param="sources")
+        parts = []
+        for src, weight in sources:
+            version = self._pin(src)
+            with self.lock:
+                self.registry.release(version)
+            parts.append((version.adapter, float(weight)))
+        merged = merge_adapters(parts, base_model=self.model_name, fingerprint=self.fingerprint)
+        merged.config["merged_from"] = [{"name": s, "weight": float(w)} for s, w in sources]
+        return self.add_adapter(name, merged)
+
+    def _info(self, entry: Entry) -> AdapterInfo:
+        s = entry.summary
+        return AdapterInfo(
+            name=entry.name, path=str(entry.path) if entry.path else None, nbytes=entry.nbytes,
+            parameters=s["parameters"], modules=s["modules"], per_layer=s["per_layer"], config=entry.config,
+            resident=entry.version is not None, fused=self.registry.is_fused(entry.name),
+            requests_served=entry.requests_served, base_model=self.model_name)
+
+    # ---- operations ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        with self.scheduler.cond:
+            waiting = list(self.scheduler.waiting)
+            running = list(self.scheduler.running)
+        resident = self.registry.resident()
+        return EngineStats(
+            waiting=len(waiting), running=len(running),
+            running_adapters=sorted({s.adapter_name for s in running if s.adapter_name}),
+            waiting_adapters=sorted({s.adapter_name for s in waiting if s.adapter_name}),
+            resident_adapters=len(resident), resident_bytes=sum(e.nbytes for e in resident),
+            fused_adapters=[f.version.name for f in self.registry.fused],
+            max_resident_adapters=self.config.max_resident_adapters, steps=self.stepper.steps)
+
+    def add_step_listener(self, fn: Callable[[int, int], None]) -> None:
+        """`fn(batch_size, num_tokens)` after every forward pass (metrics)."""
+        self.stepper.listeners.append(fn)

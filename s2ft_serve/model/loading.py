@@ -190,11 +190,13 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def target_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every module an adapter may touch: `...self_attn.o_proj` and `...mlp.down_proj` Linears."""
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES
-    }
+    found = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in TARGET_MODULES:
+            # an already-wrapped module (serving or training) exposes its Linear as `.base`
+            linear = module if isinstance(module, torch.nn.Linear) else getattr(module, "base", None)
+            if isinstance(linear, torch.nn.Linear):
+                found[name] = linear
     if not found:
         raise ModelNotSupportedError("the model has no self_attn.o_proj / mlp.down_proj Linear modules")
     return found

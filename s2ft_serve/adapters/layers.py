@@ -1,0 +1,151 @@
+"""The adapted Linear: a shared base matmul plus per-token S²FT column corrections.
+
+`S2FTLinear` wraps one `o_proj` / `down_proj`. It knows slots, never requests: the registry
+installs an adapter's columns with `set_slot(slot, index, delta)` and clears them with
+`reset_slot(slot)`; the runner sets one `AdapterBatch` per forward pass (shared by every layer)
+that says which slots each token uses. Slot 0 is the null slot (no correction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from s2ft_serve.adapters.ops import mixed_delta, segment_delta
+
+NULL_SLOT = 0
+
+
+@dataclass
+class AdapterBatch:
+    """Token -> slots layout of one forward pass, set by the runner once per step."""
+
+    single_slots: tuple[int, ...] = ()  # slots applied to every token (mode "single")
+    token_slots: torch.Tensor | None = None  # [T, m] int64 per-token slots (mode "mixed")
+    mode: str = "none"  # "none" | "single" | "mixed"
+
+    def set_none(self) -> None:
+        self.mode, self.single_slots, self.token_slots = "none", (), None
+
+    def set_single(self, slots: tuple[int, ...]) -> None:
+        slots = tuple(s for s in slots if s != NULL_SLOT)
+        self.mode = "single" if slots else "none"
+        self.single_slots, self.token_slots = slots, None
+
+    def set_mixed(self, token_slots: torch.Tensor) -> None:
+        self.mode, self.single_slots, self.token_slots = "mixed", (), token_slots
+
+
+@dataclass
+class SlotTable:
+    """Rows of `delta.T` for every slot of one module, padded to `k_cap` rows per slot."""
+
+    table: torch.Tensor  # [capacity * k_cap + 1, out]; the last row is all zeros
+    rows: torch.Tensor  # [capacity + 1, k_cap] int64; row 0 (null slot) is all padding
+    cols: torch.Tensor  # [capacity + 1, k_cap] int64
+    slot_k: list[int] = field(default_factory=list)  # [capacity + 1] columns per slot
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slot_k) - 1
+
+    @property
+    def k_cap(self) -> int:
+        return self.rows.shape[1]
+
+
+class S2FTLinear(nn.Module):
+    def __init__(self, base: nn.Linear, batch: AdapterBatch):
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.slots = self._empty(capacity=0, k_cap=1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def _empty(self, capacity: int, k_cap: int) -> SlotTable:
+        w = self.base.weight
+        table = torch.zeros(capacity * k_cap + 1, self.out_features, dtype=w.dtype, device=w.device)
+        zero_row = capacity * k_cap
+        rows = torch.full((capacity + 1, k_cap), zero_row, dtype=torch.int64, device=w.device)
+        cols = torch.zeros(capacity + 1, k_cap, dtype=torch.int64, device=w.device)
+        return SlotTable(table, rows, cols, [0] * (capacity + 1))
+
+    def reserve(self, capacity: int, k: int) -> None:
+        """Grow to hold `capacity` slots of up to `k` columns each (copies the live slots)."""
+        old = self.slots
+        if capacity <= old.capacity and k <= old.k_cap:
+            return
+        new = self._empty(max(capacity, old.capacity), max(k, old.k_cap))
+        for slot in range(1, old.capacity + 1):
+            k_s = old.slot_k[slot]
+            if k_s:
+                start = (slot - 1) * old.k_cap
+                self._write(new, slot, old.cols[slot, :k_s], old.table[start : start + k_s])
+        self.slots = new
+
+    def set_slot(self, slot: int, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Install `W[:, index] += delta` as slot `slot` (delta: [out, k])."""
+        assert slot != NULL_SLOT
+        self.reserve(slot, index.numel())
+        w = self.base.weight
+        self._write(self.slots, slot, index.to(w.device), delta.t().to(w.device, w.dtype))
+
+    def reset_slot(self, slot: int) -> None:
+        s = self.slots
+        if slot <= s.capacity and s.slot_k[slot]:
+            start = (slot - 1) * s.k_cap
+            s.table[start : start + s.slot_k[slot]].zero_()
+            s.rows[slot].fill_(s.table.shape[0] - 1)
+            s.cols[slot].zero_()
+            s.slot_k[slot] = 0
+
+    @staticmethod
+    def _write(s: SlotTable, slot: int, index: torch.Tensor, delta_t: torch.Tensor) -> None:
+        k = index.numel()
+        start = (slot - 1) * s.k_cap
+        s.table[start : start + k] = delta_t
+        s.table[start + k : start + s.k_cap].zero_()
+        s.rows[slot].fill_(s.table.shape[0] - 1)
+        s.rows[slot, :k] = torch.arange(start, start + k, device=s.rows.device)
+        s.cols[slot].zero_()
+        s.cols[slot, :k] = index
+        s.slot_k[slot] = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        b = self.batch
+        if b.mode == "none":
+            return y
+        x2 = x.reshape(-1, self.in_features)  # [T, in]
+        y2 = y.view(-1, self.out_features)  # [T, out]
+        s = self.slots
+        if b.mode == "single":
+            for slot in b.single_slots:
+                k = s.slot_k[slot] if slot <= s.capacity else 0
+                if k:
+                    start = (slot - 1) * s.k_cap
+                    y2 += segment_delta(x2, s.table[start : start + k], s.cols[slot, :k])
+            return y
+        slots = b.token_slots  # the registry reserves every slot in every module
+        rows = s.rows[slots].view(x2.shape[0], -1)  # [T, m*k_cap]
+        cols = s.cols[slots].view(x2.shape[0], -1)
+        y2 += mixed_delta(x2, s.table, rows, cols)
+        return y
+
+
+def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch) -> dict[str, S2FTLinear]:
+    """Replace every target Linear in `model` by an S2FTLinear sharing `batch`; return them by name."""
+    wrapped = {}
+    for name, linear in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = S2FTLinear(linear, batch)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped

@@ -1,0 +1,220 @@
+"""The resident adapter set: names, versions, slots, LRU eviction and fusion state.
+
+Every method runs under the engine's step lock, so a forward pass never sees a half-installed
+adapter. A request pins the *version* it was admitted with: replacing or removing an adapter
+retires the version, whose slot is freed only when its last request finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from s2ft_serve.adapters.format import Adapter
+from s2ft_serve.adapters.layers import NULL_SLOT, S2FTLinear
+from s2ft_serve.errors import AdapterNotFoundError, ConflictError, QueueFullError
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    name: str
+    slot: int
+    adapter: Adapter
+    refs: int = 0
+    retired: bool = False
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    path: Path | None  # None: added from memory, so never evicted
+    config: dict
+    nbytes: int
+    summary: dict
+    version: AdapterVersion | None = None  # None: evicted, reloads from `path` on next use
+    requests_served: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class Fused:
+    version: AdapterVersion
+    correction_slot: int  # holds -delta, applied to every token not of this adapter
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (index, original columns)
+
+
+class AdapterRegistry:
+    def __init__(self, layers: dict[str, S2FTLinear], max_resident: int, max_resident_bytes: int,
+                 head_dim: int, max_fused: int = 1):
+        self.layers = layers
+        self.max_resident = max_resident
+        self.max_resident_bytes = max_resident_bytes
+        self.head_dim = head_dim
+        self.max_fused = max_fused
+        self.entries: dict[str, Entry] = {}
+        self.fused: list[Fused] = []
+        self._free: list[int] = []
+        self._next_slot = NULL_SLOT + 1
+        self._capacity = 0
+        # a hard cap on slots: resident adapters + retired versions still in flight + corrections
+        self.max_slots = max_resident + 64 + 2 * max_fused
+
+    # ---- slots -------------------------------------------------------------------------
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next_slot > self.max_slots:
+            raise QueueFullError("no free adapter slot: too many adapter versions in flight; retry later")
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        if slot > self._capacity:
+            self._capacity = max(slot, 2 * self._capacity, 4)
+            for layer in self.layers.values():
+                layer.reserve(self._capacity, 1)
+        return slot
+
+    def _free_slot(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.reset_slot(slot)
+        self._free.append(slot)
+
+    def _write(self, slot: int, adapter: Adapter, sign: float = 1.0) -> None:
+        for name, md in adapter.modules.items():
+            self.layers[name].set_slot(slot, md.index, md.delta if sign == 1.0 else -md.delta)
+
+    # ---- install / remove ----------------------------------------------------------------
+    def install(self, name: str, adapter: Adapter, path: Path | None, replace: bool) -> Entry:
+        old = self.entries.get(name)
+        if old is not None and not replace:
+            raise ConflictError(f"adapter '{name}' is already loaded (use replace to swap it)", param="name")
+        self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=name)
+        slot = self._alloc_slot()
+        self._write(slot, adapter)
+        version = AdapterVersion(name=name, slot=slot, adapter=adapter)
+        was_fused = old is not None and self.is_fused(name)
+        if old is not None:
+            self._drop(old)
+        entry = Entry(name=name, path=path, config=adapter.config, nbytes=adapter.nbytes,
+                      summary=adapter.summary(self.head_dim), version=version)
+        if old is not None:
+            entry.requests_served = old.requests_served
+        self.entries[name] = entry
+        if was_fused:
+            self.fuse(name)
+        return entry
+
+    def reload(self, entry: Entry, adapter: Adapter) -> None:
+        """Make an evicted entry resident again."""
+        self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=entry.name)
+        slot = self._alloc_slot()
+        self._write(slot, adapter)
+        entry.version = AdapterVersion(name=entry.name, slot=slot, adapter=adapter)
+
+    def remove(self, name: str) -> None:
+        self._drop(self.get(name))
+        del self.entries[name]
+
+    def _drop(self, entry: Entry) -> None:
+        if self.is_fused(entry.name):
+            self.unfuse(entry.name)
+        if entry.version is not None:
+            self._retire(entry.version)
+            entry.version = None
+
+    def _retire(self, version: AdapterVersion) -> None:
+        version.retired = True
+        if version.refs == 0:
+            self._free_slot(version.slot)
+
+    def _evict(self, extra_count: int, extra_bytes: int, keep: str) -> None:
+        """Evict least-recently-used idle, unfused adapters until the new one fits."""
+        def over() -> bool:
+            resident = [e for e in self.entries.values() if e.version is not None]
+            return (len(resident) + extra_count > self.max_resident
+                    or sum(e.nbytes for e in resident) + extra_bytes > self.max_resident_bytes)
+
+        while over():
+            idle = [e for e in self.entries.values()
+                    if e.version is not None and e.version.refs == 0 and e.path is not None
+                    and e.name != keep and not self.is_fused(e.name)]
+            if not idle:
+                return  # everything resident is busy or pinned: allow a temporary overshoot
+            victim = min(idle, key=lambda e: e.last_used)
+            self._retire(victim.version)
+            victim.version = None
+
+    # ---- requests ------------------------------------------------------------------------
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise AdapterNotFoundError(name)
+        return entry
+
+    def acquire(self, entry: Entry) -> AdapterVersion:
+        assert entry.version is not None
+        entry.version.refs += 1
+        entry.requests_served += 1
+        entry.last_used = time.monotonic()
+        return entry.version
+
+    def release(self, version: AdapterVersion) -> None:
+        version.refs -= 1
+        if version.retired and version.refs == 0:
+            self._free_slot(version.slot)
+
+    def slots_for(self, version: AdapterVersion | None) -> tuple[int, ...]:
+        """The slots a token of `version` (None: the base) needs, given what is fused."""
+        own = () if version is None or any(f.version is version for f in self.fused) else (version.slot,)
+        return own + tuple(f.correction_slot for f in self.fused if f.version is not version)
+
+    # ---- fusion --------------------------------------------------------------------------
+    def is_fused(self, name: str) -> bool:
+        return any(f.version.name == name and not f.version.retired for f in self.fused)
+
+    def fuse(self, name: str) -> None:
+        entry = self.get(name)
+        if self.is_fused(name):
+            raise ConflictError(f"adapter '{name}' is already fused", param="name")
+        if len(self.fused) >= self.max_fused:
+            raise ConflictError(
+                f"{len(self.fused)} adapter(s) already fused ({', '.join(f.version.name for f in self.fused)}); "
+                f"at most {self.max_fused} may be fused: unfuse first", param="name")
+        assert entry.version is not None, "fuse needs a resident adapter"
+        correction = self._alloc_slot()
+        self._write(correction, entry.version.adapter, sign=-1.0)
+        self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version.adapter)))
+
+    def unfuse(self, name: str) -> None:
+        target = next((f for f in self.fused if f.version.name == name), None)
+        if target is None:
+            raise ConflictError(f"adapter '{name}' is not fused", param="name")
+        at = self.fused.index(target)
+        later = self.fused[at + 1:]
+        for f in reversed(self.fused[at:]):  # restore in reverse order: overlaps stay exact
+            self._restore_columns(f.saved)
+        self._free_slot(target.correction_slot)
+        self.fused = self.fused[:at]
+        for f in later:
+            f.saved = self._add_columns(f.version.adapter)
+            self.fused.append(f)
+
+    def _add_columns(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        saved = {}
+        with torch.no_grad():
+            for name, md in adapter.modules.items():
+                W = self.layers[name].base.weight
+                index = md.index.to(W.device)
+                saved[name] = (index, W[:, index].clone())
+                W[:, index] += md.delta.to(W.device, W.dtype)
+        return saved
+
+    def _restore_columns(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for name, (index, cols) in saved.items():
+                self.layers[name].base.weight[:, index] = cols
+
+    # ---- reporting -----------------------------------------------------------------------
+    def resident(self) -> list[Entry]:
+        return [e for e in self.entries.values() if e.version is not None]

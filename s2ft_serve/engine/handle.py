@@ -1,0 +1,93 @@
+"""`RequestHandle`: the caller's side of a request; the engine thread pushes StreamEvents into it."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from typing import AsyncIterator, Iterator
+
+from s2ft_serve.engine.request import RequestOutput, StreamEvent
+
+
+class RequestHandle:
+    """Iterate `events()` (sync) or `aevents()` (async); `result()` collects; `cancel()` aborts."""
+
+    def __init__(self, request_id: str, adapter: str | None, prompt_token_ids: list[int]):
+        self.request_id = request_id
+        self.adapter = adapter
+        self.prompt_token_ids = prompt_token_ids
+        self._queue: queue.Queue[StreamEvent] = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue[StreamEvent] | None = None
+        self._seq = None
+        self._text: list[str] = []
+        self.finished = False
+
+    def bind(self, seq) -> None:
+        self._seq = seq
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver events to `loop` from now on (events already queued are moved over)."""
+        self._aqueue = asyncio.Queue()
+        self._loop = loop
+        while True:
+            try:
+                self._aqueue.put_nowait(self._queue.get_nowait())
+            except queue.Empty:
+                break
+
+    def put(self, event: StreamEvent) -> None:
+        """Called by the engine thread."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+                return
+            except RuntimeError:  # the loop is closed: the caller is gone
+                self.cancel()
+                return
+        self._queue.put(event)
+
+    def _record(self, event: StreamEvent) -> None:
+        self._text.append(event.text_delta)
+        if event.finished:
+            self.finished = True
+
+    def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        while not self.finished:
+            event = self._queue.get(timeout=timeout)
+            self._record(event)
+            yield event
+
+    async def aevents(self) -> AsyncIterator[StreamEvent]:
+        assert self._aqueue is not None, "use Engine.asubmit for asyncio"
+        try:
+            while not self.finished:
+                event = await self._aqueue.get()
+                self._record(event)
+                yield event
+        finally:
+            if not self.finished:  # the consumer went away (client disconnected)
+                self.cancel()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        for _ in self.events(timeout):
+            pass
+        return self._output()
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self.aevents():
+            pass
+        return self._output()
+
+    def _output(self) -> RequestOutput:
+        seq = self._seq
+        return RequestOutput(
+            request_id=self.request_id, adapter=self.adapter, prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(seq.output_ids), text="".join(self._text), finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs)
+
+    def cancel(self) -> None:
+        if self._seq is not None:
+            self._seq.cancelled = True

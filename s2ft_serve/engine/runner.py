@@ -1,0 +1,53 @@
+"""The model runner: wraps the adapted modules, sets the per-step adapter layout, runs forward passes."""
+
+from __future__ import annotations
+
+import torch
+
+from s2ft_serve.adapters.layers import NULL_SLOT, AdapterBatch, wrap_model
+from s2ft_serve.model.forward import Transformer
+from s2ft_serve.model.loading import target_linears
+
+
+class ModelRunner:
+    def __init__(self, hf_model: torch.nn.Module, max_batch_size: int, max_model_len: int):
+        self.batch = AdapterBatch()
+        self.layers = wrap_model(hf_model, target_linears(hf_model), self.batch)
+        # one spare row for one-off scoring (`Engine.logits`) beside a full batch
+        self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len)
+        self.device = self.model.device
+
+    def _set_layout(self, slot_tuples: list[tuple[int, ...]]) -> None:
+        """One tuple of slots per sequence (decode: one token each)."""
+        first = slot_tuples[0]
+        if all(t == first for t in slot_tuples):
+            self.batch.set_single(first)
+            return
+        width = max(len(t) for t in slot_tuples)
+        padded = [list(t) + [NULL_SLOT] * (width - len(t)) for t in slot_tuples]
+        self.batch.set_mixed(torch.tensor(padded, dtype=torch.int64, device=self.device))  # [B, m]
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], row: int, slots: tuple[int, ...], all_logits: bool) -> torch.Tensor:
+        """Run a whole prompt into cache row `row`; logits [L or 1, vocab] float32."""
+        self.batch.set_single(slots)
+        tokens = torch.tensor([prompt_ids], dtype=torch.int64, device=self.device)  # [1, L]
+        positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, L]
+        try:
+            return self.model(tokens, positions, row, decode=False, all_logits=all_logits)[0]
+        finally:
+            self.batch.set_none()
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: list[int], positions: list[int], slot_tuples: list[tuple[int, ...]]) -> torch.Tensor:
+        """One new token for each of the B running sequences (rows 0..B-1); logits [B, vocab]."""
+        self._set_layout(slot_tuples)
+        tokens = torch.tensor(last_tokens, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
+        try:
+            return self.model(tokens, pos, slice(0, len(last_tokens)), decode=True)[:, 0]
+        finally:
+            self.batch.set_none()
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.model.cache.move_row(src, dst, length)

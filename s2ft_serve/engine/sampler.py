@@ -1,0 +1,52 @@
+"""Token sampling and log-probabilities from float32 logits."""
+
+from __future__ import annotations
+
+import torch
+
+from s2ft_serve.engine.request import SamplingParams, TokenLogprob
+
+
+def sample(
+    logits: torch.Tensor,  # [B, vocab] float32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Greedy rows in one argmax; sampled rows each with their own (seeded) generator."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out = []
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            out.append(greedy[i])
+            continue
+        row = logits[i] / p.temperature
+        if p.top_k:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        gen = generators[i]
+        device_probs = probs if gen is None or gen.device == probs.device else probs.to(gen.device)
+        out.append(int(torch.multinomial(device_probs, 1, generator=gen)))
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [N, vocab] float32
+    chosen: list[int],  # [N]
+    top: int,
+) -> list[TokenLogprob]:
+    """The chosen token's log-probability under the model, with the `top` best alternatives."""
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen_lp = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    result = []
+    for n, tok in enumerate(chosen):
+        alts = list(zip(ids[n], values[n])) if top else []
+        result.append(TokenLogprob(token_id=tok, logprob=chosen_lp[n], top=alts))
+    return result

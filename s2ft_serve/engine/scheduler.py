@@ -1,0 +1,94 @@
+"""Continuous-batching policy: who waits, who runs, who is admitted next (no torch here).
+
+Running sequences own KV-cache rows `0..B-1` in order; when one finishes, the last running
+sequence moves into its row (the runner copies the cache), so the batch stays contiguous.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from s2ft_serve.engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    adapter_name: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    version: Any  # the pinned AdapterVersion, None for the base
+    sink: Any  # receives StreamEvents (see engine.RequestHandle)
+    detokenizer: Any
+    generator: Any = None  # torch.Generator for seeded sampling
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    row: int = -1
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+    @property
+    def length(self) -> int:  # tokens in the KV cache once the last output is fed back
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, max_tokens_per_step: int, max_queue: int):
+        self.max_batch_size = max_batch_size
+        self.max_tokens_per_step = max_tokens_per_step
+        self.max_queue = max_queue
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cond = threading.Condition()
+
+    def add(self, seq: Sequence) -> bool:
+        """Queue a sequence; False when the queue is full."""
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(seq)
+            self.cond.notify()
+            return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self.cond:
+            if not self.has_work():
+                self.cond.wait(timeout)
+
+    def admit(self) -> list[Sequence]:
+        """New sequences to prefill this step, within the batch size and the prefill token budget."""
+        admitted: list[Sequence] = []
+        budget = self.max_tokens_per_step
+        with self.cond:
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+                seq = self.waiting[0]
+                if seq.cancelled:
+                    self.waiting.popleft()
+                    admitted.append(seq)  # the engine finishes it without running it
+                    continue
+                if admitted and len(seq.prompt_ids) > budget:
+                    break
+                budget -= len(seq.prompt_ids)
+                admitted.append(self.waiting.popleft())
+        return admitted
+
+    def start_running(self, seq: Sequence) -> None:
+        seq.row = len(self.running)
+        self.running.append(seq)
+
+    def remove_running(self, seq: Sequence) -> Sequence | None:
+        """Take `seq` out; return the sequence moved into its row (its cache must follow), if any."""
+        row = seq.row
+        last = self.running.pop()
+        if last is seq:
+            return None
+        self.running[row] = last
+        last.row = row
+        return last

@@ -1,0 +1,147 @@
+"""The engine's step loop: admit and prefill new requests, decode every running one, emit tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from s2ft_serve.engine.request import StreamEvent
+from s2ft_serve.engine.sampler import sample, token_logprobs
+from s2ft_serve.engine.scheduler import Sequence
+
+if TYPE_CHECKING:
+    from s2ft_serve.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Stepper:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.listeners: list[Callable[[int, int], None]] = []
+        self.steps = 0
+        self._stop = False
+        tok = engine.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_cfg = getattr(engine.loaded.model, "generation_config", None)
+        extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        self.eos_ids = eos
+
+    def stop(self) -> None:
+        self._stop = True
+        with self.engine.scheduler.cond:
+            self.engine.scheduler.cond.notify_all()
+
+    def loop(self) -> None:
+        sched = self.engine.scheduler
+        while not self._stop:
+            if not sched.has_work():
+                sched.wait_for_work(0.05)
+                continue
+            try:
+                with self.engine.lock:
+                    self.step()
+            except Exception:  # never let one bad step kill the engine: fail what was running
+                log.exception("engine step failed; aborting the running requests")
+                with self.engine.lock:
+                    for seq in list(sched.running):
+                        self._finish(seq, "error")
+            time.sleep(0)  # let admin calls waiting on the lock in
+        with self.engine.lock:
+            for seq in list(sched.running) + list(sched.waiting):
+                if seq in sched.running:
+                    self._finish(seq, "abort")
+                else:
+                    self._release(seq)
+                    self._emit_final(seq, "abort")
+            sched.waiting.clear()
+
+    def step(self) -> None:
+        """One step: prefill what was admitted, then decode every running sequence once."""
+        engine, sched = self.engine, self.engine.scheduler
+        for seq in sched.admit():
+            if seq.cancelled:
+                self._release(seq)
+                self._emit_final(seq, "abort")
+                continue
+            sched.start_running(seq)
+            self._prefill(seq)
+        for seq in [s for s in sched.running if s.cancelled]:
+            self._finish(seq, "abort")
+        running = list(sched.running)
+        if not running:
+            return
+        registry = engine.registry
+        logits = engine.runner.decode(
+            [s.output_ids[-1] for s in running], [s.length - 1 for s in running],
+            [registry.slots_for(s.version) for s in running])
+        self.steps += 1
+        for fn in self.listeners:
+            fn(len(running), len(running))
+        self._accept(running, logits)
+
+    def _prefill(self, seq: Sequence) -> None:
+        engine = self.engine
+        want_prompt_lp = seq.params.prompt_logprobs is not None
+        logits = engine.runner.prefill(
+            seq.prompt_ids, seq.row, engine.registry.slots_for(seq.version), all_logits=want_prompt_lp)
+        for fn in self.listeners:
+            fn(1, len(seq.prompt_ids))
+        if want_prompt_lp:
+            lps = token_logprobs(logits[:-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
+            seq.prompt_logprobs = [None] + lps
+        if seq.params.max_tokens == 0:
+            self._finish(seq, "length")
+            return
+        self._accept([seq], logits[-1:])
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""
+        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lps = {}
+        if want:
+            top = max(seqs[i].params.logprobs for i in want)
+            for i, lp in zip(want, token_logprobs(logits[want], [chosen[i] for i in want], top)):
+                lp.top = lp.top[: seqs[i].params.logprobs]
+                lps[i] = lp
+        for i, (seq, token) in enumerate(zip(seqs, chosen)):
+            seq.output_ids.append(token)
+            if i in lps:
+                seq.logprobs.append(lps[i])
+            delta = seq.detokenizer.add(seq.output_ids)
+            reason = self._finish_reason(seq, token)
+            seq.sink.put(StreamEvent(seq.request_id, token, delta, lps.get(i)))
+            if reason:
+                self._finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.detokenizer.stopped:
+            return "stop"
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.length >= self.engine.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        sched, runner = self.engine.scheduler, self.engine.runner
+        moved = sched.remove_running(seq)
+        if moved is not None:
+            runner.move_row(len(sched.running), moved.row, moved.length)
+        self._release(seq)
+        self._emit_final(seq, reason)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.version is not None:
+            self.engine.registry.release(seq.version)
+            seq.version = None
+
+    def _emit_final(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.sink.put(StreamEvent(seq.request_id, None, seq.detokenizer.flush(), finished=True, finish_reason=reason))

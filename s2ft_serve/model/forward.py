@@ -1,0 +1,103 @@
+"""The serving forward pass over a Hugging Face Llama-family model, with a row-per-request KV cache.
+
+We reuse the model's own modules (projections, norms, MLP, rotary embedding), so every
+supported architecture (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms) computes
+exactly what transformers computes; only attention and caching are ours:
+
+- The KV cache holds one *row* per running request; running requests always occupy rows
+  `0..B-1` (a finished request's row is refilled by moving the last one), so decode attends over
+  a view `cache[:B, :, :L]` with a length mask and never copies the cache.
+- Prefill runs one request at a time (causal attention over its own prompt).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (layers, rows, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy a request's cache from row `src` to row `dst` (when compacting the batch)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class Transformer(nn.Module):
+    """Runs a transformers *ForCausalLM with our attention and KV cache."""
+
+    def __init__(self, hf_model: nn.Module, max_rows: int, max_len: int):
+        super().__init__()
+        self.hf = hf_model
+        cfg = hf_model.config
+        self.layers = hf_model.model.layers
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.max_len = max_len
+        w = hf_model.lm_head.weight
+        self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, L]
+        positions: torch.Tensor,  # [B, L]
+        rows: slice | torch.Tensor,  # cache rows of the B sequences
+        decode: bool,  # True: L == 1, attend over the cache; False: B == 1, a fresh prompt
+        all_logits: bool = False,  # False: logits of the last position only
+    ) -> torch.Tensor:  # [B, L or 1, vocab] float32
+        h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
+        cos, sin = self.hf.model.rotary_emb(h, positions)
+        mask = None
+        if decode:
+            span = int(positions.max()) + 1
+            mask = torch.arange(span, device=h.device)[None, :] <= positions  # [B, span]
+            mask = mask[:, None, None, :]  # [B, 1, 1, span]
+        for i, layer in enumerate(self.layers):
+            r = layer.input_layernorm(h)
+            h = h + self._attention(i, layer.self_attn, r, cos, sin, positions, rows, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not all_logits:
+            h = h[:, -1:]
+        h = self.hf.model.norm(h)
+        return self.hf.lm_head(h).float()
+
+    def _attention(self, i, attn, x, cos, sin, positions, rows, mask):
+        B, L, _ = x.shape
+        shape = (B, L, -1, self.head_dim)
+        q = attn.q_proj(x).view(shape)
+        k = attn.k_proj(x).view(shape)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, L, D]
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
+        if mask is not None:  # decode: one new token per row, attend over the cache
+            pos = positions[:, 0]
+            row_ids = torch.arange(rows.start, rows.stop, device=x.device) if isinstance(rows, slice) else rows
+            ck[row_ids, :, pos] = k[:, :, 0]
+            cv[row_ids, :, pos] = v[:, :, 0]
+            span = mask.shape[-1]
+            keys, values = ck[rows, :, :span], cv[rows, :, :span]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        else:
+            ck[rows, :, :L] = k[0]  # prefill: rows is the request's row
+            cv[rows, :, :L] = v[0]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, heads * D]
+        return attn.o_proj(out)
