@@ -173,3 +173,18 @@ def test_match_rows_and_unpermute_are_inverse():
     block_order = [2, 0, 1]
     permuted = columns.reshape(3, 3, 2)[:, block_order, :].reshape(3, 6)
     assert torch.equal(unpermute(permuted, block_order, dim=1, block=2), columns)
+
+
+def test_cli_extract_reports_the_permutation(mha_base_dir, tmp_path, capsys):
+    from s2ft_serve.adapters.cli import main
+
+    tuned = _load(mha_base_dir)
+    _permute_like_reference(tuned, SELECTED_HEADS, SELECTED_CHANNELS)
+    _train_front(tuned, SELECTED_HEADS, SELECTED_CHANNELS)
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert main(["extract", "--base", str(mha_base_dir), "--tuned", str(tmp_path / "tuned"),
+                 "--out", str(tmp_path / "adapter")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "permuted" in lines[1] and "2 layer(s)" in lines[1]
+    summary = json.loads(lines[-1])["permutation"]
+    assert summary["1"]["heads"]["first_moved"][0] == [0, 3]  # position 0 holds base head 3

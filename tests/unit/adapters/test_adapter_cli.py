@@ -1,0 +1,96 @@
+"""`s2ft-adapter` end to end: inspect, merge, fuse, extract, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from s2ft_serve.adapters.cli import main, parse_source
+from s2ft_serve.adapters.format import load_adapter, save_adapter
+from s2ft_serve.model.loading import load_model
+from s2ft_serve.model.testing import random_adapter
+
+
+@pytest.fixture()
+def adapters(tiny_llama_dir, tmp_path):
+    loaded = load_model(tiny_llama_dir)
+    paths = []
+    for seed, heads, channels in ((1, 2, 5), (2, 1, 9)):
+        adapter = random_adapter(loaded.model, str(tiny_llama_dir), seed=seed, heads=heads, channels=channels,
+                                 fingerprint=loaded.fingerprint)
+        paths.append(save_adapter(adapter, tmp_path / f"a{seed}"))
+    return loaded, paths
+
+
+def test_inspect_json_reports_heads_channels_size_and_fingerprint(adapters, capsys):
+    loaded, (a1, _) = adapters
+    assert main(["inspect", str(a1), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["base_model_fingerprint"] == loaded.fingerprint
+    assert report["head_dim"] == 16  # read from the base model's config.json
+    assert report["per_layer"]["0"] == {"heads": 2, "o_proj_columns": 32, "channels": 5}
+    assert report["parameters"] == 2 * (64 * 32 + 64 * 5)
+    assert report["bytes"] == (a1 / "adapter_model.safetensors").stat().st_size
+    assert report["config"]["selection"] == {"strategy": "random", "seed": 1}
+
+
+def test_inspect_text(adapters, capsys):
+    _, (a1, _) = adapters
+    assert main(["inspect", str(a1)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters   4,736" in out
+    assert "     1      2           32         5" in out  # layer 1: 2 heads, 32 columns, 5 channels
+
+
+def test_merge_with_weights(adapters, tmp_path, capsys):
+    _, (a1, a2) = adapters
+    assert main(["merge", "--out", str(tmp_path / "m"), f"{a1}:0.25", str(a2)]) == 0
+    merged = load_adapter(tmp_path / "m")
+    assert [s["weight"] for s in merged.config["merged_from"]] == [0.25, 1.0]
+    one, two = load_adapter(a1), load_adapter(a2)
+    name = "model.layers.0.mlp.down_proj"
+    expected = set(one.modules[name].index.tolist()) | set(two.modules[name].index.tolist())
+    assert merged.modules[name].index.tolist() == sorted(expected)
+    assert "merged 0.25*" in capsys.readouterr().out
+
+
+def test_fuse_and_extract_round_trip(adapters, tiny_llama_dir, tmp_path, capsys):
+    _, (a1, _) = adapters
+    assert main(["fuse", "--model", str(tiny_llama_dir), "--adapter", str(a1), "--out", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "model.safetensors").is_file() and (tmp_path / "f" / "tokenizer.json").is_file()
+    assert main(["extract", "--base", str(tiny_llama_dir), "--tuned", str(tmp_path / "f"),
+                 "--out", str(tmp_path / "x")]) == 0
+    assert "no permutation" in capsys.readouterr().out
+    original, extracted = load_adapter(a1), load_adapter(tmp_path / "x")
+    for name, md in original.modules.items():
+        assert extracted.modules[name].index.tolist() == sorted(md.index.tolist())
+        torch.testing.assert_close(extracted.modules[name].delta, md.delta[:, torch.argsort(md.index)],
+                                   atol=1e-6, rtol=0)
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2ft-adapter inspect: error:") and "no such directory" in err
+
+
+@pytest.mark.parametrize("spec, expected", [("a/b:0.5", ("a/b", 0.5)), ("a/b", ("a/b", 1.0)),
+                                            ("c:/x", ("c:/x", 1.0)), ("d:-2", ("d", -2.0))])
+def test_parse_source(spec, expected):
+    assert parse_source(spec) == expected
+
+
+def test_console_script_runs(adapters):
+    _, (a1, _) = adapters
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    script = os.path.join(os.path.dirname(sys.executable), "s2ft-adapter")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "s2ft_serve.adapters.cli"]
+    done = subprocess.run(command + ["inspect", str(a1), "--json"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["modules"] == 4
