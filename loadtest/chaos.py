@@ -1,0 +1,162 @@
+"""Chaos mode: adapter churn under traffic, then every greedy answer checked against a solo re-send.
+
+While greedy traffic runs over a few adapters (and the base model), a chaos task keeps calling the
+admin API: replace an adapter with its other version (two weight sets, A and B, per name), unload
+and reload it, fuse and unfuse it, and load and unload an extra adapter nobody asks for. After the
+traffic ends, nothing is fused and each name is set to each of its versions in turn; every
+successful answer is re-sent alone and must equal the solo answer of one of its adapter's versions.
+A mismatch (e.g. tokens from mixed or stale weights) or any 5xx fails the run; a 404 for an
+adapter caught unloaded is a correct refusal and is only counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from loadtest.admin import AdminClient, AdminResult
+from loadtest.client import RequestResult, Target
+from loadtest.runner import run_workload, send_alone
+from loadtest.stats import Summary, summarize
+from loadtest.workload import RequestSpec, WorkloadSpec, generate_requests
+
+CHAOS_OPS = ("replace", "reload", "fuse", "churn")
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """The adapters under test and where the server finds their two versions."""
+
+    names: list[str]  # adapters that traffic asks for
+    server_dir: str  # the adapter folder as the server sees it
+    version_suffixes: tuple[str, ...] = ("", "--b")  # folder of version v: <server_dir>/<name><suffix>
+    churn_name: str | None = None  # an extra adapter loaded and unloaded (no traffic)
+    interval_s: float = 0.3  # mean pause between chaos operations
+    seed: int = 0
+
+    def path(self, name: str, version: int) -> str:
+        return f"{self.server_dir}/{name}{self.version_suffixes[version]}"
+
+
+@dataclass
+class Mismatch:
+    index: int
+    adapter: str | None
+    got: str
+    expected: dict[str, str]  # version label -> solo answer
+
+
+@dataclass
+class ChaosReport:
+    traffic: Summary
+    admin_ops: dict[str, int]  # "<op> <status>" -> count
+    verified: int  # successful answers compared with a solo re-send
+    mismatches: list[Mismatch] = field(default_factory=list)
+    reference_failures: int = 0  # solo re-sends that did not answer 200
+
+    @property
+    def server_errors(self) -> int:
+        admin_5xx = sum(v for k, v in self.admin_ops.items() if k.split()[-1].startswith("5"))
+        return self.traffic.server_errors + admin_5xx
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches and self.server_errors == 0 and self.reference_failures == 0
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(server_errors=self.server_errors, passed=self.passed)
+        return out
+
+
+async def run_chaos(spec: WorkloadSpec, target: Target, admin: AdminClient, plan: ChaosPlan) -> ChaosReport:
+    """Traffic and churn together, then the solo check."""
+    greedy = dataclasses.replace(target, temperature=0.0)
+    for name in plan.names:
+        await admin.put(name, plan.path(name, 0))
+    done = asyncio.Event()
+    churn = asyncio.create_task(_churn(admin, plan, done))
+    try:
+        run = await run_workload(spec, greedy)
+    finally:
+        done.set()
+        ops = await churn
+    await _settle(admin, plan)
+    last = max((r.index for r in run.results), default=-1)
+    requests = {r.index: r for r in itertools.islice(generate_requests(spec), last + 1)}
+    report = ChaosReport(traffic=summarize(run.results, run.wall_s, {"mode": "chaos"}),
+                         admin_ops=dict(sorted(Counter(f"{o.op} {o.status}" for o in ops).items())), verified=0)
+    await _verify(run.results, requests, greedy, admin, plan, report)
+    return report
+
+
+async def _churn(admin: AdminClient, plan: ChaosPlan, done: asyncio.Event) -> list[AdminResult]:
+    rng = random.Random(plan.seed)
+    version = {name: 0 for name in plan.names}
+    ops: list[AdminResult] = []
+    while not done.is_set():
+        op, name = rng.choice(CHAOS_OPS), rng.choice(plan.names)
+        if op == "replace":
+            version[name] = 1 - version[name]
+            ops.append(await admin.put(name, plan.path(name, version[name])))
+        elif op == "reload":
+            ops.append(await admin.unload(name))
+            await _pause(rng, plan, done)
+            ops.append(await admin.put(name, plan.path(name, version[name])))
+        elif op == "fuse":
+            ops.append(await admin.fuse(name))
+            await _pause(rng, plan, done)
+            ops.append(await admin.unfuse(name))
+        elif plan.churn_name:
+            ops.append(await admin.put(plan.churn_name, plan.path(plan.churn_name, 0)))
+            await _pause(rng, plan, done)
+            ops.append(await admin.unload(plan.churn_name))
+        await _pause(rng, plan, done)
+    return ops
+
+
+async def _pause(rng: random.Random, plan: ChaosPlan, done: asyncio.Event) -> None:
+    try:
+        await asyncio.wait_for(done.wait(), timeout=rng.expovariate(1.0 / plan.interval_s))
+    except asyncio.TimeoutError:
+        pass
+
+
+async def _settle(admin: AdminClient, plan: ChaosPlan) -> None:
+    """Leave the server in a known state: nothing fused."""
+    for name in plan.names:
+        await admin.unfuse(name)
+
+
+async def _verify(results: list[RequestResult], requests: dict[int, RequestSpec], target: Target,
+                  admin: AdminClient, plan: ChaosPlan, report: ChaosReport) -> None:
+    """Compare each successful answer with solo answers, one adapter version at a time."""
+    answered = [r for r in results if r.ok]
+    report.verified = len(answered)
+    pending = {r.index: r for r in answered}
+    expected: dict[int, dict[str, str]] = {i: {} for i in pending}
+    base = [requests[i] for i, r in pending.items() if r.adapter is None]
+    await _compare(base, "base", pending, expected, target, report)
+    for version in range(len(plan.version_suffixes)):
+        for name in plan.names:
+            specs = [requests[i] for i, r in pending.items() if r.adapter == name]
+            if not specs:
+                continue
+            await admin.put(name, plan.path(name, version))
+            await _compare(specs, f"version {version}", pending, expected, target, report)
+    report.mismatches = [Mismatch(i, r.adapter, r.text, expected[i]) for i, r in sorted(pending.items())]
+
+
+async def _compare(specs: list[RequestSpec], label: str, pending: dict[int, RequestResult],
+                   expected: dict[int, dict[str, str]], target: Target, report: ChaosReport) -> None:
+    for spec, solo in zip(specs, await send_alone(specs, target)):
+        if not solo.ok:
+            report.reference_failures += 1
+            continue
+        expected[spec.index][label] = solo.text
+        if solo.text == pending[spec.index].text:
+            del pending[spec.index]

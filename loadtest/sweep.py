@@ -1,0 +1,121 @@
+"""Sweep mode: the same load at several adapter counts, and throughput against the count.
+
+For each count N the adapters lt-0000 ... are made resident first (through vLLM's load route,
+which s2ft-serve also serves, or by one tiny request each, which s2ft-serve's lazy loading
+answers), a short unmeasured warm-up follows, then the measured run. Only the adapter names
+change between points: prompts, lengths, seeds and arrivals are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+
+import httpx
+
+from loadtest.adapters import adapter_names
+from loadtest.admin import AdminClient
+from loadtest.client import Target, make_http_client, send
+from loadtest.errors import LoadtestConfigError
+from loadtest.runner import run_workload
+from loadtest.stats import Summary, render_table, summarize
+from loadtest.workload import RequestSpec, WorkloadSpec
+
+PRELOAD_MODES = ("admin", "warmup", "none")
+
+
+@dataclass
+class SweepPoint:
+    count: int  # adapters in the popularity set (0: the base model only)
+    summary: Summary
+
+
+@dataclass(frozen=True)
+class Preload:
+    """How adapters become resident before a point is measured."""
+
+    mode: str = "warmup"  # admin | warmup | none
+    server_dir: str | None = None  # the adapter folder as the server sees it (admin mode)
+    warmup_requests: int = 8  # unmeasured requests after preloading
+
+    def validate(self) -> None:
+        if self.mode not in PRELOAD_MODES:
+            raise LoadtestConfigError(f"preload {self.mode!r}: choose one of {', '.join(PRELOAD_MODES)}")
+        if self.mode == "admin" and not self.server_dir:
+            raise LoadtestConfigError("preload admin needs the adapter folder as the server sees it")
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LoadtestConfigError(f"counts {text!r}: give comma-separated integers, e.g. 1,8,64,512") from None
+    if not counts or any(c < 0 for c in counts):
+        raise LoadtestConfigError(f"counts {text!r}: give one or more non-negative integers")
+    return counts
+
+
+async def run_sweep(
+    counts: list[int], spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload, prefix: str = "lt-"
+) -> list[SweepPoint]:
+    preload.validate()
+    points = []
+    for count in counts:
+        names: list[str | None] = list(adapter_names(count, prefix)) if count else [None]
+        await _make_resident([n for n in names if n], target, admin, preload, spec.concurrency or 4)
+        point_spec = dataclasses.replace(spec, adapters=names)
+        if preload.warmup_requests:
+            warm = dataclasses.replace(point_spec, num_requests=preload.warmup_requests, duration_s=None,
+                                       seed=spec.seed + 1)
+            await run_workload(warm, target)
+        run = await run_workload(point_spec, target)
+        labels = {"adapters": count, "popularity": spec.popularity.kind}
+        points.append(SweepPoint(count=count, summary=summarize(run.results, run.wall_s, labels)))
+    return points
+
+
+async def _make_resident(names: list[str], target: Target, admin: AdminClient, preload: Preload,
+                         concurrency: int) -> None:
+    if not names or preload.mode == "none":
+        return
+    if preload.mode == "admin":
+        loaded = await admin.loaded_adapters()
+        for name in names:
+            if name not in loaded:
+                result = await admin.load_vllm(name, f"{preload.server_dir}/{name}")
+                if result.status != 200 and result.status != 409:
+                    raise LoadtestConfigError(f"loading adapter {name}: {result.status} {result.message}")
+        return
+    await _touch_each(names, target, concurrency)
+
+
+async def _touch_each(names: list[str], target: Target, concurrency: int) -> None:
+    """One one-token request per adapter, `concurrency` at a time (lazy loading does the rest)."""
+    gate = asyncio.Semaphore(concurrency)
+    touch = dataclasses.replace(target, stream=False)
+
+    async def one(client: httpx.AsyncClient, i: int, name: str) -> None:
+        async with gate:
+            result = await send(client, RequestSpec(i, name, "hello", 1, 0), touch, 0.0)
+        if not result.ok:
+            raise LoadtestConfigError(f"warming adapter {name}: {result.outcome} {result.error}")
+
+    async with make_http_client(touch, concurrency) as client:
+        await asyncio.gather(*(one(client, i, name) for i, name in enumerate(names)))
+
+
+def sweep_table(points: list[SweepPoint]) -> str:
+    """Throughput against the number of adapters, relative to the first point."""
+    if not points:
+        return "no sweep points"
+    first = points[0].summary.output_token_throughput or 1e-9
+    rows = []
+    for p in points:
+        s = p.summary
+        e2e = f"{s.e2e_ms.p50:.0f} / {s.e2e_ms.p99:.0f}" if s.e2e_ms else "n/a"
+        errors = ", ".join(f"{k}: {v}" for k, v in s.errors.items()) or "0"
+        rows.append([str(p.count), f"{s.request_throughput:.3f}", f"{s.output_token_throughput:.1f}",
+                     f"{s.output_token_throughput / first:.3f}", e2e, errors])
+    header = ["adapters", "req/s", "out tok/s", "vs first", "e2e ms p50 / p99", "errors"]
+    return render_table("throughput vs number of adapters", header, rows)

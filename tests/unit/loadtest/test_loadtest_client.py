@@ -1,0 +1,96 @@
+"""The load tester against a fake OpenAI-compatible server: requests, streaming, loops, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from conftest import BASE
+from loadtest.client import Target, error_message, send
+from loadtest.runner import run_workload
+from loadtest.workload import LengthDist, RequestSpec, WorkloadSpec
+
+
+def spec(**kw) -> WorkloadSpec:
+    base = dict(adapters=[None], prompt_len=LengthDist.parse("4"), output_len=LengthDist.parse("6"), num_requests=12)
+    base.update(kw)
+    return WorkloadSpec(**base)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_request_is_measured(fake_server, endpoint, stream):
+    url, state = fake_server
+    target = Target(base_url=url, base_model=BASE, endpoint=endpoint, stream=stream)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url) as client:
+            return await send(client, RequestSpec(0, None, "a b c", 5, 1), target, 0.0)
+
+    r = asyncio.run(go())
+    assert r.ok and r.outcome == "ok" and r.output_tokens == 5 and r.prompt_tokens == 3
+    assert len(r.text.split()) == 5
+    assert (r.ttft_s is not None) == stream and (r.tpot_s is not None) == stream
+    if stream:
+        assert 0 <= r.ttft_s <= r.e2e_s
+    body = state.bodies[-1]
+    assert body["model"] == BASE and body["temperature"] == 0.0 and body["max_tokens"] == 5
+    assert ("messages" in body) == (endpoint == "chat")
+    assert ("stream_options" in body) == stream
+
+
+def test_streaming_without_usage_counts_chunks(fake_server):
+    url, _ = fake_server
+    target = Target(base_url=url, base_model=BASE, stream=True, stream_usage=False)
+    run = asyncio.run(run_workload(spec(num_requests=3, concurrency=1), target))
+    assert [r.output_tokens for r in run.results] == [6, 6, 6]
+    assert all(r.prompt_tokens == 0 for r in run.results)
+
+
+def test_closed_loop_sends_every_request_once(fake_server):
+    url, state = fake_server
+    state.adapters.update({"a": "/x/a", "b": "/x/b"})
+    target = Target(base_url=url, base_model=BASE)
+    run = asyncio.run(run_workload(spec(adapters=["a", "b"], num_requests=30, concurrency=5), target))
+    assert [r.index for r in run.results] == list(range(30))
+    assert all(r.ok for r in run.results)
+    assert {b["model"] for b in state.bodies} == {"a", "b"}
+    assert run.wall_s > 0
+
+
+def test_open_loop_and_duration(fake_server):
+    url, _ = fake_server
+    target = Target(base_url=url, base_model=BASE)
+    run = asyncio.run(run_workload(spec(num_requests=None, duration_s=0.5, concurrency=None, rate=40.0), target))
+    assert 1 <= len(run.results) and all(r.ok for r in run.results)
+    assert max(r.start_s for r in run.results) < 0.5
+
+
+def test_errors_are_counted_not_raised(fake_server):
+    url, state = fake_server
+    state.max_in_flight = 0
+    target = Target(base_url=url, base_model=BASE, stream=True)
+    run = asyncio.run(run_workload(spec(adapters=[None, "missing"], num_requests=20, concurrency=4), target))
+    outcomes = {r.outcome for r in run.results}
+    assert outcomes == {"429", "404"}
+    missing = next(r for r in run.results if r.outcome == "404")
+    assert missing.error == "The model 'missing' does not exist."
+
+
+def test_unreachable_server_is_a_transport_outcome():
+    target = Target(base_url="http://127.0.0.1:9", base_model=BASE, timeout_s=2)
+    run = asyncio.run(run_workload(spec(num_requests=2, concurrency=1), target))
+    assert [r.outcome for r in run.results] == ["transport", "transport"] and run.results[0].status == 0
+
+
+@pytest.mark.parametrize("body,expected", [
+    (json.dumps({"error": {"message": "boom", "type": "x"}}), "boom"),
+    (json.dumps({"detail": "bad"}), "bad"),
+    (json.dumps({"error": "plain"}), "plain"),
+    ("Internal Server Error", "Internal Server Error"),
+])
+def test_error_messages(body, expected):
+    assert error_message(body) == expected

@@ -1,0 +1,126 @@
+"""Sweep, chaos and the command line, against the fake OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from conftest import BASE
+from loadtest.admin import AdminClient, parse_metric
+from loadtest.chaos import ChaosPlan, run_chaos
+from loadtest.cli import main
+from loadtest.client import Target
+from loadtest.errors import LoadtestConfigError
+from loadtest.sweep import Preload, parse_counts, run_sweep, sweep_table
+from loadtest.workload import LengthDist, WorkloadSpec
+
+
+def spec(**kw) -> WorkloadSpec:
+    base = dict(prompt_len=LengthDist.parse("4"), output_len=LengthDist.parse("5"), num_requests=24, concurrency=4)
+    base.update(kw)
+    return WorkloadSpec(**base)
+
+
+async def with_admin(url, fn):
+    async with httpx.AsyncClient(base_url=url) as http:
+        return await fn(AdminClient(http))
+
+
+def test_sweep_preloads_and_reports_each_count(fake_server):
+    url, state = fake_server
+    target = Target(base_url=url, base_model=BASE)
+    preload = Preload(mode="admin", server_dir="/srv/adapters", warmup_requests=2)
+    points = asyncio.run(with_admin(url, lambda admin: run_sweep([1, 3], spec(), target, admin, preload)))
+    assert [p.count for p in points] == [1, 3]
+    assert state.adapters == {f"lt-000{i}": f"/srv/adapters/lt-000{i}" for i in range(3)}
+    assert all(p.summary.ok == 24 for p in points)
+    models = [b["model"] for b in state.bodies[-24:]]
+    assert set(models) == {"lt-0000", "lt-0001", "lt-0002"}
+    table = sweep_table(points)
+    assert "throughput vs number of adapters" in table and "1.000" in table
+
+
+def test_sweep_warmup_reports_an_adapter_the_server_lacks(fake_server):
+    url, _ = fake_server
+    target = Target(base_url=url, base_model=BASE)
+    with pytest.raises(LoadtestConfigError, match="lt-0000"):
+        asyncio.run(with_admin(url, lambda admin: run_sweep([1], spec(), target, admin, Preload(mode="warmup"))))
+
+
+@pytest.mark.parametrize("text", ["", "1,x", "-1"])
+def test_bad_counts(text):
+    with pytest.raises(LoadtestConfigError):
+        parse_counts(text)
+
+
+def chaos_plan() -> ChaosPlan:
+    return ChaosPlan(names=["lt-0000", "lt-0001"], server_dir="/srv", churn_name="lt-0002", interval_s=0.01)
+
+
+def test_chaos_passes_on_a_correct_server(fake_server):
+    url, state = fake_server
+    target = Target(base_url=url, base_model=BASE)
+    workload = spec(adapters=["lt-0000", "lt-0001", None], num_requests=60)
+    report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
+    assert report.passed, report.mismatches
+    assert report.verified == report.traffic.ok > 0
+    ops = {key.split()[0] for key in report.admin_ops}
+    assert {"replace", "unload"} & ops
+    assert not state.fused
+
+
+def test_chaos_catches_answers_that_depend_on_the_batch(fake_server):
+    url, state = fake_server
+    state.corrupt_when_batched = True
+    target = Target(base_url=url, base_model=BASE)
+    workload = spec(adapters=["lt-0000", "lt-0001", None], num_requests=60, concurrency=6)
+    report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
+    assert not report.passed and report.mismatches
+    assert all("corrupted" in m.got for m in report.mismatches)
+    assert json.loads(json.dumps(report.to_dict()))["passed"] is False
+
+
+def test_cli_run_writes_json(fake_server, tmp_path):
+    url, _ = fake_server
+    out = tmp_path / "run.json"
+    rc = main(["run", "--url", url, "--requests", "6", "--concurrency", "2", "--stream", "--json", str(out),
+               "--server-memory", "--cooldown", "0"])
+    payload = json.loads(out.read_text())
+    assert rc == 0 and payload["requests"] == 6 and payload["outcomes"] == {"ok": 6}
+    assert payload["extra"]["server_rss_mb_after"] == 100.0
+    assert payload["ttft_ms"]["count"] == 6 and payload["labels"]["concurrency"] == 2
+
+
+def test_cli_chaos_exit_status(fake_server, tmp_path, capsys):
+    url, _ = fake_server
+    rc = main(["chaos", "--url", url, "--adapter-dir", str(tmp_path), "--requests", "20", "--interval", "0.01",
+               "--num-adapters", "2", "--json", "-"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "chaos PASS" in out
+    assert json.loads(out.strip().splitlines()[-1])["passed"] is True
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--popularity", "pareto"],
+    ["run", "--output-len", "uniform:5:1"],
+    ["sweep", "--counts", "a"],
+    ["chaos"],
+])
+def test_cli_usage_errors_exit_2(fake_server, argv, capsys):
+    url, _ = fake_server
+    assert main(argv + ["--url", url]) == 2
+    assert "s2ft-loadtest: error:" in capsys.readouterr().err
+
+
+def test_cli_unreachable_server_exits_2(capsys):
+    assert main(["run", "--url", "http://127.0.0.1:9", "--requests", "1"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_parse_metric():
+    text = '# HELP x\nprocess_resident_memory_bytes 2.5e+08\nfoo{a="b"} 3\n'
+    assert parse_metric(text, "process_resident_memory_bytes") == 2.5e8
+    assert parse_metric(text, "foo") == 3.0 and parse_metric(text, "bar") is None
