@@ -1,0 +1,98 @@
+"""`create_app(settings, engine=None)`: the FastAPI app in front of one engine.
+
+Given an engine (tests, the Ray Serve deployment), the app uses it and leaves its life to the
+caller. Without one, the lifespan builds it in a thread (loading the model, then the preloaded
+adapters) while `/health` already answers and every other route says 503; the engine is shut down
+(in-flight requests drained, bounded by `drain_timeout_s`) when the app stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.server.errors import install_error_handlers
+from s2ft_serve.server.metrics import Metrics
+from s2ft_serve.server.routes import adapters, chat, completions, health, models
+from s2ft_serve.server.settings import ServerSettings
+
+log = logging.getLogger("s2ft_serve.server")
+
+ROUTERS = (completions.router, chat.router, models.router, adapters.router, health.router)
+DESCRIPTION = """OpenAI-compatible server for one base model and many S²FT adapters.
+
+Choose an adapter with the `adapter` field, or name it as `model` (vLLM's convention).
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+
+def build_engine(settings: ServerSettings, metrics: Metrics) -> Engine:
+    """Load the model and the preloaded adapters (blocking; run in a thread)."""
+    engine = Engine(settings.engine_config()).start()
+    try:
+        for name, path in settings.adapter_specs().items():  # the admin route's path checks apply
+            adapters.load(engine, settings, metrics, name, path, replace=False)
+    except BaseException:
+        engine.shutdown(timeout=0)
+        raise
+    return engine
+
+
+def attach_engine(app: FastAPI, engine: Engine) -> None:
+    engine.add_step_listener(app.state.metrics.on_step)
+    app.state.engine = engine
+
+
+async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
+    started = time.perf_counter()
+    try:
+        engine = await asyncio.to_thread(build_engine, settings, app.state.metrics)
+    except Exception as exc:  # reported by /ready and the log; the CLI exits
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+        log.error("startup failed: %s", app.state.startup_error)
+        on_fatal: Callable[[], None] | None = getattr(app.state, "on_fatal", None)
+        if on_fatal is not None:
+            on_fatal()
+        return
+    attach_engine(app, engine)
+    adapters = ", ".join(settings.adapter_specs()) or "none"
+    log.info("ready in %.1f s: model %s on %s (%s), adapters: %s, serving %s", time.perf_counter() - started,
+             engine.model_name, settings.device, settings.dtype, adapters, settings.url)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ServerSettings = app.state.settings
+    owned = app.state.engine is None
+    loader = asyncio.create_task(_load_in_background(app, settings)) if owned else None
+    try:
+        yield
+    finally:
+        if loader is not None and not loader.done():
+            loader.cancel()
+        engine: Engine | None = app.state.engine
+        if owned and engine is not None:
+            log.info("draining in-flight requests (at most %.0f s)", settings.drain_timeout_s)
+            await asyncio.to_thread(engine.shutdown, settings.drain_timeout_s)
+            app.state.engine = None
+
+
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    app = FastAPI(title="s2ft-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.engine = None
+    app.state.startup_error = None
+    app.state.created = int(time.time())
+    if engine is not None:
+        attach_engine(app, engine)
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app

@@ -1,0 +1,79 @@
+"""One place that turns every failure into OpenAI's error shape `{"error": {message, type, param, code}}`.
+
+Domain errors keep their status (s2ft_serve.errors); pydantic validation errors become 400, as
+OpenAI answers them; HTTP errors (unknown route, wrong method) keep theirs; anything else is a
+logged 500 that never takes the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from s2ft_serve.errors import QueueFullError, S2FTError
+from s2ft_serve.server.protocol import ErrorInfo, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    405: "invalid_request_error", 503: "service_unavailable"}
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None,
+                   code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def domain_error_response(exc: S2FTError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, QueueFullError) else None
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first complaint as `field: reason`, and the field OpenAI would name as `param`."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    reason = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        reason = "unknown field"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"{param}: {reason}" if param else reason) + more, param
+
+
+async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, S2FTError)
+    return domain_error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_message(exc)
+    return error_response(400, message, "invalid_request_error", param)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error_type = HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+    return error_response(exc.status_code, str(exc.detail), error_type, headers=exc.headers)
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(S2FTError, _on_domain_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)

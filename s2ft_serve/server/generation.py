@@ -1,0 +1,284 @@
+"""What the completions and chat routes share: choosing the adapter, building sampling parameters,
+submitting the n engine requests of one HTTP request, and waiting for or streaming them.
+
+A `Generation` owns its engine requests: if the client goes away, or anything fails half-way
+(e.g. the queue fills after two of four submissions), every one of them is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from functools import partial
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from s2ft_serve.engine.engine import Engine, RequestHandle
+from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent, TokenLogprob
+from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
+from s2ft_serve.server.metrics import Metrics
+from s2ft_serve.server.errors import domain_error_response
+from s2ft_serve.server.protocol import SamplingFields, Usage
+from s2ft_serve.server.settings import ServerSettings
+
+DISCONNECT_POLL_S = 0.25
+SSE_DONE = "data: [DONE]\n\n"
+UNKNOWN_ADAPTER_LABEL = "<unknown>"  # keeps unknown names out of metric labels
+CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in metrics only
+
+
+def base_names(engine: Engine, settings: ServerSettings) -> set[str]:
+    """Names under which clients may ask for the base model."""
+    names = {engine.model_name}
+    if settings.model:
+        names.add(settings.model)
+    return names
+
+
+def choose_adapter(engine: Engine, settings: ServerSettings, model: str | None, adapter: str | None) -> str | None:
+    """The adapter a request asks for (None = the base), by the `adapter` field or else by `model`."""
+    bases = base_names(engine, settings)
+    if adapter is not None and adapter != "":
+        if adapter in bases:
+            adapter = None
+        if model is not None and model not in bases and model != adapter:
+            raise InvalidRequestError(
+                f"'model' ({model!r}) and 'adapter' ({adapter!r}) name different models; "
+                "set one of them, or make them agree", param="adapter")
+        return adapter
+    if model is None or model in bases:
+        return None
+    return model
+
+
+def response_model(engine: Engine, adapter: str | None) -> str:
+    return adapter if adapter is not None else engine.model_name
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise InvalidRequestError("at most 16 stop strings", param="stop")
+    if any(not s for s in stops):
+        raise InvalidRequestError("stop strings must not be empty", param="stop")
+    return stops
+
+
+def check_unsupported(fields: SamplingFields) -> None:
+    """OpenAI fields we accept only at their neutral value."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(fields, name) not in (None, 0, 0.0):
+            raise InvalidRequestError(f"{name} is not supported (only 0)", param=name)
+    if fields.logit_bias:
+        raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+
+
+def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None, choice: int) -> SamplingParams:
+    """The engine parameters of choice `choice` (0..n-1); seeded requests use seed + choice."""
+    top_k = fields.top_k if fields.top_k is not None and fields.top_k > 0 else 0
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if fields.temperature is None else fields.temperature,
+        top_p=1.0 if fields.top_p is None else fields.top_p,
+        top_k=top_k,
+        seed=None if fields.seed is None else fields.seed + choice,
+        stop=stop_list(fields.stop),
+        stop_token_ids=list(fields.stop_token_ids or []),
+        ignore_eos=fields.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    params.validate()
+    return params
+
+
+@dataclass
+class Choice:
+    """One engine request: choice `index` of the response, for prompt `prompt_index`."""
+
+    index: int
+    prompt_index: int
+    handle: RequestHandle
+    submitted: float
+    first_token: float | None = None
+    generated: int = 0
+
+
+@dataclass
+class Generation:
+    """The engine requests behind one HTTP request, their metrics, and their cancellation."""
+
+    engine: Engine
+    metrics: Metrics
+    adapter: str | None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    choices: list[Choice] = field(default_factory=list)
+
+    async def submit(self, prompt_index: int, token_ids: list[int], params: SamplingParams) -> Choice:
+        try:
+            handle = await self.engine.asubmit(token_ids, adapter=self.adapter, params=params)
+        except BaseException:
+            self.cancel()
+            raise
+        choice = Choice(len(self.choices), prompt_index, handle, time.perf_counter())
+        self.choices.append(choice)
+        return choice
+
+    def usage(self, prompt_tokens: int) -> Usage:
+        return usage_of(prompt_tokens, sum(c.generated for c in self.choices))
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.handle.cancel()
+
+    def _on_event(self, choice: Choice, event: StreamEvent) -> None:
+        if event.token_id is not None:
+            choice.generated += 1
+            if choice.first_token is None:
+                choice.first_token = time.perf_counter()
+        if event.finished:
+            now = time.perf_counter()
+            ttft = None if choice.first_token is None else choice.first_token - choice.submitted
+            self.metrics.observe_generation(self.adapter, len(choice.handle.prompt_token_ids), choice.generated,
+                                            ttft, now - choice.submitted)
+
+    async def _result(self, choice: Choice) -> RequestOutput:
+        async for event in choice.handle.aevents():
+            self._on_event(choice, event)
+        return await choice.handle.aresult()
+
+    async def results(self, request: Request) -> list[RequestOutput]:
+        """Every choice's output, in choice order; cancels everything if the client disconnects."""
+        tasks = [asyncio.ensure_future(self._result(c)) for c in self.choices]
+        try:
+            pending = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
+                if pending and await request.is_disconnected():
+                    raise asyncio.CancelledError("client disconnected")
+            return [t.result() for t in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
+            if not all(t.done() and not t.cancelled() and t.exception() is None for t in tasks):
+                self.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[Choice, StreamEvent]]:
+        """Events of all choices as they come; closing the iterator cancels the unfinished ones."""
+        queue: asyncio.Queue[tuple[Choice, StreamEvent] | BaseException] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for event in choice.handle.aevents():
+                    self._on_event(choice, event)
+                    await queue.put((choice, event))
+            except Exception as exc:  # forwarded to the consumer, which decides
+                await queue.put(exc)
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        finished = 0
+        try:
+            while finished < len(self.choices):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item[1].finished:
+                    finished += 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            if finished < len(self.choices):
+                self.cancel()
+
+
+def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | None) -> None:
+    """Count one HTTP generation request by adapter and status."""
+    if isinstance(exc, AdapterNotFoundError):
+        adapter = UNKNOWN_ADAPTER_LABEL
+    if exc is None:
+        status: int | str = 200
+    elif isinstance(exc, S2FTError):
+        status = exc.status_code
+    elif isinstance(exc, asyncio.CancelledError):
+        status = CLIENT_CLOSED
+    else:
+        status = 500
+    metrics.observe_request(adapter, status)
+
+
+def logprob_of(entry: TokenLogprob | None) -> float | None:
+    return None if entry is None else entry.logprob
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def sse_error(exc: S2FTError) -> str:
+    """An error met after the stream began (the status is already sent), as vLLM reports it."""
+    return f"data: {domain_error_response(exc).body.decode()}\n\n"
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+async def sse_stream(chunks: AsyncIterator[str], done: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
+    """Wrap a route's chunks: `data: [DONE]` at the end, errors as an event, metrics, and cleanup."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+        yield SSE_DONE
+        done(None)
+    except S2FTError as exc:
+        done(exc)
+        yield sse_error(exc)
+        yield SSE_DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        done(asyncio.CancelledError())
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def serve(request: Request, response: Response, engine: Engine, settings: ServerSettings, metrics: Metrics,
+                fields: SamplingFields, start: Callable[[Generation], Awaitable[object]],
+                stream: Callable[[Generation, str, object], AsyncIterator[str]],
+                build: Callable[[Generation, str, object, list[RequestOutput]], BaseModel]) -> BaseModel | Response:
+    """The life of one generation request, shared by completions and chat.
+
+    `start(gen)` validates and submits (returning a context for the other two), `stream` makes the
+    SSE chunks, `build` the JSON body. Metrics count the request once, whatever happens.
+    """
+    adapter = None
+    try:
+        adapter = choose_adapter(engine, settings, fields.model, fields.adapter)
+        gen = Generation(engine, metrics, adapter)
+        context = await start(gen)
+    except BaseException as exc:
+        record_status(metrics, adapter, exc)
+        raise
+    model = response_model(engine, adapter)
+    headers = {"x-adapter-id": model}
+    if fields.stream:
+        events = sse_stream(stream(gen, model, context), partial(record_status, metrics, adapter))
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    try:
+        outputs = await gen.results(request)
+    except BaseException as exc:
+        record_status(metrics, adapter, exc)
+        raise
+    record_status(metrics, adapter, None)
+    response.headers.update(headers)
+    return build(gen, model, context, outputs)

@@ -1,0 +1,92 @@
+"""Prometheus metrics in the app's own registry (two apps in one process never collide).
+
+Request latencies are observed by the routes; batch sizes by an engine step listener; gauges
+(queue depth, resident/fused adapters, `vllm:lora_requests_info`) are refreshed from
+`engine.stats()` at each scrape. The `vllm:*` names and labels match vLLM's, so routers built for
+vLLM (e.g. the Gateway API Inference Extension's LoRA affinity) read them unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from s2ft_serve.engine.request import EngineStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)
+OP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+BASE_LABEL = ""  # the `adapter` label of base-model requests
+
+
+class Metrics:
+    """Every metric the server exports; one instance per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("s2ft_requests", "Finished HTTP generation requests", ["adapter", "status"], registry=r)
+        self.ttft = Histogram("s2ft_time_to_first_token_seconds", "Time to first token", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("s2ft_time_per_output_token_seconds", "Time per output token after the first",
+                              ["adapter"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("s2ft_e2e_request_latency_seconds", "End-to-end request latency", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("s2ft_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generation_tokens = Counter("s2ft_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.batch_size = Histogram("s2ft_batch_size", "Requests per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("s2ft_batch_tokens", "Tokens per engine step", buckets=TOKEN_BUCKETS, registry=r)
+        self.queue_depth = Gauge("s2ft_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("s2ft_running_requests", "Requests in the running batch", registry=r)
+        self.resident_adapters = Gauge("s2ft_resident_adapters", "Adapters with weights in memory", registry=r)
+        self.resident_bytes = Gauge("s2ft_resident_adapter_bytes", "Bytes of resident adapter weights", registry=r)
+        self.fused_adapters = Gauge("s2ft_fused_adapters", "Adapters fused into the base weights", registry=r)
+        self.adapter_load = Histogram("s2ft_adapter_load_seconds", "Adapter load latency (admin and preload)",
+                                      buckets=OP_BUCKETS, registry=r)
+        self.adapter_fuse = Histogram("s2ft_adapter_fuse_seconds", "Adapter fuse/unfuse latency", ["op"],
+                                      buckets=OP_BUCKETS, registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
+                               ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+
+    def on_step(self, batch_size: int, num_tokens: int) -> None:
+        """The engine's step listener (called from the engine thread)."""
+        self.batch_size.observe(batch_size)
+        self.batch_tokens.observe(num_tokens)
+
+    def observe_request(self, adapter: str | None, status: int | str) -> None:
+        self.requests.labels(adapter=adapter or BASE_LABEL, status=str(status)).inc()
+
+    def observe_generation(self, adapter: str | None, prompt_tokens: int, output_tokens: int,
+                           ttft_s: float | None, e2e_s: float) -> None:
+        """One finished engine request (one choice)."""
+        label = adapter or BASE_LABEL
+        self.prompt_tokens.labels(adapter=label).inc(prompt_tokens)
+        self.generation_tokens.labels(adapter=label).inc(output_tokens)
+        self.e2e.labels(adapter=label).observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.labels(adapter=label).observe(ttft_s)
+            if output_tokens > 1:
+                self.tpot.labels(adapter=label).observe((e2e_s - ttft_s) / (output_tokens - 1))
+
+    def refresh(self, stats: EngineStats) -> None:
+        self.queue_depth.set(stats.waiting)
+        self.running.set(stats.running)
+        self.vllm_waiting.set(stats.waiting)
+        self.vllm_running.set(stats.running)
+        self.resident_adapters.set(stats.resident_adapters)
+        self.resident_bytes.set(stats.resident_bytes)
+        self.fused_adapters.set(len(stats.fused_adapters))
+        self.lora_info.clear()
+        self.lora_info.labels(
+            running_lora_adapters=",".join(sorted(set(stats.running_adapters))),
+            waiting_lora_adapters=",".join(sorted(set(stats.waiting_adapters))),
+            max_lora=str(stats.max_resident_adapters),
+        ).set(time.time())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

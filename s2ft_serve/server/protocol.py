@@ -1,0 +1,300 @@
+"""Every request and response body of the HTTP API (OpenAI and vLLM shapes); no torch here.
+
+Requests refuse unknown fields and wrong types (OpenAI answers those with 400); the error
+handler turns pydantic's complaints into OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RequestModel(BaseModel):
+    """A request body: unknown fields and loose types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------- shared ----------
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+class SamplingFields(RequestModel):
+    """Fields the completions and chat requests share."""
+
+    model: str | None = Field(None, description="the base model, or an adapter's name (vLLM convention)")
+    adapter: str | None = Field(None, description="an adapter's name; overrides `model` (they must agree)")
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = Field(None, description="up to 16 stop strings; the text ends before them")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="only empty is supported")
+    ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the EOS token")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
+
+
+# ---------- completions ----------
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "my-adapter", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
+        {"prompt": ["Hello", "World"], "adapter": "my-adapter", "max_tokens": 0, "echo": True, "logprobs": 1},
+    ]})
+
+    prompt: Prompt = Field(..., description="a string, strings, token ids, or lists of token ids")
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=64, description="only equal to n is supported")
+    suffix: str | None = Field(None, description="not supported")
+
+
+class CompletionLogprobs(ResponseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---------- chat ----------
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A chat message; fields beyond these (e.g. tool calls) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "my-adapter", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 32},
+    ]})
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=0, description="deprecated by OpenAI; same as max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' is supported")
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} is supported")
+
+
+class ChatMessageOut(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# ---------- models ----------
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "s2ft-serve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------- adapters (admin) ----------
+
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+
+
+class LoadAdapterRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "math", "path": "math-v1", "replace": False}]})
+
+    name: AdapterName
+    path: str = Field(..., min_length=1, description="an adapter folder; relative paths are under --adapter-root")
+    replace: bool = False
+
+
+class MergeSource(RequestModel):
+    name: AdapterName
+    weight: float = 1.0
+
+
+class MergeRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "math+code", "sources": [{"name": "math", "weight": 0.5}, {"name": "code", "weight": 0.5}]},
+    ]})
+
+    name: AdapterName
+    sources: list[MergeSource] = Field(..., min_length=1, max_length=64)
+
+
+class VllmLoadLoraRequest(RequestModel):
+    """vLLM's `/v1/load_lora_adapter` body."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lora_name": "math", "lora_path": "math-v1"}]})
+
+    lora_name: AdapterName
+    lora_path: str = Field(..., min_length=1)
+    load_inplace: bool = Field(False, description="replace an adapter of the same name")
+
+
+class VllmUnloadLoraRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"lora_name": "math"}]})
+
+    lora_name: AdapterName
+    lora_int_id: int | None = None
+
+
+class AdapterCard(ResponseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    path: str | None
+    nbytes: int
+    parameters: int
+    modules: int
+    per_layer: dict[str, Any]
+    config: dict[str, Any]
+    resident: bool
+    fused: bool
+    requests_served: int
+    base_model: str
+
+
+class AdapterList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class AdapterDeleted(ResponseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+# ---------- operations ----------
+
+class HealthResponse(ResponseModel):
+    status: str
+
+
+class ReadyResponse(ResponseModel):
+    status: str
+    model: str

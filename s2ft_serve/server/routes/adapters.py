@@ -1,0 +1,130 @@
+"""Admin API: load, list, describe, unload, fuse, unfuse and merge adapters, plus vLLM's aliases
+(`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) with vLLM's bodies.
+
+Handlers are plain functions, so FastAPI runs them in its thread pool: loading reads files and
+fusing waits for a step boundary, and neither may block the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.engine.request import AdapterInfo
+from s2ft_serve.errors import ConflictError, PermissionDeniedError
+from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_admin
+from s2ft_serve.server.generation import base_names
+from s2ft_serve.server.metrics import Metrics
+from s2ft_serve.server.protocol import (
+    AdapterCard, AdapterDeleted, AdapterList, ErrorResponse, LoadAdapterRequest, MergeRequest, VllmLoadLoraRequest,
+    VllmUnloadLoraRequest,
+)
+from s2ft_serve.server.settings import ServerSettings
+
+router = APIRouter(tags=["Adapters (admin)"], dependencies=[Depends(require_admin)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)}
+
+
+def resolve_adapter_path(settings: ServerSettings, path: str) -> str:
+    """The folder `path` names, symlinks followed; 403 unless it lies inside --adapter-root.
+
+    Relative paths are taken under --adapter-root (or the working folder when none is set).
+    """
+    if settings.adapter_root is None:
+        return str(Path(path).expanduser().resolve())
+    root = Path(settings.adapter_root).expanduser().resolve()
+    candidate = Path(path).expanduser()
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise PermissionDeniedError(f"adapter path {path!r} is outside the adapter root", param="path",
+                                    code="path_outside_root")
+    return str(resolved)
+
+
+def card(info: AdapterInfo) -> AdapterCard:
+    return AdapterCard(id=info.name, path=info.path, nbytes=info.nbytes, parameters=info.parameters,
+                       modules=info.modules, per_layer={str(k): v for k, v in info.per_layer.items()},
+                       config=info.config, resident=info.resident, fused=info.fused,
+                       requests_served=info.requests_served, base_model=info.base_model)
+
+
+def check_name(engine: Engine, settings: ServerSettings, name: str) -> None:
+    if name in base_names(engine, settings):
+        raise ConflictError(f"'{name}' is the base model's name", param="name")
+
+
+def load(engine: Engine, settings: ServerSettings, metrics: Metrics, name: str, path: str,
+         replace: bool) -> AdapterInfo:
+    check_name(engine, settings, name)
+    resolved = resolve_adapter_path(settings, path)
+    started = time.perf_counter()
+    info = engine.load_adapter(name, resolved, replace=replace)
+    metrics.adapter_load.observe(time.perf_counter() - started)
+    return info
+
+
+@router.post("/v1/adapters", status_code=201, response_model=AdapterCard, responses=ERRORS,
+             summary="Load an adapter folder under a name (`replace: true` swaps an existing one)")
+def load_adapter(body: LoadAdapterRequest, engine: EngineDep, settings: SettingsDep,
+                 metrics: MetricsDep) -> AdapterCard:
+    return card(load(engine, settings, metrics, body.name, body.path, body.replace))
+
+
+@router.get("/v1/adapters", response_model=AdapterList, responses=ERRORS, summary="List the loaded adapters")
+def list_adapters(engine: EngineDep) -> AdapterList:
+    return AdapterList(data=[card(info) for info in engine.list_adapters()])
+
+
+@router.post("/v1/adapters/merge", status_code=201, response_model=AdapterCard, responses=ERRORS,
+             summary="Merge adapters into a new one (weighted sum over the union of their columns)")
+def merge_adapters(body: MergeRequest, engine: EngineDep, settings: SettingsDep) -> AdapterCard:
+    check_name(engine, settings, body.name)
+    return card(engine.merge(body.name, [(s.name, s.weight) for s in body.sources]))
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterCard, responses=ERRORS, summary="Describe one adapter")
+def get_adapter(name: str, engine: EngineDep) -> AdapterCard:
+    return card(engine.get_adapter(name))
+
+
+@router.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=ERRORS,
+               summary="Unload an adapter (requests in flight finish; new ones get 404)")
+def delete_adapter(name: str, engine: EngineDep) -> AdapterDeleted:
+    engine.remove_adapter(name)
+    return AdapterDeleted(id=name)
+
+
+@router.post("/v1/adapters/{name}/fuse", response_model=AdapterCard, responses=ERRORS,
+             summary="Fuse an adapter into the base weights")
+def fuse_adapter(name: str, engine: EngineDep, metrics: MetricsDep) -> AdapterCard:
+    started = time.perf_counter()
+    info = engine.fuse(name)
+    metrics.adapter_fuse.labels(op="fuse").observe(time.perf_counter() - started)
+    return card(info)
+
+
+@router.post("/v1/adapters/{name}/unfuse", response_model=AdapterCard, responses=ERRORS,
+             summary="Restore the base weights from a fused adapter")
+def unfuse_adapter(name: str, engine: EngineDep, metrics: MetricsDep) -> AdapterCard:
+    started = time.perf_counter()
+    info = engine.unfuse(name)
+    metrics.adapter_fuse.labels(op="unfuse").observe(time.perf_counter() - started)
+    return card(info)
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
+             summary="vLLM alias of POST /v1/adapters")
+def vllm_load(body: VllmLoadLoraRequest, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep) -> str:
+    load(engine, settings, metrics, body.lora_name, body.lora_path, body.load_inplace)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
+             summary="vLLM alias of DELETE /v1/adapters/{name}")
+def vllm_unload(body: VllmUnloadLoraRequest, engine: EngineDep) -> str:
+    engine.remove_adapter(body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

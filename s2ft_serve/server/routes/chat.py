@@ -1,0 +1,99 @@
+"""`POST /v1/chat/completions`: OpenAI's chat completions through the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.engine.request import RequestOutput
+from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
+from s2ft_serve.server.generation import (
+    Generation, check_unsupported, sampling_params, serve, sse, usage_of,
+)
+from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
+from s2ft_serve.server.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
+    ChatMessageOut, ErrorResponse,
+)
+
+router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+
+
+def check_request(body: ChatCompletionRequest) -> int | None:
+    """Refuse what we do not support; return how many top logprobs to show (None: no logprobs)."""
+    check_unsupported(body)
+    if body.tools:
+        raise InvalidRequestError("tools are not supported", param="tools")
+    if body.tool_choice not in (None, "none"):
+        raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
+    if body.response_format and body.response_format.get("type") != "text":
+        raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) -> list[int]:
+    logprobs = check_request(body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = engine.apply_chat_template(messages)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
+    for i in range(body.n):
+        await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i))
+    return prompt
+
+
+def build_response(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int],
+                   outputs: list[RequestOutput], text: TokenText) -> ChatCompletionResponse:
+    choices = []
+    for choice, out in zip(gen.choices, outputs):
+        logprobs = None
+        if body.logprobs:
+            logprobs = chat_logprobs(text, out.token_ids, out.logprobs or [], body.top_logprobs or 0)
+        choices.append(ChatChoice(index=choice.index, message=ChatMessageOut(content=out.text), logprobs=logprobs,
+                                  finish_reason=out.finish_reason))
+    usage = usage_of(len(prompt), sum(len(out.token_ids) for out in outputs))
+    return ChatCompletionResponse(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
+                                  usage=usage)
+
+
+async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int],
+                 text: TokenText) -> AsyncIterator[str]:
+    """Server-sent events: the role first, then content deltas, a finish chunk, and usage if asked."""
+
+    def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        return sse(ChatCompletionChunk(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
+                                       usage=usage))
+
+    for choice in gen.choices:
+        yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
+    async for choice, event in gen.events():
+        logprobs = None
+        if body.logprobs and event.logprob is not None and event.token_id is not None:
+            logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
+        if event.text_delta or logprobs is not None:
+            delta = ChatDelta(content=event.text_delta)
+            yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
+        if event.finished:
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], usage=gen.usage(len(prompt)))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
+             summary="Create a chat completion (OpenAI); `stream: true` answers with server-sent events")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
+                                 engine: EngineDep, settings: SettingsDep, metrics: MetricsDep):
+    text = token_text_decoder(engine.tokenizer)
+    return await serve(
+        request, response, engine, settings, metrics, body,
+        start=partial(start, body, engine),
+        stream=lambda gen, model, prompt: stream(body, gen, model, prompt, text),
+        build=lambda gen, model, prompt, outputs: build_response(body, gen, model, prompt, outputs, text),
+    )

@@ -1,0 +1,130 @@
+"""`POST /v1/completions`: OpenAI's text completions, with n, stop, streaming, logprobs and echo.
+
+`echo` with `max_tokens: 0` and `logprobs` returns the prompt tokens' log-probabilities, which is
+how lm-evaluation-harness's `local-completions` client scores continuations.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.engine.request import RequestOutput
+from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
+from s2ft_serve.server.generation import (
+    Generation, check_unsupported, sampling_params, serve, sse, usage_of,
+)
+from s2ft_serve.server.logprobs import TokenText, completion_logprobs, extend, next_offset, token_text_decoder
+from s2ft_serve.server.protocol import (
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
+)
+
+router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
+
+
+def prompt_token_ids(engine: Engine, prompt: str | list) -> list[list[int]]:
+    """The request's prompts as token ids (a string, strings, token ids, or lists of token ids)."""
+    if isinstance(prompt, str):
+        return [engine.tokenize(prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def prompt_texts(engine: Engine, prompt: str | list, ids: list[list[int]]) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], list) or isinstance(prompt[0], str):
+        return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompt]
+    return [engine.tokenizer.decode(ids[0])]
+
+
+def check_request(body: CompletionRequest) -> None:
+    check_unsupported(body)
+    if body.suffix:
+        raise InvalidRequestError("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError("best_of is supported only equal to n", param="best_of")
+    if body.stream and body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs is not supported when streaming", param="echo")
+
+
+async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> list[list[int]]:
+    check_request(body)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    prompts = prompt_token_ids(engine, body.prompt)
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = [sampling_params(body, max_tokens, body.logprobs, prompt_logprobs, i) for i in range(body.n)]
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            await gen.submit(p, ids, params[i])
+    return [c.handle.prompt_token_ids for c in gen.choices[::body.n]]
+
+
+def choice_logprobs(text: TokenText, out: RequestOutput, echo: bool) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    if echo:
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        extend(result, completion_logprobs(text, out.prompt_token_ids, entries))
+    return extend(result, completion_logprobs(text, out.token_ids, out.logprobs or [], next_offset(result)))
+
+
+def build_response(body: CompletionRequest, gen: Generation, model: str, outputs: list[RequestOutput],
+                   texts: list[str], text: TokenText) -> CompletionResponse:
+    choices = []
+    for choice, out in zip(gen.choices, outputs):
+        shown = texts[choice.prompt_index] + out.text if body.echo else out.text
+        logprobs = choice_logprobs(text, out, body.echo) if body.logprobs is not None else None
+        choices.append(CompletionChoice(index=choice.index, text=shown, logprobs=logprobs,
+                                        finish_reason=out.finish_reason))
+    prompt_tokens = sum(len(out.prompt_token_ids) for c, out in zip(gen.choices, outputs) if c.index % body.n == 0)
+    usage = usage_of(prompt_tokens, sum(len(out.token_ids) for out in outputs))
+    return CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=choices, usage=usage)
+
+
+async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: list[list[int]],
+                 texts: list[str], text: TokenText) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per new text (or logprob), then usage if asked."""
+
+    def chunk(index: int, piece: str, logprobs=None, finish: str | None = None) -> str:
+        choice = CompletionChoice(index=index, text=piece, logprobs=logprobs, finish_reason=finish)
+        return sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[choice]))
+
+    offsets = [0] * len(gen.choices)
+    if body.echo:
+        for choice in gen.choices:
+            yield chunk(choice.index, texts[choice.prompt_index])
+    async for choice, event in gen.events():
+        logprobs = None
+        if body.logprobs is not None and event.logprob is not None and event.token_id is not None:
+            logprobs = completion_logprobs(text, [event.token_id], [event.logprob], offsets[choice.index])
+            offsets[choice.index] = next_offset(logprobs)
+        if event.text_delta or logprobs is not None or event.finished:
+            yield chunk(choice.index, event.text_delta, logprobs, event.finish_reason if event.finished else None)
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[],
+                                     usage=gen.usage(sum(len(ids) for ids in prompts))))
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
+             summary="Create a completion (OpenAI); `stream: true` answers with server-sent events")
+async def create_completion(body: CompletionRequest, request: Request, response: Response,
+                            engine: EngineDep, settings: SettingsDep, metrics: MetricsDep):
+    text = token_text_decoder(engine.tokenizer)
+
+    async def begin(gen: Generation) -> tuple[list[list[int]], list[str]]:
+        prompts = await start(body, engine, gen)
+        texts = prompt_texts(engine, body.prompt, prompts) if body.echo else [""] * len(prompts)
+        return prompts, texts
+
+    return await serve(
+        request, response, engine, settings, metrics, body, start=begin,
+        stream=lambda gen, model, ctx: stream(body, gen, model, ctx[0], ctx[1], text),
+        build=lambda gen, model, ctx, outputs: build_response(body, gen, model, outputs, ctx[1], text),
+    )

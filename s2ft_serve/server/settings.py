@@ -1,0 +1,109 @@
+"""Server settings: every `s2ft-serve` flag, also readable from an `S2FT_*` environment variable.
+
+Built once (by the CLI, or by whoever calls `create_app`) and passed down; nothing reads the
+environment after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from s2ft_serve.config import EngineConfig
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+class ServerSettings(BaseSettings):
+    """What the server needs to start; field `x` is flag `--x` and variable `S2FT_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="S2FT_", extra="ignore", populate_by_name=True)
+
+    model: str | None = Field(None, description="local Hugging Face model folder; empty = embedded SmolLM2-135M-Instruct")
+    # NAME=PATH pairs preloaded at start; the variable takes them comma-separated.
+    adapter: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    adapter_root: str | None = Field(None, description="the only folder adapters are loaded from (unset: any path)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    admin_key: str | None = None
+    max_batch_size: int = Field(32, ge=1)
+    max_queue: int = Field(256, ge=1)
+    max_resident_adapters: int = Field(64, ge=1)
+    max_resident_bytes: int = Field(2 << 30, ge=1)
+    max_adapter_bytes: int = Field(512 << 20, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    device: str = "auto"
+    dtype: str = "float32"
+    lazy_load: bool = True
+    # Automatic fusion (issue 5); passed to the engine when its config knows these fields.
+    auto_fuse: bool = False
+    auto_fuse_threshold: float = Field(0.8, gt=0, le=1)
+    auto_fuse_window_s: float = Field(30.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+    log_level: str = "info"
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapters(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"adapter {spec!r} must be NAME=PATH")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise ValueError("dtype must be one of float32, bfloat16, float16")
+        return value
+
+    def adapter_specs(self) -> dict[str, str]:
+        """The preloaded adapters, name -> path."""
+        return {name.strip(): path.strip() for name, _, path in (s.partition("=") for s in self.adapter)}
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def engine_config(self) -> EngineConfig:
+        values = dict(
+            model=self.model or None,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            max_resident_adapters=self.max_resident_adapters,
+            max_resident_bytes=self.max_resident_bytes,
+            max_adapter_bytes=self.max_adapter_bytes,
+            max_model_len=self.max_model_len,
+            adapter_root=self.adapter_root,
+            lazy_load=self.lazy_load,
+            auto_fuse=self.auto_fuse,
+            auto_fuse_threshold=self.auto_fuse_threshold,
+            auto_fuse_window_s=self.auto_fuse_window_s,
+        )
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        return EngineConfig(**{k: v for k, v in values.items() if k in known})

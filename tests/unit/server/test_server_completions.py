@@ -1,0 +1,124 @@
+"""`/v1/completions`: results match the engine, n/seed/stop, streaming, logprobs, echo, usage, adapters."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from s2ft_serve.engine.request import SamplingParams
+
+PROMPT = "The quick brown fox"
+
+
+def sse_payloads(text: str) -> list:
+    lines = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+async def complete(client, **body):
+    r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def test_greedy_text_matches_engine_for_base_and_adapter(client, engine):
+    for adapter in (None, "a0", "a1"):
+        expected = engine.generate(PROMPT, adapter, SamplingParams(max_tokens=8, temperature=0))
+        r = await complete(client, **({"adapter": adapter} if adapter else {}))
+        body = r.json()
+        assert body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == expected.text
+        assert body["choices"][0]["finish_reason"] == expected.finish_reason
+        assert body["model"] == (adapter or engine.model_name)
+        assert r.headers["x-adapter-id"] == (adapter or engine.model_name)
+        assert body["usage"] == {"prompt_tokens": len(expected.prompt_token_ids),
+                                 "completion_tokens": len(expected.token_ids),
+                                 "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids)}
+
+
+async def test_adapters_give_different_text(client):
+    texts = {a: (await complete(client, model=a, max_tokens=12)).json()["choices"][0]["text"] for a in ("a0", "a1")}
+    base = (await complete(client, max_tokens=12)).json()["choices"][0]["text"]
+    assert len({texts["a0"], texts["a1"], base}) == 3
+
+
+async def test_model_naming_adapter_equals_adapter_field(client, engine):
+    by_model = (await complete(client, model="a1")).json()
+    by_field = (await complete(client, model=engine.model_name, adapter="a1")).json()
+    assert by_model["choices"][0]["text"] == by_field["choices"][0]["text"]
+    assert by_model["model"] == by_field["model"] == "a1"
+
+
+async def test_n_choices_use_seed_plus_index(client, engine):
+    body = (await complete(client, n=3, seed=7, temperature=1.0, max_tokens=10)).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for i, choice in enumerate(body["choices"]):
+        alone = engine.generate(PROMPT, None, SamplingParams(max_tokens=10, temperature=1.0, seed=7 + i))
+        assert choice["text"] == alone.text
+
+
+async def test_several_prompts_and_token_ids(client, engine):
+    ids = engine.tokenize("Hello world")
+    body = (await complete(client, prompt=[PROMPT, "Hello world"], n=2)).json()
+    assert len(body["choices"]) == 4
+    by_ids = (await complete(client, prompt=ids)).json()
+    assert by_ids["choices"][0]["text"] == body["choices"][2]["text"] == body["choices"][3]["text"]
+    nested = (await complete(client, prompt=[ids, ids])).json()
+    assert [c["text"] for c in nested["choices"]] == [by_ids["choices"][0]["text"]] * 2
+
+
+async def test_stop_string_ends_text_before_it(client):
+    full = (await complete(client, max_tokens=16)).json()["choices"][0]["text"]
+    stop = full[3:5]
+    assert stop and stop in full
+    cut = (await complete(client, max_tokens=16, stop=stop)).json()["choices"][0]
+    assert cut["text"] == full[: full.index(stop)]
+    assert cut["finish_reason"] == "stop"
+
+
+async def test_stream_matches_non_stream(client):
+    whole = (await complete(client, adapter="a0", n=2, seed=3, temperature=0.8)).json()
+    r = await complete(client, adapter="a0", n=2, seed=3, temperature=0.8, stream=True,
+                       stream_options={"include_usage": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-adapter-id"] == "a0"
+    chunks = sse_payloads(r.text)
+    for choice in whole["choices"]:
+        pieces = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]]
+        assert "".join(p["text"] for p in pieces) == choice["text"]
+        assert pieces[-1]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all(c["model"] == "a0" for c in chunks)
+
+
+async def test_logprobs_shape_and_values(client, engine):
+    body = (await complete(client, adapter="a1", logprobs=3, max_tokens=5)).json()
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"] or body["choices"][0]["finish_reason"] == "stop"
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert token in top and len(top) <= 4  # top 3 plus the chosen one (strings of partial bytes may collide)
+        assert logprob >= max(top.values()) - 1e-6  # greedy: the chosen token is the most likely
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
+
+
+async def test_echo_with_zero_max_tokens_returns_prompt_logprobs(client, engine):
+    ids = engine.tokenize(PROMPT)
+    body = (await complete(client, adapter="a0", echo=True, max_tokens=0, logprobs=1)).json()
+    choice = body["choices"][0]
+    assert choice["text"] == PROMPT
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(ids)
+    reference = torch.log_softmax(engine.logits(ids, "a0"), dim=-1)
+    for pos in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][pos] - reference[pos - 1, ids[pos]].item()) < 1e-4
+    assert body["usage"]["completion_tokens"] == 0
+
+
+async def test_echo_prepends_prompt_text(client):
+    plain = (await complete(client)).json()["choices"][0]["text"]
+    echoed = (await complete(client, echo=True)).json()["choices"][0]["text"]
+    assert echoed == PROMPT + plain
