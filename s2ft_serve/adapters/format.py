@@ -209,13 +209,14 @@ def validate_tensors(
     modules: dict[str, ModuleDelta] = {}
     for name in sorted(names):
         ikey, dkey = name + INDEX_SUFFIX, name + DELTA_SUFFIX
+        if linears is not None and name not in linears:
+            fail(ikey if ikey in tensors else dkey,
+                 f"module '{name}' is not an adaptable linear module (o_proj / down_proj) of the base model")
         if ikey not in tensors:
             fail(dkey, f"has no matching '{ikey}'")
         if dkey not in tensors:
             fail(ikey, f"has no matching '{dkey}'")
         index, delta = tensors[ikey], tensors[dkey]
-        if linears is not None and name not in linears:
-            fail(ikey, f"module '{name}' is not an adaptable linear module (o_proj / down_proj) of the base model")
         if index.dtype != torch.int64:
             fail(ikey, f"dtype must be int64, got {str(index.dtype).replace('torch.', '')}")
         if index.dim() != 1 or index.numel() == 0:

@@ -1,0 +1,101 @@
+"""Adapter format v1: round trip, and every validation failure names the file, tensor and reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from s2ft_serve.adapters.format import load_adapter, save_adapter
+from s2ft_serve.errors import AdapterValidationError
+from s2ft_serve.model.loading import load_model, target_linears
+from s2ft_serve.adapters.format import linear_shapes
+from s2ft_serve.model.testing import random_adapter
+
+O = "model.layers.0.self_attn.o_proj"
+D = "model.layers.1.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama_dir):
+    return load_model(tiny_llama_dir)
+
+
+@pytest.fixture
+def folder(tmp_path, base):
+    adapter = random_adapter(base.model, base.name, seed=1, fingerprint=base.fingerprint)
+    adapter.config["training"] = {"steps": 3}
+    return save_adapter(adapter, tmp_path / "ad")
+
+
+def shapes(base):
+    return linear_shapes(target_linears(base.model))
+
+
+def test_round_trip_keeps_config_and_tensors(folder, base):
+    loaded = load_adapter(folder, shapes(base), base.fingerprint)
+    again = load_adapter(save_adapter(loaded, folder.parent / "copy"), shapes(base))
+    assert loaded.config["training"] == {"steps": 3} and again.config == loaded.config
+    for name, md in loaded.modules.items():
+        assert torch.equal(md.index, again.modules[name].index)
+        assert torch.equal(md.delta, again.modules[name].delta)
+    assert loaded.nbytes == (folder / "adapter_model.safetensors").stat().st_size
+
+
+def rewrite(folder, mutate):
+    from safetensors.torch import load_file
+    tensors = load_file(folder / "adapter_model.safetensors")
+    mutate(tensors)
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("mutate, tensor, reason", [
+    (lambda t: t.__setitem__(f"{O}.s2ft_index", t[f"{O}.s2ft_index"].int()), f"{O}.s2ft_index", "int64"),
+    (lambda t: t.__setitem__(f"{O}.s2ft_index", t[f"{O}.s2ft_index"] + 1000), f"{O}.s2ft_index", "indices must lie"),
+    (lambda t: t.__setitem__(f"{O}.s2ft_index", torch.zeros_like(t[f"{O}.s2ft_index"])), f"{O}.s2ft_index", "distinct"),
+    (lambda t: t.__setitem__(f"{D}.s2ft_delta", t[f"{D}.s2ft_delta"][:, :2].contiguous()), f"{D}.s2ft_delta", "shape"),
+    (lambda t: t.__setitem__(f"{D}.s2ft_delta", t[f"{D}.s2ft_delta"][:5].contiguous()), f"{D}.s2ft_delta", "out_features"),
+    (lambda t: t[f"{D}.s2ft_delta"].__setitem__((0, 0), float("nan")), f"{D}.s2ft_delta", "finite"),
+    (lambda t: t.__setitem__(f"{D}.s2ft_delta", t[f"{D}.s2ft_delta"].to(torch.int32)), f"{D}.s2ft_delta", "floating"),
+    (lambda t: t.pop(f"{D}.s2ft_delta"), f"{D}.s2ft_index", "no matching"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.s2ft_index", torch.tensor([0])), "q_proj", "not an adaptable"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros(1)), "down_proj.weight", "unexpected tensor name"),
+])
+def test_invalid_tensors_are_refused(folder, base, mutate, tensor, reason):
+    rewrite(folder, mutate)
+    with pytest.raises(AdapterValidationError) as err:
+        load_adapter(folder, shapes(base))
+    message = str(err.value)
+    assert "adapter_model.safetensors" in message and tensor in message and reason in message
+
+
+@pytest.mark.parametrize("config, reason", [
+    ({"adapter_type": "lora", "format_version": 1, "base_model": "x", "target_modules": []}, "adapter_type"),
+    ({"adapter_type": "s2ft", "format_version": 2, "base_model": "x", "target_modules": []}, "format_version"),
+    ({"adapter_type": "s2ft", "format_version": 1, "target_modules": []}, "base_model"),
+    ({"adapter_type": "s2ft", "format_version": 1, "base_model": "x", "target_modules": "o_proj"}, "target_modules"),
+])
+def test_invalid_configs_are_refused(folder, base, config, reason):
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterValidationError, match=reason):
+        load_adapter(folder, shapes(base))
+
+
+def test_missing_files_pickle_size_and_fingerprint(folder, base):
+    with pytest.raises(AdapterValidationError, match="exceeds the limit"):
+        load_adapter(folder, shapes(base), max_bytes=100)
+    with pytest.raises(AdapterValidationError, match="does not match"):
+        load_adapter(folder, shapes(base), base_fingerprint="sha256:other")
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(AdapterValidationError, match="pickle files are never loaded"):
+        load_adapter(folder, shapes(base))
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterValidationError, match="not a readable safetensors"):
+        load_adapter(folder, shapes(base))
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterValidationError, match="not valid JSON"):
+        load_adapter(folder, shapes(base))
+    with pytest.raises(AdapterValidationError, match="no such directory"):
+        load_adapter(folder / "nope", shapes(base))

@@ -1,0 +1,124 @@
+"""Loading, validation, replacement, removal, lazy loading and LRU eviction of adapters."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from s2ft_serve.adapters.format import save_adapter
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.errors import (AdapterNotFoundError, AdapterValidationError, ConflictError,
+                               PermissionDeniedError)
+from s2ft_serve.model.testing import random_adapter
+
+from engine_reference import make_engine, reference, reference_greedy
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+def root(tmp_path, engine):
+    """An adapter root with three adapters saved as folders."""
+    for i in range(3):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=40 + i,
+                                    fingerprint=engine.fingerprint), tmp_path / f"r{i}")
+    return tmp_path
+
+
+def greedy(model_dir, adapter, engine, prompt="fox"):
+    return reference_greedy(reference(model_dir, *([(adapter, 1.0)] if adapter else [])),
+                            engine.tokenize(prompt), GREEDY.max_tokens)
+
+
+def test_load_from_folder_and_conflicts(engine, root):
+    info = engine.load_adapter("r0", str(root / "r0"))
+    assert info.resident and info.modules == 4 and info.per_layer["0"]["heads"] == 1
+    assert info.config["selection"]["seed"] == 40
+    with pytest.raises(ConflictError):
+        engine.load_adapter("r0", str(root / "r1"))
+    engine.load_adapter("r0", str(root / "r1"), replace=True)
+    assert engine.get_adapter("r0").config["selection"]["seed"] == 41
+
+
+def test_bad_adapter_leaves_the_engine_unchanged(engine, adapters, root, tiny_model_dir):
+    before = engine.generate("fox", "a0", GREEDY).token_ids
+    bad = root / "r2"
+    (bad / "adapter_config.json").write_text('{"adapter_type": "lora"}')
+    with pytest.raises(AdapterValidationError, match="adapter_type"):
+        engine.load_adapter("a0", str(bad), replace=True)
+    with pytest.raises(AdapterValidationError):
+        engine.load_adapter("new", str(bad))
+    assert not engine.has_adapter("new")
+    assert engine.generate("fox", "a0", GREEDY).token_ids == before
+
+
+def test_fingerprint_mismatch_is_refused(engine, root):
+    import json
+    cfg = root / "r0" / "adapter_config.json"
+    data = json.loads(cfg.read_text())
+    data["base_model_fingerprint"] = "sha256:0000"
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(AdapterValidationError, match="fingerprint"):
+        engine.load_adapter("r0", str(root / "r0"))
+
+
+def test_replace_in_flight_keeps_old_weights_for_old_requests(engine, adapters, tiny_model_dir):
+    old = engine.submit("fox", "a0", GREEDY)  # queued, pinned to the old version (engine not started)
+    engine.add_adapter("a0", adapters["a1"], replace=True)
+    new = engine.submit("fox", "a0", GREEDY)
+    engine.start()
+    assert old.result(timeout=60).token_ids == greedy(tiny_model_dir, adapters["a0"], engine)
+    assert new.result(timeout=60).token_ids == greedy(tiny_model_dir, adapters["a1"], engine)
+    engine.shutdown()
+    live_slots = {e.version.slot for e in engine.registry.entries.values()}
+    for layer in engine.runner.layers.values():  # nothing stale: only live versions hold columns
+        held = {s for s, k in enumerate(layer.slots.slot_k) if k}
+        assert held <= live_slots
+
+
+def test_remove_finishes_in_flight_then_404(engine, adapters, tiny_model_dir):
+    pending = engine.submit("fox", "a2", GREEDY)
+    engine.remove_adapter("a2")
+    with pytest.raises(AdapterNotFoundError):
+        engine.submit("fox", "a2", GREEDY)
+    engine.start()
+    assert pending.result(timeout=60).token_ids == greedy(tiny_model_dir, adapters["a2"], engine)
+
+
+def test_lazy_load_and_root_confinement(tiny_model_dir, root, tmp_path_factory):
+    engine = make_engine(tiny_model_dir, adapter_root=str(root))
+    engine.start()
+    assert not engine.has_adapter("r1")
+    out = engine.generate("fox", "r1", GREEDY)
+    assert engine.has_adapter("r1") and out.num_generated_tokens == 8
+    outside = tmp_path_factory.mktemp("outside")
+    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=1), outside / "x")
+    with pytest.raises(PermissionDeniedError):
+        engine.load_adapter("x", str(outside / "x"))
+    os.symlink(outside / "x", root / "link")
+    with pytest.raises(PermissionDeniedError):
+        engine.load_adapter("link", str(root / "link"))
+    with pytest.raises(PermissionDeniedError):  # a lazy load follows the link and refuses too
+        engine.generate("fox", "link", GREEDY)
+    with pytest.raises(AdapterNotFoundError):
+        engine.generate("fox", "../x", GREEDY)
+    lazy_off = make_engine(tiny_model_dir, adapter_root=str(root), lazy_load=False)
+    with pytest.raises(AdapterNotFoundError):
+        lazy_off.submit("fox", "r2")
+    engine.shutdown()
+
+
+def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    engine.start()
+    for i in range(3):
+        engine.load_adapter(f"r{i}", str(root / f"r{i}"))
+    resident = {a.name: a.resident for a in engine.list_adapters()}
+    assert resident == {"r0": False, "r1": True, "r2": True}
+    from s2ft_serve.adapters.format import load_adapter
+    r0 = load_adapter(root / "r0")
+    assert engine.generate("fox", "r0", GREEDY).token_ids == greedy(tiny_model_dir, r0, engine)
+    resident = {a.name: a.resident for a in engine.list_adapters()}
+    assert resident["r0"] and sum(resident.values()) == 2
+    engine.shutdown()

@@ -1,0 +1,86 @@
+"""The correctness contract: every request's logits equal a merged-weights transformers model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.model.testing import make_tiny_model, random_adapter
+
+from engine_reference import make_engine, reference, reference_greedy, reference_logits
+
+PROMPTS = ["Hello world! The quick", "What is 2 + 2?", "fox", "Structured sparse fine-tuning updates a few"]
+
+
+def test_logits_alone_match_merged_reference(engine, adapters, tiny_model_dir):
+    ids = engine.tokenize(PROMPTS[0])
+    for name, adapter in list(adapters.items()) + [(None, None)]:
+        ref = reference(tiny_model_dir, *([(adapter, 1.0)] if adapter else []))
+        diff = (engine.logits(ids, adapter=name) - reference_logits(ref, ids)).abs().max().item()
+        assert diff <= 1e-4, (name, diff)
+
+
+def test_adapters_change_the_output(engine, adapters):
+    ids = engine.tokenize(PROMPTS[0])
+    base = engine.logits(ids)
+    for name in adapters:
+        assert (engine.logits(ids, adapter=name) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_mixed_decode_batch_logits_match_reference_in_any_position(engine, adapters, tiny_model_dir, order):
+    """Prefill four sequences (three adapters and the base) into rows, decode them together."""
+    names = [["a0", "a1", None, "a2"], [None, "a2", "a0", "a1"], ["a1", "a1", None, "a0"]][order]
+    runner, registry = engine.runner, engine.registry
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    nxt = [7, 11, 13, 17]
+    versions = [registry.acquire(registry.get(n)) if n else None for n in names]
+    for row, (ids, v) in enumerate(zip(prompts, versions)):
+        runner.prefill(ids, row, registry.slots_for(v), all_logits=False)
+    logits = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions])
+    for row, (name, ids) in enumerate(zip(names, prompts)):
+        ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
+        expected = reference_logits(ref, ids + [nxt[row]])[-1]
+        assert (logits[row] - expected).abs().max().item() <= 1e-4, (order, row, name)
+
+
+def test_concurrent_mixed_requests_give_reference_greedy_tokens(engine, adapters, tiny_model_dir):
+    engine.start()
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    plan = [("a0", 0), ("a1", 1), (None, 2), ("a2", 3), ("a0", 1), (None, 0), ("a1", 3)]
+    handles = [engine.submit(PROMPTS[p], adapter=n, params=params) for n, p in plan]
+    for (name, p), handle in zip(plan, handles):
+        out = handle.result(timeout=60)
+        ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
+        ids = engine.tokenize(PROMPTS[p])
+        assert out.token_ids == reference_greedy(ref, ids, 10), (name, p)
+        # the chosen tokens' logprobs equal the reference distribution's
+        full = reference_logits(ref, ids + out.token_ids[:-1])[len(ids) - 1:]
+        expected = torch.log_softmax(full, -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        got = torch.tensor([lp.logprob for lp in out.logprobs])
+        assert (got - expected).abs().max().item() <= 1e-4
+        assert out.finish_reason == "length" and out.adapter == name
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_other_architectures(tmp_path, arch):
+    path = make_tiny_model(tmp_path / arch, arch, seed=3)
+    engine = make_engine(path)
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=5)
+    engine.add_adapter("x", adapter)
+    ids = engine.tokenize(PROMPTS[1])
+    diff = (engine.logits(ids, "x") - reference_logits(reference(path, (adapter, 1.0)), ids)).abs().max()
+    assert diff <= 1e-4
+
+
+def test_prompt_logprobs_match_reference(engine, adapters, tiny_model_dir):
+    engine.start()
+    ids = engine.tokenize(PROMPTS[3])
+    out = engine.generate(ids, "a1", SamplingParams(max_tokens=0, prompt_logprobs=3))
+    assert out.token_ids == [] and out.prompt_logprobs[0] is None
+    ref = torch.log_softmax(reference_logits(reference(tiny_model_dir, (adapters["a1"], 1.0)), ids), -1)
+    for i, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp.token_id == ids[i]
+        assert abs(lp.logprob - ref[i - 1, ids[i]].item()) <= 1e-4
+        assert [t for t, _ in lp.top] == ref[i - 1].topk(3).indices.tolist()

@@ -1,0 +1,108 @@
+"""Sampling, stopping, streaming, async use, queue limits and input validation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, QueueFullError
+
+from engine_reference import make_engine
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine, adapters):
+    engine.start()
+    p = dict(max_tokens=12, temperature=1.5, ignore_eos=True)
+    a = engine.generate("fox", "a1", SamplingParams(seed=1, **p)).token_ids
+    b = engine.generate("fox", "a1", SamplingParams(seed=1, **p)).token_ids
+    c = engine.generate("fox", "a1", SamplingParams(seed=2, **p)).token_ids
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy(engine, adapters):
+    engine.start()
+    greedy = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
+    top1 = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0.9, top_k=1, seed=3,
+                                                       ignore_eos=True)).token_ids
+    assert greedy == top1
+
+
+def test_stop_string_cuts_the_text(engine):
+    engine.start()
+    full = engine.generate("Hello", None, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert len(full.text) >= 3
+    stop = full.text[2:4]
+    out = engine.generate("Hello", None, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.find(stop)]
+
+
+def test_stop_token_ids_and_eos(engine):
+    engine.start()
+    full = engine.generate("Hello", None, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    out = engine.generate("Hello", None, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                        stop_token_ids=[full.token_ids[2]]))
+    first = full.token_ids.index(full.token_ids[2])
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[: first + 1]
+
+
+def test_streaming_events_add_up_to_the_result(engine, adapters):
+    engine.start()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    events = list(engine.stream("What is", "a2", params))
+    assert events[-1].finished and events[-1].finish_reason == "length"
+    tokens = [e.token_id for e in events if e.token_id is not None]
+    assert len(tokens) == 8
+    out = engine.generate("What is", "a2", params)
+    assert tokens == out.token_ids and "".join(e.text_delta for e in events) == out.text
+
+
+async def test_async_api(engine, adapters):
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    sync = engine.generate("fox", "a1", params)
+    outs = await asyncio.gather(*[engine.agenerate("fox", "a1", params) for _ in range(3)])
+    assert all(o.token_ids == sync.token_ids for o in outs)
+    streamed = [e.token_id async for e in engine.astream("fox", "a1", params) if e.token_id is not None]
+    assert streamed == sync.token_ids
+
+
+def test_batch_size_never_exceeds_the_limit(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_batch_size=3)
+    sizes = []
+    engine.add_step_listener(lambda b, t: sizes.append(b))
+    engine.start()
+    handles = [engine.submit("fox", None, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+               for _ in range(7)]
+    assert all(h.result(timeout=60).num_generated_tokens == 5 for h in handles)
+    assert max(sizes) == 3
+    engine.shutdown()
+
+
+def test_queue_full_raises(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_queue=2)  # not started: nothing leaves the queue
+    params = SamplingParams(max_tokens=2)
+    engine.submit("a", None, params)
+    engine.submit("b", None, params)
+    with pytest.raises(QueueFullError):
+        engine.submit("c", None, params)
+
+
+def test_invalid_requests_are_refused(engine):
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
+        engine.submit([1] * engine.max_model_len, None, SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        engine.submit([engine.vocab_size + 5], None)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        engine.submit("x", None, SamplingParams(temperature=-1))
+    with pytest.raises(AdapterNotFoundError, match="The model 'nope' does not exist."):
+        engine.submit("x", "nope")
+
+
+def test_cancel_aborts(engine):
+    engine.start()
+    handle = engine.submit("fox", None, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    handle.cancel()
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and out.num_generated_tokens < 400
