@@ -18,7 +18,7 @@ DISK_ADAPTERS = {"a0": 10, "a1": 11}  # name -> seed, written under the adapter 
 
 def make_server_engine(model_dir, root, **overrides) -> Engine:
     config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", adapter_root=str(root),
-                          max_batch_size=8, **overrides)
+                          **{"max_batch_size": 8, **overrides})
     return Engine(config).start()
 
 

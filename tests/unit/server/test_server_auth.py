@@ -1,0 +1,50 @@
+"""Auth: API key on every /v1 route, admin key on admin routes, admin closed off loopback without a key."""
+
+from __future__ import annotations
+
+from conftest import client_for
+
+from s2ft_serve.server.app import create_app
+
+COMPLETION = {"prompt": "hi", "max_tokens": 1}
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_api_key_guards_v1_routes_only(settings, engine):
+    app = create_app(settings.model_copy(update={"api_key": "sk-user"}), engine)
+    async with client_for(app) as c:
+        for headers in ({}, bearer("wrong"), {"Authorization": "sk-user"}):
+            r = await c.post("/v1/completions", json=COMPLETION, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert (await c.get("/v1/models")).status_code == 401
+        assert (await c.post("/v1/completions", json=COMPLETION, headers=bearer("sk-user"))).status_code == 200
+        assert (await c.get("/v1/models", headers=bearer("sk-user"))).status_code == 200
+        for path in ("/health", "/ready", "/metrics"):
+            assert (await c.get(path)).status_code == 200
+
+
+async def test_admin_key_needed_for_admin_routes(settings, engine):
+    app = create_app(settings.model_copy(update={"api_key": "sk-user", "admin_key": "sk-admin"}), engine)
+    async with client_for(app) as c:
+        assert (await c.get("/v1/adapters")).status_code == 401
+        r = await c.get("/v1/adapters", headers=bearer("sk-user"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert (await c.get("/v1/adapters", headers=bearer("sk-admin"))).status_code == 200
+        # the admin key also works on the user routes
+        assert (await c.post("/v1/completions", json=COMPLETION, headers=bearer("sk-admin"))).status_code == 200
+
+
+async def test_admin_routes_closed_off_loopback_without_admin_key(settings, engine):
+    app = create_app(settings.model_copy(update={"host": "0.0.0.0"}), engine)
+    async with client_for(app) as c:
+        r = await c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a0"})
+        assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+        assert (await c.get("/v1/adapters")).status_code == 403
+        assert (await c.post("/v1/completions", json=COMPLETION)).status_code == 200
+
+
+async def test_admin_open_on_loopback_without_keys(client):
+    assert (await client.get("/v1/adapters")).status_code == 200

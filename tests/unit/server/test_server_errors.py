@@ -1,0 +1,110 @@
+"""Errors in OpenAI's shape: 400 (validation), 404 (unknown adapter/route), 409, 422, 429, 503."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import client_for, make_server_engine
+
+from s2ft_serve.server.app import create_app
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "hi", "temperature": 3}, "temperature"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "bogus": 1}, "bogus"),
+    ({"max_tokens": 5}, "prompt"),
+    ({"prompt": "hi", "stop": ["", "x"]}, "stop"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": [], "max_tokens": 1}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),
+])
+async def test_invalid_completion_parameters_are_400(client, body, param):
+    error = error_of(await client.post("/v1/completions", json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param)
+
+
+async def test_prompt_plus_max_tokens_beyond_context_is_400(client, engine):
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": engine.max_model_len + 1})
+    assert "maximum context length" in error_of(r, 400)["message"]
+    long_prompt = [5] * (engine.max_model_len + 1)
+    assert "maximum context length" in error_of(await client.post("/v1/completions", json={"prompt": long_prompt}),
+                                                 400)["message"]
+
+
+async def test_invalid_json_and_chat_errors_are_400(client):
+    r = await client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    error_of(r, 400)
+    error_of(await client.post("/v1/chat/completions", json={"messages": []}), 400)
+    bad_role = {"messages": [{"role": "wizard", "content": "x"}]}
+    error_of(await client.post("/v1/chat/completions", json=bad_role), 400)
+    tools = {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}
+    assert error_of(await client.post("/v1/chat/completions", json=tools), 400)["param"] == "tools"
+
+
+async def test_unknown_adapter_is_404_with_openai_message(client):
+    for body in ({"prompt": "hi", "model": "nope"}, {"prompt": "hi", "adapter": "nope"}):
+        error = error_of(await client.post("/v1/completions", json=body), 404)
+        assert error["message"] == "The model 'nope' does not exist."
+        assert error["code"] == "model_not_found"
+    chat = {"messages": [{"role": "user", "content": "x"}], "model": "nope"}
+    assert error_of(await client.post("/v1/chat/completions", json=chat), 404)["message"] == \
+        "The model 'nope' does not exist."
+    assert error_of(await client.get("/v1/models/nope"), 404)["message"] == "The model 'nope' does not exist."
+
+
+async def test_model_and_adapter_naming_different_adapters_is_400(client):
+    error = error_of(await client.post("/v1/completions", json={"prompt": "hi", "model": "a0", "adapter": "a1"}), 400)
+    assert error["param"] == "adapter"
+
+
+async def test_unknown_route_is_404_in_openai_shape(client):
+    error_of(await client.get("/v1/nothing-here"), 404)
+    error_of(await client.get("/v1/completions"), 405)
+
+
+async def test_duplicate_load_is_409_and_bad_folder_is_422(client, adapter_root):
+    error = error_of(await client.post("/v1/adapters", json={"name": "a0", "path": "a1"}), 409)
+    assert "a0" in error["message"]
+    broken = adapter_root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_config.json").write_text('{"adapter_type": "s2ft", "format_version": 1}')
+    error = error_of(await client.post("/v1/adapters", json={"name": "broken", "path": "broken"}), 422)
+    assert "broken" in error["message"] or "adapter_model.safetensors" in error["message"]
+    r = await client.post("/v1/completions", json={"prompt": "hi", "model": "a0", "max_tokens": 2})
+    assert r.status_code == 200  # a bad adapter disturbs nothing
+
+
+async def test_not_ready_is_503_but_health_answers(settings):
+    async with client_for(create_app(settings)) as c:  # no engine, lifespan not run: still loading
+        assert (await c.get("/health")).status_code == 200
+        assert error_of(await c.get("/ready"), 503)["type"] == "service_unavailable"
+        error_of(await c.post("/v1/completions", json={"prompt": "hi"}), 503)
+        error_of(await c.get("/v1/models"), 503)
+        assert (await c.get("/metrics")).status_code == 200
+
+
+async def test_queue_full_is_429_with_retry_after(settings, tiny_llama_dir, adapter_root):
+    engine = make_server_engine(tiny_llama_dir, adapter_root, max_batch_size=1, max_queue=1)
+    try:
+        async with client_for(create_app(settings, engine)) as c:
+            body = {"prompt": "hi", "n": 4, "max_tokens": 200, "ignore_eos": True}
+            r = await c.post("/v1/completions", json=body)
+            error = error_of(r, 429)
+            assert error["type"] == "rate_limit_error"
+            assert int(r.headers["retry-after"]) >= 1
+            ok = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert ok.status_code == 200  # the cancelled choices freed the queue
+    finally:
+        engine.shutdown(timeout=5)
