@@ -1,0 +1,32 @@
+"""`s2ft-train` under torchrun: 2 CPU processes (gloo) train one adapter in format v1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from s2ft_serve.adapters.format import linear_shapes, load_adapter
+from s2ft_serve.model.loading import load_model, target_linears
+
+
+def test_two_process_torchrun_produces_a_valid_adapter(tiny_llama_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w} ->", "completion": f" {w[::-1]}"}) + "\n"
+                            for w in ["fox", "dog", "world", "tiny", "test", "sparse", "column"] * 4))
+    out = tmp_path / "adapter"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "s2ft_serve.train.cli", "--model", str(tiny_llama_dir), "--data", str(data),
+           "--output", str(out), "--max-steps", "4", "--batch-size", "4", "--device", "cpu",
+           "--no-progress", "--save-every", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4
+    loaded = load_model(tiny_llama_dir)
+    adapter = load_adapter(out, linear_shapes(target_linears(loaded.model)), loaded.fingerprint)
+    assert adapter.config["training"]["world_size"] == 2
+    assert all(bool((md.delta != 0).any()) for md in adapter.modules.values())
+    assert (out / "checkpoints" / "step-4" / "state.json").is_file()

@@ -1,0 +1,105 @@
+"""Training data: the three JSONL formats, loss masks, packing, and line-numbered refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from s2ft_serve.errors import DataValidationError
+from s2ft_serve.model.testing import make_tokenizer
+from s2ft_serve.train.data import IGNORE, Example, batch_order, collate, load_examples, pack, tokenize_record
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _write(tmp_path, lines: list[str]):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _labelled_text(tok, ex: Example) -> str:
+    return tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
+
+
+def test_prompt_completion_loss_only_on_completion(tok):
+    ex = tokenize_record({"prompt": "What is 2 + 2?", "completion": " The answer is 4."}, tok, 512)
+    assert _labelled_text(tok, ex) == " The answer is 4." + tok.eos_token
+    assert ex.labels[0] == IGNORE and tok.decode(ex.input_ids).startswith("What is 2 + 2?")
+
+
+def test_messages_loss_only_on_assistant_turns(tok):
+    record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                           {"role": "assistant", "content": "world"}, {"role": "user", "content": "again"},
+                           {"role": "assistant", "content": "fox"}]}
+    ex = tokenize_record(record, tok, 512)
+    text = _labelled_text(tok, ex)
+    assert text == "world<|im_end|>\nfox<|im_end|>\n"
+    assert "hello" in tok.decode(ex.input_ids) and "hello" not in text
+
+
+def test_text_loss_on_every_token_and_truncation(tok):
+    ex = tokenize_record({"text": "The quick brown fox jumps over the lazy dog."}, tok, 512)
+    assert ex.labels == ex.input_ids
+    short = tokenize_record({"text": "The quick brown fox jumps over the lazy dog."}, tok, 4)
+    assert len(short.input_ids) == 4
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"prompt": "a"}', "'completion' must be a string"),
+    ('{"prompt": 1, "completion": "b"}', "'prompt' must be a string"),
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "role must be one of"),
+    ('{"messages": [{"role": "assistant", "content": 3}]}', "content must be a string"),
+    ('{"text": ""}', "non-empty string"),
+    ('{"input": "x"}', "expected one of the keys"),
+])
+def test_malformed_line_refused_with_its_number(tmp_path, tok, bad, reason):
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    path = _write(tmp_path, [good, "", good, bad, good])
+    with pytest.raises(DataValidationError) as err:
+        load_examples(path, tok, 64)
+    assert f"d.jsonl:4: " in err.value.message
+    assert reason in err.value.message
+
+
+def test_missing_and_empty_files_refused(tmp_path, tok):
+    with pytest.raises(DataValidationError, match="no such data file"):
+        load_examples(tmp_path / "nope.jsonl", tok, 64)
+    with pytest.raises(DataValidationError, match="no examples"):
+        load_examples(_write(tmp_path, [""]), tok, 64)
+
+
+def test_example_truncated_to_nothing_learnable_is_refused(tmp_path, tok):
+    path = _write(tmp_path, [json.dumps({"prompt": "The quick brown fox jumps", "completion": " x"})])
+    with pytest.raises(DataValidationError, match=r"d.jsonl:1: no completion"):
+        load_examples(path, tok, 3)
+
+
+def test_packing_fills_rows_and_masks_example_boundaries():
+    examples = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5, 6, 7], [4, 5, 6, 7]), Example([8, 9], [8, 9])]
+    rows = pack(examples, 4)
+    assert [r.input_ids for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a 1-token tail teaches nothing
+    assert rows[0].labels == [IGNORE, 2, 3, IGNORE]  # 4 starts a new example: not predicted from 3
+    assert rows[1].labels == [5, 6, 7, IGNORE]
+
+
+def test_collate_pads_right_with_mask_and_ignored_labels():
+    batch = collate([Example([1, 2, 3], [1, 2, 3]), Example([4], [4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, IGNORE, IGNORE]]
+
+
+def test_batch_order_is_a_seeded_permutation():
+    a = batch_order(10, 3, epoch=0, seed=1)
+    assert sorted(i for b in a for i in b) == list(range(10))
+    assert a == batch_order(10, 3, epoch=0, seed=1)
+    assert a != batch_order(10, 3, epoch=1, seed=1)

@@ -1,0 +1,111 @@
+"""The trainer end to end on a tiny model: loss goes down, only selected columns change, the
+adapter reproduces the trainer's own logits, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from s2ft_serve.adapters.format import load_adapter, merge_into
+from s2ft_serve.errors import DataValidationError, InvalidRequestError
+from s2ft_serve.model.loading import load_model
+from s2ft_serve.train.config import TrainConfig
+from s2ft_serve.train.trainer import train
+
+
+def _cfg(model_dir, data, out, **kw) -> TrainConfig:
+    base = dict(model=str(model_dir), data=str(data), output=str(out), device="cpu", max_steps=12,
+                batch_size=8, learning_rate=2e-2, heads_per_layer=1, channels_per_layer=8, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids).logits[0].float()
+
+
+def test_training_lowers_loss_and_writes_a_recorded_adapter(tiny_model_dir, task_file, val_file, tmp_path):
+    before = train(_cfg(tiny_model_dir, task_file, tmp_path / "zero", max_steps=1, learning_rate=1e-9,
+                        val_data=str(val_file))).final_val_loss
+    res = train(_cfg(tiny_model_dir, task_file, tmp_path / "out", val_data=str(val_file), max_steps=25))
+    assert res.final_val_loss < before - 0.5
+    adapter = load_adapter(res.path)
+    cfg = adapter.config
+    assert cfg["base_model_fingerprint"] == load_model(tiny_model_dir).fingerprint
+    assert cfg["selection"]["strategy"] == "random" and cfg["selection"]["heads_per_layer"] == 1
+    assert cfg["seed"] == 42
+    assert cfg["training"]["steps"] == 25 and cfg["training"]["data_sha256"].startswith("sha256:")
+    assert cfg["training"]["final_val_loss"] == pytest.approx(res.final_val_loss)
+    assert cfg["training"]["final_train_loss"] is not None
+
+
+def test_only_selected_columns_change_and_merged_adapter_reproduces_logits(tiny_model_dir, task_file, tmp_path):
+    res = train(_cfg(tiny_model_dir, task_file, tmp_path / "out", strategy="activation"))
+    fresh = load_model(tiny_model_dir).model
+    trained_base = {n.replace(".base.", "."): p for n, p in res.model.named_parameters() if not n.endswith("delta")}
+    for name, p in fresh.named_parameters():  # every base weight bit-identical after training
+        assert torch.equal(p, trained_base[name]), name
+    adapter = load_adapter(res.path)
+    for name, md in adapter.modules.items():
+        assert torch.equal(md.index, res.layers[name].index)
+        assert bool((md.delta != 0).any())
+    before = {n: p.clone() for n, p in fresh.named_parameters()}
+    merge_into(fresh, adapter)
+    for name, p in fresh.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in adapter.modules:
+            untouched = torch.ones(p.shape[1], dtype=torch.bool)
+            untouched[adapter.modules[module].index] = False
+            assert torch.equal(p[:, untouched], before[name][:, untouched])
+            assert not torch.equal(p[:, ~untouched], before[name][:, ~untouched])
+        else:
+            assert torch.equal(p, before[name])
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
+    assert (_logits(res.model, ids) - _logits(fresh, ids)).abs().max() <= 1e-4
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_dir, task_file, tmp_path):
+    full = train(_cfg(tiny_llama_dir, task_file, tmp_path / "a", max_steps=6, grad_accum=2, batch_size=4))
+    cut = _cfg(tiny_llama_dir, task_file, tmp_path / "b", max_steps=6, grad_accum=2, batch_size=4, save_every=3)
+    train(cut)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-6")  # as if the run had died after step 3
+    cut.resume = True
+    resumed = train(cut)
+    for name, layer in full.layers.items():
+        torch.testing.assert_close(resumed.layers[name].delta, layer.delta, rtol=0, atol=1e-6)
+
+
+def test_malformed_data_refused_before_anything_is_written(tiny_llama_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 5}\n')
+    with pytest.raises(DataValidationError, match=r"bad.jsonl:2: 'completion' must be a string"):
+        train(_cfg(tiny_llama_dir, data, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
+    with pytest.raises(InvalidRequestError, match="--batch-size"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", batch_size=0))
+    with pytest.raises(InvalidRequestError, match="--strategy"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", strategy="best"))
+
+
+def test_cli_help_documents_every_option_and_cli_trains(tiny_llama_dir, task_file, tmp_path, capsys):
+    from dataclasses import fields
+
+    from s2ft_serve.train.cli import build_parser, main
+
+    text = build_parser().format_help()
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    code = main(["--model", str(tiny_llama_dir), "--data", str(task_file), "--output", str(tmp_path / "cli"),
+                 "--max-steps", "2", "--device", "cpu", "--packing", "--max-length", "32", "--no-progress",
+                 "--dtype", "bfloat16"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    assert load_adapter(tmp_path / "cli").config["training"]["packing"] is True
