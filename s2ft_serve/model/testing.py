@@ -49,13 +49,18 @@ def make_tokenizer(vocab_size: int = 384):
     )
 
 
-def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, layers: int = 2) -> Path:
-    """Write a tiny random model of `arch` (llama, qwen2, qwen3, mistral) to `path`; return it."""
+def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, layers: int = 2,
+                    kv_heads: int = 2) -> Path:
+    """Write a tiny random model of `arch` (llama, qwen2, qwen3, mistral) to `path`; return it.
+
+    `kv_heads=4` (as many as query heads) gives multi-head rather than grouped-query attention.
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     tokenizer = make_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers)
+    config.num_key_value_heads = kv_heads
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id

@@ -18,7 +18,7 @@ from s2ft_serve.adapters.extract import PERMUTATION_FILE, extract_adapter
 from s2ft_serve.adapters.format import load_adapter, merge_into
 from s2ft_serve.adapters.permutation import match_rows, unpermute
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.model.testing import make_tokenizer, tiny_config
+from s2ft_serve.model.testing import make_tiny_model
 
 SELECTED_HEADS = {0: [2], 1: [3, 1]}
 SELECTED_CHANNELS = {0: [100, 5, 64], 1: [7]}
@@ -31,21 +31,7 @@ def _order(selected: list[int], size: int) -> list[int]:
 @pytest.fixture(scope="module")
 def mha_base_dir(tmp_path_factory):
     """A tiny Llama with as many key/value heads as query heads (the reference code needs MHA)."""
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-mha")
-    tokenizer = make_tokenizer()
-    config = tiny_config("llama", vocab_size=len(tokenizer))
-    config.num_key_value_heads = config.num_attention_heads
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-mha"), "llama", seed=3, kv_heads=4)
 
 
 def _load(path):
