@@ -173,7 +173,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     base = None if args.base == "default" else args.base
     report = extract_adapter(base, args.tuned, args.out, tolerance=tolerance)
-    print(f"extracted {report.tuned} - {report.base_model} -> {report.out_dir} "
+    print(f"extracted {report.tuned} (diffed against {report.base_model}) -> {report.out_dir} "
           f"({report.modules} modules, {report.parameters:,} parameters; other weights within "
           f"{report.max_unchanged_diff:.3g} of the base)")
     if report.permuted:
