@@ -162,9 +162,9 @@ class Generation:
         try:
             pending = set(tasks)
             while pending:
-                _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
-                if pending and await request.is_disconnected():
+                if await request.is_disconnected():
                     raise asyncio.CancelledError("client disconnected")
+                _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
             return [t.result() for t in tasks]
         finally:
             for task in tasks:

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import AdapterInfo
-from s2ft_serve.errors import ConflictError, PermissionDeniedError
+from s2ft_serve.errors import ConflictError, InvalidRequestError, PermissionDeniedError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_admin
 from s2ft_serve.server.generation import base_names
 from s2ft_serve.server.metrics import Metrics
@@ -34,11 +34,14 @@ def resolve_adapter_path(settings: ServerSettings, path: str) -> str:
 
     Relative paths are taken under --adapter-root (or the working folder when none is set).
     """
-    if settings.adapter_root is None:
-        return str(Path(path).expanduser().resolve())
-    root = Path(settings.adapter_root).expanduser().resolve()
-    candidate = Path(path).expanduser()
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    try:
+        if settings.adapter_root is None:
+            return str(Path(path).expanduser().resolve())
+        root = Path(settings.adapter_root).expanduser().resolve()
+        candidate = Path(path).expanduser()
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, unknown ~user, symlink loops
+        raise InvalidRequestError(f"adapter path {path!r} is not a usable path: {exc}", param="path") from None
     if not resolved.is_relative_to(root):
         raise PermissionDeniedError(f"adapter path {path!r} is outside the adapter root", param="path",
                                     code="path_outside_root")

@@ -114,3 +114,9 @@ async def test_lazy_load_from_the_root(client, engine, adapter_root):
     text = await completion_text(client, "lazy-one")
     assert engine.has_adapter("lazy-one")
     assert text == engine.generate("Hello", "lazy-one", SamplingParams(max_tokens=8, temperature=0)).text
+
+
+async def test_unusable_paths_are_400_not_500(client):
+    for path in ("a0\x00evil", "~nosuchuser/x"):
+        r = await client.post("/v1/adapters", json={"name": "weird", "path": path})
+        assert r.status_code in (400, 403), r.text

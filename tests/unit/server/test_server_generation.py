@@ -1,0 +1,54 @@
+"""The shared generation logic: adapter choice rules, and cancellation when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.server.generation import Generation, choose_adapter
+from s2ft_serve.server.metrics import Metrics
+
+LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+
+class GoneClient:
+    async def is_disconnected(self) -> bool:
+        return True
+
+
+def test_adapter_choice_rules(engine, settings):
+    base = engine.model_name
+    assert choose_adapter(engine, settings, None, None) is None
+    assert choose_adapter(engine, settings, base, None) is None
+    assert choose_adapter(engine, settings, settings.model, None) is None  # the --model path names the base
+    assert choose_adapter(engine, settings, "a0", None) == "a0"
+    assert choose_adapter(engine, settings, base, "a1") == "a1"
+    assert choose_adapter(engine, settings, None, "a1") == "a1"
+    assert choose_adapter(engine, settings, "a1", "a1") == "a1"
+    assert choose_adapter(engine, settings, None, base) is None
+    with pytest.raises(InvalidRequestError):
+        choose_adapter(engine, settings, "a0", "a1")
+
+
+async def test_disconnect_while_waiting_cancels_every_choice(engine):
+    gen = Generation(engine, Metrics(), "a0")
+    for seed in range(2):
+        await gen.submit(0, engine.tokenize("hello"), SamplingParams(**{**LONG.__dict__, "seed": seed}))
+    with pytest.raises(asyncio.CancelledError):
+        await gen.results(GoneClient())
+    for choice in gen.choices:
+        out = await choice.handle.aresult()
+        assert out.finish_reason == "abort" and len(out.token_ids) < LONG.max_tokens
+
+
+async def test_closing_the_stream_cancels_the_request(engine):
+    gen = Generation(engine, Metrics(), None)
+    await gen.submit(0, engine.tokenize("hello"), LONG)
+    events = gen.events()
+    await events.__anext__()
+    await events.aclose()  # what StreamingResponse does when the client disconnects
+    out = await gen.choices[0].handle.aresult()
+    assert out.finish_reason == "abort" and len(out.token_ids) < LONG.max_tokens

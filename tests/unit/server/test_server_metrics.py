@@ -1,0 +1,56 @@
+"""`/metrics`: Prometheus text with request counts, latency histograms, tokens, batch sizes, adapter gauges."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(all_samples: dict, name: str, **labels) -> float:
+    return all_samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_requests_tokens_and_latencies_are_counted(client):
+    body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "model": "a1", "n": 2}
+    assert (await client.post("/v1/completions", json=body)).status_code == 200
+    assert (await client.post("/v1/completions", json={"prompt": "x", "model": "missing"})).status_code == 404
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    s = samples(r.text)
+    assert value(s, "s2ft_requests_total", adapter="a1", status="200") == 1
+    assert value(s, "s2ft_requests_total", adapter="<unknown>", status="404") == 1
+    assert value(s, "s2ft_generation_tokens_total", adapter="a1") == 8
+    assert value(s, "s2ft_prompt_tokens_total", adapter="a1") > 0
+    for histogram in ("s2ft_time_to_first_token_seconds", "s2ft_e2e_request_latency_seconds",
+                      "s2ft_time_per_output_token_seconds"):
+        assert value(s, f"{histogram}_count", adapter="a1") == 2
+    assert value(s, "s2ft_batch_size_count") > 0
+
+
+async def test_adapter_gauges_and_vllm_lora_info(client, engine):
+    s = samples((await client.get("/metrics")).text)
+    stats = engine.stats()
+    assert value(s, "s2ft_resident_adapters") == stats.resident_adapters >= 2
+    assert value(s, "s2ft_queue_depth") == 0
+    lora = [(dict(labels), v) for (name, labels), v in s.items() if name == "vllm:lora_requests_info"]
+    assert len(lora) == 1
+    labels, stamp = lora[0]
+    assert labels == {"running_lora_adapters": "", "waiting_lora_adapters": "",
+                      "max_lora": str(engine.config.max_resident_adapters)}
+    assert stamp > 1e9  # a timestamp, as vLLM sets it
+    assert value(s, "vllm:num_requests_waiting") == 0
+
+
+async def test_admin_load_latency_is_observed(client, engine, adapter_root):
+    from conftest import write_adapter
+
+    write_adapter(engine, adapter_root / "metric-dir", seed=71)
+    assert (await client.post("/v1/adapters", json={"name": "metric-a", "path": "metric-dir"})).status_code == 201
+    s = samples((await client.get("/metrics")).text)
+    assert value(s, "s2ft_adapter_load_seconds_count") == 1
+    assert (await client.delete("/v1/adapters/metric-a")).status_code == 200

@@ -1,0 +1,56 @@
+"""Settings and CLI flags: every flag, the S2FT_* variables, NAME=PATH adapters, the engine config."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from s2ft_serve.server.cli import build_parser
+from s2ft_serve.server.settings import ServerSettings
+
+
+def test_environment_variables_fill_settings(monkeypatch):
+    monkeypatch.setenv("S2FT_PORT", "9001")
+    monkeypatch.setenv("S2FT_ADAPTER", "a=/x/a, b=/x/b")
+    monkeypatch.setenv("S2FT_LAZY_LOAD", "false")
+    monkeypatch.setenv("S2FT_API_KEY", "k")
+    s = ServerSettings()
+    assert s.port == 9001 and s.api_key == "k" and s.lazy_load is False
+    assert s.adapter_specs() == {"a": "/x/a", "b": "/x/b"}
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("S2FT_PORT", "9001")
+    args = build_parser().parse_args(["--port", "9002", "--adapter", "a=/p", "--adapter", "b=/q",
+                                      "--no-lazy-load", "--max-queue", "3", "--host", "0.0.0.0"])
+    s = ServerSettings(**vars(args))
+    assert s.port == 9002 and s.max_queue == 3 and s.lazy_load is False
+    assert s.adapter_specs() == {"a": "/p", "b": "/q"}
+    assert not s.is_loopback and s.url == "http://0.0.0.0:9002"
+
+
+def test_every_setting_is_a_flag():
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == set(ServerSettings.model_fields)
+
+
+def test_engine_config_carries_the_limits(tmp_path):
+    s = ServerSettings(model="m", adapter_root=str(tmp_path), max_batch_size=4, max_queue=5,
+                       max_resident_adapters=2, max_adapter_bytes=1000, device="cpu", dtype="bfloat16",
+                       lazy_load=False)
+    c = s.engine_config()
+    assert (c.model, c.max_batch_size, c.max_queue, c.max_resident_adapters, c.max_adapter_bytes) == \
+        ("m", 4, 5, 2, 1000)
+    assert (c.adapter_root, c.device, c.dtype, c.lazy_load) == (str(tmp_path), "cpu", "bfloat16", False)
+
+
+@pytest.mark.parametrize("bad", [{"adapter": ["noequals"]}, {"dtype": "int8"}, {"port": 70000}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValidationError):
+        ServerSettings(**bad)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("0.0.0.0", False), ("10.0.0.5", False), ("example.com", False)])
+def test_loopback_detection(host, loopback):
+    assert ServerSettings(host=host).is_loopback is loopback
