@@ -121,12 +121,14 @@ def decode_rates(engine: Engine, args: argparse.Namespace, vocab: int) -> dict[s
     prompts = [torch.randint(100, vocab - 1, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
     throughput(engine, None, prompts, 4)  # warm-up
     rates: dict[str, list[float]] = {"base": [], "fused": [], "unfused": []}
-    for _ in range(args.rounds):
-        rates["base"].append(throughput(engine, None, prompts, args.max_tokens))
-        engine.fuse("a")
-        rates["fused"].append(throughput(engine, "a", prompts, args.max_tokens))
-        engine.unfuse("a")
-        rates["unfused"].append(throughput(engine, "a", prompts, args.max_tokens))
+    modes = list(rates)
+    for r in range(args.rounds):
+        for mode in modes[r % 3:] + modes[:r % 3]:  # rotate the order so drifting load hits every mode alike
+            if mode == "fused":
+                engine.fuse("a")
+            rates[mode].append(throughput(engine, None if mode == "base" else "a", prompts, args.max_tokens))
+            if mode == "fused":
+                engine.unfuse("a")
     return {mode: max(values) for mode, values in rates.items()}
 
 

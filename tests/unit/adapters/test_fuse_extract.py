@@ -136,3 +136,22 @@ def test_extract_refuses_a_checkpoint_of_another_model(tiny_llama_dir, tmp_path)
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tuned / "model.safetensors"))
     with pytest.raises(InvalidRequestError, match="lacks tensor"):
         extract_adapter(tiny_llama_dir, tuned, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_default_model_fuse_and_extract(default_model_dir, tmp_path):
+    """The real SmolLM2 (tied embeddings, converted tokenizer): fuse, load with transformers, extract."""
+    from transformers import AutoTokenizer
+
+    loaded = load_model(None)
+    adapter = random_adapter(loaded.model, loaded.name, seed=5, heads=1, channels=16, fingerprint=loaded.fingerprint)
+    save_adapter(adapter, tmp_path / "a")
+    fuse_to_model(None, tmp_path / "a", tmp_path / "fused")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "fused")
+    assert tokenizer.chat_template == loaded.tokenizer.chat_template
+    ids = torch.tensor([loaded.tokenizer.encode("The capital of France is")])
+    merge_into(loaded.model, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(_hf(tmp_path / "fused")(ids).logits, loaded.model(ids).logits, atol=1e-4, rtol=0)
+    extract_adapter(None, tmp_path / "fused", tmp_path / "x")
+    _assert_same_adapter(adapter, load_adapter(tmp_path / "x"), atol=1e-6)
