@@ -1,4 +1,4 @@
-"""The server's model list and admin API, as the load tester uses them.
+"""The server's model list, admin API and memory readings, as the load tester uses them.
 
 `/v1/models` and vLLM's `/v1/load_lora_adapter` work on both s2ft-serve and vLLM; replace, fuse
 and unfuse are s2ft-serve's own routes. Every call returns an `AdminResult` (status and message)
@@ -55,23 +55,23 @@ class AdminClient:
     async def loaded_adapters(self) -> set[str]:
         return {str(e["id"]) for e in await self.models() if e.get("parent")}
 
-    async def load(self, name: str, path: str, replace: bool = False) -> AdminResult:
+    async def load(self, name: str, path: str, replace: bool = False, op: str = "load") -> AdminResult:
         body = {"name": name, "path": path, "replace": replace}
-        return await self._call("replace" if replace else "load", name, "POST", "/v1/adapters", body)
+        return await self._call(op, name, "POST", "/v1/adapters", body)
 
-    async def put(self, name: str, path: str) -> AdminResult:
+    async def put(self, name: str, path: str, op: str = "load") -> AdminResult:
         """Load `name` from `path`, replacing whatever is loaded under that name."""
-        result = await self.load(name, path, replace=True)
+        result = await self.load(name, path, replace=True, op=op)
         if result.status == 404:  # servers that only replace what is loaded
-            result = await self.load(name, path, replace=False)
+            result = await self.load(name, path, replace=False, op=op)
         return result
 
     async def load_vllm(self, name: str, path: str) -> AdminResult:
         body = {"lora_name": name, "lora_path": path}
         return await self._call("load", name, "POST", "/v1/load_lora_adapter", body)
 
-    async def unload(self, name: str) -> AdminResult:
-        return await self._call("unload", name, "DELETE", f"/v1/adapters/{name}")
+    async def unload(self, name: str, op: str = "unload") -> AdminResult:
+        return await self._call(op, name, "DELETE", f"/v1/adapters/{name}")
 
     async def fuse(self, name: str) -> AdminResult:
         return await self._call("fuse", name, "POST", f"/v1/adapters/{name}/fuse")
@@ -89,6 +89,12 @@ class AdminClient:
         return AdminResult(op=op, name=name, status=status, message=message, seconds=time.perf_counter() - start)
 
 
+def adapter_path(server_dir: str | None, folder: str) -> str:
+    """The path to send for an adapter folder: under `server_dir`, or relative (s2ft-serve resolves it
+    under its --adapter-root; vLLM needs absolute paths, so give `server_dir` there)."""
+    return f"{server_dir.rstrip('/')}/{folder}" if server_dir else folder
+
+
 async def scrape_metric(client: httpx.AsyncClient, name: str) -> float | None:
     """One unlabelled sample of `/metrics` (e.g. process_resident_memory_bytes), or None."""
     try:
@@ -98,6 +104,17 @@ async def scrape_metric(client: httpx.AsyncClient, name: str) -> float | None:
     if response.status_code != 200:
         return None
     return parse_metric(response.text, name)
+
+
+def process_rss_bytes(pid: int) -> float | None:
+    """Resident memory of a local process from /proc (Linux), or None where unreadable."""
+    try:
+        for line in open(f"/proc/{pid}/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def parse_metric(text: str, name: str) -> float | None:

@@ -18,7 +18,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from loadtest.admin import AdminClient, AdminResult
+from loadtest.admin import AdminClient, AdminResult, adapter_path
 from loadtest.client import RequestResult, Target
 from loadtest.runner import run_workload, send_alone
 from loadtest.stats import Summary, summarize
@@ -32,14 +32,14 @@ class ChaosPlan:
     """The adapters under test and where the server finds their two versions."""
 
     names: list[str]  # adapters that traffic asks for
-    server_dir: str  # the adapter folder as the server sees it
+    server_dir: str = ""  # the adapter folder as the server sees it ("": paths relative to its root)
     version_suffixes: tuple[str, ...] = ("", "--b")  # folder of version v: <server_dir>/<name><suffix>
     churn_name: str | None = None  # an extra adapter loaded and unloaded (no traffic)
     interval_s: float = 0.3  # mean pause between chaos operations
     seed: int = 0
 
     def path(self, name: str, version: int) -> str:
-        return f"{self.server_dir}/{name}{self.version_suffixes[version]}"
+        return adapter_path(self.server_dir, f"{name}{self.version_suffixes[version]}")
 
 
 @dataclass
@@ -102,19 +102,19 @@ async def _churn(admin: AdminClient, plan: ChaosPlan, done: asyncio.Event) -> li
         op, name = rng.choice(CHAOS_OPS), rng.choice(plan.names)
         if op == "replace":
             version[name] = 1 - version[name]
-            ops.append(await admin.put(name, plan.path(name, version[name])))
+            ops.append(await admin.put(name, plan.path(name, version[name]), op="replace"))
         elif op == "reload":
             ops.append(await admin.unload(name))
             await _pause(rng, plan, done)
-            ops.append(await admin.put(name, plan.path(name, version[name])))
+            ops.append(await admin.put(name, plan.path(name, version[name]), op="reload"))
         elif op == "fuse":
             ops.append(await admin.fuse(name))
             await _pause(rng, plan, done)
             ops.append(await admin.unfuse(name))
         elif plan.churn_name:
-            ops.append(await admin.put(plan.churn_name, plan.path(plan.churn_name, 0)))
+            ops.append(await admin.put(plan.churn_name, plan.path(plan.churn_name, 0), op="churn-load"))
             await _pause(rng, plan, done)
-            ops.append(await admin.unload(plan.churn_name))
+            ops.append(await admin.unload(plan.churn_name, op="churn-unload"))
         await _pause(rng, plan, done)
     return ops
 

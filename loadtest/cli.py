@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.adapters import AdapterBudget, adapter_names, create_adapters
-from loadtest.admin import AdminClient, scrape_metric
+from loadtest.admin import AdminClient, process_rss_bytes, scrape_metric
 from loadtest.chaos import ChaosPlan, run_chaos
 from loadtest.client import Target, make_http_client
 from loadtest.errors import LoadtestConfigError
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--adapters", default="", help="comma-separated adapter names (default: the base model)")
     run.add_argument("--num-adapters", type=int, default=0, help="use lt-0000 ... lt-<N-1> instead of --adapters")
     run.add_argument("--server-memory", action="store_true",
-                     help=f"report the server's {RSS_METRIC} from /metrics before, after, and after --cooldown")
+                     help=f"report the server's resident memory before, after, and after --cooldown (from "
+                          f"/proc/<--server-pid>/status when given, else {RSS_METRIC} on /metrics)")
+    run.add_argument("--server-pid", type=int, default=None, help="the server's process id, when it runs here")
     run.add_argument("--cooldown", type=float, default=5.0, help="seconds to wait before the last memory reading")
     sweep.add_argument("--counts", default="1,8,64,512", help="adapter counts to sweep (0: the base model)")
     sweep.add_argument("--preload", default="warmup", choices=["admin", "warmup", "none"],
@@ -87,7 +89,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 def _add_adapter_dir_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-dir", default=None, help="local folder of the load test's adapters (--adapter-root)")
     p.add_argument("--server-adapter-dir", default=None,
-                   help="the same folder as the server sees it (default: --adapter-dir)")
+                   help="the same folder as the server sees it (default: --adapter-dir; neither: send paths "
+                        "relative to the server's --adapter-root)")
     p.add_argument("--create", action="store_true", help="write missing adapters into --adapter-dir first")
     p.add_argument("--model", default=None, help="base model folder for --create (default: the embedded one)")
     p.add_argument("--prefix", default="lt-", help="adapter name prefix")
@@ -136,6 +139,7 @@ def _budget(args: argparse.Namespace) -> AdapterBudget:
 
 
 def _adapter_dirs(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    """The local adapter folder, and the path prefix to send (None: names relative to the server's root)."""
     local = Path(args.adapter_dir).resolve() if args.adapter_dir else None
     server = args.server_adapter_dir or (str(local) if local else None)
     if args.create and local is None:
@@ -151,13 +155,19 @@ async def cmd_run(args: argparse.Namespace) -> int:
     target, admin, http = await target_from_args(args)
     try:
         extra = {}
+
+        async def rss() -> float | None:
+            if args.server_pid is not None:
+                return _mb(process_rss_bytes(args.server_pid))
+            return _mb(await scrape_metric(http, RSS_METRIC))
+
         if args.server_memory:
-            extra["server_rss_mb_before"] = _mb(await scrape_metric(http, RSS_METRIC))
+            extra["server_rss_mb_before"] = await rss()
         run = await run_workload(spec, target)
         if args.server_memory:
-            extra["server_rss_mb_after"] = _mb(await scrape_metric(http, RSS_METRIC))
+            extra["server_rss_mb_after"] = await rss()
             await asyncio.sleep(args.cooldown)
-            extra["server_rss_mb_after_cooldown"] = _mb(await scrape_metric(http, RSS_METRIC))
+            extra["server_rss_mb_after_cooldown"] = await rss()
     finally:
         await http.aclose()
     labels = {"adapters": len([n for n in spec.adapters if n]), "popularity": args.popularity,
@@ -188,8 +198,8 @@ async def cmd_sweep(args: argparse.Namespace) -> int:
 
 async def cmd_chaos(args: argparse.Namespace) -> int:
     local, server = _adapter_dirs(args)
-    if server is None:
-        raise LoadtestConfigError("chaos needs --adapter-dir (and --server-adapter-dir if the server sees it elsewhere)")
+    if args.num_adapters < 1:
+        raise LoadtestConfigError("chaos needs at least one adapter under traffic (--num-adapters)")
     names = adapter_names(args.num_adapters + 1, args.prefix)
     traffic, churn = names[:-1], names[-1]
     if args.create:
@@ -197,7 +207,7 @@ async def cmd_chaos(args: argparse.Namespace) -> int:
         create_adapters(local, [f"{n}--b" for n in traffic], args.model, _budget(args), seed_offset=1)
     spec = workload_from_args(args, list(traffic))
     target, admin, http = await target_from_args(args)
-    plan = ChaosPlan(names=list(traffic), server_dir=server, churn_name=churn, interval_s=args.interval,
+    plan = ChaosPlan(names=list(traffic), server_dir=server or "", churn_name=churn, interval_s=args.interval,
                      seed=args.seed)
     try:
         report = await run_chaos(spec, target, admin, plan)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from loadtest.adapters import adapter_names
-from loadtest.admin import AdminClient
+from loadtest.admin import AdminClient, adapter_path
 from loadtest.client import Target, make_http_client, send
 from loadtest.errors import LoadtestConfigError
 from loadtest.runner import run_workload
@@ -36,14 +36,12 @@ class Preload:
     """How adapters become resident before a point is measured."""
 
     mode: str = "warmup"  # admin | warmup | none
-    server_dir: str | None = None  # the adapter folder as the server sees it (admin mode)
+    server_dir: str | None = None  # the adapter folder as the server sees it (None: relative paths)
     warmup_requests: int = 8  # unmeasured requests after preloading
 
     def validate(self) -> None:
         if self.mode not in PRELOAD_MODES:
             raise LoadtestConfigError(f"preload {self.mode!r}: choose one of {', '.join(PRELOAD_MODES)}")
-        if self.mode == "admin" and not self.server_dir:
-            raise LoadtestConfigError("preload admin needs the adapter folder as the server sees it")
 
 
 def parse_counts(text: str) -> list[int]:
@@ -83,8 +81,8 @@ async def _make_resident(names: list[str], target: Target, admin: AdminClient, p
         loaded = await admin.loaded_adapters()
         for name in names:
             if name not in loaded:
-                result = await admin.load_vllm(name, f"{preload.server_dir}/{name}")
-                if result.status != 200 and result.status != 409:
+                result = await admin.load_vllm(name, adapter_path(preload.server_dir, name))
+                if not 200 <= result.status < 300 and result.status != 409:
                     raise LoadtestConfigError(f"loading adapter {name}: {result.status} {result.message}")
         return
     await _touch_each(names, target, concurrency)

@@ -68,7 +68,8 @@ def test_chaos_passes_on_a_correct_server(fake_server):
     assert report.passed, report.mismatches
     assert report.verified == report.traffic.ok > 0
     ops = {key.split()[0] for key in report.admin_ops}
-    assert {"replace", "unload"} & ops
+    assert ops and ops <= {"replace", "unload", "reload", "fuse", "unfuse", "churn-load", "churn-unload"}
+    assert all(key.split()[1].startswith("2") for key in report.admin_ops), report.admin_ops
     assert not state.fused
 
 
@@ -107,7 +108,8 @@ def test_cli_chaos_exit_status(fake_server, tmp_path, capsys):
     ["run", "--popularity", "pareto"],
     ["run", "--output-len", "uniform:5:1"],
     ["sweep", "--counts", "a"],
-    ["chaos"],
+    ["chaos", "--create"],
+    ["chaos", "--num-adapters", "0"],
 ])
 def test_cli_usage_errors_exit_2(fake_server, argv, capsys):
     url, _ = fake_server
@@ -124,3 +126,12 @@ def test_parse_metric():
     text = '# HELP x\nprocess_resident_memory_bytes 2.5e+08\nfoo{a="b"} 3\n'
     assert parse_metric(text, "process_resident_memory_bytes") == 2.5e8
     assert parse_metric(text, "foo") == 3.0 and parse_metric(text, "bar") is None
+
+
+def test_process_rss_reads_this_process():
+    import os
+
+    from loadtest.admin import process_rss_bytes
+
+    assert process_rss_bytes(os.getpid()) > 1e6
+    assert process_rss_bytes(2**22 + 12345) is None

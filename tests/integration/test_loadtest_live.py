@@ -1,0 +1,134 @@
+"""The load tester against a real `s2ft-serve` process on a loopback port (tiny random model).
+
+Short runs of every mode through the command line: a streamed run, a sweep over adapter counts,
+a chaos run (replace, reload, fuse under traffic, every greedy answer re-checked alone), and an
+open-loop overload that must be answered with 429s, never 5xx or timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from loadtest.adapters import adapter_names, create_adapters
+from loadtest.cli import main
+
+ADMIN_KEY = "loadtest-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, adapter_root, *flags: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "s2ft_serve.server.cli", "--model", str(model_dir), "--adapter-root",
+           str(adapter_root), "--port", str(port), "--admin-key", ADMIN_KEY, "--device", "cpu", *flags]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"s2ft-serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("s2ft-serve did not become ready within 120 s")
+
+
+def stop_server(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loadtest-adapters")
+    names = adapter_names(4)
+    create_adapters(root, names, str(tiny_llama_dir))
+    create_adapters(root, [f"{n}--b" for n in names[:3]], str(tiny_llama_dir), seed_offset=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_llama_dir, adapter_root):
+    proc, url = start_server(tiny_llama_dir, adapter_root, "--max-batch-size", "4", "--max-queue", "8")
+    yield proc, url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[1]
+
+
+def common(url: str) -> list[str]:
+    return ["--url", url, "--admin-key", ADMIN_KEY, "--prompt-len", "uniform:3:8", "--output-len", "6"]
+
+
+def test_streamed_run_reports_latencies(server_process, tmp_path):
+    proc, server = server_process
+    out = tmp_path / "run.json"
+    rc = main(["run", *common(server), "--requests", "16", "--concurrency", "4", "--stream", "--num-adapters", "3",
+               "--popularity", "zipf:1.1", "--include-base", "--server-memory", "--server-pid", str(proc.pid),
+               "--cooldown", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["outcomes"] == {"ok": 16}
+    assert report["ttft_ms"]["count"] == 16 and report["tpot_ms"]["count"] >= 1
+    assert report["output_token_throughput"] > 0
+    assert report["extra"]["server_rss_mb_after"] > 0
+
+
+def test_sweep_over_adapter_counts(server, tmp_path):
+    out = tmp_path / "sweep.json"
+    rc = main(["sweep", *common(server), "--counts", "1,4", "--requests", "12", "--concurrency", "4",
+               "--preload", "admin", "--warmup-requests", "2", "--json", str(out)])
+    points = json.loads(out.read_text())["points"]
+    assert rc == 0 and [p["count"] for p in points] == [1, 4]
+    assert all(p["summary"]["outcomes"] == {"ok": 12} for p in points)
+    models = httpx.get(f"{server}/v1/models").json()["data"]
+    assert {m["id"] for m in models} >= set(adapter_names(4))
+
+
+def test_chaos_finds_no_mismatch_and_no_5xx(server, tmp_path):
+    out = tmp_path / "chaos.json"
+    rc = main(["chaos", *common(server), "--requests", "40", "--concurrency", "4", "--num-adapters", "3",
+               "--include-base", "--interval", "0.05", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["mismatches"] == [] and report["server_errors"] == 0
+    assert rc == 0 and report["passed"] and report["verified"] > 0
+    assert report["admin_ops"], "the chaos task ran no admin operation"
+
+
+def test_overload_is_answered_with_429(tiny_llama_dir, adapter_root, tmp_path):
+    proc, url = start_server(tiny_llama_dir, adapter_root, "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        out = tmp_path / "overload.json"
+        rc = main(["run", *common(url), "--rate", "400", "--requests", "120", "--timeout", "60",
+                   "--output-len", "16", "--json", str(out)])
+        report = json.loads(out.read_text())
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        stop_server(proc)
+    assert rc == 0 and report["requests"] == 120
+    assert report["outcomes"].get("429", 0) > 0 and report["ok"] > 0
+    assert set(report["outcomes"]) <= {"ok", "429"}, report["outcomes"]
