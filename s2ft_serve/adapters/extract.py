@@ -37,6 +37,7 @@ from s2ft_serve.adapters.permutation import (
     unpermute,
 )
 from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.model.loading import target_linears
 
 PERMUTATION_FILE = "s2ft_permutation.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -102,8 +103,6 @@ class LayerNames:
 def extract_adapter(base_path: str | os.PathLike | None, tuned_path: str | os.PathLike,
                     out_dir: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE) -> ExtractReport:
     """Diff `tuned_path` against `base_path` and write the changed columns as an adapter at `out_dir`."""
-    from s2ft_serve.model.loading import target_linears
-
     if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
         raise InvalidRequestError(f"tolerance must be a finite number >= 0, got {tolerance!r}", param="tolerance")
     out = Path(out_dir)

@@ -23,6 +23,14 @@ import torch
 
 from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter
 from s2ft_serve.errors import InvalidRequestError, ModelNotSupportedError
+from s2ft_serve.model.loading import (
+    DEFAULT_MODEL_NAME,
+    check_supported,
+    default_model_dir_if_exists,
+    fingerprint,
+    resolve_model_path,
+    target_linears,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WRITTEN_BY_SAVE_PRETRAINED = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -53,14 +61,6 @@ def load_base(model: str | os.PathLike | None) -> LoadedBase:
     """A local Llama-family folder (or None / "default": the embedded model), dtype as stored."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from s2ft_serve.model.loading import (
-        DEFAULT_MODEL_NAME,
-        check_supported,
-        default_model_dir_if_exists,
-        fingerprint,
-        resolve_model_path,
-    )
-
     path = resolve_model_path(model)
     check_supported(AutoConfig.from_pretrained(path))
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
@@ -71,8 +71,6 @@ def load_base(model: str | os.PathLike | None) -> LoadedBase:
 def fuse_to_model(model_path: str | os.PathLike | None, adapter_path: str | os.PathLike,
                   out_dir: str | os.PathLike) -> FuseReport:
     """Write base + adapter as a full Hugging Face model folder at `out_dir` (must not exist or be empty)."""
-    from s2ft_serve.model.loading import target_linears
-
     out = Path(out_dir)
     check_output_dir(out)
     base = load_base(model_path)
