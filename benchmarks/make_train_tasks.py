@@ -1,0 +1,97 @@
+"""Write the synthetic fine-tuning benchmark: checkable tasks, a held-out split, general text.
+
+Seven small tasks with exactly one right answer (upper-casing, reversing and counting the
+letters of a word, adding two numbers, sorting digits, reformatting a date, swapping two
+words). Train and test draw from disjoint inputs, so the test split is held out. `general.jsonl`
+holds plain English paragraphs (written for this benchmark) used to measure forgetting as the
+change of perplexity on text unrelated to the tasks. Fully determined by `--seed`.
+
+    python benchmarks/make_train_tasks.py --out /tmp/s2ft-tasks --train 2000 --test 210
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+WORDS = """apple river stone cloud garden window silver planet forest candle bridge yellow
+market spring winter summer animal basket butter castle dinner engine finger flower guitar
+hammer island jacket kitten ladder marble needle orange pencil rabbit saddle ticket turtle
+violin wallet zipper anchor barrel cactus dragon feather helmet jungle lemon magnet napkin
+parrot rocket shadow tomato velvet walnut bottle camera doctor falcon hunter lizard monkey
+pepper salmon tunnel wizard cookie copper mirror puzzle spider temple blanket circle pillow
+carpet mitten donkey oyster poodle radish sailor tablet cherry domino garlic insect kettle
+lantern meadow noodle pirate quartz ribbon sponge thunder toffee walrus badger cobalt
+""".split()
+GENERAL = [
+    "The library opens at nine in the morning and closes at six in the evening. Visitors may borrow up to five books at a time, and most loans last three weeks.",
+    "Rivers carry water from mountains and hills down to lakes and seas. Along the way they shape valleys, move sand and stones, and give life to plants and animals.",
+    "A good breakfast often includes bread, fruit and something warm to drink. Many people prefer tea, while others cannot start the day without a cup of coffee.",
+    "The train left the station a few minutes late, but the driver made up the time before it reached the coast. Most passengers spent the journey reading or looking out of the window.",
+    "Bees visit flowers to collect nectar and pollen. In doing so they carry pollen from one plant to another, which helps fruit and seeds to form.",
+    "When the weather turns cold, many birds fly south to warmer places. They often follow the same routes every year and return in the spring.",
+    "The old town has narrow streets, small shops and a market square where farmers sell vegetables, cheese and flowers every Saturday morning.",
+    "Learning a new language takes patience. Reading simple stories, listening to conversations and speaking a little every day all help more than long lists of words.",
+    "Computers store information as numbers. Text, pictures and sounds are all turned into long sequences of digits that the machine can read and change quickly.",
+    "The children built a small boat out of wood and tested it on the pond. It leaned to one side at first, so they added a stone to keep it steady.",
+    "Doctors advise drinking enough water, sleeping well and walking often. These simple habits can improve health more than many expensive products.",
+    "At night the city lights hide most of the stars, but far from town the sky is dark and thousands of them can be seen, along with the pale band of the Milky Way.",
+]
+
+
+def task_examples(rng: random.Random, words: list[str]) -> list[tuple[str, str, str]]:
+    """One example of each task as (task, prompt, answer), drawing inputs from `words`."""
+    w, v = rng.sample(words, 2)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    digits = [rng.randint(0, 9) for _ in range(4)]
+    y, m, d = rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)
+    return [
+        ("upper", f"Uppercase: {w}\nAnswer:", w.upper()),
+        ("reverse", f"Reverse the letters: {w}\nAnswer:", w[::-1]),
+        ("length", f"Number of letters in {w}\nAnswer:", str(len(w))),
+        ("add", f"Add: {a} + {b}\nAnswer:", str(a + b)),
+        ("sort", f"Sort the digits: {' '.join(map(str, digits))}\nAnswer:", " ".join(map(str, sorted(digits)))),
+        ("date", f"Write {y}-{m:02d}-{d:02d} as DD/MM/YYYY\nAnswer:", f"{d:02d}/{m:02d}/{y}"),
+        ("swap", f"Swap the words: {w} {v}\nAnswer:", f"{v} {w}"),
+    ]
+
+
+def generate(out: Path, train: int, test: int, seed: int) -> None:
+    rng = random.Random(seed)
+    words = list(WORDS)
+    rng.shuffle(words)
+    held_out = words[: len(words) // 4]  # test words never appear in training
+    train_words = words[len(words) // 4:]
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"train.jsonl": (train, train_words), "test.jsonl": (test, held_out)}
+    for name, (count, pool) in splits.items():
+        seen: set[str] = set()
+        with open(out / name, "w") as f:
+            written = 0
+            while written < count:
+                for task, prompt, answer in task_examples(rng, pool):
+                    if written >= count or (name == "test.jsonl" and prompt in seen):
+                        continue
+                    seen.add(prompt)
+                    f.write(json.dumps({"task": task, "prompt": prompt, "completion": " " + answer}) + "\n")
+                    written += 1
+    with open(out / "general.jsonl", "w") as f:
+        for text in GENERAL:
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="/tmp/s2ft-tasks")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--test", type=int, default=210)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    generate(Path(args.out), args.train, args.test, args.seed)
+    print(json.dumps({"out": args.out, "train": args.train, "test": args.test, "seed": args.seed}))
+
+
+if __name__ == "__main__":
+    main()
