@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     announce(settings)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.access_log,
                             timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1), lifespan="on")
     server = DrainingServer(config)
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)

@@ -46,6 +46,7 @@ class ServerSettings(BaseSettings):
     auto_fuse_window_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: str = "info"
+    access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")
 
     @field_validator("adapter", mode="before")
     @classmethod
