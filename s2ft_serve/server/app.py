@@ -63,7 +63,8 @@ async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
     attach_engine(app, engine)
     adapters = ", ".join(settings.adapter_specs()) or "none"
     log.info("ready in %.1f s: model %s on %s (%s), adapters: %s, serving %s", time.perf_counter() - started,
-             engine.model_name, settings.device, settings.dtype, adapters, settings.url)
+             engine.model_name, getattr(engine, "device", settings.device), getattr(engine, "dtype", settings.dtype),
+             adapters, settings.url)
 
 
 @contextlib.asynccontextmanager

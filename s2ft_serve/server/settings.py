@@ -32,6 +32,7 @@ class ServerSettings(BaseSettings):
     api_key: str | None = None
     admin_key: str | None = None
     max_batch_size: int = Field(32, ge=1)
+    max_tokens_per_step: int = Field(2048, ge=1, description="prefill token budget per engine step")
     max_queue: int = Field(256, ge=1)
     max_resident_adapters: int = Field(64, ge=1)
     max_resident_bytes: int = Field(2 << 30, ge=1)
@@ -40,6 +41,7 @@ class ServerSettings(BaseSettings):
     device: str = "auto"
     dtype: str = "float32"
     lazy_load: bool = True
+    max_fused_adapters: int = Field(1, ge=1)
     # Automatic fusion (issue 5); passed to the engine when its config knows these fields.
     auto_fuse: bool = False
     auto_fuse_threshold: float = Field(0.8, gt=0, le=1)
@@ -90,11 +92,22 @@ class ServerSettings(BaseSettings):
         return f"http://{host}:{self.port}"
 
     def engine_config(self) -> EngineConfig:
-        values = dict(
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        return EngineConfig(**{k: v for k, v in self._engine_values().items() if k in known})
+
+    def unsupported_settings(self) -> list[str]:
+        """Settings changed from their default that this engine's config does not know (yet)."""
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        return [k for k, v in self._engine_values().items()
+                if k not in known and v != type(self).model_fields[k].default]
+
+    def _engine_values(self) -> dict:
+        return dict(
             model=self.model or None,
             device=self.device,
             dtype=self.dtype,
             max_batch_size=self.max_batch_size,
+            max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,
             max_resident_adapters=self.max_resident_adapters,
             max_resident_bytes=self.max_resident_bytes,
@@ -102,9 +115,8 @@ class ServerSettings(BaseSettings):
             max_model_len=self.max_model_len,
             adapter_root=self.adapter_root,
             lazy_load=self.lazy_load,
+            max_fused_adapters=self.max_fused_adapters,
             auto_fuse=self.auto_fuse,
             auto_fuse_threshold=self.auto_fuse_threshold,
             auto_fuse_window_s=self.auto_fuse_window_s,
         )
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
-        return EngineConfig(**{k: v for k, v in values.items() if k in known})

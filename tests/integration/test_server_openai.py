@@ -291,3 +291,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(small_server, base):
     assert first.choices and "draining" in small_server.output()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{small_server.url}/health", timeout=2)
+
+
+def test_unusable_model_exits_1_with_a_clear_message(tmp_path):
+    cmd = [sys.executable, "-m", "s2ft_serve.server.cli", "--model", str(tmp_path / "missing"),
+           "--port", str(free_port()), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 1
+    assert "startup failed" in proc.stderr and "missing" in proc.stderr

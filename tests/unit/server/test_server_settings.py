@@ -54,3 +54,10 @@ def test_bad_settings_are_refused(bad):
                                             ("0.0.0.0", False), ("10.0.0.5", False), ("example.com", False)])
 def test_loopback_detection(host, loopback):
     assert ServerSettings(host=host).is_loopback is loopback
+
+
+def test_settings_the_engine_does_not_know_are_reported():
+    assert ServerSettings().unsupported_settings() == []
+    known = {f for f in ServerSettings(auto_fuse=True).engine_config().__dataclass_fields__}
+    reported = ServerSettings(auto_fuse=True).unsupported_settings()
+    assert reported == ([] if "auto_fuse" in known else ["auto_fuse"])
