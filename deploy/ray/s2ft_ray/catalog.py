@@ -37,6 +37,7 @@ class Change:
     """One admin change: `record` is the adapter's new state, None when it was unloaded."""
 
     epoch: int
+    kind: str  # load | unload | fuse | unfuse | merge (what holders must do)
     name: str
     record: AdapterRecord | None
     origin: str | None  # the replica that already applied it (it ran the admin request)
@@ -127,8 +128,8 @@ class AdapterCatalog:
     async def record(self, name: str) -> AdapterRecord | None:
         return self.records.get(name)
 
-    async def commit(self, name: str, record: AdapterRecord | None, origin: str | None) -> int:
-        """Publish a change (None unloads); returns its epoch."""
+    async def commit(self, kind: str, name: str, record: AdapterRecord | None, origin: str | None) -> int:
+        """Publish a change (`record` None unloads); returns its epoch."""
         async with self.cond:
             self.epoch += 1
             if record is None:
@@ -136,12 +137,11 @@ class AdapterCatalog:
             else:
                 record.generation = self.epoch
                 self.records[name] = record
-            self.changes.append(Change(self.epoch, name, record, origin))
+            self.changes.append(Change(self.epoch, kind, name, record, origin))
             del self.changes[:-self.HISTORY]
             self.cond.notify_all()
         self._persist()
-        log.info("catalog epoch %d: %s %s (origin %s)", self.epoch, "unload" if record is None else "set",
-                 name, origin)
+        log.info("catalog epoch %d: %s %s (origin %s)", self.epoch, kind, name, origin)
         return self.epoch
 
     async def wait_applied(self, epoch: int, timeout_s: float) -> list[str]:

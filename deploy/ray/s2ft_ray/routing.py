@@ -78,7 +78,8 @@ def admin_op(method: str, path: str, body: dict) -> AdminOp | None:
     if method == "POST" and path == "/v1/adapters" and _text(body.get("name")):
         return AdminOp("load", body["name"], path=_text(body.get("path")), replace=body.get("replace") is True)
     if method == "POST" and path == "/v1/load_lora_adapter" and _text(body.get("lora_name")):
-        return AdminOp("load", body["lora_name"], path=_text(body.get("lora_path")), replace=False)
+        return AdminOp("load", body["lora_name"], path=_text(body.get("lora_path")),
+                       replace=body.get("load_inplace") is True)
     if method == "POST" and path == "/v1/unload_lora_adapter" and _text(body.get("lora_name")):
         return AdminOp("unload", body["lora_name"])
     if method == "POST" and path == "/v1/adapters/merge" and _text(body.get("name")):

@@ -1,0 +1,266 @@
+"""The Ray Serve fleet (deploy/ray): a local 2-replica deployment of tiny models.
+
+Adapter-affinity routing (checked through the `x-replica-id` header), greedy outputs equal to the
+single-process server's, admin changes reaching every replica that holds the adapter, and a
+replica killed mid-traffic replaced while requests keep succeeding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from s2ft_serve.adapters.format import save_adapter  # noqa: E402
+from s2ft_serve.engine.engine import Engine  # noqa: E402
+from s2ft_serve.model.loading import load_model  # noqa: E402
+from s2ft_serve.model.testing import random_adapter  # noqa: E402
+from s2ft_serve.server.app import create_app  # noqa: E402
+from s2ft_serve.server.settings import ServerSettings  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "ray"
+APP_NAME = "s2ft-test"
+ADAPTERS = ("a0", "a1", "a2", "a3")
+PROMPT = "the quick brown fox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_llama_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fleet-adapters")
+    loaded = load_model(str(tiny_llama_dir))
+    for seed, name in enumerate(ADAPTERS):
+        adapter = random_adapter(loaded.model, loaded.name, seed=seed + 10, heads=2, channels=16, scale=0.5)
+        save_adapter(adapter, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_llama_dir, adapter_root):
+    """A 2-replica deployment on a local Ray with 2 CPUs; yields its base URL."""
+    if str(DEPLOY_DIR) not in sys.path:
+        sys.path.insert(0, str(DEPLOY_DIR))
+    from s2ft_ray.app import build_app
+
+    python_path = os.pathsep.join([str(DEPLOY_DIR), os.environ.get("PYTHONPATH", "")])
+    env = {"PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="warning")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": str(tiny_llama_dir), "adapter_root": str(adapter_root), "max_adapters_per_replica": 2,
+            "poll_interval_s": 1.0, "replica_liveness_s": 4.0, "admin_ack_timeout_s": 20.0}
+    # One request at a time per replica makes concurrent requests spread over both replicas.
+    app = build_app(args, replica_options={"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1,
+                                           "health_check_period_s": 1},
+                    ingress_options={"ray_actor_options": {"num_cpus": 0.25}})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, adapter_root):
+    """The single-process server on the same model and adapters (in process, through httpx)."""
+    settings = ServerSettings(model=str(tiny_llama_dir), adapter_root=str(adapter_root))
+    engine = Engine(settings.engine_config()).start()
+    client = httpx.Client(transport=httpx.ASGITransport(app=create_app(settings, engine)), base_url="http://ref")
+    yield client
+    engine.shutdown(timeout=5)
+
+
+def complete(client: httpx.Client, model: str | None = None, **extra) -> httpx.Response:
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **extra}
+    if model is not None:
+        body["model"] = model
+    return client.post("/v1/completions", json=body, timeout=60)
+
+
+async def acomplete(client: httpx.AsyncClient, model: str | None, **extra) -> httpx.Response:
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **extra}
+    if model is not None:
+        body["model"] = model
+    return await client.post("/v1/completions", json=body, timeout=60)
+
+
+def reference_text(reference, model: str | None) -> str:
+    # the in-process ASGI transport needs an event loop: run the async client
+    import asyncio
+
+    async def go() -> str:
+        async with httpx.AsyncClient(transport=reference._transport, base_url="http://ref") as client:
+            response = await acomplete(client, model)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+    return asyncio.run(go())
+
+
+def fleet_view(client: httpx.Client) -> dict:
+    response = client.get("/fleet")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_until(predicate, timeout: float = 30.0, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_same_adapter_lands_on_the_replica_holding_it_and_matches_single_process(fleet, reference):
+    with httpx.Client(base_url=fleet) as client:
+        first = complete(client, "a0")
+        assert first.status_code == 200, first.text
+        holder = first.headers["x-replica-id"]
+        assert first.headers["x-adapter-id"] == "a0"
+        time.sleep(1.5)  # the replica's adapter list reaches the routers (pushed every 0.1 s)
+        landed = {complete(client, "a0").headers["x-replica-id"] for _ in range(6)}
+        assert landed == {holder}
+        other = complete(client, "a1")  # the other replica holds fewer adapters: a1 goes there
+        assert other.status_code == 200
+        time.sleep(1.5)
+        assert {complete(client, "a1").headers["x-replica-id"] for _ in range(4)} == {other.headers["x-replica-id"]}
+        assert other.headers["x-replica-id"] != holder
+
+        for model in (None, "a0", "a1", "a2"):
+            got = complete(client, model)
+            assert got.status_code == 200, got.text
+            assert got.json()["choices"][0]["text"] == reference_text(reference, model), model
+        assert complete(client, adapter="a0").json()["choices"][0]["text"] == reference_text(reference, "a0")
+        missing = complete(client, "nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"] == "The model 'nope' does not exist."
+
+
+def test_streaming_passes_through_the_fleet(fleet, reference):
+    with httpx.Client(base_url=fleet) as client:
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "model": "a1", "stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["x-replica-id"]
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1] if json.loads(line[6:])["choices"])
+    assert text == reference_text(reference, "a1")
+
+
+def test_each_replica_holds_a_bounded_number_of_adapters(fleet):
+    with httpx.Client(base_url=fleet) as client:
+        for name in ADAPTERS:
+            assert complete(client, name).status_code == 200
+        time.sleep(1.5)
+        view = fleet_view(client)
+    live = [r for r in view["replicas"].values() if r["live"]]
+    assert len(live) == 2
+    assert all(len(r["held"]) <= 2 for r in live), view
+
+
+def test_admin_replace_and_unload_reach_every_replica_holding_the_adapter(fleet, reference, adapter_root):
+    import asyncio
+
+    async def spread(name: str) -> set[str]:
+        """Concurrent requests: a busy replica (one request at a time) sends the next one elsewhere."""
+        async with httpx.AsyncClient(base_url=fleet) as client:
+            responses = await asyncio.gather(*(acomplete(client, name, max_tokens=48) for _ in range(4)))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return {r.headers["x-replica-id"] for r in responses}
+
+    with httpx.Client(base_url=fleet) as client:
+        loaded = client.post("/v1/adapters", json={"name": "shared", "path": str(adapter_root / "a2")})
+        assert loaded.status_code == 201, loaded.text
+        again = client.post("/v1/adapters", json={"name": "shared", "path": str(adapter_root / "a2")})
+        assert again.status_code == 409
+        wait_until(lambda: asyncio.run(spread("shared")) == set(fleet_view(client)["replicas"]) or
+                   all("shared" in r["held"] for r in fleet_view(client)["replicas"].values() if r["live"]),
+                   timeout=40, step=0.5)
+        holders = [rid for rid, r in fleet_view(client)["replicas"].items() if r["live"] and "shared" in r["held"]]
+        assert len(holders) == 2
+
+        replaced = client.post("/v1/adapters", json={"name": "shared", "path": str(adapter_root / "a3"),
+                                                     "replace": True})
+        assert replaced.status_code == 201, replaced.text
+        assert "x-fleet-lagging" not in replaced.headers
+        expected = reference_text(reference, "a3")
+        for _ in range(3):  # whichever replica answers, it has the new weights
+            outputs = asyncio.run(_texts(fleet, "shared"))
+            assert set(outputs) == {expected}
+
+        removed = client.delete("/v1/adapters/shared")
+        assert removed.status_code == 200, removed.text
+        view = fleet_view(client)
+        assert "shared" not in view["records"]
+        assert all("shared" not in r["held"] for r in view["replicas"].values() if r["live"])
+        assert complete(client, "shared").status_code == 404
+
+
+async def _texts(url: str, name: str) -> list[str]:
+    import asyncio
+
+    async with httpx.AsyncClient(base_url=url) as client:
+        responses = await asyncio.gather(*(acomplete(client, name) for _ in range(4)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json()["choices"][0]["text"] for r in responses]
+
+
+def replica_actors() -> dict[str, str]:
+    """Replica id -> actor name of the engine replicas alive now."""
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    names = [a["name"] for a in actors if "EngineReplica" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    return {name.rsplit("#", 1)[-1]: name for name in names}
+
+
+def test_a_replica_killed_mid_traffic_is_replaced_and_requests_keep_succeeding(fleet):
+    before = replica_actors()
+    assert len(before) == 2
+    victim_id, victim_name = sorted(before.items())[0]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=fleet) as client:
+            while not stop.is_set():
+                statuses.append(complete(client, None, max_tokens=8).status_code)
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(lambda: len(statuses) >= 6, timeout=60)
+        ray.kill(ray.get_actor(victim_name, namespace="serve"), no_restart=True)
+        wait_until(lambda: len(replica_actors()) == 2 and victim_id not in replica_actors(), timeout=90, step=0.5)
+        served = len(statuses)
+        wait_until(lambda: len(statuses) >= served + 6, timeout=60)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    with httpx.Client(base_url=fleet) as client:
+        ids = wait_until(lambda: {complete(client, None).headers["x-replica-id"] for _ in range(6)} - {victim_id},
+                         timeout=30)
+    assert victim_id not in ids
