@@ -20,3 +20,8 @@ class EngineConfig:
     adapter_root: str | None = None  # the only folder adapters are loaded from by name (None: any path)
     lazy_load: bool = True  # a request naming an unloaded adapter under adapter_root loads it
     max_fused_adapters: int = 1
+    auto_fuse: bool = False  # fuse the adapter that dominates recent traffic (opt-in)
+    auto_fuse_share: float = 0.6  # fuse when one adapter has at least this share of the window's requests
+    auto_unfuse_share: float = 0.4  # unfuse when its share falls below this (hysteresis)
+    auto_fuse_window_s: float = 30.0  # the traffic window
+    auto_fuse_min_requests: int = 20  # no decision on fewer requests than this in the window

@@ -20,6 +20,7 @@ import torch
 from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter, validate_tensors
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
+from s2ft_serve.engine.autofuse import AutoFusePolicy
 from s2ft_serve.engine.detokenizer import Detokenizer
 from s2ft_serve.engine.handle import RequestHandle
 from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams
@@ -33,6 +34,7 @@ from s2ft_serve.errors import (
     InvalidRequestError,
     PermissionDeniedError,
     QueueFullError,
+    S2FTError,
 )
 from s2ft_serve.model.loading import LoadedModel, load_model, target_linears
 
@@ -66,6 +68,9 @@ class Engine:
         self.lock = threading.RLock()
         self.stepper = Stepper(self)
         self._ids = itertools.count()
+        self.autofuse = AutoFusePolicy(config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
+                                       config.auto_fuse_min_requests) if config.auto_fuse else None
+        self.auto_fuse_decisions = 0
         self._accepting = True
         self._thread: threading.Thread | None = None
 
@@ -107,6 +112,8 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
         version = self._pin(adapter)
+        if self.autofuse is not None:
+            self.autofuse.record(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
@@ -309,6 +316,20 @@ class Engine:
         merged.config["merged_from"] = [{"name": s, "weight": float(w)} for s, w in sources]
         return self.add_adapter(name, merged)
 
+    def auto_fuse_tick(self) -> None:
+        """Apply the auto-fuse policy once (the step loop calls this about every second)."""
+        decision = self.autofuse.decide([f.version.name for f in self.registry.fused]) if self.autofuse else None
+        if decision is None:
+            return
+        try:
+            (self.fuse if decision.action == "fuse" else self.unfuse)(decision.adapter)
+        except S2FTError as exc:
+            log.warning("auto-fuse: could not %s '%s': %s", decision.action, decision.adapter, exc)
+            return
+        self.auto_fuse_decisions += 1
+        log.info("auto-fuse: %s '%s' (%.0f%% of %d requests in the last %.0f s)", decision.action,
+                 decision.adapter, 100 * decision.share, decision.requests, self.config.auto_fuse_window_s)
+
     def _info(self, entry: Entry) -> AdapterInfo:
         s = entry.summary
         return AdapterInfo(
@@ -329,7 +350,8 @@ class Engine:
             waiting_adapters=sorted({s.adapter_name for s in waiting if s.adapter_name}),
             resident_adapters=len(resident), resident_bytes=sum(e.nbytes for e in resident),
             fused_adapters=[f.version.name for f in self.registry.fused],
-            max_resident_adapters=self.config.max_resident_adapters, steps=self.stepper.steps)
+            max_resident_adapters=self.config.max_resident_adapters, steps=self.stepper.steps,
+            auto_fuse_decisions=self.auto_fuse_decisions)
 
     def add_step_listener(self, fn: Callable[[int, int], None]) -> None:
         """`fn(batch_size, num_tokens)` after every forward pass (metrics)."""

@@ -106,3 +106,4 @@ class EngineStats:
     fused_adapters: list[str]
     max_resident_adapters: int
     steps: int
+    auto_fuse_decisions: int = 0  # fuse/unfuse decisions taken by --auto-fuse so far

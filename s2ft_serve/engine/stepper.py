@@ -38,7 +38,11 @@ class Stepper:
 
     def loop(self) -> None:
         sched = self.engine.scheduler
+        next_tick = time.monotonic() + 1.0
         while not self._stop:
+            if self.engine.autofuse is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + 1.0
+                self.engine.auto_fuse_tick()
             if not sched.has_work():
                 sched.wait_for_work(0.05)
                 continue

@@ -1,0 +1,139 @@
+"""Decode throughput of the engine: mixed adapters vs no adapter, vs HF PEFT LoRA, vs transformers.
+
+All figures are ratios of runs made side by side in this process (the machine is noisy):
+  1. a batch of B requests over B distinct S²FT adapters vs the same batch on the base;
+  2. the same mixed batch served by HF PEFT LoRA (equal trainable parameters, PEFT's mixed-batch
+     `adapter_names`) vs ours;
+  3. the engine on the base model vs `transformers` `generate` on the same batch.
+Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
+
+    python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from s2ft_serve.config import EngineConfig
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.model.loading import load_model
+from s2ft_serve.model.testing import random_adapter
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+
+
+def engine_time(engine: Engine, adapters: list[str | None], tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    handles = [engine.submit(PROMPT, a, params) for a in adapters]
+    for h in handles:
+        h.result()
+    return time.perf_counter() - start
+
+
+def hf_time(model, tok, batch: int, tokens: int, adapter_names=None) -> float:
+    tok.padding_side = "left"
+    enc = tok([PROMPT] * batch, return_tensors="pt", padding=True)
+    kwargs = {"adapter_names": adapter_names} if adapter_names else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       pad_token_id=tok.pad_token_id or 0, **kwargs)
+    return time.perf_counter() - start
+
+
+def decode_tps(timer, batch: int, tokens: int, repeats: int) -> float:
+    """Best of `repeats` decode throughput: (tokens - 1) * batch / (t(tokens) - t(1))."""
+    best = 0.0
+    for _ in range(repeats):
+        full, one = timer(tokens), timer(1)
+        best = max(best, (tokens - 1) * batch / max(full - one, 1e-9))
+    return best
+
+
+def lora_model(base_dir, dtype, n: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["o_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(model, config, adapter_name="l0")
+    for i in range(1, n):
+        model.add_adapter(f"l{i}", config)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=1, help="S²FT o_proj heads per layer")
+    ap.add_argument("--channels", type=int, default=40, help="S²FT down_proj channels per layer")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    loaded = load_model(None, dtype=args.dtype, device="cpu")
+    base_dir, tok = loaded.path, loaded.tokenizer
+    engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch,
+                                 max_model_len=256, max_resident_adapters=args.batch), loaded).start()
+    names = []
+    for i in range(args.batch):
+        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=args.heads,
+                                 channels=args.channels, scale=0.01)
+        engine.add_adapter(f"s{i}", adapter)
+        names.append(f"s{i}")
+    params_per_adapter = engine.get_adapter("s0").parameters
+    cfg = loaded.model.config
+    per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
+    rank = max(1, round(params_per_adapter / per_rank))
+
+    engine_time(engine, names[:2], 4)  # warm up
+    results = {}
+    for _ in range(args.repeats):  # interleave so drift hits both alike
+        results.setdefault("engine_base", []).append(
+            decode_tps(lambda n: engine_time(engine, [None] * args.batch, n), args.batch, args.tokens, 1))
+        results.setdefault("engine_mixed", []).append(
+            decode_tps(lambda n: engine_time(engine, names, n), args.batch, args.tokens, 1))
+    base_tps, mixed_tps = max(results["engine_base"]), max(results["engine_mixed"])
+    engine.shutdown()
+    del engine
+
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=loaded.model.dtype).eval()
+    hf_tps = decode_tps(lambda n: hf_time(hf, tok, args.batch, n), args.batch, args.tokens, args.repeats)
+    del hf
+    peft_tps = None
+    if not args.skip_peft:
+        lora = lora_model(base_dir, loaded.model.dtype, args.batch, rank)
+        lora_names = [f"l{i}" for i in range(args.batch)]
+        peft_tps = decode_tps(lambda n: hf_time(lora, tok, args.batch, n, lora_names), args.batch, args.tokens,
+                              args.repeats)
+
+    report = {
+        "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
+        "batch": args.batch, "new_tokens": args.tokens, "adapter_params": params_per_adapter, "lora_rank": rank,
+        "engine_base_tok_s": round(base_tps, 1), "engine_mixed_tok_s": round(mixed_tps, 1),
+        "transformers_base_tok_s": round(hf_tps, 1),
+        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None,
+        "mixed_vs_base": round(mixed_tps / base_tps, 3),
+        "ours_vs_peft_mixed": round(mixed_tps / peft_tps, 2) if peft_tps else None,
+        "engine_vs_transformers_base": round(base_tps / hf_tps, 2),
+    }
+    print(f"decode tok/s ({args.dtype}, batch {args.batch}): engine base {base_tps:.1f}, engine {args.batch} "
+          f"adapters {mixed_tps:.1f}, transformers base {hf_tps:.1f}"
+          + (f", PEFT LoRA r={rank} mixed {peft_tps:.1f}" if peft_tps else ""))
+    print(f"mixed/base {report['mixed_vs_base']}x; ours/PEFT {report['ours_vs_peft_mixed']}x; "
+          f"engine/transformers {report['engine_vs_transformers_base']}x")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Automatic fusion: the policy's decisions, and the engine acting on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2ft_serve.engine.autofuse import AutoFusePolicy
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.model.testing import random_adapter
+
+from engine_reference import make_engine
+
+
+def test_policy_fuses_the_dominant_adapter_and_unfuses_when_it_fades():
+    policy = AutoFusePolicy(fuse_share=0.6, unfuse_share=0.4, window_s=10, min_requests=10)
+    for i in range(9):
+        policy.record("hot", now=i * 0.1)
+    assert policy.decide([], now=1.0) is None  # too few requests yet
+    policy.record("cold", now=1.0)
+    decision = policy.decide([], now=1.0)
+    assert (decision.action, decision.adapter, decision.requests) == ("fuse", "hot", 10)
+    assert policy.decide(["hot"], now=1.0) is None  # still hot: nothing to do
+    for i in range(20):
+        policy.record(None, now=2.0)
+    decision = policy.decide(["hot"], now=2.0)
+    assert (decision.action, decision.adapter) == ("unfuse", "hot")
+    assert policy.decide([], now=30.0) is None  # the window emptied
+
+
+def test_policy_rejects_inverted_thresholds():
+    with pytest.raises(ValueError):
+        AutoFusePolicy(fuse_share=0.3, unfuse_share=0.5)
+
+
+def test_engine_auto_fuses_and_results_stay_exact(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=3)
+    engine.add_adapter("hot", adapter)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.start()
+    before = [engine.generate("fox", "hot", params).token_ids for _ in range(4)]
+    base_before = engine.generate("fox", None, params).token_ids
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["hot"] and engine.stats().auto_fuse_decisions == 1
+    assert engine.generate("fox", "hot", params).token_ids == before[0]
+    assert engine.generate("fox", None, params).token_ids == base_before
+    for _ in range(12):
+        engine.generate("fox", None, params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == [] and engine.stats().auto_fuse_decisions == 2
+    engine.shutdown()
