@@ -195,11 +195,14 @@ def test_admin_replace_and_unload_reach_every_replica_holding_the_adapter(fleet,
         assert loaded.status_code == 201, loaded.text
         again = client.post("/v1/adapters", json={"name": "shared", "path": str(adapter_root / "a2")})
         assert again.status_code == 409
-        wait_until(lambda: asyncio.run(spread("shared")) == set(fleet_view(client)["replicas"]) or
-                   all("shared" in r["held"] for r in fleet_view(client)["replicas"].values() if r["live"]),
-                   timeout=40, step=0.5)
-        holders = [rid for rid, r in fleet_view(client)["replicas"].items() if r["live"] and "shared" in r["held"]]
-        assert len(holders) == 2
+
+        def held_everywhere() -> bool:
+            asyncio.run(spread("shared"))
+            time.sleep(0.5)  # replicas report what they hold after each load
+            live = [r for r in fleet_view(client)["replicas"].values() if r["live"]]
+            return len(live) == 2 and all("shared" in r["held"] for r in live)
+
+        wait_until(held_everywhere, timeout=60, step=0.1)
 
         replaced = client.post("/v1/adapters", json={"name": "shared", "path": str(adapter_root / "a3"),
                                                      "replace": True})
@@ -225,6 +228,65 @@ async def _texts(url: str, name: str) -> list[str]:
         responses = await asyncio.gather(*(acomplete(client, name) for _ in range(4)))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     return [r.json()["choices"][0]["text"] for r in responses]
+
+
+def test_config_files_are_valid_serve_configs():
+    """serve_config.yaml and the RayService's serveConfigV2 pass Ray's schema and bind an application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if str(DEPLOY_DIR) not in sys.path:
+        sys.path.insert(0, str(DEPLOY_DIR))
+    from s2ft_ray.app import build_app
+    from s2ft_ray.options import split_args
+
+    local = yaml.safe_load((DEPLOY_DIR / "serve_config.yaml").read_text())
+    service = list(yaml.safe_load_all((DEPLOY_DIR / "rayservice.yaml").read_text()))[-1]
+    for config in (local, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+            else ServeDeploySchema.parse_obj(config)
+        app = schema.applications[0]
+        assert app.import_path == "app:build_app"
+        assert {d.name for d in app.deployments} == {"EngineReplica", "FleetIngress", "AdapterCatalog"}
+        settings, fleet = split_args(app.args)
+        assert settings.adapter_root == "/mnt/adapters" and fleet.max_adapters_per_replica == 8
+        build_app(app.args)
+    with pytest.raises(Exception, match="unknown application argument"):
+        split_args({"adpater_root": "/x"})
+
+
+def test_catalog_delivers_changes_and_tracks_acknowledgements():
+    """Long-poll delivery, acks through the next poll, liveness, and resync on a new catalog."""
+    import asyncio
+
+    if str(DEPLOY_DIR) not in sys.path:
+        sys.path.insert(0, str(DEPLOY_DIR))
+    from s2ft_ray.catalog import AdapterCatalog, AdapterRecord
+
+    async def scenario() -> None:
+        catalog = AdapterCatalog(replica_liveness_s=0.5)
+        snap = await catalog.snapshot()
+        first = await catalog.poll("r1", 0, [], 0.01, snap.catalog_id)
+        assert first.changes == [] and not first.resync
+        await catalog.poll("r2", 0, ["x"], 0.01, snap.catalog_id)
+        assert await catalog.known("x") and not await catalog.known("y")
+        waiting = asyncio.ensure_future(catalog.poll("r1", 0, [], 5.0, snap.catalog_id))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        epoch = await catalog.commit("load", "y", AdapterRecord("y", 0, path="/a/y"), origin="r2")
+        result = await asyncio.wait_for(waiting, 1.0)  # woken by the commit, not by its timeout
+        assert [(c.epoch, c.kind, c.name, c.record.path) for c in result.changes] == [(epoch, "load", "y", "/a/y")]
+        assert await catalog.wait_applied(epoch, 0.05) == ["r1", "r2"]  # neither has polled back yet
+        await catalog.poll("r1", epoch, [], 0.01, snap.catalog_id)
+        assert await catalog.wait_applied(epoch, 0.05) == ["r2"]
+        await asyncio.sleep(0.6)  # r2 stops polling: it no longer holds admin changes up
+        await catalog.poll("r1", epoch, [], 0.01, snap.catalog_id)
+        assert await catalog.wait_applied(epoch, 0.05) == []
+        assert (await catalog.poll("r1", epoch, [], 0.01, "another-catalog")).resync
+        gone = await catalog.commit("unload", "y", None, origin=None)
+        assert "y" not in (await catalog.snapshot()).records and gone == epoch + 1
+
+    asyncio.run(scenario())
 
 
 def replica_actors() -> dict[str, str]:

@@ -48,6 +48,7 @@ class ReplicaView:
     acked: int = 0  # the last epoch this replica has applied
     last_seen: float = field(default_factory=time.monotonic)
     held: list[str] = field(default_factory=list)  # adapters in its engine
+    loads: int = 0  # adapters it has loaded on demand since it started (routing misses)
 
 
 @dataclass
@@ -87,9 +88,9 @@ class AdapterCatalog:
         return Snapshot(self.catalog_id, self.epoch, dict(self.records))
 
     async def poll(self, replica_id: str, acked: int, held: list[str], timeout_s: float,
-                   catalog_id: str | None = None) -> PollResult:
+                   catalog_id: str | None = None, loads: int = 0) -> PollResult:
         """Record that `replica_id` applied everything up to `acked`; wait for newer changes."""
-        self._seen(replica_id, acked, held)
+        self._seen(replica_id, acked, held, loads)
         if catalog_id != self.catalog_id or acked > self.epoch or self._behind_history(acked):
             return PollResult(self.catalog_id, self.epoch, [], resync=True)
         async with self.cond:
@@ -98,20 +99,20 @@ class AdapterCatalog:
                     await asyncio.wait_for(self.cond.wait_for(lambda: self.epoch > acked), timeout_s)
                 except asyncio.TimeoutError:
                     pass
-        self._seen(replica_id, acked, held)
+        self._seen(replica_id, acked, held, loads)
         return PollResult(self.catalog_id, self.epoch, [c for c in self.changes if c.epoch > acked], resync=False)
 
-    async def report(self, replica_id: str, held: list[str]) -> None:
+    async def report(self, replica_id: str, held: list[str], loads: int = 0) -> None:
         """A replica's held adapters changed (a load or an eviction)."""
         view = self.replicas.setdefault(replica_id, ReplicaView())
-        view.held = list(held)
+        view.held, view.loads = list(held), loads
         view.last_seen = time.monotonic()
 
-    def _seen(self, replica_id: str, acked: int, held: list[str]) -> None:
+    def _seen(self, replica_id: str, acked: int, held: list[str], loads: int) -> None:
         view = self.replicas.setdefault(replica_id, ReplicaView())
         view.acked = max(view.acked, acked) if acked <= self.epoch else 0
         view.last_seen = time.monotonic()
-        view.held = list(held)
+        view.held, view.loads = list(held), loads
 
     def _behind_history(self, acked: int) -> bool:
         return bool(self.changes) and acked < self.changes[0].epoch - 1
@@ -160,7 +161,7 @@ class AdapterCatalog:
         return {
             "epoch": self.epoch,
             "records": {n: asdict(r) for n, r in sorted(self.records.items())},
-            "replicas": {rid: {"acked": v.acked, "held": sorted(v.held), "live": rid in live,
+            "replicas": {rid: {"acked": v.acked, "held": sorted(v.held), "loads": v.loads, "live": rid in live,
                                "seen_s_ago": round(now - v.last_seen, 3)}
                          for rid, v in sorted(self.replicas.items())},
         }

@@ -32,6 +32,7 @@ class AdapterHoldings:
         self.settings = settings
         self.records: dict[str, AdapterRecord] = {}
         self.generations: dict[str, int] = {}  # held adapter -> record generation (0: from the root)
+        self.loads = 0  # on-demand loads: each is a request that reached a replica without its adapter
         self.lock = threading.RLock()  # one materialisation or change at a time
 
     def held(self) -> list[str]:
@@ -49,6 +50,7 @@ class AdapterHoldings:
             else:
                 self._build(record)
             self.generations[name] = record.generation if record else 0
+            self.loads += 1
 
     def _root_folder(self, name: str) -> Path:
         root = self.settings.adapter_root

@@ -165,7 +165,8 @@ class EngineReplica:
         while True:
             try:
                 result = await self.catalog.poll.remote(self.replica_id, self.applied, self.holdings.held(),
-                                                        self.fleet.poll_interval_s, self.catalog_id)
+                                                        self.fleet.poll_interval_s, self.catalog_id,
+                                                        self.holdings.loads)
                 if result.resync:
                     await self._resync()
                     continue
@@ -180,7 +181,7 @@ class EngineReplica:
                 self.catalog_id = None
 
     def _report_held(self) -> None:
-        self.catalog.report.remote(self.replica_id, self.holdings.held())
+        self.catalog.report.remote(self.replica_id, self.holdings.held(), self.holdings.loads)
 
     # ---- Ray Serve hooks -----------------------------------------------------------------
     def check_health(self) -> None:
