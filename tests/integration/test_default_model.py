@@ -1,0 +1,51 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct): conversion, chat, exactness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from s2ft_serve.adapters.format import merge_into
+from s2ft_serve.config import EngineConfig
+from s2ft_serve.engine.engine import Engine
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.model.testing import random_adapter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    e = Engine(EngineConfig(model=None, dtype="float32", device="cpu", max_batch_size=4, max_model_len=512)).start()
+    yield e
+    e.shutdown()
+
+
+def test_default_model_shape_and_chat(engine):
+    cfg = engine.loaded.model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, engine.head_dim) == (30, 576, 9, 3, 1536, 64)
+    ids = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = engine.generate(ids, None, SamplingParams(max_tokens=24, temperature=0))
+    assert "Paris" in out.text
+
+
+def test_adapter_on_default_model_matches_merged_transformers(engine, default_model_dir):
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=7, heads=1, channels=32, scale=0.02,
+                             fingerprint=engine.fingerprint)
+    engine.add_adapter("r", adapter)
+    ids = engine.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    ref = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    merge_into(ref, adapter)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    assert (engine.logits(ids, "r") - expected).abs().max().item() <= 1e-4
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    handles = [engine.submit(ids, a, params) for a in ["r", None, "r"]]
+    outs = [h.result(timeout=120).token_ids for h in handles]
+    with torch.no_grad():
+        prompt = torch.tensor([ids])  # an explicit mask: the chat template holds the pad token <|im_end|>
+        greedy = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None)[0, len(ids):]
+    assert outs[0] == outs[2] == greedy.tolist()
