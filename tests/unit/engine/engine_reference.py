@@ -12,7 +12,7 @@ from s2ft_serve.model.testing import random_adapter
 
 
 def make_engine(path, **overrides) -> Engine:
-    config = EngineConfig(model=str(path), dtype="float32", device="cpu", **overrides)
+    config = EngineConfig(**{"model": str(path), "dtype": "float32", "device": "cpu", **overrides})
     return Engine(config)
 
 
