@@ -136,9 +136,14 @@ def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_chat_ids(tokenizer, msgs[:i], add_generation_prompt=True)) if i else 0
-        end = len(_chat_ids(tokenizer, msgs[: i + 1], add_generation_prompt=False))
-        labels[start:end] = ids[start:end]
+        prefix = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True) if i else []
+        upto = _chat_ids(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        if ids[: len(upto)] != upto or upto[: len(prefix)] != prefix:
+            raise DataValidationError(
+                "the tokenizer's chat template does not render this conversation turn by turn (an earlier "
+                "turn changes when later ones are added), so assistant tokens cannot be masked exactly; "
+                "use the prompt/completion format instead")
+        labels[len(prefix): len(upto)] = ids[len(prefix): len(upto)]
     return ids, labels
 
 
@@ -146,7 +151,10 @@ def load_examples(path: str | Path, tokenizer, max_length: int) -> list[Example]
     """Validate the whole file, then tokenize it; examples with no loss token are refused."""
     examples = []
     for lineno, record in read_records(path):
-        ex = tokenize_record(record, tokenizer, max_length)
+        try:
+            ex = tokenize_record(record, tokenizer, max_length)
+        except DataValidationError as exc:
+            raise DataValidationError(f"{path}:{lineno}: {exc.message}") from None
         if all(label == IGNORE for label in ex.labels[1:]):
             raise DataValidationError(
                 f"{path}:{lineno}: no completion / assistant token is left within max_length={max_length}")

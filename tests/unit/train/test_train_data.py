@@ -103,3 +103,16 @@ def test_batch_order_is_a_seeded_permutation():
     assert sorted(i for b in a for i in b) == list(range(10))
     assert a == batch_order(10, 3, epoch=0, seed=1)
     assert a != batch_order(10, 3, epoch=1, seed=1)
+
+
+def test_non_incremental_chat_template_refused_with_line_number(tmp_path, tok):
+    class LastTurnOnly:  # a template that drops earlier turns: assistant tokens cannot be located
+        eos_token_id = tok.eos_token_id
+
+        def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+            return [len(messages)] + [ord(c) for c in messages[-1]["content"]] if messages else []
+
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = _write(tmp_path, [json.dumps(record)])
+    with pytest.raises(DataValidationError, match=r"d.jsonl:1: the tokenizer's chat template"):
+        load_examples(path, LastTurnOnly(), 64)
