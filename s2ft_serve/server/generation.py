@@ -124,12 +124,13 @@ class Generation:
     choices: list[Choice] = field(default_factory=list)
 
     async def submit(self, prompt_index: int, token_ids: list[int], params: SamplingParams) -> Choice:
+        submitted = time.perf_counter()  # before a lazy load, which the first token waits for too
         try:
             handle = await self.engine.asubmit(token_ids, adapter=self.adapter, params=params)
         except BaseException:
             self.cancel()
             raise
-        choice = Choice(len(self.choices), prompt_index, handle, time.perf_counter())
+        choice = Choice(len(self.choices), prompt_index, handle, submitted)
         self.choices.append(choice)
         return choice
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
@@ -101,22 +102,23 @@ def delete_adapter(name: str, engine: EngineDep) -> AdapterDeleted:
     return AdapterDeleted(id=name)
 
 
+def timed_fusion(op: str, fn: Callable[[str], AdapterInfo], name: str, metrics: Metrics) -> AdapterCard:
+    started = time.perf_counter()
+    info = fn(name)
+    metrics.adapter_fuse.labels(op=op).observe(time.perf_counter() - started)
+    return card(info)
+
+
 @router.post("/v1/adapters/{name}/fuse", response_model=AdapterCard, responses=ERRORS,
              summary="Fuse an adapter into the base weights")
 def fuse_adapter(name: str, engine: EngineDep, metrics: MetricsDep) -> AdapterCard:
-    started = time.perf_counter()
-    info = engine.fuse(name)
-    metrics.adapter_fuse.labels(op="fuse").observe(time.perf_counter() - started)
-    return card(info)
+    return timed_fusion("fuse", engine.fuse, name, metrics)
 
 
 @router.post("/v1/adapters/{name}/unfuse", response_model=AdapterCard, responses=ERRORS,
              summary="Restore the base weights from a fused adapter")
 def unfuse_adapter(name: str, engine: EngineDep, metrics: MetricsDep) -> AdapterCard:
-    started = time.perf_counter()
-    info = engine.unfuse(name)
-    metrics.adapter_fuse.labels(op="unfuse").observe(time.perf_counter() - started)
-    return card(info)
+    return timed_fusion("unfuse", engine.unfuse, name, metrics)
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=ERRORS,
