@@ -56,27 +56,35 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, L]
         positions: torch.Tensor,  # [B, L]
-        rows: slice | torch.Tensor,  # cache rows of the B sequences
+        rows: slice | int,  # decode: the rows 0..B-1 as a slice; prefill: the request's row
         decode: bool,  # True: L == 1, attend over the cache; False: B == 1, a fresh prompt
         all_logits: bool = False,  # False: logits of the last position only
     ) -> torch.Tensor:  # [B, L or 1, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
-        mask = None
+        mask = slots = None
         if decode:
             span = int(positions.max()) + 1
             mask = torch.arange(span, device=h.device)[None, :] <= positions  # [B, span]
             mask = mask[:, None, None, :]  # [B, 1, 1, span]
+            slots = self._cache_slots(rows, positions[:, 0])
         for i, layer in enumerate(self.layers):
             r = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, r, cos, sin, positions, rows, mask)
+            h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if not all_logits:
             h = h[:, -1:]
         h = self.hf.model.norm(h)
         return self.hf.lm_head(h).float()
 
-    def _attention(self, i, attn, x, cos, sin, positions, rows, mask):
+    def _cache_slots(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
+        """Flat [B * kv_heads] indices of (row, head, pos) in one layer's cache viewed as [-1, D]:
+        one index_copy_ writes a decode step's keys, far faster than advanced-index assignment."""
+        row_ids = torch.arange(rows.start, rows.stop, device=pos.device)
+        heads = torch.arange(self.num_kv_heads, device=pos.device)
+        return ((row_ids[:, None] * self.num_kv_heads + heads[None]) * self.max_len + pos[:, None]).reshape(-1)
+
+    def _attention(self, i, attn, x, cos, sin, rows, mask, slots):
         B, L, _ = x.shape
         shape = (B, L, -1, self.head_dim)
         q = attn.q_proj(x).view(shape)
@@ -88,10 +96,8 @@ class Transformer(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if mask is not None:  # decode: one new token per row, attend over the cache
-            pos = positions[:, 0]
-            row_ids = torch.arange(rows.start, rows.stop, device=x.device) if isinstance(rows, slice) else rows
-            ck[row_ids, :, pos] = k[:, :, 0]
-            cv[row_ids, :, pos] = v[:, :, 0]
+            ck.view(-1, self.head_dim).index_copy_(0, slots, k[:, :, 0].reshape(-1, self.head_dim))
+            cv.view(-1, self.head_dim).index_copy_(0, slots, v[:, :, 0].reshape(-1, self.head_dim))
             span = mask.shape[-1]
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
