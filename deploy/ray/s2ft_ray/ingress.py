@@ -35,8 +35,8 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-api = FastAPI(title="s2ft-serve on Ray Serve", version="0.1.0",
-              description="s2ft-serve's OpenAI and admin API, served by a fleet of engine replicas.")
+# The ingress's own docs are off: `/docs` and `/openapi.json` reach a replica's full s2ft-serve API.
+api = FastAPI(title="s2ft-serve on Ray Serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment

@@ -105,6 +105,8 @@ class EngineReplica:
         """Register `name` here (loading it if needed); False when it cannot be (the app says why)."""
         try:
             await self.lease(name)
+            if not self.engine.has_adapter(name):  # unloaded by an admin change, still registered with Ray
+                await asyncio.to_thread(self.holdings.materialise, name)
             return True
         except S2FTError:
             return False
