@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import logging
 import uuid
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request, Response
@@ -19,12 +20,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from s2ft_serve.engine.engine import Engine, RequestHandle
-from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent, TokenLogprob
+from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
-from s2ft_serve.server.metrics import Metrics
 from s2ft_serve.server.errors import domain_error_response
+from s2ft_serve.server.metrics import Metrics
 from s2ft_serve.server.protocol import SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
 SSE_DONE = "data: [DONE]\n\n"
@@ -217,10 +220,6 @@ def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | No
     metrics.observe_request(adapter, status)
 
 
-def logprob_of(entry: TokenLogprob | None) -> float | None:
-    return None if entry is None else entry.logprob
-
-
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
@@ -249,6 +248,11 @@ async def sse_stream(chunks: AsyncIterator[str], done: Callable[[BaseException |
     except (asyncio.CancelledError, GeneratorExit):
         done(asyncio.CancelledError())
         raise
+    except Exception as exc:  # never a 5xx mid-stream: the status line is long gone
+        log.exception("stream failed")
+        done(exc)
+        yield sse_error(S2FTError(f"internal error: {type(exc).__name__}"))
+        yield SSE_DONE
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 
