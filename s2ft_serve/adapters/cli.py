@@ -24,7 +24,8 @@ EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="s2ft-adapter", description="Inspect, merge, fuse and extract S²FT adapters.")
+    parser = argparse.ArgumentParser(prog="s2ft-adapter",
+                                     description="Inspect, merge, fuse and extract S²FT adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show an adapter's config, modules, heads/channels per layer, size")

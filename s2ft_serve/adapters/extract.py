@@ -33,7 +33,6 @@ from s2ft_serve.adapters.permutation import (
     describe,
     is_identity,
     match_blocks,
-    match_rows,
     unpermute,
 )
 from s2ft_serve.errors import InvalidRequestError
@@ -248,7 +247,8 @@ def _make_adapter(base: LoadedBase, tuned: Path, modules: dict[str, ModuleDelta]
 def _write_permutations(path: Path, permutations: dict[int, LayerPermutation]) -> None:
     body = {
         "convention": "order[j] = i: position j of the tuned checkpoint held head/channel i of the base",
-        "layers": {str(i): {k: v for k, v in asdict(p).items() if v is not None} for i, p in sorted(permutations.items())},
+        "layers": {str(i): {k: v for k, v in asdict(p).items() if v is not None}
+                   for i, p in sorted(permutations.items())},
     }
     path.write_text(json.dumps(body) + "\n")
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from s2ft_serve.adapters.compose import merge_adapters
-from s2ft_serve.adapters.format import Adapter, ModuleDelta, linear_shapes, load_adapter, make_config, merge_into, save_adapter
+from s2ft_serve.adapters.format import (
+    Adapter,
+    ModuleDelta,
+    linear_shapes,
+    load_adapter,
+    make_config,
+    merge_into,
+    save_adapter,
+)
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.model.loading import load_model, target_linears
 from s2ft_serve.model.testing import random_adapter
