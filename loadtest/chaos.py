@@ -4,7 +4,8 @@ While greedy traffic runs over a few adapters (and the base model), a chaos task
 admin API: replace an adapter with its other version (two weight sets, A and B, per name), unload
 and reload it, fuse and unfuse it, and load and unload an extra adapter nobody asks for. After the
 traffic ends, nothing is fused and each name is set to each of its versions in turn; every
-successful answer is re-sent alone and must equal the solo answer of one of its adapter's versions.
+successful answer is re-sent alone under each version and must equal the solo answer of one of them.
+The report counts how many answers the versions tell apart, so a check with no teeth shows.
 A mismatch (e.g. tokens from mixed or stale weights) or any 5xx fails the run; a 404 for an
 adapter caught unloaded is a correct refusal and is only counted.
 """
@@ -57,6 +58,7 @@ class ChaosReport:
     verified: int  # successful answers compared with a solo re-send
     mismatches: list[Mismatch] = field(default_factory=list)
     reference_failures: int = 0  # solo re-sends that did not answer 200
+    distinguishing: int = 0  # adapter answers whose versions give different solo text (the check has teeth)
 
     @property
     def server_errors(self) -> int:
@@ -134,29 +136,27 @@ async def _settle(admin: AdminClient, plan: ChaosPlan) -> None:
 
 async def _verify(results: list[RequestResult], requests: dict[int, RequestSpec], target: Target,
                   admin: AdminClient, plan: ChaosPlan, report: ChaosReport) -> None:
-    """Compare each successful answer with solo answers, one adapter version at a time."""
-    answered = [r for r in results if r.ok]
+    """Re-send each answered request alone under every version of its adapter and compare."""
+    answered = {r.index: r for r in results if r.ok}
     report.verified = len(answered)
-    pending = {r.index: r for r in answered}
-    expected: dict[int, dict[str, str]] = {i: {} for i in pending}
-    base = [requests[i] for i, r in pending.items() if r.adapter is None]
-    await _compare(base, "base", pending, expected, target, report)
+    expected: dict[int, dict[str, str]] = {i: {} for i in answered}
+    base = [requests[i] for i, r in answered.items() if r.adapter is None]
+    await _collect(base, "base", expected, target, report)
     for version in range(len(plan.version_suffixes)):
         for name in plan.names:
-            specs = [requests[i] for i, r in pending.items() if r.adapter == name]
-            if not specs:
-                continue
-            await admin.put(name, plan.path(name, version))
-            await _compare(specs, f"version {version}", pending, expected, target, report)
-    report.mismatches = [Mismatch(i, r.adapter, r.text, expected[i]) for i, r in sorted(pending.items())]
+            specs = [requests[i] for i, r in answered.items() if r.adapter == name]
+            if specs:
+                await admin.put(name, plan.path(name, version))
+                await _collect(specs, f"version {version}", expected, target, report)
+    report.mismatches = [Mismatch(i, r.adapter, r.text, expected[i]) for i, r in sorted(answered.items())
+                         if r.text not in expected[i].values()]
+    report.distinguishing = sum(1 for i, r in answered.items() if r.adapter and len(set(expected[i].values())) > 1)
 
 
-async def _compare(specs: list[RequestSpec], label: str, pending: dict[int, RequestResult],
-                   expected: dict[int, dict[str, str]], target: Target, report: ChaosReport) -> None:
+async def _collect(specs: list[RequestSpec], label: str, expected: dict[int, dict[str, str]], target: Target,
+                   report: ChaosReport) -> None:
     for spec, solo in zip(specs, await send_alone(specs, target)):
-        if not solo.ok:
+        if solo.ok:
+            expected[spec.index][label] = solo.text
+        else:
             report.reference_failures += 1
-            continue
-        expected[spec.index][label] = solo.text
-        if solo.text == pending[spec.index].text:
-            del pending[spec.index]

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--preload", default="warmup", choices=["admin", "warmup", "none"],
                        help="make adapters resident by the admin API, one tiny request each, or not at all")
     sweep.add_argument("--warmup-requests", type=int, default=8, help="unmeasured requests before each point")
+    sweep.add_argument("--rounds", type=int, default=1,
+                       help="measure every count this many times, interleaved; report the median round")
     chaos.add_argument("--num-adapters", type=int, default=4, help="adapters under traffic")
     chaos.add_argument("--interval", type=float, default=0.3, help="mean seconds between chaos operations")
     make.add_argument("--count", type=int, required=True, help="how many adapters (lt-0000 ...)")
@@ -188,11 +190,12 @@ async def cmd_sweep(args: argparse.Namespace) -> int:
     target, admin, http = await target_from_args(args)
     try:
         preload = Preload(mode=args.preload, server_dir=server, warmup_requests=args.warmup_requests)
-        points = await run_sweep(counts, spec, target, admin, preload, args.prefix)
+        points = await run_sweep(counts, spec, target, admin, preload, args.prefix, args.rounds)
     finally:
         await http.aclose()
     print(sweep_table(points))
-    _write_json(args.json_path, {"points": [{"count": p.count, "summary": p.summary.to_dict()} for p in points]})
+    _write_json(args.json_path, {"points": [{"count": p.count, "rounds_tok_s": p.rounds_tok_s,
+                                             "summary": p.summary.to_dict()} for p in points]})
     return 0
 
 
@@ -218,7 +221,8 @@ async def cmd_chaos(args: argparse.Namespace) -> int:
     print(render_table("admin operations", ["operation status", "count"], rows))
     verdict = "PASS" if report.passed else "FAIL"
     print(f"chaos {verdict}: {report.verified} answers checked, {len(report.mismatches)} mismatches, "
-          f"{report.server_errors} 5xx, {report.reference_failures} failed re-sends")
+          f"{report.server_errors} 5xx, {report.reference_failures} failed re-sends; "
+          f"{report.distinguishing} adapter answers differ between the adapter's two versions")
     for m in report.mismatches[:5]:
         print(f"  mismatch #{m.index} ({m.adapter}): got {m.got!r}, solo {m.expected!r}")
     _write_json(args.json_path, report.to_dict())

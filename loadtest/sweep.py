@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -28,7 +28,8 @@ PRELOAD_MODES = ("admin", "warmup", "none")
 @dataclass
 class SweepPoint:
     count: int  # adapters in the popularity set (0: the base model only)
-    summary: Summary
+    summary: Summary  # the round with the median output token throughput
+    rounds_tok_s: list[float] = field(default_factory=list)  # output tok/s of every round, in order
 
 
 @dataclass(frozen=True)
@@ -55,22 +56,37 @@ def parse_counts(text: str) -> list[int]:
 
 
 async def run_sweep(
-    counts: list[int], spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload, prefix: str = "lt-"
+    counts: list[int], spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload,
+    prefix: str = "lt-", rounds: int = 1,
 ) -> list[SweepPoint]:
+    """Measure every count, `rounds` times interleaved (1, 8, 64, 1, 8, 64, ...) so that slow drift
+    of a shared machine spreads over all counts instead of biasing the last ones."""
     preload.validate()
+    if rounds < 1:
+        raise LoadtestConfigError("a sweep needs at least one round")
+    measured: dict[int, list[Summary]] = {count: [] for count in counts}
+    for _ in range(rounds):
+        for count in counts:
+            measured[count].append(await _measure(count, spec, target, admin, preload, prefix))
     points = []
     for count in counts:
-        names: list[str | None] = list(adapter_names(count, prefix)) if count else [None]
-        await _make_resident([n for n in names if n], target, admin, preload, spec.concurrency or 4)
-        point_spec = dataclasses.replace(spec, adapters=names)
-        if preload.warmup_requests:
-            warm = dataclasses.replace(point_spec, num_requests=preload.warmup_requests, duration_s=None,
-                                       seed=spec.seed + 1)
-            await run_workload(warm, target)
-        run = await run_workload(point_spec, target)
-        labels = {"adapters": count, "popularity": spec.popularity.kind}
-        points.append(SweepPoint(count=count, summary=summarize(run.results, run.wall_s, labels)))
+        ordered = sorted(measured[count], key=lambda s: s.output_token_throughput)
+        points.append(SweepPoint(count=count, summary=ordered[(len(ordered) - 1) // 2],
+                                 rounds_tok_s=[s.output_token_throughput for s in measured[count]]))
     return points
+
+
+async def _measure(count: int, spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload,
+                   prefix: str) -> Summary:
+    names: list[str | None] = list(adapter_names(count, prefix)) if count else [None]
+    await _make_resident([n for n in names if n], target, admin, preload, spec.concurrency or 4)
+    point_spec = dataclasses.replace(spec, adapters=names)
+    if preload.warmup_requests:
+        warm = dataclasses.replace(point_spec, num_requests=preload.warmup_requests, duration_s=None,
+                                   seed=spec.seed + 1)
+        await run_workload(warm, target)
+    run = await run_workload(point_spec, target)
+    return summarize(run.results, run.wall_s, {"adapters": count, "popularity": spec.popularity.kind})
 
 
 async def _make_resident(names: list[str], target: Target, admin: AdminClient, preload: Preload,
@@ -104,7 +120,7 @@ async def _touch_each(names: list[str], target: Target, concurrency: int) -> Non
 
 
 def sweep_table(points: list[SweepPoint]) -> str:
-    """Throughput against the number of adapters, relative to the first point."""
+    """Throughput against the number of adapters, relative to the first point (median rounds)."""
     if not points:
         return "no sweep points"
     first = points[0].summary.output_token_throughput or 1e-9
@@ -113,7 +129,8 @@ def sweep_table(points: list[SweepPoint]) -> str:
         s = p.summary
         e2e = f"{s.e2e_ms.p50:.0f} / {s.e2e_ms.p99:.0f}" if s.e2e_ms else "n/a"
         errors = ", ".join(f"{k}: {v}" for k, v in s.errors.items()) or "0"
+        spread = " ".join(f"{t:.1f}" for t in p.rounds_tok_s) if len(p.rounds_tok_s) > 1 else "-"
         rows.append([str(p.count), f"{s.request_throughput:.3f}", f"{s.output_token_throughput:.1f}",
-                     f"{s.output_token_throughput / first:.3f}", e2e, errors])
-    header = ["adapters", "req/s", "out tok/s", "vs first", "e2e ms p50 / p99", "errors"]
+                     f"{s.output_token_throughput / first:.3f}", e2e, errors, spread])
+    header = ["adapters", "req/s", "out tok/s", "vs first", "e2e ms p50 / p99", "errors", "tok/s per round"]
     return render_table("throughput vs number of adapters", header, rows)

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from loadtest.adapters import adapter_names, create_adapters
+from loadtest.adapters import AdapterBudget, adapter_names, create_adapters
 from loadtest.cli import main
 
 ADMIN_KEY = "loadtest-admin"
@@ -64,8 +64,9 @@ def stop_server(proc) -> None:
 def adapter_root(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("loadtest-adapters")
     names = adapter_names(4)
-    create_adapters(root, names, str(tiny_llama_dir))
-    create_adapters(root, [f"{n}--b" for n in names[:3]], str(tiny_llama_dir), seed_offset=1)
+    budget = AdapterBudget(scale=0.5)  # large deltas: versions give different greedy tokens
+    create_adapters(root, names, str(tiny_llama_dir), budget)
+    create_adapters(root, [f"{n}--b" for n in names[:3]], str(tiny_llama_dir), budget, seed_offset=1)
     return root
 
 
@@ -116,6 +117,7 @@ def test_chaos_finds_no_mismatch_and_no_5xx(server, tmp_path):
     report = json.loads(out.read_text())
     assert report["mismatches"] == [] and report["server_errors"] == 0
     assert rc == 0 and report["passed"] and report["verified"] > 0
+    assert report["distinguishing"] > 0, "the two versions of each adapter should answer differently"
     assert report["admin_ops"], "the chaos task ran no admin operation"
 
 

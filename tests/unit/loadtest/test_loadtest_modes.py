@@ -43,6 +43,20 @@ def test_sweep_preloads_and_reports_each_count(fake_server):
     assert "throughput vs number of adapters" in table and "1.000" in table
 
 
+def test_sweep_rounds_report_the_median_round(fake_server):
+    url, _ = fake_server
+    target = Target(base_url=url, base_model=BASE)
+    preload = Preload(mode="admin", warmup_requests=0)
+    points = asyncio.run(with_admin(url, lambda admin: run_sweep([0, 2], spec(num_requests=8), target, admin,
+                                                                  preload, rounds=3)))
+    for point in points:
+        assert len(point.rounds_tok_s) == 3
+        assert point.summary.output_token_throughput == sorted(point.rounds_tok_s)[1]
+    assert points[0].summary.labels["adapters"] == 0
+    with pytest.raises(LoadtestConfigError, match="round"):
+        asyncio.run(with_admin(url, lambda admin: run_sweep([1], spec(), target, admin, preload, rounds=0)))
+
+
 def test_sweep_warmup_reports_an_adapter_the_server_lacks(fake_server):
     url, _ = fake_server
     target = Target(base_url=url, base_model=BASE)
@@ -67,6 +81,7 @@ def test_chaos_passes_on_a_correct_server(fake_server):
     report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
     assert report.passed, report.mismatches
     assert report.verified == report.traffic.ok > 0
+    assert report.distinguishing > 0  # the fake's versions answer differently: the check has teeth
     ops = {key.split()[0] for key in report.admin_ops}
     assert ops and ops <= {"replace", "unload", "reload", "fuse", "unfuse", "churn-load", "churn-unload"}
     assert all(key.split()[1].startswith("2") for key in report.admin_ops), report.admin_ops
