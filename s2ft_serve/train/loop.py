@@ -26,6 +26,8 @@ LOSS_HISTORY = 10  # losses kept in checkpoints: the final training loss is thei
 
 @dataclass
 class World:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     size: int = 1
 

@@ -27,8 +27,6 @@ from s2ft_serve.train.selection import Budget, Selection, budget_from_ratio, sel
 from s2ft_serve.train.sparse_linear import S2FTLinear, wrap_linears
 
 
-
-
 @dataclass
 class TrainResult:
     """What `train` returns: the adapter (also written to `path`) and the trained model."""
