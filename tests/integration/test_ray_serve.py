@@ -213,6 +213,19 @@ def test_admin_replace_and_unload_reach_every_replica_holding_the_adapter(fleet,
             outputs = asyncio.run(_texts(fleet, "shared"))
             assert set(outputs) == {expected}
 
+        fused = client.post("/v1/adapters/shared/fuse")
+        assert fused.status_code == 200, fused.text
+        assert fused.json()["fused"] is True and "x-fleet-lagging" not in fused.headers
+        view = fleet_view(client)
+        assert view["records"]["shared"]["fused"] is True
+        wait_until(lambda: all("shared" in r["fused"] for r in fleet_view(client)["replicas"].values() if r["live"]),
+                   timeout=10)
+        assert set(asyncio.run(_texts(fleet, "shared"))) == {expected}  # fused or not, the same greedy text
+        unfused = client.post("/v1/adapters/shared/unfuse")
+        assert unfused.status_code == 200, unfused.text
+        wait_until(lambda: not any(r["fused"] for r in fleet_view(client)["replicas"].values() if r["live"]),
+                   timeout=10)
+
         removed = client.delete("/v1/adapters/shared")
         assert removed.status_code == 200, removed.text
         view = fleet_view(client)
@@ -261,28 +274,30 @@ def test_catalog_delivers_changes_and_tracks_acknowledgements():
 
     if str(DEPLOY_DIR) not in sys.path:
         sys.path.insert(0, str(DEPLOY_DIR))
-    from s2ft_ray.catalog import AdapterCatalog, AdapterRecord
+    from s2ft_ray.catalog import AdapterCatalog, AdapterRecord, ReplicaReport
 
     async def scenario() -> None:
         catalog = AdapterCatalog(replica_liveness_s=0.5)
         snap = await catalog.snapshot()
-        first = await catalog.poll("r1", 0, [], 0.01, snap.catalog_id)
+        none, holds_x = ReplicaReport(), ReplicaReport(held=["x"])
+        first = await catalog.poll("r1", 0, none, 0.01, snap.catalog_id)
         assert first.changes == [] and not first.resync
-        await catalog.poll("r2", 0, ["x"], 0.01, snap.catalog_id)
+        await catalog.poll("r2", 0, holds_x, 0.01, snap.catalog_id)
         assert await catalog.known("x") and not await catalog.known("y")
-        waiting = asyncio.ensure_future(catalog.poll("r1", 0, [], 5.0, snap.catalog_id))
+        waiting = asyncio.ensure_future(catalog.poll("r1", 0, none, 5.0, snap.catalog_id))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         epoch = await catalog.commit("load", "y", AdapterRecord("y", 0, path="/a/y"), origin="r2")
         result = await asyncio.wait_for(waiting, 1.0)  # woken by the commit, not by its timeout
         assert [(c.epoch, c.kind, c.name, c.record.path) for c in result.changes] == [(epoch, "load", "y", "/a/y")]
         assert await catalog.wait_applied(epoch, 0.05) == ["r1", "r2"]  # neither has polled back yet
-        await catalog.poll("r1", epoch, [], 0.01, snap.catalog_id)
+        await catalog.poll("r1", epoch, none, 0.01, snap.catalog_id)
         assert await catalog.wait_applied(epoch, 0.05) == ["r2"]
         await asyncio.sleep(0.6)  # r2 stops polling: it no longer holds admin changes up
-        await catalog.poll("r1", epoch, [], 0.01, snap.catalog_id)
+        await catalog.poll("r1", epoch, none, 0.01, snap.catalog_id)
         assert await catalog.wait_applied(epoch, 0.05) == []
-        assert (await catalog.poll("r1", epoch, [], 0.01, "another-catalog")).resync
+        assert not await catalog.known("x")  # only r2 held it, and r2 is gone
+        assert (await catalog.poll("r1", epoch, none, 0.01, "another-catalog")).resync
         gone = await catalog.commit("unload", "y", None, origin=None)
         assert "y" not in (await catalog.snapshot()).records and gone == epoch + 1
 

@@ -44,11 +44,19 @@ class Change:
 
 
 @dataclass
+class ReplicaReport:
+    """What a replica tells the catalog about itself with every poll (and after loads, evictions)."""
+
+    held: list[str] = field(default_factory=list)  # adapters in its engine
+    fused: list[str] = field(default_factory=list)  # of those, the fused ones
+    loads: int = 0  # adapters it has loaded on demand since it started (routing misses)
+
+
+@dataclass
 class ReplicaView:
     acked: int = 0  # the last epoch this replica has applied
     last_seen: float = field(default_factory=time.monotonic)
-    held: list[str] = field(default_factory=list)  # adapters in its engine
-    loads: int = 0  # adapters it has loaded on demand since it started (routing misses)
+    report: ReplicaReport = field(default_factory=ReplicaReport)
 
 
 @dataclass
@@ -87,10 +95,10 @@ class AdapterCatalog:
     async def snapshot(self) -> Snapshot:
         return Snapshot(self.catalog_id, self.epoch, dict(self.records))
 
-    async def poll(self, replica_id: str, acked: int, held: list[str], timeout_s: float,
-                   catalog_id: str | None = None, loads: int = 0) -> PollResult:
+    async def poll(self, replica_id: str, acked: int, report: ReplicaReport, timeout_s: float,
+                   catalog_id: str | None = None) -> PollResult:
         """Record that `replica_id` applied everything up to `acked`; wait for newer changes."""
-        self._seen(replica_id, acked, held, loads)
+        self._seen(replica_id, acked, report)
         if catalog_id != self.catalog_id or acked > self.epoch or self._behind_history(acked):
             return PollResult(self.catalog_id, self.epoch, [], resync=True)
         async with self.cond:
@@ -99,20 +107,18 @@ class AdapterCatalog:
                     await asyncio.wait_for(self.cond.wait_for(lambda: self.epoch > acked), timeout_s)
                 except asyncio.TimeoutError:
                     pass
-        self._seen(replica_id, acked, held, loads)
+        self._seen(replica_id, acked, report)
         return PollResult(self.catalog_id, self.epoch, [c for c in self.changes if c.epoch > acked], resync=False)
 
-    async def report(self, replica_id: str, held: list[str], loads: int = 0) -> None:
-        """A replica's held adapters changed (a load or an eviction)."""
+    async def report(self, replica_id: str, report: ReplicaReport) -> None:
+        """A replica's adapters changed (a load, an eviction, a fuse)."""
         view = self.replicas.setdefault(replica_id, ReplicaView())
-        view.held, view.loads = list(held), loads
-        view.last_seen = time.monotonic()
+        view.report, view.last_seen = report, time.monotonic()
 
-    def _seen(self, replica_id: str, acked: int, held: list[str], loads: int) -> None:
+    def _seen(self, replica_id: str, acked: int, report: ReplicaReport) -> None:
         view = self.replicas.setdefault(replica_id, ReplicaView())
         view.acked = max(view.acked, acked) if acked <= self.epoch else 0
-        view.last_seen = time.monotonic()
-        view.held, view.loads = list(held), loads
+        view.report, view.last_seen = report, time.monotonic()
 
     def _behind_history(self, acked: int) -> bool:
         return bool(self.changes) and acked < self.changes[0].epoch - 1
@@ -124,7 +130,7 @@ class AdapterCatalog:
     # ---- admin ---------------------------------------------------------------------------
     async def known(self, name: str) -> bool:
         """Whether `name` is loaded somewhere in the fleet (a record, or held by a live replica)."""
-        return name in self.records or any(name in v.held for v in self._live().values())
+        return name in self.records or any(name in v.report.held for v in self._live().values())
 
     async def record(self, name: str) -> AdapterRecord | None:
         return self.records.get(name)
@@ -161,7 +167,7 @@ class AdapterCatalog:
         return {
             "epoch": self.epoch,
             "records": {n: asdict(r) for n, r in sorted(self.records.items())},
-            "replicas": {rid: {"acked": v.acked, "held": sorted(v.held), "loads": v.loads, "live": rid in live,
+            "replicas": {rid: {**asdict(v.report), "acked": v.acked, "live": rid in live,
                                "seen_s_ago": round(now - v.last_seen, 3)}
                          for rid, v in sorted(self.replicas.items())},
         }

@@ -18,7 +18,7 @@ from s2ft_serve.engine.engine import Engine
 from s2ft_serve.errors import AdapterNotFoundError, S2FTError
 from s2ft_serve.server.settings import ServerSettings
 
-from s2ft_ray.catalog import AdapterRecord, Change
+from s2ft_ray.catalog import AdapterRecord, Change, ReplicaReport
 from s2ft_ray.routing import AdminOp
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ class AdapterHoldings:
 
     def held(self) -> list[str]:
         return sorted(info.name for info in self.engine.list_adapters())
+
+    def report(self) -> ReplicaReport:
+        infos = self.engine.list_adapters()
+        return ReplicaReport(held=sorted(i.name for i in infos), fused=sorted(i.name for i in infos if i.fused),
+                             loads=self.loads)
 
     # ---- on demand -----------------------------------------------------------------------
     def materialise(self, name: str) -> None:

@@ -166,9 +166,8 @@ class EngineReplica:
     async def _sync_loop(self) -> None:
         while True:
             try:
-                result = await self.catalog.poll.remote(self.replica_id, self.applied, self.holdings.held(),
-                                                        self.fleet.poll_interval_s, self.catalog_id,
-                                                        self.holdings.loads)
+                result = await self.catalog.poll.remote(self.replica_id, self.applied, self.holdings.report(),
+                                                        self.fleet.poll_interval_s, self.catalog_id)
                 if result.resync:
                     await self._resync()
                     continue
@@ -183,7 +182,7 @@ class EngineReplica:
                 self.catalog_id = None
 
     def _report_held(self) -> None:
-        self.catalog.report.remote(self.replica_id, self.holdings.held(), self.holdings.loads)
+        self.catalog.report.remote(self.replica_id, self.holdings.report())
 
     # ---- Ray Serve hooks -----------------------------------------------------------------
     def check_health(self) -> None:

@@ -37,7 +37,6 @@ class AdminOp:
 class Route:
     adapter: str | None = None  # the multiplexed model id; None: any replica
     admin: AdminOp | None = None
-    streaming: bool = False
 
 
 def _json(body: bytes) -> dict:
@@ -95,7 +94,7 @@ def route(method: str, path: str, body_bytes: bytes, base_names: set[str]) -> Ro
     """Routing facts of one request."""
     if method == "POST" and path in GENERATION_PATHS:
         body = _json(body_bytes)
-        return Route(adapter=adapter_of(body, base_names), streaming=body.get("stream") is True)
+        return Route(adapter=adapter_of(body, base_names))
     body = _json(body_bytes) if method in ("POST", "DELETE") else {}
     op = admin_op(method, path, body)
     if op is not None:
