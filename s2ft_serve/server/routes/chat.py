@@ -77,7 +77,7 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
         logprobs = None
         if body.logprobs and event.logprob is not None and event.token_id is not None:
             logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
-        if event.text_delta or logprobs is not None:
+        if event.token_id is not None or event.text_delta:  # one chunk per token, as vLLM
             delta = ChatDelta(content=event.text_delta)
             yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
         if event.finished:

@@ -105,7 +105,7 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
         if body.logprobs is not None and event.logprob is not None and event.token_id is not None:
             logprobs = completion_logprobs(text, [event.token_id], [event.logprob], offsets[choice.index])
             offsets[choice.index] = next_offset(logprobs)
-        if event.text_delta or logprobs is not None or event.finished:
+        if event.token_id is not None or event.text_delta or event.finished:  # one chunk per token, as vLLM
             yield chunk(choice.index, event.text_delta, logprobs, event.finish_reason if event.finished else None)
     if body.stream_options and body.stream_options.include_usage:
         yield sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[],

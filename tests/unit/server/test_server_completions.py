@@ -122,3 +122,10 @@ async def test_echo_prepends_prompt_text(client):
     plain = (await complete(client)).json()["choices"][0]["text"]
     echoed = (await complete(client, echo=True)).json()["choices"][0]["text"]
     assert echoed == PROMPT + plain
+
+
+async def test_stream_sends_a_chunk_per_token(client):
+    r = await complete(client, stream=True, max_tokens=6, ignore_eos=True)
+    chunks = sse_payloads(r.text)
+    assert len(chunks) in (6, 7)  # one per token (the end may ride on the last token or come alone)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
