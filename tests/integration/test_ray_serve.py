@@ -64,6 +64,7 @@ def fleet(tiny_llama_dir, adapter_root):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(tiny_llama_dir), "adapter_root": str(adapter_root), "max_adapters_per_replica": 2,
+            "adapter": [f"preloaded={adapter_root / 'a1'}"],
             "poll_interval_s": 1.0, "replica_liveness_s": 4.0, "admin_ack_timeout_s": 20.0}
     # One request at a time per replica makes concurrent requests spread over both replicas.
     app = build_app(args, replica_options={"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1,
@@ -150,6 +151,9 @@ def test_same_adapter_lands_on_the_replica_holding_it_and_matches_single_process
             assert got.status_code == 200, got.text
             assert got.json()["choices"][0]["text"] == reference_text(reference, model), model
         assert complete(client, adapter="a0").json()["choices"][0]["text"] == reference_text(reference, "a0")
+        preloaded = complete(client, "preloaded")  # `--adapter NAME=PATH`: a catalog record any replica loads
+        assert preloaded.status_code == 200, preloaded.text
+        assert preloaded.json()["choices"][0]["text"] == reference_text(reference, "a1")
         missing = complete(client, "nope")
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "The model 'nope' does not exist."
