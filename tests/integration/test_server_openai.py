@@ -261,6 +261,19 @@ def test_replace_under_load(client, admin):
     assert greedy(client, "swap", max_tokens=300, ignore_eos=True) == new
 
 
+def test_unload_under_load(client, admin):
+    assert admin.post("/v1/adapters", json={"name": "gone", "path": "a4"}).status_code == 201
+    expected = greedy(client, "gone", max_tokens=300, ignore_eos=True)
+    stream = client.completions.create(model="gone", prompt=PROMPTS[0], max_tokens=300, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    pieces = [next(iter(stream)).choices[0].text]
+    assert admin.delete("/v1/adapters/gone").status_code == 200
+    pieces += [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert "".join(pieces) == expected  # the request in flight finished on its weights
+    with pytest.raises(openai.NotFoundError):
+        greedy(client, "gone")
+
+
 @pytest.fixture(scope="module")
 def small_server(tiny_llama_dir, adapter_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("small-server-log") / "s2ft-serve.log"
