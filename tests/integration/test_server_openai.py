@@ -274,6 +274,28 @@ def test_unload_under_load(client, admin):
         greedy(client, "gone")
 
 
+def metric_value(url: str, line_prefix: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_disconnect_cancels_the_stream(server, client):
+    closed = 's2ft_requests_total{adapter="a2",status="499"}'
+    before = metric_value(server.url, closed)
+    stream = client.completions.create(model="a2", prompt=PROMPTS[1], max_tokens=400, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # hang up after the first chunk
+    for _ in range(200):
+        if metric_value(server.url, closed) > before and metric_value(server.url, "s2ft_running_requests") == 0:
+            break
+        time.sleep(0.05)
+    assert metric_value(server.url, closed) == before + 1  # seen as a client that went away, not a 200
+    assert metric_value(server.url, "s2ft_running_requests") == 0  # and the engine dropped the request
+
+
 @pytest.fixture(scope="module")
 def small_server(tiny_llama_dir, adapter_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("small-server-log") / "s2ft-serve.log"
