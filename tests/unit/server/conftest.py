@@ -3,27 +3,13 @@ adapters on disk, and an httpx client talking to `create_app` in-process (ASGI t
 
 from __future__ import annotations
 
-import httpx
 import pytest
+from server_helpers import client_for, make_server_engine, write_adapter
 
-from s2ft_serve.adapters.format import save_adapter
-from s2ft_serve.config import EngineConfig
-from s2ft_serve.engine.engine import Engine
-from s2ft_serve.model.testing import random_adapter
 from s2ft_serve.server.app import create_app
 from s2ft_serve.server.settings import ServerSettings
 
 DISK_ADAPTERS = {"a0": 10, "a1": 11}  # name -> seed, written under the adapter root
-
-
-def make_server_engine(model_dir, root, **overrides) -> Engine:
-    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", adapter_root=str(root),
-                          **{"max_batch_size": 8, **overrides})
-    return Engine(config).start()
-
-
-def write_adapter(engine: Engine, folder, seed: int):
-    return save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed, channels=8), folder)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +30,6 @@ def engine(tiny_llama_dir, adapter_root):
 @pytest.fixture
 def settings(tiny_llama_dir, adapter_root) -> ServerSettings:
     return ServerSettings(model=str(tiny_llama_dir), adapter_root=str(adapter_root), dtype="float32", device="cpu")
-
-
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver", timeout=60)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import write_adapter
+from server_helpers import write_adapter
 
 from s2ft_serve.engine.request import SamplingParams
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import client_for
+from server_helpers import client_for
 
 from s2ft_serve.server.app import create_app
 

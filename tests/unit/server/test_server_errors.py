@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import client_for, make_server_engine
+from server_helpers import client_for, make_server_engine
 
 from s2ft_serve.server.app import create_app
 

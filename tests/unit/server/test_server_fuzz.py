@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import schemathesis
-from conftest import make_server_engine
+from server_helpers import make_server_engine
 from hypothesis import HealthCheck, given, settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 

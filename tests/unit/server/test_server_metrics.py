@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
+from server_helpers import write_adapter
 
 
 def samples(text: str) -> dict:
@@ -47,8 +48,6 @@ async def test_adapter_gauges_and_vllm_lora_info(client, engine):
 
 
 async def test_admin_load_latency_is_observed(client, engine, adapter_root):
-    from conftest import write_adapter
-
     write_adapter(engine, adapter_root / "metric-dir", seed=71)
     assert (await client.post("/v1/adapters", json={"name": "metric-a", "path": "metric-dir"})).status_code == 201
     s = samples((await client.get("/metrics")).text)
