@@ -83,14 +83,14 @@ def fleet_loads(url: str) -> int:
 
 def deploy(args: argparse.Namespace, replicas: int, adapter_root: Path, env: dict) -> None:
     from ray import serve
-    from s2ft_ray.app import build_app
+    from s2ft_ray.app import bind_app
 
     cpus = args.cpus / replicas
     threads = str(max(1, int(cpus)))
     app_args = {"model": args.model, "dtype": args.dtype, "adapter_root": str(adapter_root),
                 "max_adapters_per_replica": args.per_replica, "poll_interval_s": 1.0}
     actor = {"num_cpus": cpus * 0.99, "runtime_env": {"env_vars": {**env, "OMP_NUM_THREADS": threads}}}
-    app = build_app(app_args, replica_options={"num_replicas": replicas, "ray_actor_options": actor},
+    app = bind_app(app_args, replica_options={"num_replicas": replicas, "ray_actor_options": actor},
                     ingress_options={"ray_actor_options": {"num_cpus": 0}})
     serve.run(app, name=APP_NAME, route_prefix="/")
 

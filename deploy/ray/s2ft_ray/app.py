@@ -28,11 +28,16 @@ ReplicaDeployment = serve.deployment(name="EngineReplica", num_replicas=2, max_o
                                      ray_actor_options={"num_cpus": 1})(EngineReplica)
 
 
-def build_app(args: dict[str, Any] | None = None, replica_options: dict[str, Any] | None = None,
-              ingress_options: dict[str, Any] | None = None) -> Application:
+def build_app(args: dict[str, Any]) -> Application:
+    """The application builder Ray calls (`import_path: app:build_app`); it takes exactly `args`."""
+    return bind_app(args)
+
+
+def bind_app(args: dict[str, Any] | None = None, replica_options: dict[str, Any] | None = None,
+             ingress_options: dict[str, Any] | None = None) -> Application:
     """Bind the three deployments; `args` are `s2ft-serve` settings plus `FleetOptions`.
 
-    `replica_options` / `ingress_options` (Python callers only, e.g. tests) override deployment
+    `replica_options` / `ingress_options` (Python callers: tests, benchmarks) override deployment
     options the way a config file's `deployments:` section does.
     """
     args = dict(args or {})
