@@ -122,9 +122,13 @@ class Engine:
         handle.bind(seq)
         if not self.scheduler.add(seq):
             with self.lock:
-                if version is not None:
-                    self.registry.release(version)
-            raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+                for dropped in self.scheduler.take_cancelled():  # they free their places now
+                    self.stepper.abort_waiting(dropped)
+            if not self.scheduler.add(seq):
+                with self.lock:
+                    if version is not None:
+                        self.registry.release(version)
+                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
         return handle
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,

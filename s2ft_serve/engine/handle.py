@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 from typing import AsyncIterator, Iterator
 
 from s2ft_serve.engine.request import RequestOutput, StreamEvent
@@ -20,6 +21,7 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aqueue: asyncio.Queue[StreamEvent] | None = None
         self._seq = None
+        self._lock = threading.Lock()  # put() (engine thread) vs attach_loop() (caller): no lost event
         self._text: list[str] = []
         self.finished = False
 
@@ -28,25 +30,26 @@ class RequestHandle:
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events to `loop` from now on (events already queued are moved over)."""
-        self._aqueue = asyncio.Queue()
-        self._loop = loop
-        while True:
-            try:
-                self._aqueue.put_nowait(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        with self._lock:
+            self._aqueue = asyncio.Queue()
+            self._loop = loop
+            while True:
+                try:
+                    self._aqueue.put_nowait(self._queue.get_nowait())
+                except queue.Empty:
+                    break
 
     def put(self, event: StreamEvent) -> None:
         """Called by the engine thread."""
-        loop = self._loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                self._queue.put(event)
                 return
-            except RuntimeError:  # the loop is closed: the caller is gone
-                self.cancel()
-                return
-        self._queue.put(event)
+        try:
+            loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the caller is gone
+            self.cancel()
 
     def _record(self, event: StreamEvent) -> None:
         self._text.append(event.text_delta)

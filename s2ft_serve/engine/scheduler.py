@@ -54,6 +54,14 @@ class Scheduler:
             self.cond.notify()
             return True
 
+    def take_cancelled(self) -> list[Sequence]:
+        """Remove cancelled waiting sequences (so they free their queue places at once)."""
+        with self.cond:
+            cancelled = [s for s in self.waiting if s.cancelled]
+            if cancelled:
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            return cancelled
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

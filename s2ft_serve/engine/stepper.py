@@ -60,8 +60,7 @@ class Stepper:
                 if seq in sched.running:
                     self._finish(seq, "abort")
                 else:
-                    self._release(seq)
-                    self._emit_final(seq, "abort")
+                    self.abort_waiting(seq)
             sched.waiting.clear()
 
     def step(self) -> None:
@@ -69,8 +68,7 @@ class Stepper:
         engine, sched = self.engine, self.engine.scheduler
         for seq in sched.admit():
             if seq.cancelled:
-                self._release(seq)
-                self._emit_final(seq, "abort")
+                self.abort_waiting(seq)
                 continue
             sched.start_running(seq)
             self._prefill(seq)
@@ -140,6 +138,11 @@ class Stepper:
             runner.move_row(len(sched.running), moved.row, moved.length)
         self._release(seq)
         self._emit_final(seq, reason)
+
+    def abort_waiting(self, seq: Sequence) -> None:
+        """End a sequence that never ran (cancelled while waiting, or at shutdown)."""
+        self._release(seq)
+        self._emit_final(seq, "abort")
 
     def _release(self, seq: Sequence) -> None:
         if seq.version is not None:

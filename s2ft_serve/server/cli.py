@@ -25,7 +25,6 @@ log = logging.getLogger("s2ft_serve.server")
 FLAG_HELP = {
     "adapter": "NAME=PATH, repeatable: adapters loaded at start",
     "lazy_load": "load an adapter named in a request from --adapter-root on demand",
-    "auto_fuse": "fuse an adapter automatically while it dominates traffic",
 }
 
 
@@ -79,8 +78,6 @@ def announce(settings: ServerSettings) -> None:
     adapters = ", ".join(f"{n}={p}" for n, p in settings.adapter_specs().items()) or "none"
     log.info("s2ft-serve: model %s, device %s, dtype %s, adapters %s, adapter root %s, listening on %s",
              model, settings.device, settings.dtype, adapters, settings.adapter_root or "(any path)", settings.url)
-    for name in settings.unsupported_settings():
-        log.warning("--%s is not supported by this engine yet; ignored", name.replace("_", "-"))
     if not settings.is_loopback and settings.admin_key is None:
         log.warning("listening on non-loopback %s without --admin-key: admin routes answer 403", settings.host)
     if not settings.is_loopback and settings.api_key is None:

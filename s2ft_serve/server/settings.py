@@ -6,7 +6,6 @@ environment after that.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from typing import Annotated
 
@@ -42,10 +41,11 @@ class ServerSettings(BaseSettings):
     dtype: str = "float32"
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
-    # Automatic fusion (issue 5); passed to the engine when its config knows these fields.
-    auto_fuse: bool = False
-    auto_fuse_threshold: float = Field(0.8, gt=0, le=1)
-    auto_fuse_window_s: float = Field(30.0, gt=0)
+    auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")
+    auto_fuse_share: float = Field(0.6, gt=0, le=1, description="fuse at this share of the window's requests")
+    auto_unfuse_share: float = Field(0.4, gt=0, le=1, description="unfuse below this share (hysteresis)")
+    auto_fuse_window_s: float = Field(30.0, gt=0, description="the auto-fuse traffic window in seconds")
+    auto_fuse_min_requests: int = Field(20, ge=1, description="requests in the window before any decision")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: str = "info"
     access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")
@@ -92,14 +92,7 @@ class ServerSettings(BaseSettings):
         return f"http://{host}:{self.port}"
 
     def engine_config(self) -> EngineConfig:
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
-        return EngineConfig(**{k: v for k, v in self._engine_values().items() if k in known})
-
-    def unsupported_settings(self) -> list[str]:
-        """Settings changed from their default that this engine's config does not know (yet)."""
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
-        return [k for k, v in self._engine_values().items()
-                if k not in known and v != type(self).model_fields[k].default]
+        return EngineConfig(**self._engine_values())
 
     def _engine_values(self) -> dict:
         return dict(
@@ -117,6 +110,8 @@ class ServerSettings(BaseSettings):
             lazy_load=self.lazy_load,
             max_fused_adapters=self.max_fused_adapters,
             auto_fuse=self.auto_fuse,
-            auto_fuse_threshold=self.auto_fuse_threshold,
+            auto_fuse_share=self.auto_fuse_share,
+            auto_unfuse_share=self.auto_unfuse_share,
             auto_fuse_window_s=self.auto_fuse_window_s,
+            auto_fuse_min_requests=self.auto_fuse_min_requests,
         )

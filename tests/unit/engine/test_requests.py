@@ -106,3 +106,15 @@ def test_cancel_aborts(engine):
     handle.cancel()
     out = handle.result(timeout=30)
     assert out.finish_reason == "abort" and out.num_generated_tokens < 400
+
+
+def test_cancelled_waiting_requests_free_their_queue_places(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_queue=2)  # not started: nothing leaves the queue by itself
+    first = engine.submit("a", None, SamplingParams(max_tokens=2))
+    engine.submit("b", None, SamplingParams(max_tokens=2))
+    first.cancel()
+    third = engine.submit("c", None, SamplingParams(max_tokens=2))  # takes the cancelled one's place
+    assert first.result(timeout=5).finish_reason == "abort"
+    engine.start()
+    assert third.result(timeout=30).num_generated_tokens == 2
+    engine.shutdown()

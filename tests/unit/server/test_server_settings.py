@@ -56,8 +56,8 @@ def test_loopback_detection(host, loopback):
     assert ServerSettings(host=host).is_loopback is loopback
 
 
-def test_settings_the_engine_does_not_know_are_reported():
-    assert ServerSettings().unsupported_settings() == []
-    known = {f for f in ServerSettings(auto_fuse=True).engine_config().__dataclass_fields__}
-    reported = ServerSettings(auto_fuse=True).unsupported_settings()
-    assert reported == ([] if "auto_fuse" in known else ["auto_fuse"])
+def test_auto_fuse_settings_reach_the_engine():
+    config = ServerSettings(auto_fuse=True, auto_fuse_share=0.7, auto_unfuse_share=0.2,
+                            auto_fuse_window_s=5, auto_fuse_min_requests=3).engine_config()
+    assert (config.auto_fuse, config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
+            config.auto_fuse_min_requests) == (True, 0.7, 0.2, 5, 3)
