@@ -48,6 +48,8 @@ class Metrics:
                                       buckets=OP_BUCKETS, registry=r)
         self.adapter_fuse = Histogram("s2ft_adapter_fuse_seconds", "Adapter fuse/unfuse latency", ["op"],
                                       buckets=OP_BUCKETS, registry=r)
+        self.auto_fuse_decisions = Gauge("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
+                                         registry=r)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
@@ -81,6 +83,7 @@ class Metrics:
         self.resident_adapters.set(stats.resident_adapters)
         self.resident_bytes.set(stats.resident_bytes)
         self.fused_adapters.set(len(stats.fused_adapters))
+        self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
         self.lora_info.clear()
         self.lora_info.labels(
             running_lora_adapters=",".join(sorted(set(stats.running_adapters))),

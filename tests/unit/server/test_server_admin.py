@@ -86,6 +86,7 @@ async def test_fuse_unfuse_keep_outputs(client, engine):
     try:
         metrics = (await client.get("/metrics")).text
         assert "s2ft_fused_adapters 1.0" in metrics
+        assert "s2ft_auto_fuse_decisions 0.0" in metrics
         during = {m: await completion_text(client, m) for m in before}
         assert during == before
     finally:
