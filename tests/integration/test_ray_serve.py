@@ -7,6 +7,7 @@ replica killed mid-traffic replaced while requests keep succeeding.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -167,8 +168,6 @@ def test_streaming_passes_through_the_fleet(fleet, reference):
             assert response.headers["x-replica-id"]
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    import json
-
     text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1] if json.loads(line[6:])["choices"])
     assert text == reference_text(reference, "a1")
 
@@ -276,6 +275,33 @@ def test_config_files_are_valid_serve_configs():
         assert call_builder(entry.build_app, app.args) is not None
     with pytest.raises(Exception, match="unknown application argument"):
         split_args({"adpater_root": "/x"})
+
+
+def test_routing_reads_the_adapter_and_the_admin_change_like_the_server():
+    if str(DEPLOY_DIR) not in sys.path:
+        sys.path.insert(0, str(DEPLOY_DIR))
+    from s2ft_ray.routing import route
+
+    base = {"base-model"}
+
+    def body(**fields) -> bytes:
+        return json.dumps(fields).encode()
+
+    assert route("POST", "/v1/completions", body(model="x"), base).adapter == "x"
+    assert route("POST", "/v1/chat/completions", body(model="base-model", adapter="y"), base).adapter == "y"
+    assert route("POST", "/v1/completions", body(model="base-model"), base).adapter is None
+    assert route("POST", "/v1/completions", body(adapter="base-model"), base).adapter is None
+    assert route("POST", "/v1/completions", b"not json", base).adapter is None  # the replica answers 400
+    load = route("POST", "/v1/load_lora_adapter", body(lora_name="a", lora_path="p", load_inplace=True), base)
+    assert (load.adapter, load.admin.kind, load.admin.path, load.admin.replace) == ("a", "load", "p", True)
+    merge = route("POST", "/v1/adapters/merge", body(name="m", sources=[{"name": "a", "weight": 0.5}]), base)
+    assert (merge.adapter, merge.admin.kind, merge.admin.needs) == (None, "merge", ["a"])
+    assert route("DELETE", "/v1/adapters/a", b"", base).admin.kind == "unload"
+    assert route("POST", "/v1/unload_lora_adapter", body(lora_name="a"), base).admin.needs == ["a"]
+    assert route("POST", "/v1/adapters/a/fuse", b"", base).admin.kind == "fuse"
+    detail = route("GET", "/v1/adapters/a", b"", base)
+    assert (detail.adapter, detail.admin) == ("a", None)
+    assert route("GET", "/v1/adapters", b"", base).adapter is None
 
 
 def test_catalog_delivers_changes_and_tracks_acknowledgements():
