@@ -7,6 +7,7 @@ replica killed mid-traffic replaced while requests keep succeeding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -105,8 +106,6 @@ async def acomplete(client: httpx.AsyncClient, model: str | None, **extra) -> ht
 
 def reference_text(reference, model: str | None) -> str:
     # the in-process ASGI transport needs an event loop: run the async client
-    import asyncio
-
     async def go() -> str:
         async with httpx.AsyncClient(transport=reference._transport, base_url="http://ref") as client:
             response = await acomplete(client, model)
@@ -184,8 +183,6 @@ def test_each_replica_holds_a_bounded_number_of_adapters(fleet):
 
 
 def test_admin_replace_and_unload_reach_every_replica_holding_the_adapter(fleet, reference, adapter_root):
-    import asyncio
-
     async def spread(name: str) -> set[str]:
         """Concurrent requests: a busy replica (one request at a time) sends the next one elsewhere."""
         async with httpx.AsyncClient(base_url=fleet) as client:
@@ -238,8 +235,6 @@ def test_admin_replace_and_unload_reach_every_replica_holding_the_adapter(fleet,
 
 
 async def _texts(url: str, name: str) -> list[str]:
-    import asyncio
-
     async with httpx.AsyncClient(base_url=url) as client:
         responses = await asyncio.gather(*(acomplete(client, name) for _ in range(4)))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
@@ -306,8 +301,6 @@ def test_routing_reads_the_adapter_and_the_admin_change_like_the_server():
 
 def test_catalog_delivers_changes_and_tracks_acknowledgements():
     """Long-poll delivery, acks through the next poll, liveness, and resync on a new catalog."""
-    import asyncio
-
     if str(DEPLOY_DIR) not in sys.path:
         sys.path.insert(0, str(DEPLOY_DIR))
     from s2ft_ray.catalog import AdapterCatalog, AdapterRecord, ReplicaReport
