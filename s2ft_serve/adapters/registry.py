@@ -56,11 +56,12 @@ class AdapterRegistry:
         self.max_fused = max_fused
         self.entries: dict[str, Entry] = {}
         self.fused: list[Fused] = []
+        self._corrections: dict[AdapterVersion, int] = {}  # cached -delta slots, see _correction_slot
         self._free: list[int] = []
         self._next_slot = NULL_SLOT + 1
         self._capacity = 0
         # a hard cap on slots: resident adapters + retired versions still in flight + corrections
-        self.max_slots = max_resident + 64 + 2 * max_fused
+        self.max_slots = max_resident + 64 + 2 * max_fused + 2
 
     # ---- slots -------------------------------------------------------------------------
     def _alloc_slot(self) -> int:
@@ -125,6 +126,8 @@ class AdapterRegistry:
 
     def _retire(self, version: AdapterVersion) -> None:
         version.retired = True
+        if version in self._corrections:
+            self._free_slot(self._corrections.pop(version))
         if version.refs == 0:
             self._free_slot(version.slot)
 
@@ -182,8 +185,7 @@ class AdapterRegistry:
                 f"{len(self.fused)} adapter(s) already fused ({', '.join(f.version.name for f in self.fused)}); "
                 f"at most {self.max_fused} may be fused: unfuse first", param="name")
         assert entry.version is not None, "fuse needs a resident adapter"
-        correction = self._alloc_slot()
-        self._write(correction, entry.version.adapter, sign=-1.0)
+        correction = self._correction_slot(entry.version)
         self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version.adapter)))
 
     def unfuse(self, name: str) -> None:
@@ -194,11 +196,25 @@ class AdapterRegistry:
         later = self.fused[at + 1:]
         for f in reversed(self.fused[at:]):  # restore in reverse order: overlaps stay exact
             self._restore_columns(f.saved)
-        self._free_slot(target.correction_slot)
         self.fused = self.fused[:at]
         for f in later:
             f.saved = self._add_columns(f.version.adapter)
             self.fused.append(f)
+
+    def _correction_slot(self, version: AdapterVersion) -> int:
+        """The slot holding `-delta` of `version`, kept after unfuse so switching back costs nothing.
+
+        At most `max_fused + 2` corrections stay cached; the least recently used beyond go."""
+        slot = self._corrections.pop(version, None)
+        if slot is None:
+            slot = self._alloc_slot()
+            self._write(slot, version.adapter, sign=-1.0)
+        self._corrections[version] = slot  # most recently used last
+        fused = {f.version for f in self.fused} | {version}
+        idle = [v for v in self._corrections if v not in fused]  # least recently used first
+        for stale in idle[: max(0, len(self._corrections) - self.max_fused - 2)]:
+            self._free_slot(self._corrections.pop(stale))
+        return slot
 
     def _add_columns(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         saved = {}
@@ -206,14 +222,14 @@ class AdapterRegistry:
             for name, md in adapter.modules.items():
                 W = self.layers[name].base.weight
                 index = md.index.to(W.device)
-                saved[name] = (index, W[:, index].clone())
-                W[:, index] += md.delta.to(W.device, W.dtype)
+                saved[name] = (index, W.index_select(1, index))  # a copy of the touched columns
+                W.index_add_(1, index, md.delta.to(W.device, W.dtype))
         return saved
 
     def _restore_columns(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         with torch.no_grad():
             for name, (index, cols) in saved.items():
-                self.layers[name].base.weight[:, index] = cols
+                self.layers[name].base.weight.index_copy_(1, index, cols)
 
     # ---- reporting -----------------------------------------------------------------------
     def resident(self) -> list[Entry]:

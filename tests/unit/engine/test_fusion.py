@@ -116,3 +116,17 @@ def test_merge_is_a_weighted_sum(engine, adapters, tiny_model_dir):
     ids = engine.tokenize(PROMPTS[0])
     ref = reference(tiny_model_dir, (adapters["a0"], 0.5), (adapters["a1"], 2.0))
     assert (engine.logits(ids, "m") - reference_logits(ref, ids)).abs().max().item() <= 1e-4
+
+
+def test_cached_corrections_stay_bounded_and_exact(engine, adapters, tiny_model_dir):
+    ids = engine.tokenize(PROMPTS[1])
+    for _ in range(3):  # A -> B -> C -> A ...: corrections are reused, never leaked
+        for name in adapters:
+            engine.fuse(name)
+            engine.unfuse(name)
+    assert len(engine.registry._corrections) <= engine.registry.max_fused + 2
+    engine.fuse("a2")
+    ref = reference(tiny_model_dir, (adapters["a0"], 1.0))
+    assert (engine.logits(ids, "a0") - reference_logits(ref, ids)).abs().max().item() <= 1e-4
+    engine.remove_adapter("a2")  # retiring a version frees its cached correction
+    assert all(v.name != "a2" for v in engine.registry._corrections)
