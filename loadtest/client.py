@@ -47,7 +47,7 @@ class RequestResult:
     status: int  # HTTP status; 0 when no response came (timeout, refused connection)
     start_s: float
     e2e_s: float
-    ttft_s: float | None = None  # streaming only: until the first non-empty text
+    ttft_s: float | None = None  # streaming only: until the first chunk carrying a token
     prompt_tokens: int = 0
     output_tokens: int = 0
     text: str = ""
@@ -149,14 +149,22 @@ async def _send_streaming(
                 return
             usage = payload.get("usage") or usage
             for choice in payload.get("choices") or []:
-                piece = choice_text(choice)
-                if piece:
+                if is_token_chunk(choice):
                     if result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - start
-                    chunks.append(piece)
+                    chunks.append(choice_text(choice))
     result.text = "".join(chunks)
     result.output_tokens = len(chunks)  # one chunk per token unless usage says otherwise
     _take_usage(usage, result)
+
+
+def is_token_chunk(choice: dict) -> bool:
+    """Whether a streamed choice carries a generated token (its text may be empty, e.g. a special
+    token or half a character); chat's opening role chunk and a bare finish chunk do not."""
+    if "text" in choice:
+        return bool(choice["text"]) or not choice.get("finish_reason")
+    delta = choice.get("delta") or {}
+    return "content" in delta and delta["content"] is not None and "role" not in delta
 
 
 def choice_text(choice: dict) -> str:

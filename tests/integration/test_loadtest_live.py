@@ -8,56 +8,15 @@ open-loop overload that must be answered with 429s, never 5xx or timeouts.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
+from test_server_openai import start_server, stop_server  # the server suite's process helpers
 
 from loadtest.adapters import AdapterBudget, adapter_names, create_adapters
 from loadtest.cli import main
 
 ADMIN_KEY = "loadtest-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir, adapter_root, *flags: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "s2ft_serve.server.cli", "--model", str(model_dir), "--adapter-root",
-           str(adapter_root), "--port", str(port), "--admin-key", ADMIN_KEY, "--device", "cpu", *flags]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"s2ft-serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("s2ft-serve did not become ready within 120 s")
-
-
-def stop_server(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +29,21 @@ def adapter_root(tiny_llama_dir, tmp_path_factory):
     return root
 
 
+def start(model_dir, adapter_root, log, *flags: str):
+    return start_server(model_dir, adapter_root, log, "--admin-key", ADMIN_KEY, *flags)
+
+
 @pytest.fixture(scope="module")
-def server_process(tiny_llama_dir, adapter_root):
-    proc, url = start_server(tiny_llama_dir, adapter_root, "--max-batch-size", "4", "--max-queue", "8")
-    yield proc, url
-    stop_server(proc)
+def server_process(tiny_llama_dir, adapter_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("loadtest-server") / "server.log"
+    server = start(tiny_llama_dir, adapter_root, log, "--max-batch-size", "4", "--max-queue", "8")
+    yield server
+    stop_server(server)
 
 
 @pytest.fixture(scope="module")
 def server(server_process):
-    return server_process[1]
+    return server_process.url
 
 
 def common(url: str) -> list[str]:
@@ -87,7 +51,7 @@ def common(url: str) -> list[str]:
 
 
 def test_streamed_run_reports_latencies(server_process, tmp_path):
-    proc, server = server_process
+    proc, server = server_process.proc, server_process.url
     out = tmp_path / "run.json"
     rc = main(["run", *common(server), "--requests", "16", "--concurrency", "4", "--stream", "--num-adapters", "3",
                "--popularity", "zipf:1.1", "--include-base", "--server-memory", "--server-pid", str(proc.pid),
@@ -122,7 +86,8 @@ def test_chaos_finds_no_mismatch_and_no_5xx(server, tmp_path):
 
 
 def test_overload_is_answered_with_429(tiny_llama_dir, adapter_root, tmp_path):
-    proc, url = start_server(tiny_llama_dir, adapter_root, "--max-batch-size", "1", "--max-queue", "1")
+    overloaded = start(tiny_llama_dir, adapter_root, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue", "1")
+    url = overloaded.url
     try:
         out = tmp_path / "overload.json"
         rc = main(["run", *common(url), "--rate", "400", "--requests", "120", "--timeout", "60",
@@ -130,7 +95,7 @@ def test_overload_is_answered_with_429(tiny_llama_dir, adapter_root, tmp_path):
         report = json.loads(out.read_text())
         assert httpx.get(f"{url}/health").status_code == 200
     finally:
-        stop_server(proc)
+        stop_server(overloaded)
     assert rc == 0 and report["requests"] == 120
     assert report["outcomes"].get("429", 0) > 0 and report["ok"] > 0
     assert set(report["outcomes"]) <= {"ok", "429"}, report["outcomes"]

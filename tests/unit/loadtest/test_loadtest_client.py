@@ -94,3 +94,18 @@ def test_unreachable_server_is_a_transport_outcome():
 ])
 def test_error_messages(body, expected):
     assert error_message(body) == expected
+
+
+@pytest.mark.parametrize("choice,expected", [
+    ({"text": "a"}, True),
+    ({"text": ""}, True),  # a token that decodes to no text yet still arrived
+    ({"text": "", "finish_reason": "length"}, False),
+    ({"text": "b", "finish_reason": "stop"}, True),
+    ({"delta": {"role": "assistant", "content": ""}}, False),
+    ({"delta": {"content": "x"}}, True),
+    ({"delta": {}, "finish_reason": "stop"}, False),
+])
+def test_token_chunks(choice, expected):
+    from loadtest.client import is_token_chunk
+
+    assert is_token_chunk(choice) is expected
