@@ -1,0 +1,31 @@
+"""Learning-rate schedule and per-process batches of the training loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2ft_serve.train.config import TrainConfig
+from s2ft_serve.train.data import Example
+from s2ft_serve.train.loop import World, lr_factor, rank_batch, total_steps
+
+
+def test_warmup_then_cosine_linear_constant():
+    assert [lr_factor(s, 10, 4, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4, "cosine") == pytest.approx(1.0)
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.5)
+    assert lr_factor(7, 10, 4, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 4, "constant") == 1.0
+
+
+def test_processes_split_each_global_batch_without_overlap():
+    rows = [Example([i, i + 1], [i, i + 1]) for i in range(10)]
+    cfg = TrainConfig(data="x", output="y", batch_size=2, seed=3)
+    seen = []
+    for rank in range(2):
+        batch = rank_batch(rows, cfg, World(rank=rank, size=2), micro=0, pad_id=0, device="cpu")
+        seen += batch["input_ids"][:, 0].tolist()
+    assert len(seen) == 4 and len(set(seen)) == 4
+    assert total_steps(cfg, 10, World(size=2)) == 3  # ceil(10 / (2 * 2)) micro-batches per epoch
+    cfg.max_steps = 7
+    assert total_steps(cfg, 10, World(size=2)) == 7
