@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from conftest import BASE
+from fake_openai import BASE
 from loadtest.admin import AdminClient, parse_metric
 from loadtest.chaos import ChaosPlan, run_chaos
 from loadtest.cli import main
