@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_adapter_dir_args(p)
     run.add_argument("--adapters", default="", help="comma-separated adapter names (default: the base model)")
     run.add_argument("--num-adapters", type=int, default=0, help="use lt-0000 ... lt-<N-1> instead of --adapters")
+    run.add_argument("--prefix", default="lt-", help="adapter name prefix for --num-adapters")
     run.add_argument("--server-memory", action="store_true",
                      help=f"report the server's resident memory before, after, and after --cooldown (from "
                           f"/proc/<--server-pid>/status when given, else {RSS_METRIC} on /metrics)")
@@ -129,7 +130,11 @@ async def target_from_args(args: argparse.Namespace) -> tuple[Target, AdminClien
     draft = Target(base_url=args.url.rstrip("/"), base_model=args.base_model or "", api_key=args.api_key)
     http = make_http_client(draft, 8)
     admin = AdminClient(http, admin_key=args.admin_key, api_key=args.api_key)
-    base_model = args.base_model or await admin.base_model()
+    try:
+        base_model = args.base_model or await admin.base_model()
+    except LoadtestConfigError:
+        await http.aclose()
+        raise
     target = Target(base_url=draft.base_url, base_model=base_model, api_key=args.api_key, endpoint=args.endpoint,
                     stream=args.stream, temperature=args.temperature, stream_usage=not args.no_stream_usage,
                     ignore_eos=args.ignore_eos, timeout_s=args.timeout)
@@ -152,7 +157,7 @@ def _adapter_dirs(args: argparse.Namespace) -> tuple[Path | None, str | None]:
 async def cmd_run(args: argparse.Namespace) -> int:
     names: list[str | None] = [n.strip() for n in args.adapters.split(",") if n.strip()]
     if args.num_adapters:
-        names = list(adapter_names(args.num_adapters))
+        names = list(adapter_names(args.num_adapters, args.prefix))
     spec = workload_from_args(args, names or [None])
     target, admin, http = await target_from_args(args)
     try:
