@@ -61,6 +61,13 @@ class S2FTLinear(nn.Module):
         super().__init__()
         self.base = base
         self.batch = batch
+        w = base.weight
+        if w.dtype == torch.float32 or w.device.type != "cpu":
+            # Column-major storage: each input column is contiguous, so fusing or unfusing an adapter
+            # (W[:, index] += delta) is a sequential copy instead of a cache miss per element; float32
+            # CPU GEMM (and CUDA GEMM) run at the same speed. bfloat16 CPU GEMM does not, so it stays.
+            with torch.no_grad():
+                base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
 
