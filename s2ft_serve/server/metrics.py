@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from s2ft_serve.engine.request import EngineStats
 
@@ -28,6 +28,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc., for memory-flat checks
         self.requests = Counter("s2ft_requests", "Finished HTTP generation requests", ["adapter", "status"], registry=r)
         self.ttft = Histogram("s2ft_time_to_first_token_seconds", "Time to first token", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -53,3 +53,8 @@ async def test_admin_load_latency_is_observed(client, engine, adapter_root):
     s = samples((await client.get("/metrics")).text)
     assert value(s, "s2ft_adapter_load_seconds_count") == 1
     assert (await client.delete("/v1/adapters/metric-a")).status_code == 200
+
+
+async def test_process_memory_is_exported(client):
+    s = samples((await client.get("/metrics")).text)
+    assert value(s, "process_resident_memory_bytes") > 10 * 2**20
