@@ -266,8 +266,10 @@ class Engine:
             return self.registry.acquire(entry)
 
     def _lazy_path(self, name: str, entry: Entry | None) -> Path:
-        if entry is not None:
-            return entry.path
+        return entry.path if entry is not None else self.lazy_folder(name)
+
+    def lazy_folder(self, name: str) -> Path:
+        """The folder under `adapter_root` that a request naming `name` loads on demand."""
         root = self.config.adapter_root
         if not self.config.lazy_load or root is None or "/" in name or name in (".", ".."):
             raise AdapterNotFoundError(name)

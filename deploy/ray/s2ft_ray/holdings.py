@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace as copy_with
-from pathlib import Path
 
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.errors import AdapterNotFoundError, S2FTError
@@ -51,20 +50,11 @@ class AdapterHoldings:
                 return
             record = self.records.get(name)
             if record is None:
-                self.engine.load_adapter(name, str(self._root_folder(name)))
+                self.engine.load_adapter(name, str(self.engine.lazy_folder(name)))
             else:
                 self._build(record)
             self.generations[name] = record.generation if record else 0
             self.loads += 1
-
-    def _root_folder(self, name: str) -> Path:
-        root = self.settings.adapter_root
-        if not self.settings.lazy_load or root is None or "/" in name or name in (".", ".."):
-            raise AdapterNotFoundError(name)
-        folder = Path(root) / name
-        if not (folder / "adapter_config.json").is_file():
-            raise AdapterNotFoundError(name)
-        return folder
 
     def _build(self, record: AdapterRecord, replace: bool = False) -> None:
         if record.sources is not None:
