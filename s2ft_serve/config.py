@@ -10,6 +10,8 @@ class EngineConfig:
     model: str | None = None  # a local Hugging Face folder; None = the embedded SmolLM2-135M-Instruct
     device: str = "auto"  # auto picks cuda when available
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    threads: int | None = None  # CPU threads for torch; None = torch's default (one per core). On a
+    # machine shared with other busy processes, 1 avoids OpenMP threads spinning against each other.
     max_batch_size: int = 32  # requests decoded together per step
     max_tokens_per_step: int = 2048  # prefill token budget per step (at least one prompt is always admitted)
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)

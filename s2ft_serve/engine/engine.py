@@ -48,6 +48,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
         self.loaded = loaded
         self.model_name = loaded.name

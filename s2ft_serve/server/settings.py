@@ -39,6 +39,7 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1)
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one per core)")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
     auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")
@@ -99,6 +100,7 @@ class ServerSettings(BaseSettings):
             model=self.model or None,
             device=self.device,
             dtype=self.dtype,
+            threads=self.threads,
             max_batch_size=self.max_batch_size,
             max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,
