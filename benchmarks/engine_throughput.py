@@ -77,8 +77,11 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=40, help="S²FT down_proj channels per layer")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(None, dtype=args.dtype, device="cpu")
     base_dir, tok = loaded.path, loaded.tokenizer
@@ -119,7 +122,7 @@ def main() -> None:
 
     report = {
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
-        "batch": args.batch, "new_tokens": args.tokens, "adapter_params": params_per_adapter, "lora_rank": rank,
+        "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.tokens, "adapter_params": params_per_adapter, "lora_rank": rank,
         "engine_base_tok_s": round(base_tps, 1), "engine_mixed_tok_s": round(mixed_tps, 1),
         "transformers_base_tok_s": round(hf_tps, 1),
         "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None,

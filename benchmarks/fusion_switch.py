@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds per mode (best kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     return p.parse_args()
 
 
@@ -134,6 +135,8 @@ def decode_rates(engine: Engine, args: argparse.Namespace, vocab: int) -> dict[s
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reference = load_model(None, dtype=args.dtype, device="cpu")
     adapters: dict[str, Adapter] = {
         name: random_adapter(reference.model, reference.name, seed=seed, heads=args.heads, channels=args.channels,
