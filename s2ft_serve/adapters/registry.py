@@ -7,6 +7,8 @@ retires the version, whose slot is freed only when its last request finishes.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +48,22 @@ class Fused:
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (index, original columns)
 
 
+def _locked(method):
+    """Run under the registry's own lock: request threads pin versions without the step lock."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class AdapterRegistry:
     def __init__(self, layers: dict[str, S2FTLinear], max_resident: int, max_resident_bytes: int,
                  head_dim: int, max_fused: int = 1):
         self.layers = layers
+        self.lock = threading.RLock()  # always taken after the engine's step lock, never before
         self.max_resident = max_resident
         self.max_resident_bytes = max_resident_bytes
         self.head_dim = head_dim
@@ -86,6 +100,7 @@ class AdapterRegistry:
             self.layers[name].set_slot(slot, md.index, md.delta if sign == 1.0 else -md.delta)
 
     # ---- install / remove ----------------------------------------------------------------
+    @_locked
     def install(self, name: str, adapter: Adapter, path: Path | None, replace: bool) -> Entry:
         old = self.entries.get(name)
         if old is not None and not replace:
@@ -106,6 +121,7 @@ class AdapterRegistry:
             self.fuse(name)
         return entry
 
+    @_locked
     def reload(self, entry: Entry, adapter: Adapter) -> None:
         """Make an evicted entry resident again."""
         self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=entry.name)
@@ -113,6 +129,7 @@ class AdapterRegistry:
         self._write(slot, adapter)
         entry.version = AdapterVersion(name=entry.name, slot=slot, adapter=adapter)
 
+    @_locked
     def remove(self, name: str) -> None:
         self._drop(self.get(name))
         del self.entries[name]
@@ -149,12 +166,14 @@ class AdapterRegistry:
             victim.version = None
 
     # ---- requests ------------------------------------------------------------------------
+    @_locked
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
             raise AdapterNotFoundError(name)
         return entry
 
+    @_locked
     def acquire(self, entry: Entry) -> AdapterVersion:
         assert entry.version is not None
         entry.version.refs += 1
@@ -162,6 +181,7 @@ class AdapterRegistry:
         entry.last_used = time.monotonic()
         return entry.version
 
+    @_locked
     def release(self, version: AdapterVersion) -> None:
         version.refs -= 1
         if version.retired and version.refs == 0:
@@ -176,6 +196,7 @@ class AdapterRegistry:
     def is_fused(self, name: str) -> bool:
         return any(f.version.name == name and not f.version.retired for f in self.fused)
 
+    @_locked
     def fuse(self, name: str) -> None:
         entry = self.get(name)
         if self.is_fused(name):
@@ -188,6 +209,7 @@ class AdapterRegistry:
         correction = self._correction_slot(entry.version)
         self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version.adapter)))
 
+    @_locked
     def unfuse(self, name: str) -> None:
         target = next((f for f in self.fused if f.version.name == name), None)
         if target is None:
@@ -232,5 +254,6 @@ class AdapterRegistry:
                 self.layers[name].base.weight.index_copy_(1, index, cols)
 
     # ---- reporting -----------------------------------------------------------------------
+    @_locked
     def resident(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.version is not None]

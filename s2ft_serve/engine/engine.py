@@ -253,7 +253,7 @@ class Engine:
         """Resolve a request's adapter to a resident, pinned version (loading it if needed)."""
         if name is None:
             return None
-        with self.lock:
+        with self.registry.lock:  # not the step lock: pinning a resident adapter never waits for a step
             entry = self.registry.entries.get(name)
             if entry is not None and entry.version is not None:
                 return self.registry.acquire(entry)
