@@ -59,6 +59,11 @@ def _locked(method):
     return wrapper
 
 
+def _columns(weight: torch.Tensor) -> torch.Tensor:
+    """`weight.t()`: column j of W is row j here, contiguous when W is stored column-major (see layers)."""
+    return weight.t()
+
+
 class AdapterRegistry:
     def __init__(self, layers: dict[str, S2FTLinear], max_resident: int, max_resident_bytes: int,
                  head_dim: int, max_fused: int = 1):
@@ -239,19 +244,20 @@ class AdapterRegistry:
         return slot
 
     def _add_columns(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`W[:, index] += delta` per module; returns the original columns (as rows of `W.t()`)."""
         saved = {}
         with torch.no_grad():
             for name, md in adapter.modules.items():
-                W = self.layers[name].base.weight
-                index = md.index.to(W.device)
-                saved[name] = (index, W.index_select(1, index))  # a copy of the touched columns
-                W.index_add_(1, index, md.delta.to(W.device, W.dtype))
+                cols = _columns(self.layers[name].base.weight)  # [in, out] view
+                index = md.index.to(cols.device)
+                saved[name] = (index, cols.index_select(0, index))  # a copy of the touched columns
+                cols.index_add_(0, index, md.delta.t().to(cols.device, cols.dtype))
         return saved
 
     def _restore_columns(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         with torch.no_grad():
-            for name, (index, cols) in saved.items():
-                self.layers[name].base.weight.index_copy_(1, index, cols)
+            for name, (index, original) in saved.items():
+                _columns(self.layers[name].base.weight).index_copy_(0, index, original)
 
     # ---- reporting -----------------------------------------------------------------------
     @_locked
