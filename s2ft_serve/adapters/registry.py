@@ -45,7 +45,7 @@ class Entry:
 class Fused:
     version: AdapterVersion
     correction_slot: int  # holds -delta, applied to every token not of this adapter
-    saved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (index, original columns)
+    saved: list[torch.Tensor]  # the original columns, per module of the version's fusion plan
 
 
 def _locked(method):
@@ -76,6 +76,7 @@ class AdapterRegistry:
         self.entries: dict[str, Entry] = {}
         self.fused: list[Fused] = []
         self._corrections: dict[AdapterVersion, int] = {}  # cached -delta slots, see _correction_slot
+        self._plans: dict[AdapterVersion, list] = {}  # cached fusion plans, dropped with the corrections
         self._free: list[int] = []
         self._next_slot = NULL_SLOT + 1
         self._capacity = 0
@@ -150,6 +151,7 @@ class AdapterRegistry:
         version.retired = True
         if version in self._corrections:
             self._free_slot(self._corrections.pop(version))
+        self._plans.pop(version, None)
         if version.refs == 0:
             self._free_slot(version.slot)
 
@@ -212,7 +214,7 @@ class AdapterRegistry:
                 f"at most {self.max_fused} may be fused: unfuse first", param="name")
         assert entry.version is not None, "fuse needs a resident adapter"
         correction = self._correction_slot(entry.version)
-        self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version.adapter)))
+        self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version)))
 
     @_locked
     def unfuse(self, name: str) -> None:
@@ -222,10 +224,10 @@ class AdapterRegistry:
         at = self.fused.index(target)
         later = self.fused[at + 1:]
         for f in reversed(self.fused[at:]):  # restore in reverse order: overlaps stay exact
-            self._restore_columns(f.saved)
+            self._restore_columns(f.version, f.saved)
         self.fused = self.fused[:at]
         for f in later:
-            f.saved = self._add_columns(f.version.adapter)
+            f.saved = self._add_columns(f.version)
             self.fused.append(f)
 
     def _correction_slot(self, version: AdapterVersion) -> int:
@@ -241,23 +243,36 @@ class AdapterRegistry:
         idle = [v for v in self._corrections if v not in fused]  # least recently used first
         for stale in idle[: max(0, len(self._corrections) - self.max_fused - 2)]:
             self._free_slot(self._corrections.pop(stale))
+            self._plans.pop(stale, None)
         return slot
 
-    def _add_columns(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`W[:, index] += delta` per module; returns the original columns (as rows of `W.t()`)."""
-        saved = {}
-        with torch.no_grad():
-            for name, md in adapter.modules.items():
+    def _plan(self, version: AdapterVersion) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per module (columns view `W.t()`, index, `delta.t()` contiguous), ready for fusing.
+
+        Cached beside the version's correction slot, so a switch runs two or three tensor ops
+        per module and no Python lookups or conversions."""
+        plan = self._plans.get(version)
+        if plan is None:
+            plan = []
+            for name, md in version.adapter.modules.items():
                 cols = _columns(self.layers[name].base.weight)  # [in, out] view
-                index = md.index.to(cols.device)
-                saved[name] = (index, cols.index_select(0, index))  # a copy of the touched columns
-                cols.index_add_(0, index, md.delta.t().to(cols.device, cols.dtype))
+                plan.append((cols, md.index.to(cols.device), md.delta.t().to(cols.device, cols.dtype).contiguous()))
+            self._plans[version] = plan
+        return plan
+
+    def _add_columns(self, version: AdapterVersion) -> list[torch.Tensor]:
+        """`W[:, index] += delta` per module; returns the original columns (as rows of `W.t()`)."""
+        saved = []
+        with torch.no_grad():
+            for cols, index, delta_t in self._plan(version):
+                saved.append(cols.index_select(0, index))  # a copy of the touched columns
+                cols.index_add_(0, index, delta_t)
         return saved
 
-    def _restore_columns(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _restore_columns(self, version: AdapterVersion, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, (index, original) in saved.items():
-                _columns(self.layers[name].base.weight).index_copy_(0, index, original)
+            for (cols, index, _), original in zip(self._plan(version), saved):
+                cols.index_copy_(0, index, original)
 
     # ---- reporting -----------------------------------------------------------------------
     @_locked
