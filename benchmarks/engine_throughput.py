@@ -107,12 +107,11 @@ def main() -> None:
             decode_tps(lambda n: engine_time(engine, names, n), args.batch, args.tokens, 1))
     base_tps, mixed_tps = max(results["engine_base"]), max(results["engine_mixed"])
     engine.shutdown()
-    del engine
 
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=loaded.model.dtype).eval()
     hf_tps = decode_tps(lambda n: hf_time(hf, tok, args.batch, n), args.batch, args.tokens, args.repeats)
-    del hf
+    hf = None  # free it before PEFT's copy
     peft_tps = None
     if not args.skip_peft:
         lora = lora_model(base_dir, loaded.model.dtype, args.batch, rank)

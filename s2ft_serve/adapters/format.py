@@ -12,7 +12,7 @@ Everything is validated before an adapter is returned; a failure raises
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -49,7 +49,6 @@ class Adapter:
     modules: dict[str, ModuleDelta]
     path: Path | None = None
     nbytes: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def base_model(self) -> str:

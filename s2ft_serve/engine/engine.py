@@ -114,8 +114,6 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
         version = self._pin(adapter)
-        if self.autofuse is not None:
-            self.autofuse.record(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
@@ -131,6 +129,8 @@ class Engine:
                     if version is not None:
                         self.registry.release(version)
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+        if self.autofuse is not None:
+            self.autofuse.record(adapter)
         return handle
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,
@@ -199,17 +199,30 @@ class Engine:
 
     def _generator(self, seed: int | None) -> torch.Generator:
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # a non-deterministic seed for this generator only (torch.seed() would reseed the global one)
+        else:
+            gen.manual_seed(seed)
         return gen
 
     # ---- adapters ------------------------------------------------------------------------
     def _check_path(self, path: str | Path) -> Path:
-        resolved = Path(path).expanduser().resolve()
+        """The folder `path` names, symlinks followed; refused unless it lies inside `adapter_root`.
+
+        Relative paths are taken under `adapter_root` (or the working folder when none is set).
+        """
         root = self.config.adapter_root
-        if root is not None:
+        try:
+            candidate = Path(path).expanduser()
+            if root is None:
+                return candidate.resolve()
             root_resolved = Path(root).expanduser().resolve()
-            if resolved != root_resolved and root_resolved not in resolved.parents:
-                raise PermissionDeniedError(f"adapter path '{path}' is outside the adapter root", param="path")
+            resolved = (candidate if candidate.is_absolute() else root_resolved / candidate).resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, unknown ~user, symlink loops
+            raise InvalidRequestError(f"adapter path {str(path)!r} is not a usable path: {exc}", param="path") from None
+        if not resolved.is_relative_to(root_resolved):
+            raise PermissionDeniedError(f"adapter path {str(path)!r} is outside the adapter root", param="path",
+                                        code="path_outside_root")
         return resolved
 
     def _read(self, path: Path) -> Adapter:

