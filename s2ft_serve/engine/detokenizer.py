@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
+# Tokens decoded before the new ones, so that tokenizers which render a token differently at the
+# start of a text (SentencePiece's leading space, byte-level merges) give the right delta.
+_CONTEXT_TOKENS = 5
+
 
 class Detokenizer:
     """Turns a growing list of token ids into text deltas, cutting the text before a stop string.
 
-    A delta is only released once it is final: never half a UTF-8 character, and never text that
-    could still turn out to be the start of a stop string.
+    Each step decodes only a short window (a few context tokens plus the new ones), not the whole
+    output. A delta is only released once it is final: never half a UTF-8 character, and never
+    text that could still turn out to be the start of a stop string.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # the decoded output so far (cut before a stop string once found)
+        self.emitted = 0  # characters of `text` already released
         self.stopped = False
         self._ids: list[int] = []
+        self._prefix = 0  # window start: context tokens already part of `text`
+        self._read = 0  # tokens whose text is in `text`
+
+    def _window(self, final: bool) -> str:
+        """Text of the tokens after `_read` ('' while it ends in half a character, unless final)."""
+        decode = self.tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self._ids[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = max(self._read, len(self._ids) - _CONTEXT_TOKENS), len(self._ids)
+        return after[len(before) :]
 
     def add(self, token_ids: list[int]) -> str:
         """Update with the full generated ids; return the newly final text."""
         self._ids = token_ids
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+        if self.stopped:
             return ""
-        return self._update(text)
+        return self._update(self.text + self._window(final=False))
 
     def _update(self, text: str) -> str:
         self.text = text
@@ -40,9 +56,7 @@ class Detokenizer:
 
     def flush(self) -> str:
         """At the end of a request, release what was held back (even an incomplete character)."""
-        delta = ""
-        if not self.stopped and self._ids:
-            delta = self._update(self.tokenizer.decode(self._ids, skip_special_tokens=True))
+        delta = "" if self.stopped else self._update(self.text + self._window(final=True))
         delta += self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
