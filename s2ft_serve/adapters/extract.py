@@ -26,7 +26,7 @@ from s2ft_serve.adapters.format import (
     make_config,
     save_adapter,
 )
-from s2ft_serve.adapters.interop import CheckpointTensors, LoadedBase, atomic_dir, check_output_dir, load_base
+from s2ft_serve.adapters.interop import CheckpointTensors, atomic_dir, check_output_dir
 from s2ft_serve.adapters.permutation import (
     LayerPermutation,
     consistent_gqa,
@@ -36,7 +36,7 @@ from s2ft_serve.adapters.permutation import (
     unpermute,
 )
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.model.loading import target_linears
+from s2ft_serve.model.loading import LoadedModel, load_model, target_linears
 
 PERMUTATION_FILE = "s2ft_permutation.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -106,7 +106,7 @@ def extract_adapter(base_path: str | os.PathLike | None, tuned_path: str | os.Pa
         raise InvalidRequestError(f"tolerance must be a finite number >= 0, got {tolerance!r}", param="tolerance")
     out = Path(out_dir)
     check_output_dir(out)
-    base = load_base(base_path)
+    base = load_model(base_path, dtype=None)
     tuned = CheckpointTensors(tuned_path)
     linears = target_linears(base.model)
     base_sd = base.model.state_dict()
@@ -234,7 +234,7 @@ def _diff(keys: list[str], base_sd: dict[str, torch.Tensor], tuned: CheckpointTe
     return modules, max_unchanged
 
 
-def _make_adapter(base: LoadedBase, tuned: Path, modules: dict[str, ModuleDelta], tolerance: float,
+def _make_adapter(base: LoadedModel, tuned: Path, modules: dict[str, ModuleDelta], tolerance: float,
                   permuted_layers: list[int]) -> Adapter:
     source = {"tuned_checkpoint": str(tuned), "tolerance": tolerance, "permuted": bool(permuted_layers)}
     if permuted_layers:

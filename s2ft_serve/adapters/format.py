@@ -247,9 +247,13 @@ def linear_shapes(linears: Mapping[str, torch.nn.Linear]) -> dict[str, tuple[int
 
 
 def merge_into(model: torch.nn.Module, adapter: Adapter, weight: float = 1.0) -> None:
-    """Reference merge: `W[:, index] += weight * delta` in place (tests, `fuse` to a full model)."""
+    """`W[:, index] += weight * delta` in place, summed in float32 and stored in W's dtype.
+
+    The reference merge (tests) and the offline `fuse` to a full model."""
     named = dict(model.named_modules())
     with torch.no_grad():
         for name, md in adapter.modules.items():
             W = named[name].weight
-            W[:, md.index.to(W.device)] += (weight * md.delta).to(W.device, W.dtype)
+            index = md.index.to(W.device)
+            summed = W[:, index].float() + weight * md.delta.to(W.device, torch.float32)
+            W[:, index] = summed.to(W.dtype)

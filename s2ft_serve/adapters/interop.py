@@ -21,16 +21,9 @@ from typing import Iterator
 
 import torch
 
-from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter
+from s2ft_serve.adapters.format import linear_shapes, load_adapter, merge_into
 from s2ft_serve.errors import InvalidRequestError, ModelNotSupportedError
-from s2ft_serve.model.loading import (
-    DEFAULT_MODEL_NAME,
-    check_supported,
-    default_model_dir_if_exists,
-    fingerprint,
-    resolve_model_path,
-    target_linears,
-)
+from s2ft_serve.model.loading import load_model, target_linears
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WRITTEN_BY_SAVE_PRETRAINED = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -47,36 +40,15 @@ class FuseReport:
     dtype: str  # dtype of the written weights (the base's own)
 
 
-@dataclass
-class LoadedBase:
-    """A base model loaded in its stored dtype, for the offline tools."""
-
-    model: torch.nn.Module
-    name: str
-    path: Path
-    fingerprint: str
-
-
-def load_base(model: str | os.PathLike | None) -> LoadedBase:
-    """A local Llama-family folder (or None / "default": the embedded model), dtype as stored."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = resolve_model_path(model)
-    check_supported(AutoConfig.from_pretrained(path))
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
-    name = DEFAULT_MODEL_NAME if path == default_model_dir_if_exists() else str(path)
-    return LoadedBase(model=hf_model, name=name, path=path, fingerprint=fingerprint(hf_model))
-
-
 def fuse_to_model(model_path: str | os.PathLike | None, adapter_path: str | os.PathLike,
                   out_dir: str | os.PathLike) -> FuseReport:
     """Write base + adapter as a full Hugging Face model folder at `out_dir` (must not exist or be empty)."""
     out = Path(out_dir)
     check_output_dir(out)
-    base = load_base(model_path)
+    base = load_model(model_path, dtype=None)  # written back in the dtype it is stored in
     linears = target_linears(base.model)
     adapter = load_adapter(adapter_path, linear_shapes(linears), base_fingerprint=base.fingerprint)
-    add_deltas(linears, adapter)
+    merge_into(base.model, adapter)
     with atomic_dir(out) as tmp:
         base.model.save_pretrained(tmp)
         copy_side_files(base.path, tmp)
@@ -86,16 +58,6 @@ def fuse_to_model(model_path: str | os.PathLike | None, adapter_path: str | os.P
     dtype = str(next(iter(linears.values())).weight.dtype).replace("torch.", "")
     return FuseReport(out_dir=out, base_model=base.name, adapter=str(adapter_path), modules=len(adapter.modules),
                       parameters=adapter.num_parameters(), dtype=dtype)
-
-
-def add_deltas(linears: dict[str, torch.nn.Linear], adapter: Adapter) -> None:
-    """`W[:, index] += delta` for every module, summed in float32 and stored in W's dtype."""
-    with torch.no_grad():
-        for name, md in adapter.modules.items():
-            weight = linears[name].weight  # [out, in]
-            index = md.index.to(weight.device)
-            summed = weight[:, index].to(torch.float32) + md.delta.to(weight.device, torch.float32)
-            weight[:, index] = summed.to(weight.dtype)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

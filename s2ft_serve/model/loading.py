@@ -141,7 +141,7 @@ class LoadedModel:
 
 def load_model(
     model: str | os.PathLike | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = "float32",  # None: keep the dtype the weights are stored in
     device: str = "cpu",
 ) -> LoadedModel:
     """Load a base model (and tokenizer) from a local folder or the embedded default model.
@@ -156,7 +156,7 @@ def load_model(
     check_supported(config)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     fp = fingerprint(hf_model)
-    hf_model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    hf_model.to(device=resolve_device(device), dtype=None if dtype is None else resolve_dtype(dtype))
     hf_model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     name = DEFAULT_MODEL_NAME if path == default_model_dir_if_exists() else str(path)
