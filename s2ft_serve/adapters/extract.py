@@ -36,7 +36,7 @@ from s2ft_serve.adapters.permutation import (
     unpermute,
 )
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.model.loading import LoadedModel, load_model, target_linears
+from s2ft_serve.model.loading import LoadedModel, head_dim_of, load_model, target_linears
 
 PERMUTATION_FILE = "s2ft_permutation.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
@@ -74,8 +74,8 @@ class Geometry:
     @classmethod
     def of(cls, config) -> "Geometry":
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim)
+        return cls(heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=head_dim_of(config))
 
 
 @dataclass

@@ -36,7 +36,7 @@ from s2ft_serve.errors import (
     QueueFullError,
     S2FTError,
 )
-from s2ft_serve.model.loading import LoadedModel, load_model, target_linears
+from s2ft_serve.model.loading import LoadedModel, head_dim_of, load_model, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Engine:
         hf_config = loaded.model.config
         self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 2048), 2048)
         self.vocab_size = hf_config.vocab_size
-        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.head_dim = head_dim_of(hf_config)
         self._shapes = linear_shapes(target_linears(loaded.model))
         self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len)
         self.device = self.runner.device

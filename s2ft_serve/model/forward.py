@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from s2ft_serve.model.loading import head_dim_of
+
 
 class KVCache(nn.Module):
     """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each."""
@@ -41,7 +43,7 @@ class Transformer(nn.Module):
         self.hf = hf_model
         cfg = hf_model.config
         self.layers = hf_model.model.layers
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.max_len = max_len

@@ -185,6 +185,11 @@ def fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def head_dim_of(config) -> int:
+    """Columns of `o_proj` per attention head (an explicit `head_dim`, else hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def target_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every module an adapter may touch: `...self_attn.o_proj` and `...mlp.down_proj` Linears."""
     found = {}

@@ -104,11 +104,11 @@ def random_adapter(model: torch.nn.Module, base_model: str, seed: int, heads: in
                    scale: float = 0.05, fingerprint: str | None = None):
     """A random adapter: `heads` o_proj heads and `channels` down_proj columns per layer."""
     from s2ft_serve.adapters.format import Adapter, ModuleDelta, make_config
-    from s2ft_serve.model.loading import target_linears
+    from s2ft_serve.model.loading import head_dim_of, target_linears
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     modules = {}
     for name, lin in target_linears(model).items():
         if name.endswith("o_proj"):

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.model.loading import target_linears
+from s2ft_serve.model.loading import head_dim_of, target_linears
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 ORDERS = ("largest", "smallest")
@@ -63,10 +63,6 @@ class Selection:
             "head_dim": self.head_dim,
             "chosen": chosen,  # o_proj: head numbers; down_proj: channel numbers
         }
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def budget_from_ratio(model: torch.nn.Module, ratio: float) -> Budget:
