@@ -30,6 +30,7 @@ from s2ft_serve.engine.stepper import Stepper
 from s2ft_serve.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
+    ConflictError,
     EngineNotReadyError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -256,7 +257,7 @@ class Engine:
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
             raise InvalidRequestError("adapter name must be a non-empty string", param="name")
         if name == self.model_name:
-            raise InvalidRequestError(f"'{name}' is the base model's name", param="name")
+            raise ConflictError(f"'{name}' is the base model's name", param="name")
 
     def remove_adapter(self, name: str) -> None:
         with self.lock:

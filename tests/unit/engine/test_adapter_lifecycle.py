@@ -122,3 +122,8 @@ def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     resident = {a.name: a.resident for a in engine.list_adapters()}
     assert resident["r0"] and sum(resident.values()) == 2
     engine.shutdown()
+
+
+def test_the_base_models_name_is_not_an_adapter_name(engine, adapters):
+    with pytest.raises(ConflictError, match="base model's name"):
+        engine.add_adapter(engine.model_name, adapters["a0"])
