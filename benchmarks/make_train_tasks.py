@@ -3,8 +3,10 @@
 Seven small tasks with exactly one right answer (upper-casing, reversing and counting the
 letters of a word, adding two numbers, sorting digits, reformatting a date, swapping two
 words). Train and test draw from disjoint inputs, so the test split is held out. `general.jsonl`
-holds plain English paragraphs (written for this benchmark) used to measure forgetting as the
-change of perplexity on text unrelated to the tasks. Fully determined by `--seed`.
+holds the plain English paragraphs of `general_text.txt` (58 paragraphs, ~3,300 tokens of
+history, science, cooking, travel, everyday life and fiction, written for this benchmark and
+sharing nothing with the task prompts) used to measure forgetting as the change of perplexity on
+text unrelated to the tasks. Fully determined by `--seed`.
 
     python benchmarks/make_train_tasks.py --out /tmp/s2ft-tasks --train 2000 --test 210
 """
@@ -25,20 +27,13 @@ pepper salmon tunnel wizard cookie copper mirror puzzle spider temple blanket ci
 carpet mitten donkey oyster poodle radish sailor tablet cherry domino garlic insect kettle
 lantern meadow noodle pirate quartz ribbon sponge thunder toffee walrus badger cobalt
 """.split()
-GENERAL = [
-    "The library opens at nine in the morning and closes at six in the evening. Visitors may borrow up to five books at a time, and most loans last three weeks.",
-    "Rivers carry water from mountains and hills down to lakes and seas. Along the way they shape valleys, move sand and stones, and give life to plants and animals.",
-    "A good breakfast often includes bread, fruit and something warm to drink. Many people prefer tea, while others cannot start the day without a cup of coffee.",
-    "The train left the station a few minutes late, but the driver made up the time before it reached the coast. Most passengers spent the journey reading or looking out of the window.",
-    "Bees visit flowers to collect nectar and pollen. In doing so they carry pollen from one plant to another, which helps fruit and seeds to form.",
-    "When the weather turns cold, many birds fly south to warmer places. They often follow the same routes every year and return in the spring.",
-    "The old town has narrow streets, small shops and a market square where farmers sell vegetables, cheese and flowers every Saturday morning.",
-    "Learning a new language takes patience. Reading simple stories, listening to conversations and speaking a little every day all help more than long lists of words.",
-    "Computers store information as numbers. Text, pictures and sounds are all turned into long sequences of digits that the machine can read and change quickly.",
-    "The children built a small boat out of wood and tested it on the pond. It leaned to one side at first, so they added a stone to keep it steady.",
-    "Doctors advise drinking enough water, sleeping well and walking often. These simple habits can improve health more than many expensive products.",
-    "At night the city lights hide most of the stars, but far from town the sky is dark and thousands of them can be seen, along with the pale band of the Milky Way.",
-]
+GENERAL_TEXT = Path(__file__).with_name("general_text.txt")
+
+
+def general_paragraphs(path: Path = GENERAL_TEXT) -> list[str]:
+    """The held-out English paragraphs: blank-line-separated blocks of `path`, lines joined."""
+    blocks = path.read_text(encoding="utf-8").split("\n\n")
+    return [" ".join(block.split()) for block in blocks if block.strip()]
 
 
 def task_examples(rng: random.Random, words: list[str]) -> list[tuple[str, str, str]]:
@@ -78,7 +73,7 @@ def generate(out: Path, train: int, test: int, seed: int) -> None:
                     f.write(json.dumps({"task": task, "prompt": prompt, "completion": " " + answer}) + "\n")
                     written += 1
     with open(out / "general.jsonl", "w") as f:
-        for text in GENERAL:
+        for text in general_paragraphs():
             f.write(json.dumps({"text": text}) + "\n")
 
 

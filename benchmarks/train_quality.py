@@ -6,9 +6,12 @@ the same number of steps on the same batches, with AdamW, linear warm-up and cos
 own learning rate; then we report
   * exact-match accuracy on the test split (greedy decoding, answer compared after strip), and
   * forgetting: the relative change of perplexity on held-out general English text.
-The untuned base model is measured too. All figures come from one run.
+The untuned base model is measured too. All figures come from one run. With `--seeds 0,1,2`
+every seed changes the S²FT selection, the LoRA initialisation, the data order and torch's seed
+(within a seed all methods see the same batches), and the tables give each seed and the mean,
+min and max over seeds.
 
-    python benchmarks/train_quality.py --steps 80 --batch-size 8
+    python benchmarks/train_quality.py --steps 60 --batch-size 8 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from train_methods import prepare, train_step
 DEFAULT_LR = {"s2ft": 2e-3, "lora": 2e-3, "full": 5e-5}
 
 
-def train_method(method: str, rows: list[D.Example], args: argparse.Namespace, pad_id: int):
+def train_method(method: str, rows: list[D.Example], args: argparse.Namespace, pad_id: int, seed: int):
     loaded = load_model(None, dtype="float32", device="cpu")
     loaded.model.train()
-    prep = prepare(method, loaded.model, ratio=args.ratio, seed=args.seed)
+    prep = prepare(method, loaded.model, ratio=args.ratio, seed=seed)
     lr = getattr(args, f"lr_{method}")
     optimizer = torch.optim.AdamW(prep.params, lr=lr)
-    batches = [b for epoch in range(100) for b in D.batch_order(len(rows), args.batch_size, epoch, args.seed)]
+    batches = [b for epoch in range(100) for b in D.batch_order(len(rows), args.batch_size, epoch, seed)]
     warmup = max(1, args.steps // 10)
     started, losses = time.perf_counter(), []
     for step in range(args.steps):
@@ -75,47 +78,87 @@ def perplexity(model, rows: list[D.Example], pad_id: int) -> float:
     return math.exp(nll / count)
 
 
+def run_seed(seed: int, rows: list[D.Example], general: list[D.Example], test: list[dict],
+             args: argparse.Namespace, pad_id: int, base_ppl: float) -> dict[str, dict]:
+    """Train and evaluate every method with `seed` (selection, LoRA init, data order, torch RNG)."""
+    results = {}
+    for method in args.methods.split(","):
+        torch.manual_seed(seed)
+        prep, tok, stats = train_method(method, rows, args, pad_id, seed)
+        acc, per_task = exact_match(prep.model, tok, test)
+        ppl = perplexity(prep.model, general, pad_id)
+        results[method] = {"accuracy": acc, "per_task": per_task, "general_ppl": ppl,
+                           "forgetting": ppl / base_ppl - 1.0, "trainable": prep.trainable, "detail": prep.detail, **stats}
+        print(json.dumps({"seed": seed, method: results[method]}), flush=True)
+    return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Per method: mean / min / max over seeds of accuracy, perplexity and forgetting."""
+    methods = next(iter(per_seed.values())).keys()
+    summary = {}
+    for m in methods:
+        runs = [per_seed[s][m] for s in per_seed]
+        summary[m] = {key: spread([r[key] for r in runs]) for key in ("accuracy", "general_ppl", "forgetting")}
+        summary[m].update(trainable=runs[0]["trainable"], lr=runs[0]["lr"], detail=runs[0]["detail"],
+                          per_task={t: spread([r["per_task"][t] for r in runs]) for t in runs[0]["per_task"]})
+    return summary
+
+
+def print_tables(base: dict, per_seed: dict[int, dict[str, dict]], summary: dict[str, dict]) -> None:
+    print(f"\nbase model: accuracy {base['accuracy']:.3f}, general ppl {base['general_ppl']:.3f}")
+    print(f"{'seed':>4} {'method':6} {'accuracy':>9} {'general ppl':>12} {'forgetting':>11} {'final loss':>11}")
+    for seed, results in per_seed.items():
+        for m, r in results.items():
+            print(f"{seed:>4} {m:6} {r['accuracy']:>9.3f} {r['general_ppl']:>12.3f} {r['forgetting']:>+11.2%} "
+                  f"{r['final_loss']:>11.4f}")
+    print(f"\nover {len(per_seed)} seed(s): mean [min, max]")
+    print(f"{'method':6} {'trainable':>11} {'lr':>7}  {'accuracy':^23}  {'general ppl':^26}  {'forgetting':^29}")
+    for m, r in summary.items():
+        a, p, f = r["accuracy"], r["general_ppl"], r["forgetting"]
+        print(f"{m:6} {r['trainable']:>11,} {r['lr']:>7.0e}  {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
+              f"{p['mean']:7.3f} [{p['min']:.3f}, {p['max']:.3f}]  "
+              f"{f['mean']:+7.2%} [{f['min']:+.2%}, {f['max']:+.2%}]")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="/tmp/s2ft-tasks")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ratio", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the one seed, unless --seeds is given")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (overrides --seed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default="s2ft,lora,full")
     for m, lr in DEFAULT_LR.items():
         p.add_argument(f"--lr-{m}", type=float, default=lr)
     args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     torch.set_num_threads(args.threads)
     data = Path(args.data_dir)
     if not (data / "train.jsonl").exists():
-        generate(data, 2000, 210, args.seed)
+        generate(data, 2000, 210, 0)
     base = load_model(None, dtype="float32", device="cpu")
     tok, pad_id = base.tokenizer, base.tokenizer.pad_token_id
     rows = D.load_examples(data / "train.jsonl", tok, 64)
     general = D.load_examples(data / "general.jsonl", tok, 256)
     test = [json.loads(line) for line in open(data / "test.jsonl")]
     acc, per_task = exact_match(base.model, tok, test)
-    base_ppl = perplexity(base.model, general, pad_id)
-    results = {"base": {"accuracy": acc, "per_task": per_task, "general_ppl": base_ppl, "forgetting": 0.0}}
+    base_result = {"accuracy": acc, "per_task": per_task, "general_ppl": perplexity(base.model, general, pad_id)}
     del base
-    for method in args.methods.split(","):
-        torch.manual_seed(args.seed)
-        prep, tok, stats = train_method(method, rows, args, pad_id)
-        acc, per_task = exact_match(prep.model, tok, test)
-        ppl = perplexity(prep.model, general, pad_id)
-        results[method] = {"accuracy": acc, "per_task": per_task, "general_ppl": ppl,
-                           "forgetting": ppl / base_ppl - 1.0, "trainable": prep.trainable, "detail": prep.detail, **stats}
-        print(json.dumps({method: results[method]}), flush=True)
-    print(f"{'method':6} {'trainable':>10} {'lr':>8} {'accuracy':>9} {'general ppl':>12} {'forgetting':>11}")
-    for m, r in results.items():
-        print(f"{m:6} {r.get('trainable', 0):>10} {r.get('lr', 0):>8.0e} {r['accuracy']:>9.3f} "
-              f"{r['general_ppl']:>12.3f} {r['forgetting']:>+11.3%}")
+    started = time.perf_counter()
+    per_seed = {s: run_seed(s, rows, general, test, args, pad_id, base_result["general_ppl"]) for s in seeds}
+    summary = summarize(per_seed)
+    print_tables(base_result, per_seed, summary)
     print(json.dumps({"benchmark": "train_quality", "model": "SmolLM2-135M-Instruct", "dtype": "float32",
-                      "steps": args.steps, "batch_size": args.batch_size, "test_examples": len(test),
-                      "results": results}))
-
+                      "steps": args.steps, "batch_size": args.batch_size, "seeds": seeds, "test_examples": len(test),
+                      "general_tokens": sum(len(r.labels) for r in general), "wall_s": time.perf_counter() - started,
+                      "base": base_result, "summary": summary, "per_seed": per_seed}))
 
 if __name__ == "__main__":
     main()
