@@ -8,6 +8,9 @@ exactly what transformers computes; only attention and caching are ours:
   `0..B-1` (a finished request's row is refilled by moving the last one), so decode attends over
   a view `cache[:B, :, :L]` with a length mask and never copies the cache.
 - Prefill runs one request at a time (causal attention over its own prompt).
+- Dense projections that share an input run as one GEMM (q/k/v, gate/up), prepacked for oneDNN on
+  CPU float32 (see `gemm`). The engine owns the model it serves: on that path the original q/k/v,
+  gate/up (and an untied LM head) modules are released.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from s2ft_serve.model.gemm import DenseGemm, Released, release
 from s2ft_serve.model.loading import head_dim_of
 
 
@@ -47,12 +51,27 @@ class Transformer(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.max_len = max_len
-        w = hf_model.lm_head.weight
+        w = hf_model.model.embed_tokens.weight
         self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
+        self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if isinstance(attn.q_proj, Released):
+                raise ValueError("this model already serves another engine (its weights were packed for it); "
+                                 "load the model again for a second engine")
+            self.qkv.append(DenseGemm([attn.q_proj, attn.k_proj, attn.v_proj], max_rows))
+            self.gate_up.append(DenseGemm([mlp.gate_proj, mlp.up_proj], max_rows))
+            if self.qkv[-1].packed:
+                release(attn, ["q_proj", "k_proj", "v_proj"])
+                release(mlp, ["gate_proj", "up_proj"])
+        tied = hf_model.lm_head.weight is w
+        self.lm_head = DenseGemm([hf_model.lm_head], max_rows)
+        if self.lm_head.packed and not tied:
+            release(hf_model, ["lm_head"])
 
     @property
     def device(self) -> torch.device:
-        return self.hf.lm_head.weight.device
+        return self.hf.model.embed_tokens.weight.device
 
     def forward(
         self,
@@ -73,11 +92,15 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             r = layer.input_layernorm(h)
             h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
         if not all_logits:
             h = h[:, -1:]
         h = self.hf.model.norm(h)
-        return self.hf.lm_head(h).float()
+        return self.lm_head(h).float()
+
+    def _mlp(self, i, mlp, x):
+        gate, up = self.gate_up[i](x)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _cache_slots(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
         """Flat [B * kv_heads] indices of (row, head, pos) in one layer's cache viewed as [-1, D]:
@@ -89,12 +112,10 @@ class Transformer(nn.Module):
     def _attention(self, i, attn, x, cos, sin, rows, mask, slots):
         B, L, _ = x.shape
         shape = (B, L, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape)
-        k = attn.k_proj(x).view(shape)
+        q, k, v = (t.reshape(shape) for t in self.qkv[i](x))
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, L, D]
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if mask is not None:  # decode: one new token per row, attend over the cache
