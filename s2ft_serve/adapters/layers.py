@@ -58,10 +58,11 @@ class SlotTable:
 
 
 class S2FTLinear(nn.Module):
-    def __init__(self, base: nn.Linear, batch: AdapterBatch):
+    def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False):
         super().__init__()
         self.base = base
         self.batch = batch
+        self.onednn = onednn  # base matmul through oneDNN (see model.gemm); False: F.linear, as transformers
         w = base.weight
         if w.dtype == torch.float32 or w.device.type != "cpu":
             # Column-major storage: each input column is contiguous, so fusing or unfusing an adapter
@@ -126,7 +127,7 @@ class S2FTLinear(nn.Module):
         s.slot_k[slot] = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.base.weight, self.base.bias)  # read every call: fusion edits it in place
+        y = linear(x, self.base.weight, self.base.bias, self.onednn)  # fusion edits the weight in place
         b = self.batch
         if b.mode == "none":
             return y
@@ -147,13 +148,14 @@ class S2FTLinear(nn.Module):
         return y
 
 
-def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch) -> dict[str, S2FTLinear]:
+def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,
+               onednn: bool = False) -> dict[str, S2FTLinear]:
     """Replace every target Linear in `model` by an S2FTLinear sharing `batch`; return them by name."""
     wrapped = {}
     for name, linear in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = S2FTLinear(linear, batch)
+        layer = S2FTLinear(linear, batch, onednn)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -27,6 +27,7 @@ from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, S
 from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
+from s2ft_serve.model.gemm import GEMMS
 from s2ft_serve.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
@@ -49,6 +50,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
+        if config.gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, not {config.gemm!r}")
         if config.threads:
             torch.set_num_threads(config.threads)
         loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
@@ -61,7 +64,7 @@ class Engine:
         self.vocab_size = hf_config.vocab_size
         self.head_dim = head_dim_of(hf_config)
         self._shapes = linear_shapes(target_linears(loaded.model))
-        self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len)
+        self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len, config.gemm)
         self.device = self.runner.device
         self.dtype = loaded.model.dtype
         self.registry = AdapterRegistry(

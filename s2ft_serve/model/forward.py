@@ -8,9 +8,10 @@ exactly what transformers computes; only attention and caching are ours:
   `0..B-1` (a finished request's row is refilled by moving the last one), so decode attends over
   a view `cache[:B, :, :L]` with a length mask and never copies the cache.
 - Prefill runs one request at a time (causal attention over its own prompt).
-- Dense projections that share an input run as one GEMM (q/k/v, gate/up), prepacked for oneDNN on
-  CPU float32 (see `gemm`). The engine owns the model it serves: on that path the original q/k/v,
-  gate/up (and an untied LM head) modules are released.
+- Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`), or with
+  `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
+  engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
+  are released.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class KVCache(nn.Module):
 class Transformer(nn.Module):
     """Runs a transformers *ForCausalLM with our attention and KV cache."""
 
-    def __init__(self, hf_model: nn.Module, max_rows: int, max_len: int):
+    def __init__(self, hf_model: nn.Module, max_rows: int, max_len: int, gemm: str = "exact"):
         super().__init__()
         self.hf = hf_model
         cfg = hf_model.config
@@ -59,13 +60,13 @@ class Transformer(nn.Module):
             if isinstance(attn.q_proj, Released):
                 raise ValueError("this model already serves another engine (its weights were packed for it); "
                                  "load the model again for a second engine")
-            self.qkv.append(DenseGemm([attn.q_proj, attn.k_proj, attn.v_proj], max_rows))
-            self.gate_up.append(DenseGemm([mlp.gate_proj, mlp.up_proj], max_rows))
+            self.qkv.append(DenseGemm([attn.q_proj, attn.k_proj, attn.v_proj], max_rows, gemm == "onednn"))
+            self.gate_up.append(DenseGemm([mlp.gate_proj, mlp.up_proj], max_rows, gemm == "onednn"))
             if self.qkv[-1].packed:
                 release(attn, ["q_proj", "k_proj", "v_proj"])
                 release(mlp, ["gate_proj", "up_proj"])
         tied = hf_model.lm_head.weight is w
-        self.lm_head = DenseGemm([hf_model.lm_head], max_rows)
+        self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
         if self.lm_head.packed and not tied:
             release(hf_model, ["lm_head"])
 

@@ -1,4 +1,7 @@
-"""Dense projections for the serving forward pass: fused weights, and oneDNN GEMMs on CPU float32.
+"""Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
+
+`gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
+runs and base-model logits are bit-identical to it. `gemm="onednn"` is faster, rounds differently:
 
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. For decode-sized batches oneDNN's inner
 product is faster on the CPUs we measured (`benchmarks/engine_throughput.py`; on a 2-core AMD EPYC,
@@ -12,7 +15,9 @@ still when the weight is reordered once into oneDNN's blocked layout. So:
 - `linear` is the unpacked oneDNN call for weights that change in place (the adapted `o_proj` /
   `down_proj`, which fusion edits column by column); it falls back to `F.linear`.
 
-Results equal `F.linear` up to float rounding (a different summation order).
+Results equal `F.linear` up to float rounding (a different summation order), which is enough to
+break the engine's 1e-4 correctness contract on a real model: on SmolLM2-135M the logits differ
+from transformers' by up to ~2e-4 (of values up to ~40). Hence opt-in.
 """
 
 from __future__ import annotations
@@ -27,19 +32,27 @@ def _onednn_ok(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` through oneDNN on CPU float32 (the weight read as it is, every call)."""
-    if not _onednn_ok(weight) or x.dtype != weight.dtype:
+GEMMS = ("exact", "onednn")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """`F.linear`, through oneDNN on CPU float32 when asked (the weight read as it is, every call)."""
+    if not onednn or not _onednn_ok(weight) or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class DenseGemm(nn.Module):
-    """Several Linears on the same input as one GEMM; `forward` returns their outputs, split."""
+    """Several Linears on the same input; `forward` returns their outputs. With `onednn`, as one GEMM."""
 
-    def __init__(self, linears: list[nn.Linear], batch_hint: int):
+    def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool):
         super().__init__()
+        self.linears = list(linears)  # a plain list: they stay registered in the model only
+        self.fused = onednn
+        self.packed = False
+        if not onednn:
+            return
         weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         self.splits = [lin.out_features for lin in linears]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -60,6 +73,9 @@ class DenseGemm(nn.Module):
                     rows += lin.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if not self.fused:
+            outs = tuple(lin(x) for lin in self.linears)
+            return outs if len(outs) > 1 else outs[0]
         x2 = x.reshape(-1, self.in_features)
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")

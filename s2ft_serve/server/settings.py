@@ -7,7 +7,7 @@ environment after that.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -40,6 +40,8 @@ class ServerSettings(BaseSettings):
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one per core)")
+    gemm: Literal["exact", "onednn"] = Field(
+        "exact", description="exact: transformers' own GEMMs; onednn: faster on CPU float32, logits differ by rounding")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
     auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")
@@ -101,6 +103,7 @@ class ServerSettings(BaseSettings):
             device=self.device,
             dtype=self.dtype,
             threads=self.threads,
+            gemm=self.gemm,
             max_batch_size=self.max_batch_size,
             max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,

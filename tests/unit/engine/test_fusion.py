@@ -31,9 +31,10 @@ def mixed_batch_logits(engine, names, prompts, nxt):
     return logits
 
 
+@pytest.mark.parametrize("gemm", ["exact", "onednn"])
 @pytest.mark.parametrize("fused", [["a0"], ["a0", "a1"]])
-def test_contract_holds_with_adapters_fused(tiny_model_dir, fused):
-    engine = make_engine(tiny_model_dir, max_fused_adapters=2)
+def test_contract_holds_with_adapters_fused(tiny_model_dir, fused, gemm):
+    engine = make_engine(tiny_model_dir, max_fused_adapters=2, gemm=gemm)
     from s2ft_serve.model.testing import random_adapter
     adapters = {f"a{i}": random_adapter(engine.loaded.model, engine.model_name, seed=20 + i, heads=2)
                 for i in range(3)}  # two heads of four: the adapters overlap

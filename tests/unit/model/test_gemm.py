@@ -24,7 +24,7 @@ def test_fused_gemm_equals_separate_linears(dtype, biases):
     layers = _linears(dtype, biases)
     x = torch.randn(3, 5, 16, dtype=dtype)
     want = [F.linear(x, lin.weight, lin.bias) for lin in layers]
-    fused = DenseGemm(layers, batch_hint=4)
+    fused = DenseGemm(layers, batch_hint=4, onednn=True)
     assert fused.packed == (dtype == torch.float32 and torch.backends.mkldnn.is_available())
     got = fused(x)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -38,20 +38,29 @@ def test_unpacked_fusion_keeps_the_originals_as_views(monkeypatch):
     layers = _linears(torch.float32, (True, True, True))
     x = torch.randn(2, 16)
     want = [lin(x) for lin in layers]
-    fused = DenseGemm(layers, batch_hint=4)
+    fused = DenseGemm(layers, batch_hint=4, onednn=True)
     assert not fused.packed
     for lin, w in zip(layers, want):  # the HF modules still work, on views of the fused weight
         assert lin.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
         torch.testing.assert_close(lin(x), w)
 
 
+def test_exact_gemm_calls_the_models_own_linears_bit_for_bit():
+    layers = _linears(torch.float32, (True, False, True))
+    x = torch.randn(3, 16)
+    outs = DenseGemm(layers, batch_hint=4, onednn=False)(x)
+    for lin, got in zip(layers, outs):
+        assert torch.equal(got, lin(x))
+
+
 def test_linear_reads_a_column_major_weight_and_sees_in_place_edits():
     w = torch.randn(12, 20).t().contiguous().t()  # column-major, as the adapted modules store it
     b = torch.randn(12)
     x = torch.randn(4, 3, 20)
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w, b, onednn=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     w[:, 3] += 1.0  # fusion edits columns in place; the next call must see it
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w, b, onednn=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(linear(x, w, b, onednn=False), F.linear(x, w, b))
 
 
 def test_released_projection_says_why_it_cannot_run():
@@ -68,8 +77,8 @@ def test_a_model_packed_for_one_engine_is_refused_by_a_second(tiny_llama_dir):
     from s2ft_serve.model.loading import load_model
 
     model = load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model
-    Transformer(model, max_rows=2, max_len=16)
+    Transformer(model, max_rows=2, max_len=16, gemm="onednn")
     if not isinstance(model.model.layers[0].self_attn.q_proj, Released):
         pytest.skip("no oneDNN here: nothing is packed, so nothing is released")
     with pytest.raises(ValueError, match="already serves another engine"):
-        Transformer(model, max_rows=2, max_len=16)
+        Transformer(model, max_rows=2, max_len=16, gemm="onednn")
