@@ -5,6 +5,7 @@ All figures are ratios of runs made side by side in this process (the machine is
   2. the same mixed batch served by HF PEFT LoRA (equal trainable parameters, PEFT's mixed-batch
      `adapter_names`) vs ours;
   3. the engine on the base model vs `transformers` `generate` on the same batch.
+Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm).
 Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
 
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 64
@@ -68,6 +69,28 @@ def lora_model(base_dir, dtype, n: int, rank: int):
     return model.eval()
 
 
+def measure_engine(args, gemm: str) -> tuple[dict, object, int]:
+    """Decode tok/s of one engine on the base and on B distinct adapters (interleaved repeats)."""
+    loaded = load_model(None, dtype=args.dtype, device="cpu")
+    engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
+                                 max_resident_adapters=args.batch, gemm=gemm), loaded).start()
+    names = []
+    for i in range(args.batch):
+        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=args.heads,
+                                 channels=args.channels, scale=0.01)
+        engine.add_adapter(f"s{i}", adapter)
+        names.append(f"s{i}")
+    engine_time(engine, names[:2], 4)  # warm up
+    results: dict[str, list[float]] = {"base": [], "mixed": []}
+    for _ in range(args.repeats):  # interleave so drift hits both alike
+        results["base"].append(decode_tps(lambda n: engine_time(engine, [None] * args.batch, n), args.batch,
+                                          args.tokens, 1))
+        results["mixed"].append(decode_tps(lambda n: engine_time(engine, names, n), args.batch, args.tokens, 1))
+    params = engine.get_adapter("s0").parameters
+    engine.shutdown()
+    return {k: max(v) for k, v in results.items()}, loaded, params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32")
@@ -76,6 +99,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=1, help="S²FT o_proj heads per layer")
     ap.add_argument("--channels", type=int, default=40, help="S²FT down_proj channels per layer")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gemm", default="exact,onednn", help="engine GEMM backends to measure, comma-separated")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
@@ -83,57 +107,43 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(None, dtype=args.dtype, device="cpu")
-    base_dir, tok = loaded.path, loaded.tokenizer
-    engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch,
-                                 max_model_len=256, max_resident_adapters=args.batch), loaded).start()
-    names = []
-    for i in range(args.batch):
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=args.heads,
-                                 channels=args.channels, scale=0.01)
-        engine.add_adapter(f"s{i}", adapter)
-        names.append(f"s{i}")
-    params_per_adapter = engine.get_adapter("s0").parameters
+    engines = {}
+    for gemm in args.gemm.split(","):
+        engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
+    base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
     cfg = loaded.model.config
+    loaded = None
     per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
     rank = max(1, round(params_per_adapter / per_rank))
 
-    engine_time(engine, names[:2], 4)  # warm up
-    results = {}
-    for _ in range(args.repeats):  # interleave so drift hits both alike
-        results.setdefault("engine_base", []).append(
-            decode_tps(lambda n: engine_time(engine, [None] * args.batch, n), args.batch, args.tokens, 1))
-        results.setdefault("engine_mixed", []).append(
-            decode_tps(lambda n: engine_time(engine, names, n), args.batch, args.tokens, 1))
-    base_tps, mixed_tps = max(results["engine_base"]), max(results["engine_mixed"])
-    engine.shutdown()
-
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=loaded.model.dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
     hf_tps = decode_tps(lambda n: hf_time(hf, tok, args.batch, n), args.batch, args.tokens, args.repeats)
     hf = None  # free it before PEFT's copy
     peft_tps = None
     if not args.skip_peft:
-        lora = lora_model(base_dir, loaded.model.dtype, args.batch, rank)
+        lora = lora_model(base_dir, dtype, args.batch, rank)
         lora_names = [f"l{i}" for i in range(args.batch)]
         peft_tps = decode_tps(lambda n: hf_time(lora, tok, args.batch, n, lora_names), args.batch, args.tokens,
                               args.repeats)
 
     report = {
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.tokens, "adapter_params": params_per_adapter, "lora_rank": rank,
-        "engine_base_tok_s": round(base_tps, 1), "engine_mixed_tok_s": round(mixed_tps, 1),
-        "transformers_base_tok_s": round(hf_tps, 1),
-        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None,
-        "mixed_vs_base": round(mixed_tps / base_tps, 3),
-        "ours_vs_peft_mixed": round(mixed_tps / peft_tps, 2) if peft_tps else None,
-        "engine_vs_transformers_base": round(base_tps / hf_tps, 2),
+        "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.tokens,
+        "adapter_params": params_per_adapter, "lora_rank": rank, "transformers_base_tok_s": round(hf_tps, 1),
+        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None, "engines": {},
     }
-    print(f"decode tok/s ({args.dtype}, batch {args.batch}): engine base {base_tps:.1f}, engine {args.batch} "
-          f"adapters {mixed_tps:.1f}, transformers base {hf_tps:.1f}"
+    print(f"decode tok/s ({args.dtype}, batch {args.batch}): transformers base {hf_tps:.1f}"
           + (f", PEFT LoRA r={rank} mixed {peft_tps:.1f}" if peft_tps else ""))
-    print(f"mixed/base {report['mixed_vs_base']}x; ours/PEFT {report['ours_vs_peft_mixed']}x; "
-          f"engine/transformers {report['engine_vs_transformers_base']}x")
+    for gemm, r in engines.items():
+        row = {"base_tok_s": round(r["base"], 1), "mixed_tok_s": round(r["mixed"], 1),
+               "mixed_vs_base": round(r["mixed"] / r["base"], 3),
+               "ours_vs_peft_mixed": round(r["mixed"] / peft_tps, 2) if peft_tps else None,
+               "engine_vs_transformers_base": round(r["base"] / hf_tps, 2)}
+        report["engines"][gemm] = row
+        print(f"engine gemm={gemm}: base {r['base']:.1f}, {args.batch} adapters {r['mixed']:.1f} tok/s; "
+              f"mixed/base {row['mixed_vs_base']}x; ours/PEFT {row['ours_vs_peft_mixed']}x; "
+              f"engine/transformers {row['engine_vs_transformers_base']}x")
     print(json.dumps(report))
 
 
