@@ -66,7 +66,7 @@ class Transformer(nn.Module):
                 release(attn, ["q_proj", "k_proj", "v_proj"])
                 release(mlp, ["gate_proj", "up_proj"])
         tied = hf_model.lm_head.weight is w
-        self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn", reorder=False)
+        self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
         if self.lm_head.packed and not tied:
             release(hf_model, ["lm_head"])
 

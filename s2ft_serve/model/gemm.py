@@ -1,9 +1,7 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
-runs and base-model logits are bit-identical to it. On CPU float32 their weights are stored
-column-major (`column_major`): MKL gives bit-identical results 5-15% faster for the layer shapes
-(not for the LM head), and fusion edits columns as contiguous rows. `gemm="onednn"` is faster, rounds differently:
+runs and base-model logits are bit-identical to it. `gemm="onednn"` is faster, rounds differently:
 
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. For decode-sized batches oneDNN's inner
 product is faster on the CPUs we measured (`benchmarks/engine_throughput.py`; on a 2-core AMD EPYC,
@@ -55,15 +53,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, one
 class DenseGemm(nn.Module):
     """Several Linears on the same input; `forward` returns their outputs. With `onednn`, as one GEMM."""
 
-    def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool, reorder: bool = True):
+    def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool):
         super().__init__()
         self.linears = list(linears)  # a plain list: they stay registered in the model only
         self.fused = onednn
         self.packed = False
         if not onednn:
-            for lin in linears:
-                if reorder and lin.weight.device.type == "cpu" and lin.weight.dtype == torch.float32:
-                    column_major(lin)
             return
         weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         self.splits = [lin.out_features for lin in linears]
