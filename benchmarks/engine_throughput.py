@@ -22,7 +22,6 @@ import torch
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.model.loading import load_model
 from s2ft_serve.model.testing import random_adapter
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
@@ -71,9 +70,9 @@ def lora_model(base_dir, dtype, n: int, rank: int):
 
 def measure_engine(args, gemm: str) -> tuple[dict, object, int]:
     """Decode tok/s of one engine on the base and on B distinct adapters (interleaved repeats)."""
-    loaded = load_model(None, dtype=args.dtype, device="cpu")
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
-                                 max_resident_adapters=args.batch, gemm=gemm), loaded).start()
+                                 max_resident_adapters=args.batch, gemm=gemm, threads=args.threads)).start()
+    loaded = engine.loaded
     names = []
     for i in range(args.batch):
         adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=args.heads,
@@ -104,12 +103,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    args.threads = args.threads or torch.get_num_threads()
+    # While an engine runs, this thread stays single-threaded so that only the engine thread holds
+    # an OpenMP pool, as in the server (see s2ft_serve/engine/thread.py); transformers and PEFT run
+    # afterwards, in this thread, with the same number of threads the engine had.
+    torch.set_num_threads(1)
     engines = {}
     for gemm in args.gemm.split(","):
         engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
+    torch.set_num_threads(args.threads)
     base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
     cfg = loaded.model.config
     loaded = None

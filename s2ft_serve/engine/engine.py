@@ -1,13 +1,16 @@
 """The engine's public API: one base model, many adapters, sync and asyncio requests.
 
-A background thread runs steps (admit + prefill new requests, then one decode step for every
-running request). Everything that changes weights or adapter slots, and every forward pass,
-happens under one step lock, so each forward pass sees one consistent set of weights.
+One engine thread (see `thread`) does all of an engine's torch work: it loads the model, runs
+every adapter change and scoring call that other threads hand it, and, once started, the steps
+(admit + prefill new requests, then one decode step for every running request). Everything that
+changes weights or adapter slots also holds the step lock, so each forward pass sees one
+consistent set of weights, also when tests drive the runner directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -27,6 +30,7 @@ from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, S
 from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
+from s2ft_serve.engine.thread import EngineThread
 from s2ft_serve.model.gemm import GEMMS
 from s2ft_serve.errors import (
     AdapterNotFoundError,
@@ -45,13 +49,40 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "RequestHandle"]
 
 
+def _on_engine_thread(method):
+    """Run the method on the engine thread (inline when already there)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return self._thread.call(method, self, *args, **kwargs)
+
+    return wrapper
+
+
 class Engine:
     """Holds the base weights once and any number of adapters; a background thread runs steps."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """Load the model (unless `loaded` is given) on a new engine thread; `start()` begins stepping."""
         self.config = config
         if config.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, not {config.gemm!r}")
+        self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
+        self._thread = EngineThread(self.scheduler.cond)
+        try:
+            self._thread.call(self._build, config, loaded)
+        except BaseException:
+            self._thread.stop(final=lambda: None)
+            raise
+        self.lock = threading.RLock()
+        self.stepper = Stepper(self)
+        self._ids = itertools.count()
+        self.autofuse = AutoFusePolicy(config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
+                                       config.auto_fuse_min_requests) if config.auto_fuse else None
+        self.auto_fuse_decisions = 0
+        self._accepting = True
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
         if config.threads:
             torch.set_num_threads(config.threads)
         loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
@@ -70,33 +101,21 @@ class Engine:
         self.registry = AdapterRegistry(
             self.runner.layers, config.max_resident_adapters, config.max_resident_bytes, self.head_dim,
             max_fused=config.max_fused_adapters)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
-        self.lock = threading.RLock()
-        self.stepper = Stepper(self)
-        self._ids = itertools.count()
-        self.autofuse = AutoFusePolicy(config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
-                                       config.auto_fuse_min_requests) if config.auto_fuse else None
-        self.auto_fuse_decisions = 0
-        self._accepting = True
-        self._thread: threading.Thread | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Engine":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self.stepper.loop, name="s2ft-engine", daemon=True)
-            self._thread.start()
+        """Begin stepping on the engine thread (idempotent)."""
+        if not self._thread.running:
+            self._thread.run_body(self.stepper.iteration)
         return self
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop."""
         self._accepting = False
         deadline = time.monotonic() + timeout
-        while self.scheduler.has_work() and time.monotonic() < deadline and self._thread is not None:
+        while self.scheduler.has_work() and time.monotonic() < deadline and self._thread.running:
             time.sleep(0.02)
-        self.stepper.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._thread.stop(final=self.stepper.abort_all)
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -165,6 +184,7 @@ class Engine:
         async for event in handle.aevents():
             yield event
 
+    @_on_engine_thread
     def logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Full-sequence logits [len, vocab] float32 through the serving path (tests, scoring)."""
         ids = self._prompt_ids(list(token_ids))
@@ -232,6 +252,7 @@ class Engine:
     def _read(self, path: Path) -> Adapter:
         return load_adapter(path, self._shapes, self.fingerprint, self.config.max_adapter_bytes)
 
+    @_on_engine_thread
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
         """Validate an adapter folder, then make it visible under `name` (atomically)."""
         self._check_name(name)
@@ -241,6 +262,7 @@ class Engine:
             entry = self.registry.install(name, adapter, resolved, replace)
             return self._info(entry)
 
+    @_on_engine_thread
     def add_adapter(self, name: str, adapter: Adapter, replace: bool = False) -> AdapterInfo:
         """Add an adapter held in memory (validated like a file; never evicted)."""
         self._check_name(name)
@@ -262,6 +284,7 @@ class Engine:
         if name == self.model_name:
             raise ConflictError(f"'{name}' is the base model's name", param="name")
 
+    @_on_engine_thread
     def remove_adapter(self, name: str) -> None:
         with self.lock:
             self.registry.remove(name)
@@ -274,8 +297,11 @@ class Engine:
             entry = self.registry.entries.get(name)
             if entry is not None and entry.version is not None:
                 return self.registry.acquire(entry)
-        path = self._lazy_path(name, entry)
-        adapter = self._read(path)  # file IO outside the lock
+        return self._load_and_pin(name, self._lazy_path(name, entry))
+
+    @_on_engine_thread
+    def _load_and_pin(self, name: str, path: Path):
+        adapter = self._read(path)
         with self.lock:
             entry = self.registry.entries.get(name)
             if entry is None:
@@ -308,6 +334,7 @@ class Engine:
     def has_adapter(self, name: str) -> bool:
         return name in self.registry.entries
 
+    @_on_engine_thread
     def fuse(self, name: str) -> AdapterInfo:
         """Add the adapter into the base columns in place; other requests stay exact."""
         self._pin(name)  # makes it resident; the pin is released below
@@ -319,12 +346,14 @@ class Engine:
                 self.registry.release(entry.version)
             return self._info(entry)
 
+    @_on_engine_thread
     def unfuse(self, name: str) -> AdapterInfo:
         with self.lock:
             entry = self.registry.get(name)
             self.registry.unfuse(name)
             return self._info(entry)
 
+    @_on_engine_thread
     def merge(self, name: str, sources: list[tuple[str, float]]) -> AdapterInfo:
         """A new adapter: the weighted sum of `sources` over the union of their indices."""
         from s2ft_serve.adapters.compose import merge_adapters

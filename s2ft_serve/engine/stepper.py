@@ -23,7 +23,7 @@ class Stepper:
         self.engine = engine
         self.listeners: list[Callable[[int, int], None]] = []
         self.steps = 0
-        self._stop = False
+        self._next_tick = time.monotonic() + 1.0
         tok = engine.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_cfg = getattr(engine.loaded.model, "generation_config", None)
@@ -31,36 +31,32 @@ class Stepper:
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.eos_ids = eos
 
-    def stop(self) -> None:
-        self._stop = True
-        with self.engine.scheduler.cond:
-            self.engine.scheduler.cond.notify_all()
-
-    def loop(self) -> None:
+    def iteration(self) -> None:
+        """One pass of the step loop (the engine thread runs it, between calls, once started)."""
         sched = self.engine.scheduler
-        next_tick = time.monotonic() + 1.0
-        while not self._stop:
-            if self.engine.autofuse is not None and time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + 1.0
-                self.engine.auto_fuse_tick()
-            if not sched.has_work():
-                sched.wait_for_work(0.05)
-                continue
-            try:
-                with self.engine.lock:
-                    self.step()
-            except Exception:  # never let one bad step kill the engine: fail what was running
-                log.exception("engine step failed; aborting the running requests")
-                with self.engine.lock:
-                    for seq in list(sched.running):
-                        self._finish(seq, "error")
-            time.sleep(0)  # let admin calls waiting on the lock in
+        if self.engine.autofuse is not None and time.monotonic() >= self._next_tick:
+            self._next_tick = time.monotonic() + 1.0
+            self.engine.auto_fuse_tick()
+        if not sched.has_work():
+            sched.wait_for_work(0.05)
+            return
+        try:
+            with self.engine.lock:
+                self.step()
+        except Exception:  # never let one bad step kill the engine: fail what was running
+            log.exception("engine step failed; aborting the running requests")
+            with self.engine.lock:
+                for seq in list(sched.running):
+                    self._finish(seq, "error")
+
+    def abort_all(self) -> None:
+        """At shutdown: end every running and waiting request."""
+        sched = self.engine.scheduler
         with self.engine.lock:
-            for seq in list(sched.running) + list(sched.waiting):
-                if seq in sched.running:
-                    self._finish(seq, "abort")
-                else:
-                    self.abort_waiting(seq)
+            for seq in list(sched.running):
+                self._finish(seq, "abort")
+            for seq in list(sched.waiting):
+                self.abort_waiting(seq)
             sched.waiting.clear()
 
     def step(self) -> None:

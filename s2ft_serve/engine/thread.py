@@ -1,0 +1,84 @@
+"""The engine thread: the one thread that runs an engine's torch work.
+
+PyTorch's CPU build parallelises with GNU OpenMP, which keeps a pool of worker threads for every
+thread that has run a parallel region. Once a process holds more such threads than CPUs, every pool
+stops spin-waiting and sleeps between regions, so each of the ~300 parallel regions of a decode step
+pays a wake-up. On a 2-core machine the same decode step ran 10-40% slower in a thread other than
+the one that had loaded the model (`benchmarks/engine_throughput.py` measures the engine as served).
+
+So one thread does it all: it loads the model, installs, fuses and removes adapters, scores, and
+runs the step loop once started. Other threads hand it calls (`call`) and wait for the result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from functools import partial
+from typing import Any, Callable
+
+
+class EngineThread:
+    def __init__(self, cond: threading.Condition, name: str = "s2ft-engine"):
+        self.cond = cond  # shared with the scheduler: a new call and a new request both wake the thread
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._body: Callable[[], None] | None = None  # one pass of the step loop, once started
+        self._stopping = False
+        self._final: Callable[[], None] = lambda: None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, *args, **kwargs) -> Any:
+        """Run `fn(*args, **kwargs)` on the engine thread and return (or raise) what it did."""
+        future: Future = Future()
+        with self.cond:  # once stopping, callers run their own calls (the engine is shut down)
+            inline = self._stopping or threading.current_thread() is self._thread
+            if not inline:
+                self._calls.append((partial(fn, *args, **kwargs), future))
+                self.cond.notify_all()
+        return fn(*args, **kwargs) if inline else future.result()
+
+    def run_body(self, body: Callable[[], None]) -> None:
+        """Start running `body` in a loop, between calls."""
+        with self.cond:
+            self._body = body
+            self.cond.notify_all()
+
+    def stop(self, final: Callable[[], None], timeout: float = 5.0) -> None:
+        """Stop the loop; `final` runs on the engine thread last (after the pending calls)."""
+        with self.cond:
+            self._stopping = True
+            self._final = final
+            self.cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._body is not None and self._thread.is_alive()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self.cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed back to the caller, never kills the thread
+                future.set_exception(exc)
+
+    def _run(self) -> None:
+        while True:
+            self._run_calls()
+            with self.cond:
+                if self._stopping:
+                    break
+                if self._body is None:
+                    if not self._calls:
+                        self.cond.wait()
+                    continue
+                body = self._body
+            body()  # steps, or waits on `cond` for work (a call wakes it too)
+        self._final()
+        self._run_calls()

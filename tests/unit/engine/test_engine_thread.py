@@ -1,0 +1,53 @@
+"""The engine thread runs every call handed to it, between passes of the step loop."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from s2ft_serve.engine.thread import EngineThread
+from s2ft_serve.model.testing import random_adapter
+
+from engine_reference import make_engine
+
+
+def test_calls_run_on_the_engine_thread_and_return_or_raise():
+    worker = EngineThread(threading.Condition(), name="t-engine")
+    assert worker.call(lambda a, b=0: (threading.current_thread().name, a + b), 2, b=3) == ("t-engine", 5)
+    with pytest.raises(KeyError, match="missing"):
+        worker.call(lambda: {}["missing"])
+    assert worker.call(lambda: "still alive") == "still alive"
+    worker.stop(final=lambda: None)
+
+
+def test_calls_interleave_with_the_body_and_stop_runs_final_last():
+    cond = threading.Condition()
+    worker = EngineThread(cond, name="t-engine")
+    passes, order = [], []
+
+    def body():
+        passes.append(1)
+        with cond:
+            cond.wait(0.01)
+
+    worker.run_body(body)
+    assert worker.running
+    worker.call(lambda: order.append("call"))
+    worker.stop(final=lambda: order.append(("final", threading.current_thread().name)))
+    assert passes and order == ["call", ("final", "t-engine")]
+    assert not worker.running
+    assert worker.call(lambda: threading.current_thread().name) == threading.current_thread().name  # inline now
+
+
+def test_engine_does_its_torch_work_on_its_own_thread(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    seen = []
+    install = engine.registry.install
+    engine.registry.install = lambda *a, **k: (seen.append(threading.current_thread().name), install(*a, **k))[1]
+    engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=1))
+    engine.logits(engine.tokenize("hello"), adapter="a")
+    assert seen == ["s2ft-engine"]
+    engine.start()
+    assert engine.generate("hello", "a").token_ids
+    engine.shutdown(timeout=5)
