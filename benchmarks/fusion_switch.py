@@ -93,7 +93,7 @@ class EngineSwitch:
 
 
 def switch_times_ms(systems: list, switches: int, block: int = 5, warmup: int = 5) -> list[list[float]]:
-    """Time `switch()` of each system, in alternating blocks so background load hits both alike."""
+    """Time `switch()` of each system, in alternating blocks (when several) so background load hits all alike."""
     for system in systems:
         for _ in range(warmup):
             system.switch()
@@ -135,8 +135,11 @@ def decode_rates(engine: Engine, args: argparse.Namespace, vocab: int) -> dict[s
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
+    # While the engine runs, this thread stays single-threaded so that only the engine thread holds an
+    # OpenMP pool, as in the server (see s2ft_serve/engine/thread.py); PEFT runs after the engine has
+    # shut down, in this thread, with the same number of threads.
+    torch.set_num_threads(1)
     reference = load_model(None, dtype=args.dtype, device="cpu")
     adapters: dict[str, Adapter] = {
         name: random_adapter(reference.model, reference.name, seed=seed, heads=args.heads, channels=args.channels,
@@ -146,17 +149,20 @@ def main() -> None:
     s2ft_params = adapters["a"].num_parameters()
     rank = lora_rank_for(reference.model, s2ft_params)
 
-    engine = Engine(EngineConfig(model=None, dtype=args.dtype, device="cpu")).start()
+    engine = Engine(EngineConfig(model=None, dtype=args.dtype, device="cpu", threads=threads)).start()
     for name, adapter in adapters.items():
         engine.add_adapter(name, adapter)
-    peft = PeftSwitch(reference.model, rank)
-    lora_params = peft.parameters
     ours_switch = EngineSwitch(engine)
-    ours, theirs = switch_times_ms([ours_switch, peft], args.switches)
+    (ours,) = switch_times_ms([ours_switch], args.switches)
     ours_switch.close()
-    del peft
     rates = decode_rates(engine, args, reference.model.config.vocab_size)
     engine.shutdown()
+
+    torch.set_num_threads(threads)
+    peft = PeftSwitch(reference.model, rank)
+    lora_params = peft.parameters
+    (theirs,) = switch_times_ms([peft], args.switches)
+    del peft
 
     ours_ms, theirs_ms = statistics.median(ours), statistics.median(theirs)
     result = {
