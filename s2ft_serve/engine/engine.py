@@ -109,6 +109,10 @@ class Engine:
             self._thread.run_body(self.stepper.iteration)
         return self
 
+    def idle(self, timeout: float) -> None:
+        """On the engine thread, with nothing to step: wait for a request or a call (at most `timeout`)."""
+        self._thread.wait(self.scheduler.has_work, timeout)
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop."""
         self._accepting = False

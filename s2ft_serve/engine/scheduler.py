@@ -65,11 +65,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def wait_for_work(self, timeout: float) -> None:
-        with self.cond:
-            if not self.has_work():
-                self.cond.wait(timeout)
-
     def admit(self) -> list[Sequence]:
         """New sequences to prefill this step, within the batch size and the prefill token budget."""
         admitted: list[Sequence] = []

@@ -38,7 +38,7 @@ class Stepper:
             self._next_tick = time.monotonic() + 1.0
             self.engine.auto_fuse_tick()
         if not sched.has_work():
-            sched.wait_for_work(0.05)
+            self.engine.idle(0.05)
             return
         try:
             with self.engine.lock:

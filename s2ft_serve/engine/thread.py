@@ -53,6 +53,12 @@ class EngineThread:
             self.cond.notify_all()
         self._thread.join(timeout)
 
+    def wait(self, ready: Callable[[], bool], timeout: float) -> None:
+        """In the body: sleep until `ready()`, a call, a stop, or `timeout`, whichever comes first."""
+        with self.cond:
+            if not (self._calls or self._stopping or ready()):
+                self.cond.wait(timeout)
+
     @property
     def running(self) -> bool:
         return self._body is not None and self._thread.is_alive()

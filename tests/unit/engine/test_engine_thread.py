@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_calls_interleave_with_the_body_and_stop_runs_final_last():
     worker.run_body(body)
     assert worker.running
     worker.call(lambda: order.append("call"))
+    for _ in range(500):  # the body runs between calls
+        if passes:
+            break
+        time.sleep(0.01)
     worker.stop(final=lambda: order.append(("final", threading.current_thread().name)))
     assert passes and order == ["call", ("final", "t-engine")]
     assert not worker.running
