@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from engine_phase import engine_phase
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import SamplingParams
@@ -104,14 +105,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     args.threads = args.threads or torch.get_num_threads()
-    # While an engine runs, this thread stays single-threaded so that only the engine thread holds
-    # an OpenMP pool, as in the server (see s2ft_serve/engine/thread.py); transformers and PEFT run
-    # afterwards, in this thread, with the same number of threads the engine had.
-    torch.set_num_threads(1)
     engines = {}
-    for gemm in args.gemm.split(","):
-        engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
-    torch.set_num_threads(args.threads)
+    with engine_phase(args.threads):
+        for gemm in args.gemm.split(","):
+            engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
     base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
     cfg = loaded.model.config
     loaded = None

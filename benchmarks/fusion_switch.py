@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from engine_phase import engine_phase
 from s2ft_serve.adapters.format import Adapter
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
@@ -92,18 +93,15 @@ class EngineSwitch:
         self.engine.unfuse(self.names[self.current])
 
 
-def switch_times_ms(systems: list, switches: int, block: int = 5, warmup: int = 5) -> list[list[float]]:
-    """Time `switch()` of each system, in alternating blocks (when several) so background load hits all alike."""
-    for system in systems:
-        for _ in range(warmup):
-            system.switch()
-    times: list[list[float]] = [[] for _ in systems]
-    while len(times[0]) < switches:
-        for system, out in zip(systems, times):
-            for _ in range(block):
-                started = time.perf_counter()
-                system.switch()
-                out.append((time.perf_counter() - started) * 1e3)
+def switch_times_ms(system, switches: int, warmup: int = 5) -> list[float]:
+    """Milliseconds per `switch()` of `system`, after `warmup` untimed switches."""
+    for _ in range(warmup):
+        system.switch()
+    times = []
+    for _ in range(switches):
+        started = time.perf_counter()
+        system.switch()
+        times.append((time.perf_counter() - started) * 1e3)
     return times
 
 
@@ -136,32 +134,27 @@ def decode_rates(engine: Engine, args: argparse.Namespace, vocab: int) -> dict[s
 def main() -> None:
     args = parse_args()
     threads = args.threads or torch.get_num_threads()
-    # While the engine runs, this thread stays single-threaded so that only the engine thread holds an
-    # OpenMP pool, as in the server (see s2ft_serve/engine/thread.py); PEFT runs after the engine has
-    # shut down, in this thread, with the same number of threads.
-    torch.set_num_threads(1)
-    reference = load_model(None, dtype=args.dtype, device="cpu")
-    adapters: dict[str, Adapter] = {
-        name: random_adapter(reference.model, reference.name, seed=seed, heads=args.heads, channels=args.channels,
-                             fingerprint=reference.fingerprint)
-        for name, seed in (("a", 1), ("b", 2))
-    }
-    s2ft_params = adapters["a"].num_parameters()
-    rank = lora_rank_for(reference.model, s2ft_params)
+    with engine_phase(threads):  # the engine first; PEFT after it has shut down
+        reference = load_model(None, dtype=args.dtype, device="cpu")
+        adapters: dict[str, Adapter] = {
+            name: random_adapter(reference.model, reference.name, seed=seed, heads=args.heads,
+                                 channels=args.channels, fingerprint=reference.fingerprint)
+            for name, seed in (("a", 1), ("b", 2))
+        }
+        s2ft_params = adapters["a"].num_parameters()
+        rank = lora_rank_for(reference.model, s2ft_params)
+        engine = Engine(EngineConfig(model=None, dtype=args.dtype, device="cpu", threads=threads)).start()
+        for name, adapter in adapters.items():
+            engine.add_adapter(name, adapter)
+        ours_switch = EngineSwitch(engine)
+        ours = switch_times_ms(ours_switch, args.switches)
+        ours_switch.close()
+        rates = decode_rates(engine, args, reference.model.config.vocab_size)
+        engine.shutdown()
 
-    engine = Engine(EngineConfig(model=None, dtype=args.dtype, device="cpu", threads=threads)).start()
-    for name, adapter in adapters.items():
-        engine.add_adapter(name, adapter)
-    ours_switch = EngineSwitch(engine)
-    (ours,) = switch_times_ms([ours_switch], args.switches)
-    ours_switch.close()
-    rates = decode_rates(engine, args, reference.model.config.vocab_size)
-    engine.shutdown()
-
-    torch.set_num_threads(threads)
     peft = PeftSwitch(reference.model, rank)
     lora_params = peft.parameters
-    (theirs,) = switch_times_ms([peft], args.switches)
+    theirs = switch_times_ms(peft, args.switches)
     del peft
 
     ours_ms, theirs_ms = statistics.median(ours), statistics.median(theirs)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from s2ft_serve.adapters.ops import mixed_delta, segment_delta
-from s2ft_serve.model.gemm import column_major, linear
+from s2ft_serve.model.gemm import linear, onednn_usable
 
 NULL_SLOT = 0
 
@@ -62,14 +62,16 @@ class S2FTLinear(nn.Module):
         super().__init__()
         self.base = base
         self.batch = batch
-        self.onednn = onednn  # base matmul through oneDNN (see model.gemm); False: F.linear, as transformers
+        # the base matmul through oneDNN (see model.gemm), decided once; else F.linear, as transformers
+        self.onednn = onednn and onednn_usable(base.weight)
         w = base.weight
         if w.dtype == torch.float32 or w.device.type != "cpu":
             # Column-major storage: each input column is contiguous, so fusing or unfusing an adapter
             # (W[:, index] += delta) is a sequential copy instead of a cache miss per element; float32
             # CPU GEMM gives bit-identical results (MKL) at about the same speed (CUDA GEMM alike).
             # bfloat16 CPU GEMM is much slower column-major, so it stays.
-            column_major(base)
+            with torch.no_grad():
+                base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
 

@@ -60,7 +60,7 @@ def _on_engine_thread(method):
 
 
 class Engine:
-    """Holds the base weights once and any number of adapters; a background thread runs steps."""
+    """Holds the base weights once and any number of adapters; its engine thread does the torch work."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """Load the model (unless `loaded` is given) on a new engine thread; `start()` begins stepping."""

@@ -86,5 +86,7 @@ class EngineThread:
                     continue
                 body = self._body
             body()  # steps, or waits on `cond` for work (a call wakes it too)
-        self._final()
-        self._run_calls()
+        try:
+            self._final()
+        finally:  # the calls handed over before the stop still get their answer
+            self._run_calls()

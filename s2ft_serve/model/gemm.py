@@ -9,11 +9,11 @@ batch 32: the 49k-row LM head 14 ms vs 25-28 ms, a fused gate+up 0.76 ms vs 1.06
 still when the weight is reordered once into oneDNN's blocked layout. So:
 
 - `DenseGemm` runs projections that share an input as one GEMM over their concatenated weights
-  (q/k/v, gate/up) or one alone (the LM head). On CPU float32 the weight is prepacked for oneDNN
-  (an opaque copy; the original modules' weights are then released, see `release`); elsewhere it
-  is a plain tensor and the original modules keep views into it, so nothing is duplicated.
+  (q/k/v, gate/up) or one alone (the LM head), the weight prepacked once in oneDNN's blocked
+  layout (an opaque copy; the original modules are then released, see `release`). Where oneDNN
+  cannot serve the weight (not CPU float32), it calls the model's own Linears, as `exact` does.
 - `linear` is the unpacked oneDNN call for weights that change in place (the adapted `o_proj` /
-  `down_proj`, which fusion edits column by column); it falls back to `F.linear`.
+  `down_proj`, which fusion edits column by column).
 
 Results equal `F.linear` up to float rounding (a different summation order), which is enough to
 break the engine's 1e-4 correctness contract on a real model: on SmolLM2-135M the logits differ
@@ -27,40 +27,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_ok(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
+_ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 GEMMS = ("exact", "onednn")
 
 
-def column_major(linear: nn.Linear) -> None:
-    """Store `linear.weight` column-major (same shape and values; each input column contiguous; frozen)."""
-    w = linear.weight
-    with torch.no_grad():
-        linear.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+def onednn_usable(weight: torch.Tensor) -> bool:
+    """oneDNN's inner product can serve this weight: CPU float32 (its bf16 path needs AVX-512 BF16)."""
+    return _ONEDNN_OPS and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """`F.linear`, through oneDNN on CPU float32 when asked (the weight read as it is, every call)."""
-    if not onednn or not _onednn_ok(weight) or x.dtype != weight.dtype:
+    """`F.linear`, or oneDNN's inner product when `onednn` (the caller checked `onednn_usable` once);
+    the weight is read as it is, every call."""
+    if not onednn:
         return F.linear(x, weight, bias)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class DenseGemm(nn.Module):
-    """Several Linears on the same input; `forward` returns their outputs. With `onednn`, as one GEMM."""
+    """Several Linears on the same input; `forward` returns their outputs. Packed, as one oneDNN GEMM."""
 
     def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool):
         super().__init__()
         self.linears = list(linears)  # a plain list: they stay registered in the model only
-        self.fused = onednn
-        self.packed = False
-        if not onednn:
+        self.packed = onednn and all(onednn_usable(lin.weight) for lin in linears)
+        if not self.packed:
             return
-        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        weight = torch.cat([lin.weight.detach() for lin in linears])
         self.splits = [lin.out_features for lin in linears]
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         if any(lin.bias is not None for lin in linears):
@@ -68,26 +64,14 @@ class DenseGemm(nn.Module):
                                    for lin in linears])
         else:
             self.bias = None
-        self.packed = _onednn_ok(weight)
-        if self.packed:  # an opaque tensor in oneDNN's blocked layout (plain attribute: not a buffer)
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        else:
-            self.weight = weight
-            if len(linears) > 1:  # the originals become views of the fused weight: no second copy
-                rows = 0
-                for lin in linears:
-                    lin.weight = nn.Parameter(weight[rows : rows + lin.out_features], requires_grad=False)
-                    rows += lin.out_features
+        # an opaque tensor in oneDNN's blocked layout (a plain attribute, not a buffer)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if not self.fused:
+        if not self.packed:
             outs = tuple(lin(x) for lin in self.linears)
             return outs if len(outs) > 1 else outs[0]
-        x2 = x.reshape(-1, self.in_features)
-        if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
-        else:
-            y = F.linear(x2, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         y = y.view(*x.shape[:-1], self.out_features)
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
 

@@ -31,7 +31,9 @@ def test_default_model_shape_and_chat(engine):
     assert "Paris" in out.text
 
 
-def test_adapter_on_default_model_matches_merged_transformers(engine, default_model_dir):
+def _merged_reference(engine, default_model_dir) -> tuple[list[int], torch.Tensor, list[int]]:
+    """Add a random adapter "r"; the chat prompt, the merged transformers model's logits on it and its
+    12 greedy tokens."""
     adapter = random_adapter(engine.loaded.model, engine.model_name, seed=7, heads=1, channels=32, scale=0.02,
                              fingerprint=engine.fingerprint)
     engine.add_adapter("r", adapter)
@@ -39,16 +41,19 @@ def test_adapter_on_default_model_matches_merged_transformers(engine, default_mo
     ref = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     merge_into(ref, adapter)
     with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
+        prompt = torch.tensor([ids])  # an explicit mask: the chat template holds the pad token <|im_end|>
+        greedy = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None)[0, len(ids):].tolist()
+        return ids, ref(prompt).logits[0], greedy
+
+
+def test_adapter_on_default_model_matches_merged_transformers(engine, default_model_dir):
+    ids, expected, greedy = _merged_reference(engine, default_model_dir)
     assert (engine.logits(ids, "r") - expected).abs().max().item() <= 1e-4
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     handles = [engine.submit(ids, a, params) for a in ["r", None, "r"]]
     outs = [h.result(timeout=120).token_ids for h in handles]
-    with torch.no_grad():
-        prompt = torch.tensor([ids])  # an explicit mask: the chat template holds the pad token <|im_end|>
-        greedy = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                              eos_token_id=None)[0, len(ids):]
-    assert outs[0] == outs[2] == greedy.tolist()
+    assert outs[0] == outs[2] == greedy
 
 
 def test_onednn_gemms_round_differently_but_decode_the_same(default_model_dir):
@@ -56,17 +61,7 @@ def test_onednn_gemms_round_differently_but_decode_the_same(default_model_dir):
     engine = Engine(EngineConfig(model=None, dtype="float32", device="cpu", max_batch_size=4, max_model_len=512,
                                  gemm="onednn")).start()
     try:
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=7, heads=1, channels=32, scale=0.02,
-                                 fingerprint=engine.fingerprint)
-        engine.add_adapter("r", adapter)
-        ids = engine.apply_chat_template([{"role": "user", "content": "Name three colours."}])
-        ref = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-        merge_into(ref, adapter)
-        with torch.no_grad():
-            expected = ref(torch.tensor([ids])).logits[0]
-            prompt = torch.tensor([ids])
-            greedy = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=None)[0, len(ids):].tolist()
+        ids, expected, greedy = _merged_reference(engine, default_model_dir)
         assert (engine.logits(ids, "r") - expected).abs().max().item() <= 1e-3
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         assert engine.generate(ids, "r", params).token_ids == greedy
