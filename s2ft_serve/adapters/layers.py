@@ -25,18 +25,29 @@ class AdapterBatch:
 
     single_slots: tuple[int, ...] = ()  # slots applied to every token (mode "single")
     token_slots: torch.Tensor | None = None  # [T, m] int64 per-token slots (mode "mixed")
-    mode: str = "none"  # "none" | "single" | "mixed"
+    row_groups: list[tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=list)  # mode "rows"
+    mode: str = "none"  # "none" | "single" | "mixed" | "rows"
 
     def set_none(self) -> None:
-        self.mode, self.single_slots, self.token_slots = "none", (), None
+        self.mode, self.single_slots, self.token_slots, self.row_groups = "none", (), None, []
 
     def set_single(self, slots: tuple[int, ...]) -> None:
+        self.set_none()
         slots = tuple(s for s in slots if s != NULL_SLOT)
         self.mode = "single" if slots else "none"
-        self.single_slots, self.token_slots = slots, None
+        self.single_slots = slots
 
     def set_mixed(self, token_slots: torch.Tensor) -> None:
-        self.mode, self.single_slots, self.token_slots = "mixed", (), token_slots
+        self.set_none()
+        self.mode, self.token_slots = "mixed", token_slots
+
+    def set_rows(self, groups: list[tuple[tuple[int, ...], torch.Tensor]]) -> None:
+        """Prefill of several prompts (x: [rows, L, in]): each (slots, row indices) group is one segment
+        per adapter, a gather of k features and one matmul, like a single prompt's."""
+        self.set_none()
+        groups = [(tuple(s for s in slots if s != NULL_SLOT), rows) for slots, rows in groups]
+        self.row_groups = [(slots, rows) for slots, rows in groups if slots]
+        self.mode = "rows" if self.row_groups else "none"
 
 
 @dataclass
@@ -135,19 +146,31 @@ class S2FTLinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)  # [T, in]
         y2 = y.view(-1, self.out_features)  # [T, out]
-        s = self.slots
         if b.mode == "single":
-            for slot in b.single_slots:
-                k = s.slot_k[slot] if slot <= s.capacity else 0
-                if k:
-                    start = (slot - 1) * s.k_cap
-                    y2 += segment_delta(x2, s.table[start : start + k], s.cols[slot, :k])
+            self._add_segment(y2, x2, b.single_slots)
             return y
+        if b.mode == "rows":  # x: [rows, L, in]
+            for slots, rows in b.row_groups:
+                xs = x.index_select(0, rows)
+                ys = torch.zeros(xs.shape[:-1] + (self.out_features,), dtype=y.dtype, device=y.device)
+                self._add_segment(ys.view(-1, self.out_features), xs.reshape(-1, self.in_features), slots)
+                y.index_add_(0, rows, ys)
+            return y
+        s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
         rows = s.rows[slots].view(x2.shape[0], -1)  # [T, m*k_cap]
         cols = s.cols[slots].view(x2.shape[0], -1)
         y2 += mixed_delta(x2, s.table, rows, cols)
         return y
+
+    def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:
+        """y2 += every slot's correction, for tokens x2 [T, in] that all use `slots`."""
+        s = self.slots
+        for slot in slots:
+            k = s.slot_k[slot] if slot <= s.capacity else 0
+            if k:
+                start = (slot - 1) * s.k_cap
+                y2 += segment_delta(x2, s.table[start : start + k], s.cols[slot, :k])
 
 
 def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,

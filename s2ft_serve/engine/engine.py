@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -108,6 +108,11 @@ class Engine:
         if not self._thread.running:
             self._thread.run_body(self.stepper.iteration)
         return self
+
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run `fn(*args, **kwargs)` on the engine thread between steps and return its result
+        (benchmarks and tools that drive `runner` / `registry` directly)."""
+        return self._thread.call(fn, *args, **kwargs)
 
     def idle(self, timeout: float) -> None:
         """On the engine thread, with nothing to step: wait for a request or a call (at most `timeout`)."""

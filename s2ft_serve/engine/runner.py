@@ -29,14 +29,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], row: int, slots: tuple[int, ...], all_logits: bool) -> torch.Tensor:
-        """Run a whole prompt into cache row `row`; logits [L or 1, vocab] float32."""
-        self.batch.set_single(slots)
-        tokens = torch.tensor([prompt_ids], dtype=torch.int64, device=self.device)  # [1, L]
-        positions = torch.arange(len(prompt_ids), device=self.device)[None]  # [1, L]
+        """Run one prompt into cache row `row`; logits [L or 1, vocab] float32."""
+        return self.prefill_batch([prompt_ids], row, [slots], [all_logits])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[list[int]], first_row: int, slot_tuples: list[tuple[int, ...]],
+                      all_logits: list[bool]) -> list[torch.Tensor]:
+        """Run several prompts in one pass into cache rows `first_row, first_row + 1, ...`, right-padded to
+        the longest; per prompt, logits [L or 1, vocab] float32 (every position, or the last one)."""
+        P, L = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros(P, L, dtype=torch.int64)
+        keep, sizes = [], []
+        for i, ids in enumerate(prompts):
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            start = i * L if all_logits[i] else i * L + len(ids) - 1
+            keep.extend(range(start, i * L + len(ids)))
+            sizes.append(i * L + len(ids) - start)
+        positions = torch.arange(L, device=self.device)[None].expand(P, L)
+        if all(t == slot_tuples[0] for t in slot_tuples):
+            self.batch.set_single(slot_tuples[0])
+        else:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, t in enumerate(slot_tuples):
+                groups.setdefault(t, []).append(i)
+            self.batch.set_rows([(t, torch.tensor(r, device=self.device)) for t, r in groups.items()])
         try:
-            return self.model(tokens, positions, row, decode=False, all_logits=all_logits)[0]
+            logits = self.model(tokens.to(self.device), positions, slice(first_row, first_row + P), decode=False,
+                                keep=torch.tensor(keep, device=self.device))
         finally:
             self.batch.set_none()
+        return list(logits.split(sizes))
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int], slot_tuples: list[tuple[int, ...]]) -> torch.Tensor:
@@ -45,7 +67,7 @@ class ModelRunner:
         tokens = torch.tensor(last_tokens, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         try:
-            return self.model(tokens, pos, slice(0, len(last_tokens)), decode=True)[:, 0]
+            return self.model(tokens, pos, slice(0, len(last_tokens)), decode=True)
         finally:
             self.batch.set_none()
 

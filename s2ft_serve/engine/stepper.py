@@ -18,6 +18,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def prefill_groups(seqs: list[Sequence], max_padding: float = 0.25) -> list[list[Sequence]]:
+    """Split new sequences into prefill passes: by prompt length, a pass grows while its padding
+    (to the longest prompt) stays within `max_padding` of the tokens it computes."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        n = len(seq.prompt_ids)  # the longest so far
+        if groups and (len(groups[-1]) + 1) * n * (1 - max_padding) <= real + n:
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
+
+
 class Stepper:
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -62,12 +78,16 @@ class Stepper:
     def step(self) -> None:
         """One step: prefill what was admitted, then decode every running sequence once."""
         engine, sched = self.engine, self.engine.scheduler
+        admitted = []
         for seq in sched.admit():
             if seq.cancelled:
                 self.abort_waiting(seq)
-                continue
-            sched.start_running(seq)
-            self._prefill(seq)
+            else:
+                admitted.append(seq)
+        for group in prefill_groups(admitted):
+            for seq in group:
+                sched.start_running(seq)  # consecutive rows
+            self._prefill(group)
         for seq in [s for s in sched.running if s.cancelled]:
             self._finish(seq, "abort")
         running = list(sched.running)
@@ -82,20 +102,26 @@ class Stepper:
             fn(len(running), len(running))
         self._accept(running, logits)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` (in consecutive rows) in one pass; sample each one's first token."""
         engine = self.engine
-        want_prompt_lp = seq.params.prompt_logprobs is not None
-        logits = engine.runner.prefill(
-            seq.prompt_ids, seq.row, engine.registry.slots_for(seq.version), all_logits=want_prompt_lp)
+        want = [s.params.prompt_logprobs is not None for s in seqs]
+        logits = engine.runner.prefill_batch([s.prompt_ids for s in seqs], seqs[0].row,
+                                             [engine.registry.slots_for(s.version) for s in seqs], want)
         for fn in self.listeners:
-            fn(1, len(seq.prompt_ids))
-        if want_prompt_lp:
-            lps = token_logprobs(logits[:-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
-            seq.prompt_logprobs = [None] + lps
-        if seq.params.max_tokens == 0:
+            fn(len(seqs), sum(len(s.prompt_ids) for s in seqs))
+        firsts = []
+        for seq, lg, w in zip(seqs, logits, want):
+            if w:
+                lps = token_logprobs(lg[:-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
+                seq.prompt_logprobs = [None] + lps
+            firsts.append(lg[-1])
+        done = [s for s in seqs if s.params.max_tokens == 0]
+        for seq in done:
             self._finish(seq, "length")
-            return
-        self._accept([seq], logits[-1:])
+        sampled = [(s, f) for s, f in zip(seqs, firsts) if s.params.max_tokens != 0]
+        if sampled:
+            self._accept([s for s, _ in sampled], torch.stack([f for _, f in sampled]))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""

@@ -7,7 +7,9 @@ exactly what transformers computes; only attention and caching are ours:
 - The KV cache holds one *row* per running request; running requests always occupy rows
   `0..B-1` (a finished request's row is refilled by moving the last one), so decode attends over
   a view `cache[:B, :, :L]` with a length mask and never copies the cache.
-- Prefill runs one request at a time (causal attention over its own prompt).
+- Prefill runs several new requests in one pass: their prompts, right-padded to the longest, take
+  consecutive cache rows; causal attention keeps every real token off the padding behind it, and
+  decode masks the padding's cache entries until its own tokens overwrite them.
 - Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`), or with
   `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
@@ -78,10 +80,10 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,  # [B, L]
         positions: torch.Tensor,  # [B, L]
-        rows: slice | int,  # decode: the rows 0..B-1 as a slice; prefill: the request's row
-        decode: bool,  # True: L == 1, attend over the cache; False: B == 1, a fresh prompt
-        all_logits: bool = False,  # False: logits of the last position only
-    ) -> torch.Tensor:  # [B, L or 1, vocab] float32
+        rows: slice,  # the cache rows of the B sequences
+        decode: bool,  # True: L == 1, attend over the cache; False: fresh prompts (right-padded)
+        keep: torch.Tensor | None = None,  # flat indices into the B * L positions to return logits for
+    ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
         mask = slots = None
@@ -94,8 +96,9 @@ class Transformer(nn.Module):
             r = layer.input_layernorm(h)
             h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots)
             h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
-        if not all_logits:
-            h = h[:, -1:]
+        h = h.reshape(-1, h.shape[-1])
+        if keep is not None:
+            h = h.index_select(0, keep)
         h = self.hf.model.norm(h)
         return self.lm_head(h).float()
 
@@ -126,8 +129,8 @@ class Transformer(nn.Module):
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         else:
-            ck[rows, :, :L] = k[0]  # prefill: rows is the request's row
-            cv[rows, :, :L] = v[0]
+            ck[rows, :, :L] = k  # prefill: the new requests' rows, padding included
+            cv[rows, :, :L] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, heads * D]
         return attn.o_proj(out)

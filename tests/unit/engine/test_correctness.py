@@ -97,3 +97,50 @@ def test_prompt_logprobs_match_reference(engine, adapters, tiny_model_dir):
 def test_unknown_gemm_backend_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match="gemm must be one of exact, onednn"):
         make_engine(tiny_llama_dir, gemm="blas")
+
+
+@pytest.mark.parametrize("names", [["a0", None, "a2", "a0"], ["a1", "a1", "a1", "a1"], [None, None, "a2", None]])
+def test_batched_prefill_matches_reference_per_prompt_then_decodes(engine, adapters, tiny_model_dir, names):
+    """Prompts of different lengths and adapters prefilled in one pass (right-padded): every asked position
+    equals the merged reference, and decoding over the padded cache rows stays exact."""
+    runner, registry = engine.runner, engine.registry
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # the padding is exercised
+    versions = [registry.acquire(registry.get(n)) if n else None for n in names]
+    all_logits = [True, False, True, False]
+    got = runner.prefill_batch(prompts, 0, [registry.slots_for(v) for v in versions], all_logits)
+    nxt = [5, 9, 3, 21]
+    step = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions])
+    for row, (name, ids) in enumerate(zip(names, prompts)):
+        ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
+        expected = reference_logits(ref, ids + [nxt[row]])
+        want = expected[: len(ids)] if all_logits[row] else expected[len(ids) - 1: len(ids)]
+        assert got[row].shape == want.shape
+        assert (got[row] - want).abs().max().item() <= 1e-4, (row, name)
+        assert (step[row] - expected[-1]).abs().max().item() <= 1e-4, (row, name)
+
+
+def test_requests_waiting_together_share_one_prefill_pass(engine, adapters, tiny_model_dir):
+    """Submitted before the engine starts, the requests are admitted together: prefilled in one pass
+    (the step listener sees it), each still gets its reference tokens and prompt logprobs."""
+    passes = []
+    engine.add_step_listener(lambda batch, tokens: passes.append((batch, tokens)))
+    plan = [("a0", 0), (None, 1), ("a2", 3), ("a1", 0)]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=1 if i == 2 else None)
+              for i in range(len(plan))]
+    handles = [engine.submit(PROMPTS[p], adapter=n, params=pp) for (n, p), pp in zip(plan, params)]
+    zero = engine.submit(PROMPTS[2], adapter="a1", params=SamplingParams(max_tokens=0, prompt_logprobs=1))
+    engine.start()
+    prompt_tokens = sum(len(engine.tokenize(PROMPTS[p])) for _, p in plan) + len(engine.tokenize(PROMPTS[2]))
+    for (name, p), handle in zip(plan, handles):
+        out = handle.result(timeout=60)
+        ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
+        ids = engine.tokenize(PROMPTS[p])
+        assert out.token_ids == reference_greedy(ref, ids, 6), (name, p)
+        if out.prompt_logprobs is not None:
+            lp = torch.log_softmax(reference_logits(ref, ids), -1)
+            assert all(abs(x.logprob - lp[i, ids[i + 1]].item()) <= 1e-4 for i, x in enumerate(out.prompt_logprobs[1:]))
+    assert zero.result(timeout=60).token_ids == [] and zero.result().finish_reason == "length"
+    prefill_batches = [b for b, t in passes if t > b]  # decode steps have one token per sequence
+    assert sum(prefill_batches) == len(plan) + 1 and len(prefill_batches) < len(plan) + 1
+    assert sum(t for b, t in passes if t > b) == prompt_tokens
