@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from s2ft_serve.adapters.ops import mixed_delta, segment_delta
+from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
 from s2ft_serve.model.gemm import linear, onednn_usable
 
 NULL_SLOT = 0
@@ -24,30 +24,23 @@ class AdapterBatch:
     """Token -> slots layout of one forward pass, set by the runner once per step."""
 
     single_slots: tuple[int, ...] = ()  # slots applied to every token (mode "single")
-    token_slots: torch.Tensor | None = None  # [T, m] int64 per-token slots (mode "mixed")
-    row_groups: list[tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=list)  # mode "rows"
+    token_slots: torch.Tensor | None = None  # [T, m] per-token (mode "mixed") or [P, m] per-row ("rows") slots
     mode: str = "none"  # "none" | "single" | "mixed" | "rows"
 
     def set_none(self) -> None:
-        self.mode, self.single_slots, self.token_slots, self.row_groups = "none", (), None, []
+        self.mode, self.single_slots, self.token_slots = "none", (), None
 
     def set_single(self, slots: tuple[int, ...]) -> None:
-        self.set_none()
         slots = tuple(s for s in slots if s != NULL_SLOT)
         self.mode = "single" if slots else "none"
-        self.single_slots = slots
+        self.single_slots, self.token_slots = slots, None
 
     def set_mixed(self, token_slots: torch.Tensor) -> None:
-        self.set_none()
-        self.mode, self.token_slots = "mixed", token_slots
+        self.mode, self.single_slots, self.token_slots = "mixed", (), token_slots
 
-    def set_rows(self, groups: list[tuple[tuple[int, ...], torch.Tensor]]) -> None:
-        """Prefill of several prompts (x: [rows, L, in]): each (slots, row indices) group is one segment
-        per adapter, a gather of k features and one matmul, like a single prompt's."""
-        self.set_none()
-        groups = [(tuple(s for s in slots if s != NULL_SLOT), rows) for slots, rows in groups]
-        self.row_groups = [(slots, rows) for slots, rows in groups if slots]
-        self.mode = "rows" if self.row_groups else "none"
+    def set_rows(self, row_slots: torch.Tensor) -> None:
+        """A batched prefill (x: [P, L, in]) whose P prompts use different slots: one tuple per prompt."""
+        self.mode, self.single_slots, self.token_slots = "rows", (), row_slots
 
 
 @dataclass
@@ -149,18 +142,14 @@ class S2FTLinear(nn.Module):
         if b.mode == "single":
             self._add_segment(y2, x2, b.single_slots)
             return y
-        if b.mode == "rows":  # x: [rows, L, in]
-            for slots, rows in b.row_groups:
-                xs = x.index_select(0, rows)
-                ys = torch.zeros(xs.shape[:-1] + (self.out_features,), dtype=y.dtype, device=y.device)
-                self._add_segment(ys.view(-1, self.out_features), xs.reshape(-1, self.in_features), slots)
-                y.index_add_(0, rows, ys)
-            return y
         s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
-        rows = s.rows[slots].view(x2.shape[0], -1)  # [T, m*k_cap]
-        cols = s.cols[slots].view(x2.shape[0], -1)
-        y2 += mixed_delta(x2, s.table, rows, cols)
+        n = slots.shape[0]  # tokens ("mixed") or prompts ("rows")
+        rows, cols = s.rows[slots].view(n, -1), s.cols[slots].view(n, -1)  # [n, m*k_cap]
+        if b.mode == "rows":
+            y += row_delta(x, s.table, rows, cols)
+        else:
+            y2 += mixed_delta(x2, s.table, rows, cols)
         return y
 
     def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:

@@ -6,7 +6,8 @@ Adapter columns live in a per-module *table* whose rows are `delta.T` rows: slot
 `F.embedding_bag(mode="sum", per_sample_weights=...)` computes, in one fused call for the whole
 batch, reading only the rows it needs: no per-token weight is materialised, no weights are
 merged. A token may carry several slots (an adapter plus a fused adapter's correction); their
-bags are concatenated.
+bags are concatenated. A batched prefill of prompts with different adapters gathers each prompt's
+rows once and does one batched matmul (`row_delta`).
 
 Every fast path has a plain reference (`*_reference`) with the same signature, compared in tests.
 """
@@ -34,6 +35,22 @@ def mixed_delta_reference(x, table, rows, cols):
     for t in range(x.shape[0]):
         out[t] = x[t, cols[t]].float() @ table[rows[t]].float()
     return out.to(x.dtype)
+
+
+def row_delta(
+    x: torch.Tensor,  # [P, L, in], P prompts (a batched prefill), each of one slot tuple
+    table: torch.Tensor,  # [R, out]
+    rows: torch.Tensor,  # [P, m*k_cap] int64, table rows per prompt
+    cols: torch.Tensor,  # [P, m*k_cap] int64, input features per prompt
+) -> torch.Tensor:  # [P, L, out]
+    """Per-prompt correction: gather each prompt's rows and features once, one batched matmul."""
+    features = x.gather(2, cols[:, None, :].expand(-1, x.shape[1], -1))  # [P, L, m*k_cap]
+    return torch.bmm(features, table[rows])  # table[rows]: [P, m*k_cap, out]
+
+
+def row_delta_reference(x, table, rows, cols):
+    """Plain loop over prompts: each prompt's tokens times its own gathered rows."""
+    return torch.stack([x[p][:, cols[p]].float() @ table[rows[p]].float() for p in range(x.shape[0])]).to(x.dtype)
 
 
 def segment_delta(

@@ -17,15 +17,16 @@ class ModelRunner:
         self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len, gemm=gemm)
         self.device = self.model.device
 
-    def _set_layout(self, slot_tuples: list[tuple[int, ...]]) -> None:
-        """One tuple of slots per sequence (decode: one token each)."""
+    def _set_layout(self, slot_tuples: list[tuple[int, ...]], per_row: bool = False) -> None:
+        """One tuple of slots per sequence (decode: one token each; `per_row`: a prompt each)."""
         first = slot_tuples[0]
         if all(t == first for t in slot_tuples):
             self.batch.set_single(first)
             return
         width = max(len(t) for t in slot_tuples)
         padded = [list(t) + [NULL_SLOT] * (width - len(t)) for t in slot_tuples]
-        self.batch.set_mixed(torch.tensor(padded, dtype=torch.int64, device=self.device))  # [B, m]
+        slots = torch.tensor(padded, dtype=torch.int64, device=self.device)  # [B, m]
+        self.batch.set_rows(slots) if per_row else self.batch.set_mixed(slots)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int], row: int, slots: tuple[int, ...], all_logits: bool) -> torch.Tensor:
@@ -46,13 +47,7 @@ class ModelRunner:
             keep.extend(range(start, i * L + len(ids)))
             sizes.append(i * L + len(ids) - start)
         positions = torch.arange(L, device=self.device)[None].expand(P, L)
-        if all(t == slot_tuples[0] for t in slot_tuples):
-            self.batch.set_single(slot_tuples[0])
-        else:
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, t in enumerate(slot_tuples):
-                groups.setdefault(t, []).append(i)
-            self.batch.set_rows([(t, torch.tensor(r, device=self.device)) for t, r in groups.items()])
+        self._set_layout(slot_tuples, per_row=True)
         try:
             logits = self.model(tokens.to(self.device), positions, slice(first_row, first_row + P), decode=False,
                                 keep=torch.tensor(keep, device=self.device))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from s2ft_serve.adapters.layers import AdapterBatch, S2FTLinear
-from s2ft_serve.adapters.ops import mixed_delta, mixed_delta_reference, segment_delta, segment_delta_reference
+from s2ft_serve.adapters.ops import (mixed_delta, mixed_delta_reference, row_delta, row_delta_reference, segment_delta,
+                                     segment_delta_reference)
 
 
 def test_mixed_delta_matches_reference():
@@ -17,6 +18,17 @@ def test_mixed_delta_matches_reference():
     rows = torch.randint(0, R, (T, K), generator=g)
     cols = torch.randint(0, IN, (T, K), generator=g)
     assert torch.allclose(mixed_delta(x, table, rows, cols), mixed_delta_reference(x, table, rows, cols), atol=1e-5)
+
+
+def test_row_delta_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    P, L, IN, OUT, R, K = 5, 7, 40, 24, 31, 6
+    x = torch.randn(P, L, IN, generator=g)
+    table = torch.randn(R, OUT, generator=g)
+    table[-1] = 0
+    rows = torch.randint(0, R, (P, K), generator=g)
+    cols = torch.randint(0, IN, (P, K), generator=g)
+    assert torch.allclose(row_delta(x, table, rows, cols), row_delta_reference(x, table, rows, cols), atol=1e-5)
 
 
 def test_segment_delta_matches_reference():
@@ -49,3 +61,28 @@ def test_layer_slots_grow_and_reset_exactly():
     layer.reset_slot(2)
     batch.set_single((2,))
     assert torch.equal(layer(x), base(x))
+
+
+def test_layer_rows_mode_applies_each_prompts_own_slots():
+    """A batched prefill: prompt p's tokens get exactly its slots' columns (several slots add up)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.nn.Linear(32, 16, bias=False)
+    batch = AdapterBatch()
+    layer = S2FTLinear(base, batch)
+    layer.reserve(6, 1)
+    adapters = {}
+    for slot, k in [(1, 3), (2, 7), (5, 2)]:
+        index, delta = torch.randperm(32, generator=g)[:k], torch.randn(16, k, generator=g)
+        layer.set_slot(slot, index, delta)
+        adapters[slot] = (index, delta)
+    x = torch.randn(3, 4, 32, generator=g)  # 3 prompts of 4 tokens
+    per_prompt = [(1, 0), (2, 5), (0, 0)]
+    batch.set_rows(torch.tensor(per_prompt))
+    y = layer(x)
+    for p, slots in enumerate(per_prompt):
+        w = base.weight.detach().clone()
+        for slot in slots:
+            if slot:
+                index, delta = adapters[slot]
+                w[:, index] += delta
+        assert torch.allclose(y[p], x[p] @ w.t(), atol=1e-5), p
