@@ -15,7 +15,7 @@ class EngineConfig:
     gemm: str = "exact"  # exact: transformers' own GEMMs (bit-identical base logits) | onednn: fused,
     # prepacked oneDNN GEMMs on CPU float32, faster, but logits differ by float rounding (~2e-4 on SmolLM2)
     max_batch_size: int = 32  # requests decoded together per step
-    max_tokens_per_step: int = 2048  # prefill token budget per step (at least one prompt is always admitted)
+    max_tokens_per_step: int = 512  # prefill token budget per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)
     max_queue: int = 256  # waiting requests before submit raises QueueFullError (HTTP 429)
     max_resident_adapters: int = 64  # adapters with weights in memory; LRU eviction beyond

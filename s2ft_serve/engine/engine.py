@@ -405,7 +405,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self.scheduler.cond:
             waiting = list(self.scheduler.waiting)
-            running = list(self.scheduler.running)
+            running = list(self.scheduler.running) + ([self.scheduler.chunking] if self.scheduler.chunking else [])
         resident = self.registry.resident()
         return EngineStats(
             waiting=len(waiting), running=len(running),

@@ -35,10 +35,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: list[list[int]], first_row: int, slot_tuples: list[tuple[int, ...]],
-                      all_logits: list[bool]) -> list[torch.Tensor]:
+                      all_logits: list[bool], offset: int = 0) -> list[torch.Tensor]:
         """Run several prompts in one pass into cache rows `first_row, first_row + 1, ...`, right-padded to
-        the longest; per prompt, logits [L or 1, vocab] float32 (every position, or the last one)."""
+        the longest; per prompt, logits [L or 1, vocab] float32 (every position, or the last one).
+        With `offset` (one prompt), the tokens continue a prompt whose first `offset` tokens are cached."""
         P, L = len(prompts), max(len(p) for p in prompts)
+        assert offset == 0 or P == 1, "only a single prompt is prefilled in chunks"
         tokens = torch.zeros(P, L, dtype=torch.int64)
         keep, sizes = [], []
         for i, ids in enumerate(prompts):
@@ -46,11 +48,11 @@ class ModelRunner:
             start = i * L if all_logits[i] else i * L + len(ids) - 1
             keep.extend(range(start, i * L + len(ids)))
             sizes.append(i * L + len(ids) - start)
-        positions = torch.arange(L, device=self.device)[None].expand(P, L)
+        positions = torch.arange(offset, offset + L, device=self.device)[None].expand(P, L)
         self._set_layout(slot_tuples, per_row=True)
         try:
             logits = self.model(tokens.to(self.device), positions, slice(first_row, first_row + P), decode=False,
-                                keep=torch.tensor(keep, device=self.device))
+                                keep=torch.tensor(keep, device=self.device), offset=offset)
         finally:
             self.batch.set_none()
         return list(logits.split(sizes))

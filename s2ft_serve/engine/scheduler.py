@@ -2,6 +2,11 @@
 
 Running sequences own KV-cache rows `0..B-1` in order; when one finishes, the last running
 sequence moves into its row (the runner copies the cache), so the batch stays contiguous.
+
+Each step has a prefill budget of `max_tokens_per_step` prompt tokens. Whole prompts that fit are
+admitted together; a prompt longer than what is left is prefilled in chunks, one per step, in the
+spare cache row `max_batch_size` (`chunking`), while the running batch keeps decoding; when its
+last chunk is done it joins the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -43,6 +49,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.chunking: Sequence | None = None  # the prompt being prefilled in chunks, in row max_batch_size
         self.cond = threading.Condition()
 
     def add(self, seq: Sequence) -> bool:
@@ -63,24 +70,32 @@ class Scheduler:
             return cancelled
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunking)
 
-    def admit(self) -> list[Sequence]:
-        """New sequences to prefill this step, within the batch size and the prefill token budget."""
+    def admit(self, budget: int | None = None) -> list[Sequence]:
+        """New sequences to prefill whole this step, within the batch size and `budget` prompt tokens
+        (default `max_tokens_per_step`). If the next prompt does not fit and no prompt is being
+        chunked, it becomes `chunking` (not returned). Cancelled ones are returned to be finished."""
         admitted: list[Sequence] = []
-        budget = self.max_tokens_per_step
+        budget = self.max_tokens_per_step if budget is None else budget
         with self.cond:
-            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            while self.waiting and self._size() + len(admitted) < self.max_batch_size:
                 seq = self.waiting[0]
                 if seq.cancelled:
                     self.waiting.popleft()
                     admitted.append(seq)  # the engine finishes it without running it
                     continue
-                if admitted and len(seq.prompt_ids) > budget:
+                if len(seq.prompt_ids) > budget:
+                    if self.chunking is None and budget > 0:
+                        self.chunking = self.waiting.popleft()
+                        self.chunking.row = self.max_batch_size
                     break
                 budget -= len(seq.prompt_ids)
                 admitted.append(self.waiting.popleft())
         return admitted
+
+    def _size(self) -> int:
+        return len(self.running) + (self.chunking is not None)
 
     def start_running(self, seq: Sequence) -> None:
         seq.row = len(self.running)

@@ -64,6 +64,7 @@ class Stepper:
             with self.engine.lock:
                 for seq in list(sched.running):
                     self._finish(seq, "error")
+                self._drop_chunking("error")
 
     def abort_all(self) -> None:
         """At shutdown: end every running and waiting request."""
@@ -71,6 +72,7 @@ class Stepper:
         with self.engine.lock:
             for seq in list(sched.running):
                 self._finish(seq, "abort")
+            self._drop_chunking("abort")
             for seq in list(sched.waiting):
                 self.abort_waiting(seq)
             sched.waiting.clear()
@@ -78,16 +80,22 @@ class Stepper:
     def step(self) -> None:
         """One step: prefill what was admitted, then decode every running sequence once."""
         engine, sched = self.engine, self.engine.scheduler
+        budget = sched.max_tokens_per_step
+        if sched.chunking is not None:  # go on with the prompt being prefilled in chunks
+            budget -= self._prefill_chunk(budget)
         admitted = []
-        for seq in sched.admit():
+        for seq in sched.admit(budget):
             if seq.cancelled:
                 self.abort_waiting(seq)
             else:
                 admitted.append(seq)
+                budget -= len(seq.prompt_ids)
         for group in prefill_groups(admitted):
             for seq in group:
                 sched.start_running(seq)  # consecutive rows
             self._prefill(group)
+        if sched.chunking is not None and sched.chunking.prefilled == 0 and budget > 0:
+            self._prefill_chunk(budget)  # admit() just started chunking a long prompt
         for seq in [s for s in sched.running if s.cancelled]:
             self._finish(seq, "abort")
         running = list(sched.running)
@@ -122,6 +130,37 @@ class Stepper:
         sampled = [(s, f) for s, f in zip(seqs, firsts) if s.params.max_tokens != 0]
         if sampled:
             self._accept([s for s, _ in sampled], torch.stack([f for _, f in sampled]))
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """Prefill the next chunk (at most `budget` tokens) of the chunked prompt; return its size.
+        After its last chunk the sequence joins the running batch and samples its first token."""
+        engine, sched = self.engine, self.engine.scheduler
+        seq = sched.chunking
+        if seq.cancelled:
+            self._drop_chunking("abort")
+            return 0
+        start, prompt = seq.prefilled, seq.prompt_ids
+        n = min(budget, len(prompt) - start)
+        want_lp = seq.params.prompt_logprobs is not None
+        logits = engine.runner.prefill_batch([prompt[start: start + n]], seq.row,
+                                             [engine.registry.slots_for(seq.version)], [want_lp], offset=start)[0]
+        seq.prefilled += n
+        for fn in self.listeners:
+            fn(1, n)
+        if want_lp:
+            targets = prompt[start + 1: start + n + 1]  # what each position predicts (none after the last)
+            lps = token_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs)
+            seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + lps
+        if seq.prefilled == len(prompt):
+            sched.chunking = None
+            chunk_row = seq.row
+            sched.start_running(seq)
+            engine.runner.move_row(chunk_row, seq.row, len(prompt))
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+            else:
+                self._accept([seq], logits[-1:])
+        return n
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""
@@ -160,6 +199,12 @@ class Stepper:
             runner.move_row(len(sched.running), moved.row, moved.length)
         self._release(seq)
         self._emit_final(seq, reason)
+
+    def _drop_chunking(self, reason: str) -> None:
+        seq, self.engine.scheduler.chunking = self.engine.scheduler.chunking, None
+        if seq is not None:
+            self._release(seq)
+            self._emit_final(seq, reason)
 
     def abort_waiting(self, seq: Sequence) -> None:
         """End a sequence that never ran (cancelled while waiting, or at shutdown)."""

@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
     api_key: str | None = None
     admin_key: str | None = None
     max_batch_size: int = Field(32, ge=1)
-    max_tokens_per_step: int = Field(2048, ge=1, description="prefill token budget per engine step")
+    max_tokens_per_step: int = Field(512, ge=1, description="prefill token budget per engine step (longer prompts: in chunks)")
     max_queue: int = Field(256, ge=1)
     max_resident_adapters: int = Field(64, ge=1)
     max_resident_bytes: int = Field(2 << 30, ge=1)
