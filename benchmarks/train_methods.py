@@ -29,8 +29,12 @@ class Prepared:
         return sum(p.numel() for p in self.params)
 
 
-def s2ft_selection(model: torch.nn.Module, ratio: float, seed: int) -> Selection:
-    return select(model, budget_from_ratio(model, ratio), "random", seed=seed)
+def s2ft_selection(model: torch.nn.Module, ratio: float, seed: int, strategy: str = "random",
+                   calibration: list[dict] | None = None) -> Selection:
+    """S²FT's columns; `strategy` is `random` or `<weight|activation|gradient>-<largest|smallest>`."""
+    name, _, order = strategy.partition("-")
+    return select(model, budget_from_ratio(model, ratio), name, order=order or "largest", seed=seed,
+                  calibration=calibration)
 
 
 def matching_lora_rank(model: torch.nn.Module, params: int) -> int:
@@ -38,14 +42,17 @@ def matching_lora_rank(model: torch.nn.Module, params: int) -> int:
     return max(1, round(params / per_rank))
 
 
-def prepare(method: str, model: torch.nn.Module, ratio: float = 0.01, seed: int = 0) -> Prepared:
-    """Freeze / wrap `model` for `method`; return what to call and what to optimize."""
-    sel = s2ft_selection(model, ratio, seed)
+def prepare(method: str, model: torch.nn.Module, ratio: float = 0.01, seed: int = 0, strategy: str = "random",
+            calibration: list[dict] | None = None) -> Prepared:
+    """Freeze / wrap `model` for `method`; return what to call and what to optimize. `strategy` and
+    `calibration` (batches for the activation / gradient strategies) choose S²FT's columns."""
+    sel = s2ft_selection(model, ratio, seed, strategy if method == "s2ft" else "random", calibration)
     outs = {n: m.out_features for n, m in target_linears(model).items()}
     s2ft_params = sel.num_parameters(outs)
     if method == "s2ft":
         layers = wrap_linears(model, sel.indices)
-        detail = f"{sel.budget.heads_per_layer} head(s) + {sel.budget.channels_per_layer} channels per layer"
+        detail = (f"{sel.budget.heads_per_layer} head(s) + {sel.budget.channels_per_layer} channels per layer, "
+                  f"{strategy} selection")
         return Prepared(method, model, [layer.delta for layer in layers.values()], detail)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
