@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import torch
+from server_helpers import client_for, make_server_engine
 
 from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.server.app import create_app
 
 PROMPT = "The quick brown fox"
 
@@ -129,3 +132,29 @@ async def test_stream_sends_a_chunk_per_token(client):
     chunks = sse_payloads(r.text)
     assert len(chunks) in (6, 7)  # one per token (the end may ride on the last token or come alone)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_long_prompts_prefilled_in_chunks_answer_as_in_one_pass(settings, engine, adapter_root):
+    """A server whose prefill budget (3 tokens per step) is far below the prompts' length: several
+    concurrent requests, chunked one after another between decode steps, answer exactly as the
+    module's engine (whole-prompt prefill) does, with the same prompt logprobs."""
+    prompts = [PROMPT + " jumps over the lazy dog " * k for k in (1, 2, 3)]
+    small = make_server_engine(settings.model, adapter_root, max_tokens_per_step=3)
+    try:
+        small.load_adapter("a0", str(adapter_root / "a0"))
+        async with client_for(create_app(settings, small)) as c:
+            bodies = [{"prompt": p, "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 1,
+                       **({"adapter": "a0"} if i % 2 else {})} for i, p in enumerate(prompts)]
+            got = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+        for b, r in zip(bodies, got):
+            assert r.status_code == 200, r.text
+            expected = engine.generate(b["prompt"], b.get("adapter"), SamplingParams(max_tokens=6, temperature=0,
+                                                                                   prompt_logprobs=1))
+            choice = r.json()["choices"][0]
+            assert choice["text"] == b["prompt"] + expected.text
+            want = [None] + [lp.logprob for lp in expected.prompt_logprobs[1:]]
+            have = choice["logprobs"]["token_logprobs"][: len(want)]
+            assert have[0] is None
+            assert all(abs(h - w) <= 1e-4 for h, w in zip(have[1:], want[1:]))
+    finally:
+        small.shutdown(timeout=5)
