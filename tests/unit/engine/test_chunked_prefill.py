@@ -78,3 +78,33 @@ def test_a_request_cancelled_while_its_prompt_is_chunked_is_aborted(tiny_model_d
         assert engine.stats().running == 0
     finally:
         engine.shutdown(timeout=5)
+
+
+def test_any_budget_and_batch_size_give_the_same_tokens(tiny_model_dir):
+    """Random prompt lengths, adapters and arrival order under small budgets and batch sizes (chunks,
+    padded groups and a full batch all interleave): every request gets the tokens it gets alone."""
+    g = torch.Generator().manual_seed(7)
+    reference_engine = make_engine(tiny_model_dir, max_batch_size=1)
+    adapter = random_adapter(reference_engine.loaded.model, reference_engine.model_name, seed=3, channels=4)
+    reference_engine.add_adapter("a", adapter)
+    reference_engine.start()
+    requests = []
+    for i in range(10):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        ids = torch.randint(5, 200, (n,), generator=g).tolist()
+        requests.append((ids, "a" if i % 3 else None, int(torch.randint(1, 6, (1,), generator=g))))
+    alone = [reference_engine.generate(ids, name, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+             .token_ids for ids, name, m in requests]
+    reference_engine.shutdown(timeout=5)
+    for budget, batch in [(1, 2), (4, 3), (7, 2), (16, 4)]:
+        engine = make_engine(tiny_model_dir, max_tokens_per_step=budget, max_batch_size=batch)
+        try:
+            engine.add_adapter("a", adapter)
+            handles = [engine.submit(ids, name, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+                       for ids, name, m in requests]
+            engine.start()
+            got = [h.result(timeout=120).token_ids for h in handles]
+            assert got == alone, (budget, batch)
+            assert engine.stats().running == 0 and engine.scheduler.chunking is None
+        finally:
+            engine.shutdown(timeout=5)
