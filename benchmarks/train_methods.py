@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from s2ft_serve.model.loading import target_linears
-from s2ft_serve.train.selection import Selection, budget_from_ratio, select
+from s2ft_serve.train.selection import Budget, Selection, budget_from_ratio, select
 from s2ft_serve.train.sparse_linear import wrap_linears
 
 METHODS = ("s2ft", "lora", "full")
@@ -30,10 +30,11 @@ class Prepared:
 
 
 def s2ft_selection(model: torch.nn.Module, ratio: float, seed: int, strategy: str = "random",
-                   calibration: list[dict] | None = None) -> Selection:
-    """S²FT's columns; `strategy` is `random` or `<weight|activation|gradient>-<largest|smallest>`."""
+                   calibration: list[dict] | None = None, budget: Budget | None = None) -> Selection:
+    """S²FT's columns; `strategy` is `random` or `<weight|activation|gradient>-<largest|smallest>`;
+    `budget` (heads and channels per layer) replaces the one `ratio` gives."""
     name, _, order = strategy.partition("-")
-    return select(model, budget_from_ratio(model, ratio), name, order=order or "largest", seed=seed,
+    return select(model, budget or budget_from_ratio(model, ratio), name, order=order or "largest", seed=seed,
                   calibration=calibration)
 
 
@@ -43,10 +44,12 @@ def matching_lora_rank(model: torch.nn.Module, params: int) -> int:
 
 
 def prepare(method: str, model: torch.nn.Module, ratio: float = 0.01, seed: int = 0, strategy: str = "random",
-            calibration: list[dict] | None = None) -> Prepared:
-    """Freeze / wrap `model` for `method`; return what to call and what to optimize. `strategy` and
-    `calibration` (batches for the activation / gradient strategies) choose S²FT's columns."""
-    sel = s2ft_selection(model, ratio, seed, strategy if method == "s2ft" else "random", calibration)
+            calibration: list[dict] | None = None, budget: Budget | None = None) -> Prepared:
+    """Freeze / wrap `model` for `method`; return what to call and what to optimize. `strategy`,
+    `calibration` (batches for the activation / gradient strategies) and `budget` choose S²FT's
+    columns (LoRA's rank always matches the parameter count of `ratio`'s S²FT budget)."""
+    sel = (s2ft_selection(model, ratio, seed, strategy, calibration, budget) if method == "s2ft"
+           else s2ft_selection(model, ratio, seed))
     outs = {n: m.out_features for n, m in target_linears(model).items()}
     s2ft_params = sel.num_parameters(outs)
     if method == "s2ft":

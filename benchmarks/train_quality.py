@@ -36,6 +36,7 @@ from make_train_tasks import generate
 from s2ft_serve.model.loading import load_model
 from s2ft_serve.train import data as D
 from s2ft_serve.train.loop import lr_factor
+from s2ft_serve.train.selection import Budget
 from train_methods import prepare, train_step
 
 DEFAULT_LR = {"s2ft": 2e-3, "lora": 2e-3, "full": 5e-5}
@@ -48,8 +49,9 @@ def train_method(method: str, lr: float, rows: list[D.Example], args: argparse.N
     if method == "s2ft" and args.s2ft_strategy.split("-")[0] in ("activation", "gradient"):
         n = max(1, len(rows) // 100)  # about 1% of the training rows, as the trainer does
         calibration = [D.collate(rows[i: i + args.batch_size], pad_id) for i in range(0, n, args.batch_size)]
+    budget = Budget(*map(int, args.s2ft_budget.split(","))) if args.s2ft_budget else None
     prep = prepare(method, loaded.model, ratio=args.ratio, seed=seed, strategy=args.s2ft_strategy,
-                   calibration=calibration)
+                   calibration=calibration, budget=budget)
     optimizer = torch.optim.AdamW(prep.params, lr=lr)
     batches = [b for epoch in range(100) for b in D.batch_order(len(rows), args.batch_size, epoch, seed)]
     warmup = max(1, args.steps // 10)
@@ -202,6 +204,8 @@ def main() -> None:
                         "e.g. 's2ft=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'")
     p.add_argument("--s2ft-strategy", default="random",
                    help="S²FT column selection: random, or weight|activation|gradient-largest|smallest")
+    p.add_argument("--s2ft-budget", default=None, metavar="HEADS,CHANNELS",
+                   help="S²FT heads and channels per layer instead of --ratio's half-and-half split")
     p.add_argument("--val", type=int, default=210, help="training rows held out as the validation split")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
