@@ -306,9 +306,15 @@ def small_server(tiny_llama_dir, adapter_root, tmp_path_factory):
 
 
 def test_queue_full_is_429_with_retry_after(small_server, base):
+    """Batch size 1 and queue 1: while a long stream runs, a request's first choice fills the queue and
+    its second is refused, so the whole request gets 429."""
     client = openai.OpenAI(base_url=f"{small_server.url}/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model=base, prompt="hi", max_tokens=500, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert next(iter(stream)).choices  # the stream holds the batch's only place
     with pytest.raises(openai.RateLimitError) as err:
-        client.completions.create(model=base, prompt="hi", n=4, max_tokens=200, extra_body={"ignore_eos": True})
+        client.completions.create(model=base, prompt="hi", n=2, max_tokens=2)
+    stream.close()  # hang up: the engine drops the stream
     assert int(err.value.response.headers["retry-after"]) >= 1
     for _ in range(100):  # the refused request's other choices leave the queue at the engine's next step
         try:
