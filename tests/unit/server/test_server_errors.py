@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from server_helpers import client_for, make_server_engine
+from server_helpers import client_for
 
+from s2ft_serve.config import EngineConfig
+from s2ft_serve.engine.engine import Engine
 from s2ft_serve.server.app import create_app
 
 
@@ -98,14 +100,18 @@ async def test_not_ready_is_503_but_health_answers(settings):
 
 
 async def test_queue_full_is_429_with_retry_after(settings, tiny_llama_dir, adapter_root):
-    engine = make_server_engine(tiny_llama_dir, adapter_root, max_batch_size=1, max_queue=1)
+    """Queue of 1 and an engine not stepping yet: a request's first choice fills the queue, its second is
+    refused, so the request gets 429; once the engine runs, the queue drains."""
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu",
+                                 adapter_root=str(adapter_root), max_batch_size=1, max_queue=1))
     try:
         async with client_for(create_app(settings, engine)) as c:
-            body = {"prompt": "hi", "n": 4, "max_tokens": 200, "ignore_eos": True}
+            body = {"prompt": "hi", "n": 2, "max_tokens": 200, "ignore_eos": True}
             r = await c.post("/v1/completions", json=body)
             error = error_of(r, 429)
             assert error["type"] == "rate_limit_error"
             assert int(r.headers["retry-after"]) >= 1
+            engine.start()
             for _ in range(100):  # the cancelled choices leave the queue at the engine's next step
                 ok = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
                 if ok.status_code != 429:
