@@ -1,4 +1,5 @@
-"""Thread settings for benchmarks that time an engine, then other systems, in one process.
+"""Shared by the engine benchmarks: thread settings for timing an engine, then other systems, in
+one process; random adapters of a budget added to an engine.
 
 PyTorch's CPU build keeps an OpenMP worker pool for every thread that has run a parallel op; with
 more pool threads than cores all pools stop spin-waiting and every parallel region pays a wake-up
@@ -14,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from s2ft_serve.model.testing import random_adapter
+
 
 @contextmanager
 def engine_phase(threads: int) -> Iterator[None]:
@@ -23,3 +26,13 @@ def engine_phase(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def add_random_adapters(engine, count: int, heads: int = 1, channels: int = 40) -> list[str]:
+    """Add `count` random adapters `s0, s1, ...` (seeds 0, 1, ...; `heads` + `channels` per layer,
+    the default is the trainer's default budget on SmolLM2-135M) to `engine`; return their names."""
+    names = [f"s{i}" for i in range(count)]
+    for i, name in enumerate(names):
+        engine.add_adapter(name, random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=heads,
+                                                channels=channels, scale=0.01))
+    return names

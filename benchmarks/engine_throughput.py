@@ -19,11 +19,10 @@ import time
 
 import torch
 
-from engine_phase import engine_phase
+from engine_phase import add_random_adapters, engine_phase
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.model.testing import random_adapter
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
 
@@ -74,12 +73,7 @@ def measure_engine(args, gemm: str) -> tuple[dict, object, int]:
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, threads=args.threads)).start()
     loaded = engine.loaded
-    names = []
-    for i in range(args.batch):
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=args.heads,
-                                 channels=args.channels, scale=0.01)
-        engine.add_adapter(f"s{i}", adapter)
-        names.append(f"s{i}")
+    names = add_random_adapters(engine, args.batch, args.heads, args.channels)
     engine_time(engine, names[:2], 4)  # warm up
     results: dict[str, list[float]] = {"base": [], "mixed": []}
     for _ in range(args.repeats):  # interleave so drift hits both alike

@@ -20,16 +20,14 @@ import time
 
 import torch
 
-from engine_phase import engine_phase
+from engine_phase import add_random_adapters, engine_phase
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
-from s2ft_serve.model.testing import random_adapter
+from s2ft_serve.engine.request import SamplingParams
 
 
 def stall(args, threads: int, budget: int) -> dict:
     """Longest pause between decode steps of 8 streaming requests while a `--stall`-token prompt prefills."""
-    from s2ft_serve.engine.request import SamplingParams
-
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=9, max_model_len=args.stall + 64,
                                  max_tokens_per_step=budget, gemm=args.gemm, threads=threads)).start()
     passes = []  # (time, sequences, tokens) of every forward pass, on the engine thread
@@ -70,11 +68,9 @@ def main() -> None:
     with engine_phase(threads):
         engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=512,
                                      max_resident_adapters=args.batch, gemm=args.gemm, threads=threads))
-        for i in range(args.batch):
-            engine.add_adapter(f"s{i}", random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=1,
-                                                       channels=40, scale=0.01))
+        names = add_random_adapters(engine, args.batch)
         registry, runner = engine.registry, engine.runner
-        slots = [registry.slots_for(registry.acquire(registry.get(f"s{i}"))) for i in range(args.batch)]
+        slots = [registry.slots_for(registry.acquire(registry.get(name))) for name in names]
 
         def measure(length: int, mixed: bool) -> dict:
             g = torch.Generator().manual_seed(length)

@@ -36,7 +36,9 @@ from make_train_tasks import generate
 from s2ft_serve.model.loading import load_model
 from s2ft_serve.train import data as D
 from s2ft_serve.train.loop import lr_factor
+from s2ft_serve.train.config import TrainConfig
 from s2ft_serve.train.selection import Budget
+from s2ft_serve.train.trainer import calibration_batches
 from train_methods import prepare, train_step
 
 DEFAULT_LR = {"s2ft": 2e-3, "lora": 2e-3, "full": 5e-5}
@@ -47,8 +49,7 @@ def train_method(method: str, lr: float, rows: list[D.Example], args: argparse.N
     loaded.model.train()
     calibration = None
     if method == "s2ft" and args.s2ft_strategy.split("-")[0] in ("activation", "gradient"):
-        n = max(1, len(rows) // 100)  # about 1% of the training rows, as the trainer does
-        calibration = [D.collate(rows[i: i + args.batch_size], pad_id) for i in range(0, n, args.batch_size)]
+        calibration = calibration_batches(rows, pad_id, TrainConfig.calibration_fraction, args.batch_size, seed)
     budget = Budget(*map(int, args.s2ft_budget.split(","))) if args.s2ft_budget else None
     prep = prepare(method, loaded.model, ratio=args.ratio, seed=seed, strategy=args.s2ft_strategy,
                    calibration=calibration, budget=budget)

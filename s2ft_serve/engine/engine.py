@@ -405,7 +405,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self.scheduler.cond:
             waiting = list(self.scheduler.waiting)
-            running = list(self.scheduler.running) + ([self.scheduler.chunking] if self.scheduler.chunking else [])
+            running = self.scheduler.in_flight()
         resident = self.registry.resident()
         return EngineStats(
             waiting=len(waiting), running=len(running),

@@ -79,7 +79,7 @@ class Scheduler:
         admitted: list[Sequence] = []
         budget = self.max_tokens_per_step if budget is None else budget
         with self.cond:
-            while self.waiting and self._size() + len(admitted) < self.max_batch_size:
+            while self.waiting and len(self.in_flight()) + len(admitted) < self.max_batch_size:
                 seq = self.waiting[0]
                 if seq.cancelled:
                     self.waiting.popleft()
@@ -94,8 +94,9 @@ class Scheduler:
                 admitted.append(self.waiting.popleft())
         return admitted
 
-    def _size(self) -> int:
-        return len(self.running) + (self.chunking is not None)
+    def in_flight(self) -> list[Sequence]:
+        """The sequences holding a cache row: running, and the one being prefilled in chunks."""
+        return self.running + ([self.chunking] if self.chunking is not None else [])
 
     def start_running(self, seq: Sequence) -> None:
         seq.row = len(self.running)

@@ -118,18 +118,10 @@ class Stepper:
                                              [engine.registry.slots_for(s.version) for s in seqs], want)
         for fn in self.listeners:
             fn(len(seqs), sum(len(s.prompt_ids) for s in seqs))
-        firsts = []
         for seq, lg, w in zip(seqs, logits, want):
             if w:
-                lps = token_logprobs(lg[:-1], seq.prompt_ids[1:], seq.params.prompt_logprobs)
-                seq.prompt_logprobs = [None] + lps
-            firsts.append(lg[-1])
-        done = [s for s in seqs if s.params.max_tokens == 0]
-        for seq in done:
-            self._finish(seq, "length")
-        sampled = [(s, f) for s, f in zip(seqs, firsts) if s.params.max_tokens != 0]
-        if sampled:
-            self._accept([s for s, _ in sampled], torch.stack([f for _, f in sampled]))
+                self._add_prompt_logprobs(seq, lg, 0)
+        self._first_tokens(seqs, [lg[-1] for lg in logits])
 
     def _prefill_chunk(self, budget: int) -> int:
         """Prefill the next chunk (at most `budget` tokens) of the chunked prompt; return its size.
@@ -148,19 +140,32 @@ class Stepper:
         for fn in self.listeners:
             fn(1, n)
         if want_lp:
-            targets = prompt[start + 1: start + n + 1]  # what each position predicts (none after the last)
-            lps = token_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs)
-            seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + lps
+            self._add_prompt_logprobs(seq, logits, start)
         if seq.prefilled == len(prompt):
             sched.chunking = None
             chunk_row = seq.row
             sched.start_running(seq)
             engine.runner.move_row(chunk_row, seq.row, len(prompt))
+            self._first_tokens([seq], [logits[-1]])
+        return n
+
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Append the logprobs of the prompt tokens that positions `start, start + 1, ...` predict."""
+        targets = seq.prompt_ids[start + 1: start + len(logits) + 1]  # none after the prompt's last token
+        lps = token_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs)
+        seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + lps
+
+    def _first_tokens(self, seqs: list[Sequence], last_logits: list[torch.Tensor]) -> None:
+        """After their prompts: finish the `max_tokens=0` sequences, sample the others' first token."""
+        sampled = []
+        for seq, logits in zip(seqs, last_logits):
             if seq.params.max_tokens == 0:
                 self._finish(seq, "length")
             else:
-                self._accept([seq], logits[-1:])
-        return n
+                sampled.append((seq, logits))
+        if sampled:
+            self._accept([s for s, _ in sampled], torch.stack([lg for _, lg in sampled]))
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""

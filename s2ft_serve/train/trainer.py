@@ -66,6 +66,16 @@ def build_rows(cfg: TrainConfig, tokenizer, path: str) -> list[D.Example]:
     return D.pack(examples, cfg.max_length) if cfg.packing else examples
 
 
+def calibration_batches(rows: list[D.Example], pad_id: int, fraction: float, batch_size: int, seed: int,
+                        device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """The activation / gradient strategies' sample: a seeded random `fraction` of `rows` (at least one
+    batch), collated into batches of `batch_size` on `device`."""
+    n = min(len(rows), max(batch_size, math.ceil(fraction * len(rows))))
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [{k: v.to(device) for k, v in D.collate([rows[i] for i in pick[j: j + batch_size]], pad_id).items()}
+            for j in range(0, n, batch_size)]
+
+
 def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Example], pad_id: int,
                    world: World) -> Selection:
     ratio_budget = budget_from_ratio(model, cfg.trainable_ratio)
@@ -75,13 +85,8 @@ def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Exampl
     )
     calibration = None
     if cfg.strategy in ("activation", "gradient"):
-        n = min(len(rows), max(cfg.batch_size, math.ceil(cfg.calibration_fraction * len(rows))))
-        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
-        device = next(model.parameters()).device
-        calibration = [
-            {k: v.to(device) for k, v in D.collate([rows[i] for i in pick[j: j + cfg.batch_size]], pad_id).items()}
-            for j in range(0, n, cfg.batch_size)
-        ]
+        calibration = calibration_batches(rows, pad_id, cfg.calibration_fraction, cfg.batch_size, cfg.seed,
+                                          next(model.parameters()).device)
     selection = select(model, budget, cfg.strategy, cfg.order, cfg.seed, calibration)
     if world.size > 1:  # every process must train the same columns
         for name in sorted(selection.indices):
