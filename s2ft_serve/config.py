@@ -17,6 +17,9 @@ class EngineConfig:
     max_batch_size: int = 32  # requests decoded together per step
     max_tokens_per_step: int = 512  # prefill token budget per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)
+    prefix_cache_bytes: int = 256 << 20  # keys/values of recent prompt prefixes, reused by prompts that
+    # start the same way (same adapter); 0 turns prefix caching off
+    prefix_block_size: int = 16  # prefixes are cached and matched in blocks of this many tokens
     max_queue: int = 256  # waiting requests before submit raises QueueFullError (HTTP 429)
     max_resident_adapters: int = 64  # adapters with weights in memory; LRU eviction beyond
     max_resident_bytes: int = 2 << 30  # total adapter bytes in memory; LRU eviction beyond

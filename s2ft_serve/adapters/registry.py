@@ -8,6 +8,7 @@ retires the version, whose slot is freed only when its last request finishes.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from s2ft_serve.adapters.layers import NULL_SLOT, S2FTLinear
 from s2ft_serve.errors import AdapterNotFoundError, ConflictError, QueueFullError
 
 
+_version_ids = itertools.count(1)
+
+
 @dataclass(eq=False)
 class AdapterVersion:
     name: str
@@ -27,6 +31,7 @@ class AdapterVersion:
     adapter: Adapter
     refs: int = 0
     retired: bool = False
+    uid: int = field(default_factory=lambda: next(_version_ids))  # never reused (0 stands for the base)
 
 
 @dataclass(eq=False)
@@ -82,6 +87,7 @@ class AdapterRegistry:
         self._capacity = 0
         # a hard cap on slots: resident adapters + retired versions still in flight + corrections
         self.max_slots = max_resident + 64 + 2 * max_fused + 2
+        self.epoch = 0  # bumped whenever the base weights change (fuse, unfuse): cached keys/values go stale
 
     # ---- slots -------------------------------------------------------------------------
     def _alloc_slot(self) -> int:
@@ -263,6 +269,7 @@ class AdapterRegistry:
     def _add_columns(self, version: AdapterVersion) -> list[torch.Tensor]:
         """`W[:, index] += delta` per module; returns the original columns (as rows of `W.t()`)."""
         saved = []
+        self.epoch += 1
         with torch.no_grad():
             for cols, index, delta_t in self._plan(version):
                 saved.append(cols.index_select(0, index))  # a copy of the touched columns
@@ -270,6 +277,7 @@ class AdapterRegistry:
         return saved
 
     def _restore_columns(self, version: AdapterVersion, saved: list[torch.Tensor]) -> None:
+        self.epoch += 1
         with torch.no_grad():
             for (cols, index, _), original in zip(self._plan(version), saved):
                 cols.index_copy_(0, index, original)

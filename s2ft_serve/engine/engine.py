@@ -26,6 +26,7 @@ from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.autofuse import AutoFusePolicy
 from s2ft_serve.engine.detokenizer import Detokenizer
 from s2ft_serve.engine.handle import RequestHandle
+from s2ft_serve.engine.prefix_cache import PrefixCache
 from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams
 from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
@@ -101,6 +102,8 @@ class Engine:
         self.registry = AdapterRegistry(
             self.runner.layers, config.max_resident_adapters, config.max_resident_bytes, self.head_dim,
             max_fused=config.max_fused_adapters)
+        cache = PrefixCache(self.runner.model.cache, config.prefix_block_size, config.prefix_cache_bytes)
+        self.prefix_cache = cache if cache.enabled else None
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -402,11 +405,19 @@ class Engine:
             requests_served=entry.requests_served, base_model=self.model_name)
 
     # ---- operations ----------------------------------------------------------------------
+    @_on_engine_thread
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prompt prefix (they are rebuilt by later requests)."""
+        if self.prefix_cache is not None:
+            with self.lock:
+                self.prefix_cache.clear()
+
     def stats(self) -> EngineStats:
         with self.scheduler.cond:
             waiting = list(self.scheduler.waiting)
             running = self.scheduler.in_flight()
         resident = self.registry.resident()
+        cache = self.prefix_cache
         return EngineStats(
             waiting=len(waiting), running=len(running),
             running_adapters=sorted({s.adapter_name for s in running if s.adapter_name}),
@@ -414,7 +425,10 @@ class Engine:
             resident_adapters=len(resident), resident_bytes=sum(e.nbytes for e in resident),
             fused_adapters=[f.version.name for f in self.registry.fused],
             max_resident_adapters=self.config.max_resident_adapters, steps=self.stepper.steps,
-            auto_fuse_decisions=self.auto_fuse_decisions)
+            auto_fuse_decisions=self.auto_fuse_decisions,
+            prefix_cache_hit_tokens=cache.hit_tokens if cache else 0,
+            prefix_cache_query_tokens=cache.query_tokens if cache else 0,
+            prefix_cache_bytes=cache.nbytes if cache else 0)
 
     def add_step_listener(self, fn: Callable[[int, int], None]) -> None:
         """`fn(batch_size, num_tokens)` after every forward pass (metrics)."""

@@ -89,7 +89,12 @@ class RequestHandle:
             request_id=self.request_id, adapter=self.adapter, prompt_token_ids=self.prompt_token_ids,
             token_ids=list(seq.output_ids), text="".join(self._text), finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=seq.prompt_logprobs)
+            prompt_logprobs=seq.prompt_logprobs, cached_tokens=seq.cached_tokens)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known once the request is admitted)."""
+        return self._seq.cached_tokens if self._seq is not None else 0
 
     def cancel(self) -> None:
         if self._seq is not None:

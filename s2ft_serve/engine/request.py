@@ -66,6 +66,7 @@ class RequestOutput:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token has none
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -107,3 +108,6 @@ class EngineStats:
     max_resident_adapters: int
     steps: int
     auto_fuse_decisions: int = 0  # fuse/unfuse decisions taken by --auto-fuse so far
+    prefix_cache_hit_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache, so far
+    prefix_cache_query_tokens: int = 0  # prompt tokens of the requests that looked in it, so far
+    prefix_cache_bytes: int = 0  # bytes the cached prefixes hold now

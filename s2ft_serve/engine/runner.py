@@ -35,12 +35,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: list[list[int]], first_row: int, slot_tuples: list[tuple[int, ...]],
-                      all_logits: list[bool], offset: int = 0) -> list[torch.Tensor]:
+                      all_logits: list[bool], offsets: list[int] | None = None) -> list[torch.Tensor]:
         """Run several prompts in one pass into cache rows `first_row, first_row + 1, ...`, right-padded to
         the longest; per prompt, logits [L or 1, vocab] float32 (every position, or the last one).
-        With `offset` (one prompt), the tokens continue a prompt whose first `offset` tokens are cached."""
+        With `offsets`, prompt i continues a prefix of `offsets[i]` tokens already in its row (a later
+        chunk of a chunked prefill, or the rest of a prompt after a prefix-cache hit)."""
         P, L = len(prompts), max(len(p) for p in prompts)
-        assert offset == 0 or P == 1, "only a single prompt is prefilled in chunks"
+        offsets = offsets or [0] * P
         tokens = torch.zeros(P, L, dtype=torch.int64)
         keep, sizes = [], []
         for i, ids in enumerate(prompts):
@@ -48,11 +49,14 @@ class ModelRunner:
             start = i * L if all_logits[i] else i * L + len(ids) - 1
             keep.extend(range(start, i * L + len(ids)))
             sizes.append(i * L + len(ids) - start)
-        positions = torch.arange(offset, offset + L, device=self.device)[None].expand(P, L)
+        positions = torch.tensor(offsets, dtype=torch.int64)[:, None] + torch.arange(L)[None, :]  # [P, L]
+        # a shorter prompt's padding may run past the cache: it goes to the last position, which no
+        # prompt token occupies (a prompt leaves room for one output) and decode overwrites first
+        positions = positions.clamp(max=self.model.max_len - 1)
         self._set_layout(slot_tuples, per_row=True)
         try:
-            logits = self.model(tokens.to(self.device), positions, slice(first_row, first_row + P), decode=False,
-                                keep=torch.tensor(keep, device=self.device), offset=offset)
+            logits = self.model(tokens.to(self.device), positions.to(self.device), slice(first_row, first_row + P),
+                                cached=any(offsets), keep=torch.tensor(keep, device=self.device))
         finally:
             self.batch.set_none()
         return list(logits.split(sizes))
@@ -64,7 +68,7 @@ class ModelRunner:
         tokens = torch.tensor(last_tokens, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         try:
-            return self.model(tokens, pos, slice(0, len(last_tokens)), decode=True)
+            return self.model(tokens, pos, slice(0, len(last_tokens)), cached=True)
         finally:
             self.batch.set_none()
 

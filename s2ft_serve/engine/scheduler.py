@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from s2ft_serve.engine.request import SamplingParams, TokenLogprob
 
@@ -34,6 +34,8 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     row: int = -1
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
+    hit: list = field(default_factory=list)  # prefix-cache blocks found at admission (see prefix_cache)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -72,12 +74,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunking)
 
-    def admit(self, budget: int | None = None) -> list[Sequence]:
+    def admit(self, budget: int | None = None, cost: Callable[[Sequence], int] | None = None) -> list[Sequence]:
         """New sequences to prefill whole this step, within the batch size and `budget` prompt tokens
-        (default `max_tokens_per_step`). If the next prompt does not fit and no prompt is being
+        (default `max_tokens_per_step`); `cost(seq)` is the tokens a prompt must compute (default: all of
+        them; less after a prefix-cache hit). If the next prompt does not fit and no prompt is being
         chunked, it becomes `chunking` (not returned). Cancelled ones are returned to be finished."""
         admitted: list[Sequence] = []
         budget = self.max_tokens_per_step if budget is None else budget
+        cost = cost or (lambda seq: len(seq.prompt_ids))
         with self.cond:
             while self.waiting and len(self.in_flight()) + len(admitted) < self.max_batch_size:
                 seq = self.waiting[0]
@@ -85,12 +89,13 @@ class Scheduler:
                     self.waiting.popleft()
                     admitted.append(seq)  # the engine finishes it without running it
                     continue
-                if len(seq.prompt_ids) > budget:
+                need = cost(seq)
+                if need > budget:
                     if self.chunking is None and budget > 0:
                         self.chunking = self.waiting.popleft()
                         self.chunking.row = self.max_batch_size
                     break
-                budget -= len(seq.prompt_ids)
+                budget -= need
                 admitted.append(self.waiting.popleft())
         return admitted
 

@@ -18,13 +18,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def to_compute(seq: Sequence) -> int:
+    """The prompt tokens a new sequence's prefill computes (all but a prefix-cache hit's)."""
+    return len(seq.prompt_ids) - seq.cached_tokens
+
+
 def prefill_groups(seqs: list[Sequence], max_padding: float = 0.25) -> list[list[Sequence]]:
-    """Split new sequences into prefill passes: by prompt length, a pass grows while its padding
-    (to the longest prompt) stays within `max_padding` of the tokens it computes."""
+    """Split new sequences into prefill passes: by tokens to compute, a pass grows while its padding
+    (to the longest) stays within `max_padding` of the tokens it computes."""
     groups: list[list[Sequence]] = []
     real = 0
-    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
-        n = len(seq.prompt_ids)  # the longest so far
+    for seq in sorted(seqs, key=to_compute):
+        n = to_compute(seq)  # the longest so far
         if groups and (len(groups[-1]) + 1) * n * (1 - max_padding) <= real + n:
             groups[-1].append(seq)
             real += n
@@ -83,19 +88,23 @@ class Stepper:
         budget = sched.max_tokens_per_step
         if sched.chunking is not None:  # go on with the prompt being prefilled in chunks
             budget -= self._prefill_chunk(budget)
+        carried = sched.chunking
         admitted = []
-        for seq in sched.admit(budget):
+        for seq in sched.admit(budget, cost=self._look_up):
             if seq.cancelled:
                 self.abort_waiting(seq)
             else:
                 admitted.append(seq)
-                budget -= len(seq.prompt_ids)
+                budget -= to_compute(seq)
         for group in prefill_groups(admitted):
             for seq in group:
                 sched.start_running(seq)  # consecutive rows
             self._prefill(group)
-        if sched.chunking is not None and sched.chunking.prefilled == 0 and budget > 0:
-            self._prefill_chunk(budget)  # admit() just started chunking a long prompt
+        chunking = sched.chunking
+        if chunking is not None and chunking is not carried:  # admit() just started chunking a long prompt
+            chunking.prefilled = self._restore(chunking)
+            if budget > 0:
+                self._prefill_chunk(budget)
         for seq in [s for s in sched.running if s.cancelled]:
             self._finish(seq, "abort")
         running = list(sched.running)
@@ -110,15 +119,48 @@ class Stepper:
             fn(len(running), len(running))
         self._accept(running, logits)
 
+    # ---- prefix cache ----------------------------------------------------------------------
+    def _look_up(self, seq: Sequence) -> int:
+        """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute.
+        Requests asking for prompt logprobs compute every position, so they never look."""
+        cache = self.engine.prefix_cache
+        if cache is None or seq.params.prompt_logprobs is not None:
+            return len(seq.prompt_ids)
+        seq.hit = cache.match(self._owner(seq), seq.prompt_ids, self.engine.registry.epoch)
+        seq.cached_tokens = len(seq.hit) * cache.block_size
+        return to_compute(seq)
+
+    @staticmethod
+    def _owner(seq: Sequence) -> int:
+        return seq.version.uid if seq.version is not None else 0
+
+    def _restore(self, seq: Sequence) -> int:
+        """Copy `seq`'s prefix-cache hit into its row; return the tokens restored."""
+        cache = self.engine.prefix_cache
+        if cache is None or seq.params.prompt_logprobs is not None:
+            return 0
+        cache.record(seq.cached_tokens, len(seq.prompt_ids))
+        restored, seq.hit = cache.restore(seq.hit, seq.row), []
+        return restored
+
+    def _remember(self, seq: Sequence) -> None:
+        """Offer `seq`'s prompt (all of it in its row now) to the prefix cache."""
+        if self.engine.prefix_cache is not None:
+            self.engine.prefix_cache.insert(self._owner(seq), seq.prompt_ids, seq.row, self.engine.registry.epoch)
+
+    # ---- prefill -------------------------------------------------------------------------
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` (in consecutive rows) in one pass; sample each one's first token."""
+        """Prefill `seqs` (in consecutive rows) in one pass, each after its prefix-cache hit if any;
+        sample each one's first token."""
         engine = self.engine
-        want = [s.params.prompt_logprobs is not None for s in seqs]
-        logits = engine.runner.prefill_batch([s.prompt_ids for s in seqs], seqs[0].row,
-                                             [engine.registry.slots_for(s.version) for s in seqs], want)
+        offsets = [self._restore(s) for s in seqs]
+        want = [s.params.prompt_logprobs is not None for s in seqs]  # these never hit: offset 0
+        logits = engine.runner.prefill_batch([s.prompt_ids[o:] for s, o in zip(seqs, offsets)], seqs[0].row,
+                                             [engine.registry.slots_for(s.version) for s in seqs], want, offsets)
         for fn in self.listeners:
-            fn(len(seqs), sum(len(s.prompt_ids) for s in seqs))
+            fn(len(seqs), sum(len(s.prompt_ids) - o for s, o in zip(seqs, offsets)))
         for seq, lg, w in zip(seqs, logits, want):
+            self._remember(seq)
             if w:
                 self._add_prompt_logprobs(seq, lg, 0)
         self._first_tokens(seqs, [lg[-1] for lg in logits])
@@ -135,13 +177,14 @@ class Stepper:
         n = min(budget, len(prompt) - start)
         want_lp = seq.params.prompt_logprobs is not None
         logits = engine.runner.prefill_batch([prompt[start: start + n]], seq.row,
-                                             [engine.registry.slots_for(seq.version)], [want_lp], offset=start)[0]
+                                             [engine.registry.slots_for(seq.version)], [want_lp], [start])[0]
         seq.prefilled += n
         for fn in self.listeners:
             fn(1, n)
         if want_lp:
             self._add_prompt_logprobs(seq, logits, start)
         if seq.prefilled == len(prompt):
+            self._remember(seq)
             sched.chunking = None
             chunk_row = seq.row
             sched.start_running(seq)

@@ -9,8 +9,11 @@ exactly what transformers computes; only attention and caching are ours:
   a view `cache[:B, :, :L]` with a length mask and never copies the cache.
 - Prefill runs several new requests in one pass: their prompts, right-padded to the longest, take
   consecutive cache rows; causal attention keeps every real token off the padding behind it, and
-  decode masks the padding's cache entries until its own tokens overwrite them. A long prompt can
-  also be prefilled in chunks (`offset`): each chunk attends over the cached prefix and itself.
+  decode masks the padding's cache entries until its own tokens overwrite them.
+- A prompt may also continue a prefix already in its cache row (`cached=True`): a later chunk of a
+  chunked prefill, or the rest of a prompt after a prefix-cache hit. Its tokens are written at their
+  own positions and attend over the row's cache up to themselves, exactly as a decode step does
+  for one token; each row may start at a different position.
 - Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`), or with
   `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
@@ -82,25 +85,21 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # [B, L]
         positions: torch.Tensor,  # [B, L]
         rows: slice,  # the cache rows of the B sequences
-        decode: bool,  # True: L == 1, attend over the cache; False: fresh prompts (right-padded)
+        cached: bool,  # True: the tokens continue what each row's cache holds (decode, a later chunk,
+        # a prefix-cache hit) and go in at `positions`; False: fresh prompts from position 0 (right-padded)
         keep: torch.Tensor | None = None,  # flat indices into the B * L positions to return logits for
-        offset: int = 0,  # prefill of a later chunk (B == 1): the prompt tokens already in the cache
     ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
         mask = slots = None
-        if decode:
+        if cached:  # each token attends over its row's cache up to its own position
             span = int(positions.max()) + 1
-            mask = torch.arange(span, device=h.device)[None, :] <= positions  # [B, span]
-            mask = mask[:, None, None, :]  # [B, 1, 1, span]
-            slots = self._cache_slots(rows, positions[:, 0])
-        elif offset:  # a chunk attends over the cached prefix and, causally, itself
-            L = tokens.shape[1]
-            mask = torch.arange(offset + L, device=h.device)[None, :] <= positions[0, :, None]  # [L, offset + L]
-            mask = mask[None, None]
+            mask = torch.arange(span, device=h.device)[None, None, :] <= positions[:, :, None]  # [B, L, span]
+            mask = mask[:, None]  # [B, 1, L, span]
+            slots = self._cache_slots(rows, positions)
         for i, layer in enumerate(self.layers):
             r = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots, offset)
+            h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots)
             h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
         h = h.reshape(-1, h.shape[-1])
         if keep is not None:
@@ -113,13 +112,15 @@ class Transformer(nn.Module):
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _cache_slots(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
-        """Flat [B * kv_heads] indices of (row, head, pos) in one layer's cache viewed as [-1, D]:
-        one index_copy_ writes a decode step's keys, far faster than advanced-index assignment."""
+        """Flat [B * kv_heads * L] indices of (row, head, position) in one layer's cache viewed as
+        [-1, D], for positions `pos` [B, L]: one index_copy_ writes the new keys, far faster than
+        advanced-index assignment."""
         row_ids = torch.arange(rows.start, rows.stop, device=pos.device)
         heads = torch.arange(self.num_kv_heads, device=pos.device)
-        return ((row_ids[:, None] * self.num_kv_heads + heads[None]) * self.max_len + pos[:, None]).reshape(-1)
+        flat = (row_ids[:, None, None] * self.num_kv_heads + heads[None, :, None]) * self.max_len + pos[:, None, :]
+        return flat.reshape(-1)
 
-    def _attention(self, i, attn, x, cos, sin, rows, mask, slots, offset):
+    def _attention(self, i, attn, x, cos, sin, rows, mask, slots):
         B, L, _ = x.shape
         shape = (B, L, -1, self.head_dim)
         q, k, v = (t.reshape(shape) for t in self.qkv[i](x))
@@ -128,20 +129,15 @@ class Transformer(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
-        if slots is not None:  # decode: one new token per row, attend over the cache
-            ck.view(-1, self.head_dim).index_copy_(0, slots, k[:, :, 0].reshape(-1, self.head_dim))
-            cv.view(-1, self.head_dim).index_copy_(0, slots, v[:, :, 0].reshape(-1, self.head_dim))
+        if slots is not None:  # continuing the cache (decode, ...): write at the positions, attend over it
+            ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))
+            cv.view(-1, self.head_dim).index_copy_(0, slots, v.reshape(-1, self.head_dim))
             span = mask.shape[-1]
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        else:
-            ck[rows, :, offset : offset + L] = k  # prefill: the new requests' rows, padding included
-            cv[rows, :, offset : offset + L] = v
-            if mask is None:  # whole prompts (or a first chunk)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
-            else:  # a later chunk
-                keys, values = ck[rows, :, : offset + L], cv[rows, :, : offset + L]
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                                     enable_gqa=True)
+        else:  # fresh prompts: the new requests' rows from position 0, padding included
+            ck[rows, :, :L] = k
+            cv[rows, :, :L] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, heads * D]
         return attn.o_proj(out)

@@ -24,7 +24,7 @@ from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
 from s2ft_serve.server.errors import domain_error_response
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.protocol import SamplingFields, Usage
+from s2ft_serve.server.protocol import PromptTokensDetails, SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,11 @@ class Generation:
         return choice
 
     def usage(self, prompt_tokens: int) -> Usage:
-        return usage_of(prompt_tokens, sum(c.generated for c in self.choices))
+        first = {}  # one choice per prompt: its n choices share the prompt
+        for c in self.choices:
+            first.setdefault(c.prompt_index, c)
+        return usage_of(prompt_tokens, sum(c.generated for c in self.choices),
+                        sum(c.handle.cached_tokens for c in first.values()))
 
     def cancel(self) -> None:
         for choice in self.choices:
@@ -229,9 +233,10 @@ def sse_error(exc: S2FTError) -> str:
     return f"data: {domain_error_response(exc).body.decode()}\n\n"
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 async def sse_stream(chunks: AsyncIterator[str], done: Callable[[BaseException | None], None]) -> AsyncIterator[str]:

@@ -1,13 +1,14 @@
 """Prometheus metrics in the app's own registry (two apps in one process never collide).
 
 Request latencies are observed by the routes; batch sizes by an engine step listener; gauges
-(queue depth, resident/fused adapters, `vllm:lora_requests_info`) are refreshed from
+(queue depth, resident/fused adapters, prefix-cache counts, `vllm:lora_requests_info`) are refreshed from
 `engine.stats()` at each scrape. The `vllm:*` names and labels match vLLM's, so routers built for
 vLLM (e.g. the Gateway API Inference Extension's LoRA affinity) read them unchanged.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -51,6 +52,13 @@ class Metrics:
                                       buckets=OP_BUCKETS, registry=r)
         self.auto_fuse_decisions = Gauge("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
                                          registry=r)
+        self.prefix_hits = Counter("s2ft_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                   registry=r)
+        self.prefix_queries = Counter("s2ft_prefix_cache_query_tokens",
+                                      "Prompt tokens of the requests that looked in the prefix cache", registry=r)
+        self.prefix_bytes = Gauge("s2ft_prefix_cache_bytes", "Bytes held by cached prompt prefixes", registry=r)
+        self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (counters advance by the difference)
+        self._prefix_lock = threading.Lock()  # two scrapes at once must not count a difference twice
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
@@ -85,6 +93,12 @@ class Metrics:
         self.resident_bytes.set(stats.resident_bytes)
         self.fused_adapters.set(len(stats.fused_adapters))
         self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
+        with self._prefix_lock:
+            hits, queries = stats.prefix_cache_hit_tokens, stats.prefix_cache_query_tokens
+            self.prefix_hits.inc(max(0, hits - self._prefix_seen[0]))
+            self.prefix_queries.inc(max(0, queries - self._prefix_seen[1]))
+            self._prefix_seen = (max(hits, self._prefix_seen[0]), max(queries, self._prefix_seen[1]))
+        self.prefix_bytes.set(stats.prefix_cache_bytes)
         self.lora_info.clear()
         self.lora_info.labels(
             running_lora_adapters=",".join(sorted(set(stats.running_adapters))),

@@ -33,6 +33,8 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_tokens_per_step: int = Field(512, ge=1, description="prefill token budget per engine step (longer prompts: in chunks)")
     max_queue: int = Field(256, ge=1)
+    prefix_cache_bytes: int = Field(256 << 20, ge=0, description="bytes of cached prompt-prefix keys/values (0: off)")
+    prefix_block_size: int = Field(16, ge=1, description="prefixes are cached and matched in blocks of this many tokens")
     max_resident_adapters: int = Field(64, ge=1)
     max_resident_bytes: int = Field(2 << 30, ge=1)
     max_adapter_bytes: int = Field(512 << 20, ge=1)
@@ -107,6 +109,8 @@ class ServerSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,
+            prefix_cache_bytes=self.prefix_cache_bytes,
+            prefix_block_size=self.prefix_block_size,
             max_resident_adapters=self.max_resident_adapters,
             max_resident_bytes=self.max_resident_bytes,
             max_adapter_bytes=self.max_adapter_bytes,

@@ -220,6 +220,36 @@ def test_admin_routes_and_vllm_aliases(client, admin, base):
     assert admin.delete("/v1/adapters/mix").status_code == 200
 
 
+def test_prefix_cache_reports_cached_tokens_counts_them_and_resets(server, client, admin, base):
+    """A chat whose history is sent again reuses its cached prefix: the same answer, `cached_tokens` in
+    usage (non-streamed and streamed), the Prometheus counters, and `/reset_prefix_cache` (admin only)."""
+    story = " ".join(["the long shared system prompt that every turn of this conversation sends again"] * 4)
+    messages = [{"role": "system", "content": story}, {"role": "user", "content": "Say hello."}]
+    admin.post("/reset_prefix_cache").raise_for_status()
+    first = client.chat.completions.create(model="a1", messages=messages, max_tokens=8, temperature=0)
+    second = client.chat.completions.create(model="a1", messages=messages, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="a1", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    other = client.chat.completions.create(model="a0", messages=messages, max_tokens=8, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter: its own prefixes
+    metrics = httpx.get(f"{server.url}/metrics").text
+    hits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("s2ft_prefix_cache_hit_tokens_total"))
+    assert hits >= 2 * cached
+    assert httpx.post(f"{server.url}/reset_prefix_cache", headers={"Authorization": f"Bearer {USER_KEY}"}
+                      ).status_code == 403
+    assert admin.post("/reset_prefix_cache").status_code == 200
+    again = client.chat.completions.create(model="a1", messages=messages, max_tokens=8, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_lazy_loading(client, admin):
     assert "lazy1" not in {a["id"] for a in admin.get("/v1/adapters").json()["data"]}
     text = greedy(client, "lazy1")

@@ -1,5 +1,6 @@
 """Admin API: load, list, describe, unload, fuse, unfuse and merge adapters, plus vLLM's aliases
-(`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) with vLLM's bodies.
+(`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) with vLLM's bodies, and vLLM's
+`/reset_prefix_cache`.
 
 Handlers are plain functions, so FastAPI runs them in its thread pool: loading reads files and
 fusing waits for a step boundary, and neither may block the event loop.
@@ -112,3 +113,10 @@ def vllm_load(body: VllmLoadLoraRequest, engine: EngineDep, settings: SettingsDe
 def vllm_unload(body: VllmUnloadLoraRequest, engine: EngineDep) -> str:
     engine.remove_adapter(body.lora_name)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
+
+@router.post("/reset_prefix_cache", response_class=PlainTextResponse, responses=ERRORS,
+             summary="Drop every cached prompt prefix (vLLM's route)")
+def reset_prefix_cache(engine: EngineDep) -> str:
+    engine.reset_prefix_cache()
+    return "Success: prefix cache reset."

@@ -58,7 +58,7 @@ def build_response(body: ChatCompletionRequest, gen: Generation, model: str, pro
             logprobs = chat_logprobs(text, out.token_ids, out.logprobs or [], body.top_logprobs or 0)
         choices.append(ChatChoice(index=choice.index, message=ChatMessageOut(content=out.text), logprobs=logprobs,
                                   finish_reason=out.finish_reason))
-    usage = usage_of(len(prompt), sum(len(out.token_ids) for out in outputs))
+    usage = usage_of(len(prompt), sum(len(out.token_ids) for out in outputs), outputs[0].cached_tokens)
     return ChatCompletionResponse(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
                                   usage=usage)
 

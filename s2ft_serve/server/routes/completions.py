@@ -83,8 +83,9 @@ def build_response(body: CompletionRequest, gen: Generation, model: str, outputs
         logprobs = choice_logprobs(text, out, body.echo) if body.logprobs is not None else None
         choices.append(CompletionChoice(index=choice.index, text=shown, logprobs=logprobs,
                                         finish_reason=out.finish_reason))
-    prompt_tokens = sum(len(out.prompt_token_ids) for c, out in zip(gen.choices, outputs) if c.index % body.n == 0)
-    usage = usage_of(prompt_tokens, sum(len(out.token_ids) for out in outputs))
+    firsts = [out for c, out in zip(gen.choices, outputs) if c.index % body.n == 0]  # one per prompt
+    usage = usage_of(sum(len(out.prompt_token_ids) for out in firsts), sum(len(out.token_ids) for out in outputs),
+                     sum(out.cached_tokens for out in firsts))
     return CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=choices, usage=usage)
 
 

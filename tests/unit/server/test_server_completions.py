@@ -38,7 +38,8 @@ async def test_greedy_text_matches_engine_for_base_and_adapter(client, engine):
         assert r.headers["x-adapter-id"] == (adapter or engine.model_name)
         assert body["usage"] == {"prompt_tokens": len(expected.prompt_token_ids),
                                  "completion_tokens": len(expected.token_ids),
-                                 "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids)}
+                                 "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids),
+                                 "prompt_tokens_details": {"cached_tokens": expected.cached_tokens}}
 
 
 async def test_adapters_give_different_text(client):
