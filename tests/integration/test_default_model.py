@@ -54,6 +54,12 @@ def test_adapter_on_default_model_matches_merged_transformers(engine, default_mo
     handles = [engine.submit(ids, a, params) for a in ["r", None, "r"]]
     outs = [h.result(timeout=120).token_ids for h in handles]
     assert outs[0] == outs[2] == greedy
+    # the same prompt again reuses its cached prefix: the first token's log-probabilities stay exact
+    again = engine.generate(ids, "r", SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    assert again.cached_tokens >= 16 and again.token_ids == greedy[:1]
+    lp = torch.log_softmax(expected[-1].float(), -1)
+    assert [t for t, _ in again.logprobs[0].top] == lp.topk(5).indices.tolist()
+    assert max(abs(v - lp[t].item()) for t, v in again.logprobs[0].top) <= 1e-4
 
 
 def test_onednn_gemms_round_differently_but_decode_the_same(default_model_dir):
