@@ -17,7 +17,7 @@ keeps the one with the best exact match on a validation split (the last `--val` 
 never trained on); the other seeds use that rate. Test accuracy and forgetting play no part in
 the choice, and the sweep is printed whole.
 
-    python benchmarks/train_quality.py --steps 60 --batch-size 8 --seeds 0,1,2 \
+    python benchmarks/train_quality.py --steps 150 --batch-size 8 --seeds 0,1,2 \
         --lr-grid 's2ft=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'
 """
 
