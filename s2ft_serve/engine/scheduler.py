@@ -3,10 +3,10 @@
 Running sequences own KV-cache rows `0..B-1` in order; when one finishes, the last running
 sequence moves into its row (the runner copies the cache), so the batch stays contiguous.
 
-Each step has a prefill budget of `max_tokens_per_step` prompt tokens. Whole prompts that fit are
-admitted together; a prompt longer than what is left is prefilled in chunks, one per step, in the
-spare cache row `max_batch_size` (`chunking`), while the running batch keeps decoding; when its
-last chunk is done it joins the batch.
+Each step has a prefill budget of `max_tokens_per_step` prompt tokens to compute (a prefix-cache
+hit's tokens are not computed). Whole prompts that fit are admitted together; a prompt needing more
+than what is left is prefilled in chunks, one per step, in the spare cache row `max_batch_size`
+(`chunking`), while the running batch keeps decoding; when its last chunk is done it joins the batch.
 """
 
 from __future__ import annotations

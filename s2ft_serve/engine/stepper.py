@@ -120,11 +120,15 @@ class Stepper:
         self._accept(running, logits)
 
     # ---- prefix cache ----------------------------------------------------------------------
+    def _cache_for(self, seq: Sequence):
+        """The prefix cache, if `seq` may use it: requests asking for prompt logprobs compute every
+        position, so they never look."""
+        return self.engine.prefix_cache if seq.params.prompt_logprobs is None else None
+
     def _look_up(self, seq: Sequence) -> int:
-        """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute.
-        Requests asking for prompt logprobs compute every position, so they never look."""
-        cache = self.engine.prefix_cache
-        if cache is None or seq.params.prompt_logprobs is not None:
+        """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute."""
+        cache = self._cache_for(seq)
+        if cache is None:
             return len(seq.prompt_ids)
         seq.hit = cache.match(self._owner(seq), seq.prompt_ids, self.engine.registry.epoch)
         seq.cached_tokens = len(seq.hit) * cache.block_size
@@ -136,8 +140,8 @@ class Stepper:
 
     def _restore(self, seq: Sequence) -> int:
         """Copy `seq`'s prefix-cache hit into its row; return the tokens restored."""
-        cache = self.engine.prefix_cache
-        if cache is None or seq.params.prompt_logprobs is not None:
+        cache = self._cache_for(seq)
+        if cache is None:
             return 0
         cache.record(seq.cached_tokens, len(seq.prompt_ids))
         restored, seq.hit = cache.restore(seq.hit, seq.row), []

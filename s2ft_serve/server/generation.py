@@ -138,11 +138,15 @@ class Generation:
         return choice
 
     def usage(self, prompt_tokens: int) -> Usage:
+        """Usage of the whole request; `prompt_tokens` counts each prompt once, as do cached tokens."""
         first = {}  # one choice per prompt: its n choices share the prompt
         for c in self.choices:
             first.setdefault(c.prompt_index, c)
-        return usage_of(prompt_tokens, sum(c.generated for c in self.choices),
-                        sum(c.handle.cached_tokens for c in first.values()))
+        completion_tokens = sum(c.generated for c in self.choices)
+        cached = sum(c.handle.cached_tokens for c in first.values())
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def cancel(self) -> None:
         for choice in self.choices:
@@ -231,12 +235,6 @@ def sse(payload: BaseModel) -> str:
 def sse_error(exc: S2FTError) -> str:
     """An error met after the stream began (the status is already sent), as vLLM reports it."""
     return f"data: {domain_error_response(exc).body.decode()}\n\n"
-
-
-def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 async def sse_stream(chunks: AsyncIterator[str], done: Callable[[BaseException | None], None]) -> AsyncIterator[str]:

@@ -8,10 +8,11 @@ vLLM (e.g. the Gateway API Inference Extension's LoRA affinity) read them unchan
 
 from __future__ import annotations
 
-import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from s2ft_serve.engine.request import EngineStats
 
@@ -21,6 +22,23 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)
 OP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 BASE_LABEL = ""  # the `adapter` label of base-model requests
+
+
+class PrefixCacheCollector(Collector):
+    """The engine's prefix-cache totals as of the last `refresh` (the engine keeps the counts)."""
+
+    def __init__(self) -> None:
+        self.stats: EngineStats | None = None
+
+    def collect(self):
+        s = self.stats
+        yield CounterMetricFamily("s2ft_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                  value=s.prefix_cache_hit_tokens if s else 0)
+        yield CounterMetricFamily("s2ft_prefix_cache_query_tokens",
+                                  "Prompt tokens of the requests that looked in the prefix cache",
+                                  value=s.prefix_cache_query_tokens if s else 0)
+        yield GaugeMetricFamily("s2ft_prefix_cache_bytes", "Bytes held by cached prompt prefixes",
+                                value=s.prefix_cache_bytes if s else 0)
 
 
 class Metrics:
@@ -52,13 +70,8 @@ class Metrics:
                                       buckets=OP_BUCKETS, registry=r)
         self.auto_fuse_decisions = Gauge("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
                                          registry=r)
-        self.prefix_hits = Counter("s2ft_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
-                                   registry=r)
-        self.prefix_queries = Counter("s2ft_prefix_cache_query_tokens",
-                                      "Prompt tokens of the requests that looked in the prefix cache", registry=r)
-        self.prefix_bytes = Gauge("s2ft_prefix_cache_bytes", "Bytes held by cached prompt prefixes", registry=r)
-        self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (counters advance by the difference)
-        self._prefix_lock = threading.Lock()  # two scrapes at once must not count a difference twice
+        self.prefix_cache = PrefixCacheCollector()  # counters kept by the engine, exported as they are
+        r.register(self.prefix_cache)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
@@ -93,12 +106,7 @@ class Metrics:
         self.resident_bytes.set(stats.resident_bytes)
         self.fused_adapters.set(len(stats.fused_adapters))
         self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
-        with self._prefix_lock:
-            hits, queries = stats.prefix_cache_hit_tokens, stats.prefix_cache_query_tokens
-            self.prefix_hits.inc(max(0, hits - self._prefix_seen[0]))
-            self.prefix_queries.inc(max(0, queries - self._prefix_seen[1]))
-            self._prefix_seen = (max(hits, self._prefix_seen[0]), max(queries, self._prefix_seen[1]))
-        self.prefix_bytes.set(stats.prefix_cache_bytes)
+        self.prefix_cache.stats = stats
         self.lora_info.clear()
         self.lora_info.labels(
             running_lora_adapters=",".join(sorted(set(stats.running_adapters))),

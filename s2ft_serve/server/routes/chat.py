@@ -12,7 +12,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, check_unsupported, sampling_params, serve, sse, usage_of,
+    Generation, check_unsupported, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -58,9 +58,8 @@ def build_response(body: ChatCompletionRequest, gen: Generation, model: str, pro
             logprobs = chat_logprobs(text, out.token_ids, out.logprobs or [], body.top_logprobs or 0)
         choices.append(ChatChoice(index=choice.index, message=ChatMessageOut(content=out.text), logprobs=logprobs,
                                   finish_reason=out.finish_reason))
-    usage = usage_of(len(prompt), sum(len(out.token_ids) for out in outputs), outputs[0].cached_tokens)
     return ChatCompletionResponse(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
-                                  usage=usage)
+                                  usage=gen.usage(len(prompt)))
 
 
 async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int],

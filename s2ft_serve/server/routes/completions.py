@@ -15,7 +15,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, check_unsupported, sampling_params, serve, sse, usage_of,
+    Generation, check_unsupported, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, completion_logprobs, extend, next_offset, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -76,17 +76,15 @@ def choice_logprobs(text: TokenText, out: RequestOutput, echo: bool) -> Completi
 
 
 def build_response(body: CompletionRequest, gen: Generation, model: str, outputs: list[RequestOutput],
-                   texts: list[str], text: TokenText) -> CompletionResponse:
+                   prompts: list[list[int]], texts: list[str], text: TokenText) -> CompletionResponse:
     choices = []
     for choice, out in zip(gen.choices, outputs):
         shown = texts[choice.prompt_index] + out.text if body.echo else out.text
         logprobs = choice_logprobs(text, out, body.echo) if body.logprobs is not None else None
         choices.append(CompletionChoice(index=choice.index, text=shown, logprobs=logprobs,
                                         finish_reason=out.finish_reason))
-    firsts = [out for c, out in zip(gen.choices, outputs) if c.index % body.n == 0]  # one per prompt
-    usage = usage_of(sum(len(out.prompt_token_ids) for out in firsts), sum(len(out.token_ids) for out in outputs),
-                     sum(out.cached_tokens for out in firsts))
-    return CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=choices, usage=usage)
+    return CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=choices,
+                              usage=gen.usage(sum(len(ids) for ids in prompts)))
 
 
 async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: list[list[int]],
@@ -127,5 +125,5 @@ async def create_completion(body: CompletionRequest, request: Request, response:
     return await serve(
         request, response, engine, settings, metrics, body, start=begin,
         stream=lambda gen, model, ctx: stream(body, gen, model, ctx[0], ctx[1], text),
-        build=lambda gen, model, ctx, outputs: build_response(body, gen, model, outputs, ctx[1], text),
+        build=lambda gen, model, ctx, outputs: build_response(body, gen, model, outputs, ctx[0], ctx[1], text),
     )

@@ -3,6 +3,8 @@ its keys and values, and still gets exactly the tokens and logits it gets withou
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from s2ft_serve.engine.prefix_cache import PrefixCache
@@ -13,6 +15,18 @@ from s2ft_serve.model.testing import random_adapter
 from engine_reference import make_engine, reference, reference_greedy, reference_logits
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@contextmanager
+def engine_with_adapter(path, seed: int, channels: int = 4, **config):
+    """An engine with one random adapter "a"; yields (engine, adapter) and shuts the engine down."""
+    engine = make_engine(path, **config)
+    try:
+        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=seed, channels=channels)
+        engine.add_adapter("a", adapter)
+        yield engine, adapter
+    finally:
+        engine.shutdown(timeout=5)
 
 
 def small_cache(max_blocks: int, block: int = 4) -> PrefixCache:
@@ -79,10 +93,7 @@ def test_hits_give_the_merged_reference_for_the_base_and_an_adapter(tiny_model_d
     """A prompt seen before (40 tokens, blocks of 16) reuses 32 tokens; one that extends it reuses them
     too. Outputs, logits of the first token included, equal the merged reference; an adapter never
     reuses the base's blocks, nor the base an adapter's."""
-    engine = make_engine(tiny_model_dir, prefix_block_size=16)
-    try:
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=5, channels=6)
-        engine.add_adapter("a", adapter)
+    with engine_with_adapter(tiny_model_dir, seed=5, channels=6, prefix_block_size=16) as (engine, adapter):
         ref_base, ref_a = reference(tiny_model_dir), reference(tiny_model_dir, (adapter, 1.0))
         ids = torch.randint(5, 200, (40,), generator=torch.Generator().manual_seed(1)).tolist()
         longer = ids + [7, 8, 9, 10, 11, 12, 13, 14, 15]
@@ -104,16 +115,11 @@ def test_hits_give_the_merged_reference_for_the_base_and_an_adapter(tiny_model_d
         stats = engine.stats()
         assert stats.prefix_cache_hit_tokens == 96 and stats.prefix_cache_query_tokens == 2 * 40 + 2 * 49 + 40
         assert stats.prefix_cache_bytes > 0
-    finally:
-        engine.shutdown(timeout=5)
 
 
 def test_prompt_logprobs_are_computed_whole_and_replacing_an_adapter_leaves_its_old_blocks_behind(tiny_llama_dir):
-    engine = make_engine(tiny_llama_dir, prefix_block_size=8)
-    try:
-        old = random_adapter(engine.loaded.model, engine.model_name, seed=1, channels=4)
+    with engine_with_adapter(tiny_llama_dir, seed=1, prefix_block_size=8) as (engine, old):
         new = random_adapter(engine.loaded.model, engine.model_name, seed=2, channels=4)
-        engine.add_adapter("a", old)
         ids = list(range(30, 60))
         engine.generate(ids, "a", GREEDY)
         scored = engine.generate(ids, "a", SamplingParams(max_tokens=0, prompt_logprobs=1))
@@ -124,15 +130,10 @@ def test_prompt_logprobs_are_computed_whole_and_replacing_an_adapter_leaves_its_
         out = engine.generate(ids, "a", GREEDY)
         assert out.cached_tokens == 0  # the new version has no blocks yet
         assert out.token_ids == reference_greedy(reference(tiny_llama_dir, (new, 1.0)), ids, 6)
-    finally:
-        engine.shutdown(timeout=5)
 
 
 def test_fusing_or_unfusing_empties_the_cache(tiny_llama_dir):
-    engine = make_engine(tiny_llama_dir, prefix_block_size=8)
-    try:
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=3, channels=4)
-        engine.add_adapter("a", adapter)
+    with engine_with_adapter(tiny_llama_dir, seed=3, prefix_block_size=8) as (engine, adapter):
         ids = list(range(70, 95))
         engine.generate(ids, None, GREEDY)
         assert engine.generate(ids, None, GREEDY).cached_tokens == 24
@@ -149,8 +150,6 @@ def test_fusing_or_unfusing_empties_the_cache(tiny_llama_dir):
         engine.generate(ids, None, GREEDY)
         engine.reset_prefix_cache()
         assert engine.generate(ids, None, GREEDY).cached_tokens == 0
-    finally:
-        engine.shutdown(timeout=5)
 
 
 def test_shared_prefixes_in_batches_and_chunks_give_the_tokens_each_request_gets_alone(tiny_model_dir):
