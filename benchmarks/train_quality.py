@@ -110,6 +110,7 @@ def perplexity(model, rows: list[D.Example], pad_id: int) -> float:
 class Data:
     rows: list[D.Example]  # training rows
     val: list[dict]  # validation prompts (chooses the learning rate)
+    val_rows: list[D.Example]  # the same rows tokenized with their answers (validation loss)
     test: list[dict]  # held-out test prompts (reported)
     general: list[D.Example]  # general English (forgetting)
     pad_id: int
@@ -121,9 +122,10 @@ def run_one(method: str, lr: float, seed: int, data: Data, args: argparse.Namesp
     torch.manual_seed(seed)
     prep, tok, stats = train_method(method, lr, data.rows, args, data.pad_id, seed)
     val_acc, _ = exact_match(prep.model, tok, data.val) if data.val else (float("nan"), {})
+    val_loss = math.log(perplexity(prep.model, data.val_rows, data.pad_id)) if data.val_rows else float("nan")
     acc, per_task = exact_match(prep.model, tok, data.test)
     ppl = perplexity(prep.model, data.general, data.pad_id)
-    result = {"val_accuracy": val_acc, "accuracy": acc, "per_task": per_task, "general_ppl": ppl,
+    result = {"val_accuracy": val_acc, "val_loss": val_loss, "accuracy": acc, "per_task": per_task, "general_ppl": ppl,
               "forgetting": ppl / data.base_ppl - 1.0, "trainable": prep.trainable, "detail": prep.detail, **stats}
     print(json.dumps({"seed": seed, method: result}), flush=True)
     return result
@@ -165,11 +167,12 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def print_sweep(sweep: dict[str, dict[float, dict]], chosen: dict[str, float]) -> None:
     print(f"\nlearning-rate choice (first seed; chosen on validation accuracy, marked *)")
-    print(f"{'method':6} {'lr':>8} {'val acc':>8} {'test acc':>9} {'forgetting':>11}")
+    print(f"{'method':6} {'lr':>8} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'forgetting':>11}")
     for m, runs in sweep.items():
         for lr, r in runs.items():
             mark = "*" if lr == chosen[m] else " "
-            print(f"{m:6} {lr:>8.0e}{mark} {r['val_accuracy']:>7.3f} {r['accuracy']:>9.3f} {r['forgetting']:>+11.2%}")
+            print(f"{m:6} {lr:>8.0e}{mark} {r['val_accuracy']:>7.3f} {r.get('val_loss', float('nan')):>9.4f} "
+                  f"{r['accuracy']:>9.3f} {r['forgetting']:>+11.2%}")
 
 
 def print_tables(base: dict, per_seed: dict[int, dict[str, dict]], summary: dict[str, dict]) -> None:
@@ -221,15 +224,15 @@ def main() -> None:
     rows = D.load_examples(data_dir / "train.jsonl", tok, 64)
     records = [json.loads(line) for line in open(data_dir / "train.jsonl")]
     if args.val:  # the last `--val` training rows are held out for choosing learning rates
-        rows, val = rows[: -args.val], records[-args.val:]
+        rows, val_rows, val = rows[: -args.val], rows[-args.val:], records[-args.val:]
     else:
-        val = []
+        val_rows, val = [], []
     general = [text_only(r, tok.eos_token_id) for r in D.load_examples(data_dir / "general.jsonl", tok, 256)]
     test = [json.loads(line) for line in open(data_dir / "test.jsonl")]
     acc, per_task = exact_match(base.model, tok, test)
     base_result = {"accuracy": acc, "per_task": per_task, "general_ppl": perplexity(base.model, general, pad_id)}
     del base
-    data = Data(rows, val, test, general, pad_id, base_result["general_ppl"])
+    data = Data(rows, val, val_rows, test, general, pad_id, base_result["general_ppl"])
     started = time.perf_counter()
     sweep: dict[str, dict[float, dict]] = {}
     per_seed: dict[int, dict[str, dict]] = {s: {} for s in seeds}

@@ -84,6 +84,8 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests per second")
     p.add_argument("--popularity", default="uniform", help="uniform, zipf:<alpha> or single")
     p.add_argument("--prompt-len", default="32", help="words per prompt: N, uniform:LO:HI or normal:MEAN:STD")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                   help="start every prompt with the same WORDS words (a system prompt: exercises prefix caching)")
     p.add_argument("--output-len", default="32", help="max_tokens: N, uniform:LO:HI or normal:MEAN:STD")
     p.add_argument("--include-base", action="store_true", help="also send requests to the base model")
     p.add_argument("--seed", type=int, default=0)
@@ -115,6 +117,7 @@ def workload_from_args(args: argparse.Namespace, adapters: list[str | None]) -> 
         duration_s=args.duration,
         concurrency=args.concurrency if args.rate is None else None,
         rate=args.rate,
+        shared_prefix=args.shared_prefix,
         seed=args.seed,
     )
     if spec.num_requests is None and spec.duration_s is None:

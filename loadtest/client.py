@@ -49,6 +49,7 @@ class RequestResult:
     e2e_s: float
     ttft_s: float | None = None  # streaming only: until the first chunk carrying a token
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache answered (usage.prompt_tokens_details)
     output_tokens: int = 0
     text: str = ""
     error: str | None = None  # the server's error message, or the transport failure
@@ -179,6 +180,8 @@ def _take_usage(usage: dict | None, result: RequestResult) -> None:
     if usage:
         result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         result.output_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 def error_message(body: str) -> str:

@@ -61,6 +61,7 @@ class Summary:
     request_throughput: float  # successful requests per second
     output_token_throughput: float  # generated tokens per second
     total_token_throughput: float  # prompt + generated tokens per second
+    cached_prompt_fraction: float  # share of prompt tokens the server's prefix cache answered
     e2e_ms: Distribution | None
     ttft_ms: Distribution | None
     tpot_ms: Distribution | None
@@ -97,6 +98,7 @@ def summarize(results: list[RequestResult], wall_s: float, labels: dict | None =
         request_throughput=len(good) / wall,
         output_token_throughput=out_tokens / wall,
         total_token_throughput=(in_tokens + out_tokens) / wall,
+        cached_prompt_fraction=sum(r.cached_tokens for r in good) / in_tokens if in_tokens else 0.0,
         e2e_ms=Distribution.of_seconds([r.e2e_s for r in good]),
         ttft_ms=Distribution.of_seconds([r.ttft_s for r in good if r.ttft_s is not None]),
         tpot_ms=Distribution.of_seconds([t for r in good if (t := r.tpot_s) is not None]),
@@ -113,6 +115,7 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("request throughput", f"{summary.request_throughput:.3f} req/s"),
         ("output token throughput", f"{summary.output_token_throughput:.1f} tok/s"),
         ("total token throughput", f"{summary.total_token_throughput:.1f} tok/s"),
+        ("prompt tokens from the prefix cache", f"{summary.cached_prompt_fraction:.1%}"),
     ]
     for name, dist in (("e2e", summary.e2e_ms), ("ttft", summary.ttft_ms), ("tpot", summary.tpot_ms)):
         value = "n/a" if dist is None else f"{dist.p50:.1f} / {dist.p90:.1f} / {dist.p99:.1f} (mean {dist.mean:.1f})"

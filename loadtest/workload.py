@@ -131,6 +131,7 @@ class WorkloadSpec:
     duration_s: float | None = None  # stop issuing new requests after this many seconds
     concurrency: int | None = 4  # closed loop: this many requests in flight (None: use rate)
     rate: float | None = None  # open loop: Poisson arrivals at this many requests per second
+    shared_prefix: int = 0  # words every prompt starts with (a system prompt; exercises prefix caching)
     seed: int = 0
 
     def validate(self) -> None:
@@ -148,6 +149,8 @@ class WorkloadSpec:
             raise LoadtestConfigError("the arrival rate must be a positive number")
         if not self.adapters:
             raise LoadtestConfigError("the workload needs at least one adapter (or the base model)")
+        if self.shared_prefix < 0:
+            raise LoadtestConfigError("the shared prefix must be zero or more words")
 
 
 def make_prompt(rng: random.Random, num_words: int) -> str:
@@ -155,15 +158,25 @@ def make_prompt(rng: random.Random, num_words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(max(1, num_words)))
 
 
+def shared_prefix(spec: WorkloadSpec) -> str:
+    """The words every prompt of `spec` starts with, followed by a space ("" when there are none).
+
+    Drawn from its own generator, so adding a prefix leaves the rest of the sequence unchanged."""
+    if not spec.shared_prefix:
+        return ""
+    return make_prompt(random.Random(spec.seed ^ 0x9E3779B9), spec.shared_prefix) + " "
+
+
 def generate_requests(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     """The request sequence for `spec` (endless when the run is bounded by duration)."""
     spec.validate()
     rng = random.Random(spec.seed)
     sampler = AdapterSampler(spec.adapters, spec.popularity)
+    prefix = shared_prefix(spec)
     counter = range(spec.num_requests) if spec.num_requests is not None else itertools.count()
     for index in counter:
         adapter = sampler.sample(rng)
-        prompt = make_prompt(rng, spec.prompt_len.sample(rng, minimum=1))
+        prompt = prefix + make_prompt(rng, spec.prompt_len.sample(rng, minimum=1))
         max_tokens = spec.output_len.sample(rng, minimum=1)
         yield RequestSpec(index=index, adapter=adapter, prompt=prompt, max_tokens=max_tokens, seed=rng.randrange(2**31))
 

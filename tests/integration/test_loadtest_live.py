@@ -63,6 +63,17 @@ def test_streamed_run_reports_latencies(server_process, tmp_path):
     assert report["extra"]["server_rss_mb_after"] > 0
 
 
+def test_a_shared_prefix_is_answered_from_the_prefix_cache(server, tmp_path):
+    """One at a time, every prompt after the first finds the shared 40 words' blocks in the server's
+    cache; the report's fraction is the usage's cached_tokens over the prompt tokens."""
+    out = tmp_path / "run.json"
+    rc = main(["run", *common(server), "--requests", "6", "--concurrency", "1", "--num-adapters", "1",
+               "--shared-prefix", "40", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["outcomes"] == {"ok": 6}
+    assert 0.4 < report["cached_prompt_fraction"] < 1.0
+
+
 def test_sweep_over_adapter_counts(server, tmp_path):
     out = tmp_path / "sweep.json"
     rc = main(["sweep", *common(server), "--counts", "1,4", "--requests", "12", "--concurrency", "4",

@@ -26,6 +26,18 @@ class FakeState:
     corrupt_when_batched: bool = False  # the bug chaos mode must catch: answers depend on the batch
     in_flight: int = 0
     bodies: list[dict] = field(default_factory=list)
+    seen: dict[str, list[list[str]]] = field(default_factory=dict)  # model -> earlier prompts, as words
+
+
+def _cached_words(earlier: list[list[str]], words: list[str]) -> int:
+    """A prefix cache in words: the longest start `words` shares with an earlier prompt."""
+    best = 0
+    for old in earlier:
+        n = 0
+        while n < min(len(old), len(words)) and old[n] == words[n]:
+            n += 1
+        best = max(best, n)
+    return best
 
 
 def _tokens(model: str, path: str, prompt: str, n: int) -> list[str]:
@@ -61,7 +73,11 @@ def make_app(state: FakeState):
         path = state.adapters.get(model, "")
         prompt = body.get("prompt") or body["messages"][-1]["content"]
         pieces = _tokens(model, path, prompt, body["max_tokens"])
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(pieces)}
+        earlier = state.seen.setdefault(model, [])
+        cached = _cached_words(earlier, prompt.split())
+        earlier.append(prompt.split())
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(pieces),
+                 "prompt_tokens_details": {"cached_tokens": cached}}
         state.in_flight += 1
         try:
             await asyncio.sleep(0.002)

@@ -11,6 +11,7 @@ import pytest
 from fake_openai import BASE
 from loadtest.client import Target, error_message, send
 from loadtest.runner import run_workload
+from loadtest.stats import render_summary, summarize
 from loadtest.workload import LengthDist, RequestSpec, WorkloadSpec
 
 
@@ -48,6 +49,20 @@ def test_streaming_without_usage_counts_chunks(fake_server):
     run = asyncio.run(run_workload(spec(num_requests=3, concurrency=1), target))
     assert [r.output_tokens for r in run.results] == [6, 6, 6]
     assert all(r.prompt_tokens == 0 for r in run.results)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_prompt_tokens_are_reported(fake_server, stream):
+    """Ten one-at-a-time prompts of 20 shared + 4 own words: the fake's word-level prefix cache
+    answers at least the shared part of all but the first (a random word may match too)."""
+    url, _ = fake_server
+    target = Target(base_url=url, base_model=BASE, stream=stream)
+    run = asyncio.run(run_workload(spec(num_requests=10, concurrency=1, shared_prefix=20), target))
+    cached = [r.cached_tokens for r in run.results]
+    assert cached[0] == 0 and all(20 <= c < 24 for c in cached[1:])
+    summary = summarize(run.results, 1.0)
+    assert summary.cached_prompt_fraction == pytest.approx(sum(cached) / 240) and summary.cached_prompt_fraction >= 0.75
+    assert f"prompt tokens from the prefix cache | {sum(cached) / 240:.1%}" in render_summary(summary)
 
 
 def test_closed_loop_sends_every_request_once(fake_server):

@@ -89,7 +89,20 @@ def test_requests_are_reproducible_and_follow_the_spec():
     assert [r.prompt for r in other] != [r.prompt for r in first]
 
 
+def test_a_shared_prefix_starts_every_prompt_and_changes_nothing_else():
+    plain = WorkloadSpec(adapters=["a", "b"], prompt_len=LengthDist.parse("uniform:2:6"), num_requests=30, seed=3)
+    prefixed = WorkloadSpec(**{**plain.__dict__, "shared_prefix": 12})
+    first, second = list(generate_requests(plain)), list(generate_requests(prefixed))
+    prefix = second[0].prompt.split()[:12]
+    for a, b in zip(first, second):
+        assert b.prompt.split() == prefix + a.prompt.split()
+        assert (a.adapter, a.max_tokens, a.seed) == (b.adapter, b.max_tokens, b.seed)
+    reseeded = list(generate_requests(WorkloadSpec(**{**prefixed.__dict__, "seed": 4})))
+    assert reseeded[0].prompt.split()[:12] != prefix
+
+
 @pytest.mark.parametrize("kwargs", [
+    dict(shared_prefix=-1),
     dict(num_requests=None, duration_s=None),
     dict(num_requests=10, duration_s=5.0),
     dict(concurrency=None, rate=None),
