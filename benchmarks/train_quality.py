@@ -41,18 +41,26 @@ from s2ft_serve.train.selection import Budget
 from s2ft_serve.train.trainer import calibration_batches
 from train_methods import prepare, train_step
 
-DEFAULT_LR = {"s2ft": 2e-3, "lora": 2e-3, "full": 5e-5}
+DEFAULT_LR = {"s2ft": 2e-3, "s2ft-ffn": 4e-3, "lora": 2e-3, "full": 5e-5}
+
+
+def s2ft_budget(method: str, args: argparse.Namespace) -> Budget | None:
+    """`s2ft`: `--s2ft-budget`, else the trainer's half-and-half split of `--ratio` (None);
+    `s2ft-ffn`: `down_proj` channels only, as the authors' scripts for their GQA model (Llama 3) do."""
+    if method == "s2ft-ffn":
+        return Budget(0, args.ffn_channels)
+    return Budget(*map(int, args.s2ft_budget.split(","))) if method == "s2ft" and args.s2ft_budget else None
 
 
 def train_method(method: str, lr: float, rows: list[D.Example], args: argparse.Namespace, pad_id: int, seed: int):
     loaded = load_model(None, dtype="float32", device="cpu")
     loaded.model.train()
     calibration = None
-    if method == "s2ft" and args.s2ft_strategy.split("-")[0] in ("activation", "gradient"):
+    s2ft = method.startswith("s2ft")
+    if s2ft and args.s2ft_strategy.split("-")[0] in ("activation", "gradient"):
         calibration = calibration_batches(rows, pad_id, TrainConfig.calibration_fraction, args.batch_size, seed)
-    budget = Budget(*map(int, args.s2ft_budget.split(","))) if args.s2ft_budget else None
-    prep = prepare(method, loaded.model, ratio=args.ratio, seed=seed, strategy=args.s2ft_strategy,
-                   calibration=calibration, budget=budget)
+    prep = prepare("s2ft" if s2ft else method, loaded.model, ratio=args.ratio, seed=seed, strategy=args.s2ft_strategy,
+                   calibration=calibration, budget=s2ft_budget(method, args))
     optimizer = torch.optim.AdamW(prep.params, lr=lr)
     batches = [b for epoch in range(100) for b in D.batch_order(len(rows), args.batch_size, epoch, seed)]
     warmup = max(1, args.steps // 10)
@@ -115,10 +123,36 @@ class Data:
     general: list[D.Example]  # general English (forgetting)
     pad_id: int
     base_ppl: float
+    runs: list[dict]  # finished runs to reuse (`--runs`)
+
+
+def run_key(method: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    """Everything a run's result depends on, for `--runs`."""
+    key = {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
+           "val": args.val, "data": D.file_sha256(Path(args.data_dir) / "train.jsonl")[:16]}
+    if method.startswith("s2ft"):
+        budget = s2ft_budget(method, args)
+        key.update(strategy=args.s2ft_strategy, budget=[budget.heads_per_layer, budget.channels_per_layer]
+                   if budget else f"ratio {args.ratio}")
+    elif method == "lora":
+        key.update(ratio=args.ratio)
+    return key
+
+
+def load_runs(path: str | None) -> list[dict]:
+    if not path or not Path(path).exists():
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
 
 
 def run_one(method: str, lr: float, seed: int, data: Data, args: argparse.Namespace) -> dict:
-    """Train `method` at `lr` with `seed` (selection, LoRA init, data order, torch RNG); evaluate it."""
+    """Train `method` at `lr` with `seed` (selection, LoRA init, data order, torch RNG); evaluate it.
+    With `--runs`, a run already recorded there under the same key is reused, and new runs are added."""
+    key = run_key(method, lr, seed, args)
+    for run in data.runs:
+        if run["key"] == key:
+            print(json.dumps({"seed": seed, method: run["result"], "reused": args.runs}), flush=True)
+            return run["result"]
     torch.manual_seed(seed)
     prep, tok, stats = train_method(method, lr, data.rows, args, data.pad_id, seed)
     val_acc, _ = exact_match(prep.model, tok, data.val) if data.val else (float("nan"), {})
@@ -128,6 +162,10 @@ def run_one(method: str, lr: float, seed: int, data: Data, args: argparse.Namesp
     result = {"val_accuracy": val_acc, "val_loss": val_loss, "accuracy": acc, "per_task": per_task, "general_ppl": ppl,
               "forgetting": ppl / data.base_ppl - 1.0, "trainable": prep.trainable, "detail": prep.detail, **stats}
     print(json.dumps({"seed": seed, method: result}), flush=True)
+    if args.runs:
+        data.runs.append({"key": key, "result": result})
+        with open(args.runs, "a") as f:
+            f.write(json.dumps({"key": key, "result": result}) + "\n")
     return result
 
 
@@ -167,26 +205,37 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def print_sweep(sweep: dict[str, dict[float, dict]], chosen: dict[str, float]) -> None:
     print(f"\nlearning-rate choice (first seed; chosen on validation accuracy, marked *)")
-    print(f"{'method':6} {'lr':>8} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'forgetting':>11}")
+    print(f"{'method':8} {'lr':>8} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'forgetting':>11}")
     for m, runs in sweep.items():
         for lr, r in runs.items():
             mark = "*" if lr == chosen[m] else " "
-            print(f"{m:6} {lr:>8.0e}{mark} {r['val_accuracy']:>7.3f} {r.get('val_loss', float('nan')):>9.4f} "
+            print(f"{m:8} {lr:>8.0e}{mark} {r['val_accuracy']:>7.3f} {r.get('val_loss', float('nan')):>9.4f} "
                   f"{r['accuracy']:>9.3f} {r['forgetting']:>+11.2%}")
+
+
+def print_every_rate(every_rate: dict[str, dict[float, dict]], chosen: dict[str, float], seeds: int) -> None:
+    print(f"\nevery rate over {seeds} seed(s): mean [min, max] (* = the rate chosen on the first seed's validation)")
+    print(f"{'method':8} {'lr':>8}  {'accuracy':^23}  {'forgetting':^29}")
+    for m, rates in every_rate.items():
+        for lr, r in rates.items():
+            a, f = r["accuracy"], r["forgetting"]
+            mark = "*" if lr == chosen[m] else " "
+            print(f"{m:8} {lr:>8.0e}{mark} {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
+                  f"{f['mean']:+7.2%} [{f['min']:+.2%}, {f['max']:+.2%}]")
 
 
 def print_tables(base: dict, per_seed: dict[int, dict[str, dict]], summary: dict[str, dict]) -> None:
     print(f"\nbase model: accuracy {base['accuracy']:.3f}, general ppl {base['general_ppl']:.3f}")
-    print(f"{'seed':>4} {'method':6} {'accuracy':>9} {'general ppl':>12} {'forgetting':>11} {'final loss':>11}")
+    print(f"{'seed':>4} {'method':8} {'accuracy':>9} {'general ppl':>12} {'forgetting':>11} {'final loss':>11}")
     for seed, results in per_seed.items():
         for m, r in results.items():
-            print(f"{seed:>4} {m:6} {r['accuracy']:>9.3f} {r['general_ppl']:>12.3f} {r['forgetting']:>+11.2%} "
+            print(f"{seed:>4} {m:8} {r['accuracy']:>9.3f} {r['general_ppl']:>12.3f} {r['forgetting']:>+11.2%} "
                   f"{r['final_loss']:>11.4f}")
     print(f"\nover {len(per_seed)} seed(s): mean [min, max]")
-    print(f"{'method':6} {'trainable':>11} {'lr':>7}  {'accuracy':^23}  {'general ppl':^26}  {'forgetting':^29}")
+    print(f"{'method':8} {'trainable':>11} {'lr':>7}  {'accuracy':^23}  {'general ppl':^26}  {'forgetting':^29}")
     for m, r in summary.items():
         a, p, f = r["accuracy"], r["general_ppl"], r["forgetting"]
-        print(f"{m:6} {r['trainable']:>11,} {r['lr']:>7.0e}  {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
+        print(f"{m:8} {r['trainable']:>11,} {r['lr']:>7.0e}  {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
               f"{p['mean']:7.3f} [{p['min']:.3f}, {p['max']:.3f}]  "
               f"{f['mean']:+7.2%} [{f['min']:+.2%}, {f['max']:+.2%}]")
 
@@ -200,12 +249,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the one seed, unless --seeds is given")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (overrides --seed)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="s2ft,lora,full")
+    p.add_argument("--methods", default="s2ft,lora,full",
+                   help="of s2ft, s2ft-ffn (down_proj channels only), lora, full")
     for m, lr in DEFAULT_LR.items():
         p.add_argument(f"--lr-{m}", type=float, default=lr, help=f"{m} learning rate unless --lr-grid covers it")
     p.add_argument("--lr-grid", default=None,
                    help="learning rates to choose from on validation accuracy with the first seed, "
                         "e.g. 's2ft=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'")
+    p.add_argument("--all-rates", action="store_true",
+                   help="with --lr-grid and several seeds: every seed trains every rate (a table per rate)")
+    p.add_argument("--runs", default=None, metavar="FILE",
+                   help="JSONL of finished runs: reused when their settings match, new ones appended")
+    p.add_argument("--ffn-channels", type=int, default=104,
+                   help="down_proj channels per layer of the s2ft-ffn method (channels only, no heads)")
     p.add_argument("--s2ft-strategy", default="random",
                    help="S²FT column selection: random, or weight|activation|gradient-largest|smallest")
     p.add_argument("--s2ft-budget", default=None, metavar="HEADS,CHANNELS",
@@ -232,11 +288,11 @@ def main() -> None:
     acc, per_task = exact_match(base.model, tok, test)
     base_result = {"accuracy": acc, "per_task": per_task, "general_ppl": perplexity(base.model, general, pad_id)}
     del base
-    data = Data(rows, val, val_rows, test, general, pad_id, base_result["general_ppl"])
+    data = Data(rows, val, val_rows, test, general, pad_id, base_result["general_ppl"], load_runs(args.runs))
     started = time.perf_counter()
     sweep: dict[str, dict[float, dict]] = {}
     per_seed: dict[int, dict[str, dict]] = {s: {} for s in seeds}
-    lrs = {m: getattr(args, f"lr_{m}") for m in methods}
+    lrs = {m: getattr(args, "lr_" + m.replace("-", "_")) for m in methods}
     for m in methods:  # the first seed chooses each method's rate (if a grid is given) ...
         if m in grid:
             lrs[m], per_seed[seeds[0]][m] = choose_lr(m, grid[m], seeds[0], data, args, sweep)
@@ -245,15 +301,27 @@ def main() -> None:
     for s in seeds[1:]:  # ... which every other seed then uses
         for m in methods:
             per_seed[s][m] = run_one(m, lrs[m], s, data, args)
+    every_rate: dict[str, dict[float, dict]] = {}
+    if args.all_rates:  # every other seed also trains the rates that were not chosen
+
+        def result(m: str, lr: float, s: int) -> dict:
+            if s == seeds[0]:
+                return sweep[m][lr]
+            return per_seed[s][m] if lr == lrs[m] else run_one(m, lr, s, data, args)
+
+        for m in (m for m in methods if m in grid):
+            every_rate[m] = {lr: summarize({s: {m: result(m, lr, s)} for s in seeds})[m] for lr in grid[m]}
     summary = summarize(per_seed)
     if sweep:
         print_sweep(sweep, lrs)
+    if every_rate:
+        print_every_rate(every_rate, lrs, len(seeds))
     print_tables(base_result, per_seed, summary)
     print(json.dumps({"benchmark": "train_quality", "model": "SmolLM2-135M-Instruct", "dtype": "float32",
                       "steps": args.steps, "batch_size": args.batch_size, "seeds": seeds, "test_examples": len(test),
                       "val_examples": len(val), "general_tokens": sum(len(r.labels) for r in general),
                       "wall_s": time.perf_counter() - started, "chosen_lr": lrs, "base": base_result,
-                      "summary": summary, "sweep": sweep, "per_seed": per_seed}))
+                      "summary": summary, "sweep": sweep, "every_rate": every_rate, "per_seed": per_seed}))
 
 
 if __name__ == "__main__":
