@@ -28,9 +28,12 @@ class TrainConfig:
                      choices=("largest", "smallest"))
     heads_per_layer: int | None = opt(None, "attention (query) heads trained per layer: all head_dim columns of o_proj each")
     channels_per_layer: int | None = opt(None, "FFN channels trained per layer: one down_proj column each")
-    trainable_ratio: float = opt(0.01, "budget as a fraction of all model parameters, half to heads and half to "
-                                       "channels, uniform across layers; used for whichever of "
+    trainable_ratio: float = opt(0.01, "budget as a fraction of all model parameters, split by --attention-share "
+                                       "and uniform across layers; used for whichever of "
                                        "--heads-per-layer / --channels-per-layer is not given")
+    attention_share: float = opt(0.5, "share of the --trainable-ratio budget for attention heads, the rest for FFN "
+                                      "channels: 0.5 is the paper's advice; 0 trains down_proj channels only, as the "
+                                      "authors' Llama 3 scripts do")
     calibration_fraction: float = opt(0.01, "share of the training rows used to score columns for the "
                                             "activation / gradient strategies (at least one batch)")
     # optimisation
@@ -77,6 +80,8 @@ class TrainConfig:
             raise InvalidRequestError(f"--epochs must be positive, got {self.epochs}")
         if self.learning_rate <= 0:
             raise InvalidRequestError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.attention_share <= 1:
+            raise InvalidRequestError(f"--attention-share must lie in [0, 1], got {self.attention_share}")
         if not 0 < self.calibration_fraction <= 1:
             raise InvalidRequestError(f"--calibration-fraction must lie in (0, 1], got {self.calibration_fraction}")
         for f in fields(self):

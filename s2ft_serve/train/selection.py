@@ -65,21 +65,26 @@ class Selection:
         }
 
 
-def budget_from_ratio(model: torch.nn.Module, ratio: float) -> Budget:
-    """Half of `ratio * total parameters` to heads and half to channels, uniform across layers."""
+def budget_from_ratio(model: torch.nn.Module, ratio: float, attention_share: float = 0.5) -> Budget:
+    """`ratio * total parameters`, `attention_share` of it to heads and the rest to channels, uniform
+    across layers. A side with a non-zero share gets at least one head or channel per layer."""
     if not 0.0 < ratio <= 1.0:
         raise InvalidRequestError(f"--trainable-ratio must lie in (0, 1], got {ratio}")
+    if not 0.0 <= attention_share <= 1.0:
+        raise InvalidRequestError(f"--attention-share must lie in [0, 1], got {attention_share}")
     cfg = model.config
     total = sum(p.numel() for p in model.parameters())
     linears = target_linears(model)
     o_projs = [m for n, m in linears.items() if n.endswith("o_proj")]
     downs = [m for n, m in linears.items() if n.endswith("down_proj")]
-    half = ratio * total / 2.0
     per_head = sum(m.out_features for m in o_projs) * head_dim_of(cfg)  # one head in every layer
     per_channel = sum(m.out_features for m in downs)  # one channel in every layer
-    heads = min(cfg.num_attention_heads, max(1, round(half / per_head)))
-    channels = min(cfg.intermediate_size, max(1, round(half / per_channel)))
-    return Budget(heads_per_layer=heads, channels_per_layer=channels)
+
+    def count(share: float, per_unit: int, most: int) -> int:
+        return 0 if share == 0 else min(most, max(1, round(ratio * total * share / per_unit)))
+
+    return Budget(heads_per_layer=count(attention_share, per_head, cfg.num_attention_heads),
+                  channels_per_layer=count(1.0 - attention_share, per_channel, cfg.intermediate_size))
 
 
 def check_budget(model: torch.nn.Module, budget: Budget) -> None:

@@ -78,7 +78,7 @@ def calibration_batches(rows: list[D.Example], pad_id: int, fraction: float, bat
 
 def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Example], pad_id: int,
                    world: World) -> Selection:
-    ratio_budget = budget_from_ratio(model, cfg.trainable_ratio)
+    ratio_budget = budget_from_ratio(model, cfg.trainable_ratio, cfg.attention_share)
     budget = Budget(
         heads_per_layer=ratio_budget.heads_per_layer if cfg.heads_per_layer is None else cfg.heads_per_layer,
         channels_per_layer=ratio_budget.channels_per_layer if cfg.channels_per_layer is None else cfg.channels_per_layer,

@@ -34,6 +34,19 @@ def test_budget_from_ratio_splits_half_and_half(model):
         budget_from_ratio(model, 0.0)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_attention_share_moves_the_budget_between_heads_and_channels(model, share):
+    total = sum(p.numel() for p in model.parameters())
+    layers = model.config.num_hidden_layers
+    b = budget_from_ratio(model, 0.05, attention_share=share)
+    assert (b.heads_per_layer == 0) == (share == 0) and (b.channels_per_layer == 0) == (share == 1)
+    assert abs(b.heads_per_layer * 16 * 64 * layers - share * 0.05 * total) <= 16 * 64 * layers / 2 + 1
+    assert abs(b.channels_per_layer * 64 * layers - (1 - share) * 0.05 * total) <= 64 * layers / 2 + 1
+    assert budget_from_ratio(model, 0.05) == budget_from_ratio(model, 0.05, attention_share=0.5)
+    with pytest.raises(InvalidRequestError, match="--attention-share"):
+        budget_from_ratio(model, 0.05, attention_share=1.5)
+
+
 @pytest.mark.parametrize("strategy", ["random", "weight", "activation", "gradient"])
 def test_every_strategy_gives_whole_heads_and_channels_per_layer(model, strategy):
     sel = select(model, Budget(heads_per_layer=3, channels_per_layer=5), strategy, "largest", 0, _calibration(model))

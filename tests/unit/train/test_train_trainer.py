@@ -92,6 +92,18 @@ def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
         train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", batch_size=0))
     with pytest.raises(InvalidRequestError, match="--strategy"):
         train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", strategy="best"))
+    with pytest.raises(InvalidRequestError, match="--attention-share"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", attention_share=-0.1))
+    assert not (tmp_path / "o").exists()
+
+
+def test_attention_share_zero_trains_down_proj_channels_only(tiny_llama_dir, task_file, tmp_path):
+    res = train(_cfg(tiny_llama_dir, task_file, tmp_path / "ffn", heads_per_layer=None, channels_per_layer=None,
+                     attention_share=0.0, trainable_ratio=0.02, max_steps=2))
+    adapter = load_adapter(res.path)
+    assert adapter.modules and all(name.endswith("mlp.down_proj") for name in adapter.modules)
+    assert adapter.config["selection"]["heads_per_layer"] == 0
+    assert adapter.config["selection"]["channels_per_layer"] > 0
 
 
 def test_cli_help_documents_every_option_and_cli_trains(tiny_llama_dir, task_file, tmp_path, capsys):
