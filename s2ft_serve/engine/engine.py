@@ -148,6 +148,10 @@ class Engine:
         params.validate()
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
+        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is out of range [0, {self.vocab_size})",
+                                      param="logit_bias")
         version = self._pin(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(

@@ -19,6 +19,17 @@ class SamplingParams:
     ignore_eos: bool = False  # False: stop on the tokenizer's EOS token
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob and the top k
+    # logit processing before sampling (OpenAI's and vLLM's meanings); logprobs stay the model's own
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # prompt and generated tokens: positive logits / it, negative * it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -35,6 +46,16 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be between 0 and 20", param=name)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must hold non-empty strings", param="stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequestError(f"{name} must be between -2 and 2", param=name)
+        if not 0 < self.repetition_penalty <= 2:
+            raise InvalidRequestError("repetition_penalty must be in (0, 2]", param="repetition_penalty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not -100 <= b <= 100
+               for t, b in self.logit_bias.items()):
+            raise InvalidRequestError("logit_bias maps token ids to values between -100 and 100", param="logit_bias")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens must be between 0 and max_tokens", param="min_tokens")
 
 
 @dataclass

@@ -34,6 +34,33 @@ def sample(
     return out
 
 
+def adjust_logits(
+    row: torch.Tensor,  # [vocab] float32, the model's logits for one sequence
+    params: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    eos_ids: set[int],
+) -> torch.Tensor:
+    """`row` after logit bias, min_tokens, repetition, frequency and presence penalties (vLLM's order)."""
+    row = row.clone()
+    device = row.device
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=device)
+        row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=device)
+    if len(output_ids) < params.min_tokens:
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        if banned:
+            row[torch.tensor(sorted(banned), device=device)] = float("-inf")
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=device)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output_ids and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = torch.tensor(output_ids, device=device).unique(return_counts=True)
+        row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+    return row
+
+
 def token_logprobs(
     logits: torch.Tensor,  # [N, vocab] float32
     chosen: list[int],  # [N]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from s2ft_serve.engine.request import StreamEvent
-from s2ft_serve.engine.sampler import sample, token_logprobs
+from s2ft_serve.engine.sampler import adjust_logits, sample, token_logprobs
 from s2ft_serve.engine.scheduler import Sequence
 
 if TYPE_CHECKING:
@@ -216,7 +216,13 @@ class Stepper:
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""
-        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        adjusted = logits
+        if any(s.params.adjusts_logits for s in seqs):  # penalties and bias change what is sampled, not logprobs
+            adjusted = logits.clone()
+            for i, s in enumerate(seqs):
+                if s.params.adjusts_logits:
+                    adjusted[i] = adjust_logits(logits[i], s.params, s.prompt_ids, s.output_ids, self.eos_ids)
+        chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
         if want:

@@ -74,13 +74,15 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def check_unsupported(fields: SamplingFields) -> None:
-    """OpenAI fields we accept only at their neutral value."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(fields, name) not in (None, 0, 0.0):
-            raise InvalidRequestError(f"{name} is not supported (only 0)", param=name)
-    if fields.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `{"token id": bias}` with the ids as integers."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError(f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+    return out
 
 
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
@@ -98,6 +100,11 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         ignore_eos=fields.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
+        logit_bias=logit_bias(fields.logit_bias),
+        min_tokens=fields.min_tokens,
     )
     params.validate()
     return params

@@ -63,9 +63,12 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="only empty is supported")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted once from each generated token")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted per time a token was generated")
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM extension: prompt and generated "
+                                             "tokens' positive logits divided by it, negative ones multiplied")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100 added to its logit")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and stop_token_ids are not sampled before this")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the EOS token")
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
 

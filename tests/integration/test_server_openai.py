@@ -148,6 +148,25 @@ def test_chat_completions(client, base):
     assert base_chat.model == base
 
 
+def test_penalties_and_logit_bias_through_the_official_client(client):
+    """OpenAI's logit_bias forces a token in completions and chat; penalties change a greedy answer
+    and are refused out of range."""
+    forced = client.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1,
+                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].logprobs.tokens == [forced.choices[0].logprobs.tokens[0]] * 4
+    plain = client.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=1,
+                                      extra_body={"ignore_eos": True})
+    assert forced.choices[0].text != plain.choices[0].text
+    chat = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={"42": 100})
+    assert chat.choices[0].message.content == forced.choices[0].logprobs.tokens[0] * 3
+    penalised = client.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0, extra_body={"ignore_eos": True})
+    assert penalised.choices[0].text != greedy(client, "a1", max_tokens=24, ignore_eos=True)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="a1", prompt="x", max_tokens=2, frequency_penalty=2.5)
+
+
 def test_streaming_equals_non_streaming(client):
     whole = greedy(client, "a1", max_tokens=16)
     stream = client.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True)

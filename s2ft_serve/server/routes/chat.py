@@ -12,7 +12,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, check_unsupported, sampling_params, serve, sse,
+    Generation, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -26,7 +26,6 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 def check_request(body: ChatCompletionRequest) -> int | None:
     """Refuse what we do not support; return how many top logprobs to show (None: no logprobs)."""
-    check_unsupported(body)
     if body.tools:
         raise InvalidRequestError("tools are not supported", param="tools")
     if body.tool_choice not in (None, "none"):

@@ -15,7 +15,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, check_unsupported, sampling_params, serve, sse,
+    Generation, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, completion_logprobs, extend, next_offset, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -46,7 +46,6 @@ def prompt_texts(engine: Engine, prompt: str | list, ids: list[list[int]]) -> li
 
 
 def check_request(body: CompletionRequest) -> None:
-    check_unsupported(body)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:

@@ -29,7 +29,12 @@ def error_of(r, status: int) -> dict:
     ({"max_tokens": 5}, "prompt"),
     ({"prompt": "hi", "stop": ["", "x"]}, "stop"),
     ({"prompt": "hi", "best_of": 3}, "best_of"),
-    ({"prompt": "hi", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
     ({"prompt": [], "max_tokens": 1}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),
 ])

@@ -1,0 +1,111 @@
+"""Penalties, logit bias and min_tokens: what they do to one row of logits, and end to end in the
+engine against a transformers reference loop that applies the same rules written out plainly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_reference import reference, reference_logits
+
+from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.engine.sampler import adjust_logits
+from s2ft_serve.errors import InvalidRequestError
+
+ROW = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+
+
+def adjusted(prompt=(), output=(), eos=frozenset(), **params) -> list[float]:
+    return adjust_logits(ROW, SamplingParams(max_tokens=10, **params), list(prompt), list(output), set(eos)).tolist()
+
+
+def test_each_rule_by_hand():
+    assert adjusted() == ROW.tolist()
+    assert adjusted(logit_bias={0: 2.5, 4: -100}) == [3.5, -2.0, 3.0, 0.5, -101.0, 2.0]
+    # frequency per occurrence, presence once, generated tokens only (the prompt's 5 is not counted)
+    assert adjusted(prompt=[5], output=[2, 2, 1], frequency_penalty=0.5, presence_penalty=0.25) == pytest.approx(
+        [1.0, -2.75, 1.75, 0.5, -1.0, 2.0])
+    # repetition: prompt and output tokens, positive divided, negative multiplied
+    assert adjusted(prompt=[0, 1], output=[5], repetition_penalty=2.0) == [0.5, -4.0, 3.0, 0.5, -1.0, 1.0]
+    # min_tokens bans EOS and stop ids until enough tokens exist; ignore_eos keeps EOS allowed
+    assert adjusted(output=[3], eos={2}, min_tokens=2, stop_token_ids=[4]) == [1.0, -2.0, -math.inf, 0.5, -math.inf,
+                                                                               2.0]
+    assert adjusted(output=[3], eos={2}, min_tokens=2, ignore_eos=True, stop_token_ids=[4])[2] == 3.0
+    assert adjusted(output=[3, 1], eos={2}, min_tokens=2) == ROW.tolist()
+
+
+def test_the_row_given_is_not_changed():
+    row = ROW.clone()
+    adjust_logits(row, SamplingParams(logit_bias={0: 1.0}, frequency_penalty=1.0), [], [0], set())
+    assert torch.equal(row, ROW)
+
+
+@pytest.mark.parametrize("params, param", [
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(logit_bias={3: 101}), "logit_bias"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+])
+def test_out_of_range_values_are_refused(params, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**params).validate()
+    assert err.value.param == param
+
+
+def test_logit_bias_token_out_of_the_vocabulary_is_refused(engine):
+    with pytest.raises(InvalidRequestError, match="logit_bias token id"):
+        engine.submit("x", None, SamplingParams(logit_bias={engine.vocab_size: 1.0}))
+
+
+def reference_penalised_greedy(model, prompt: list[int], n: int, freq: float, pres: float, rep: float,
+                               bias: dict[int, float]) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        row = reference_logits(model, prompt + out)[-1].tolist()
+        for t, b in bias.items():
+            row[t] += b
+        for t in set(prompt + out):
+            row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
+        for t in set(out):
+            row[t] -= freq * out.count(t) + pres
+        out.append(max(range(len(row)), key=row.__getitem__))
+    return out
+
+
+def test_penalised_greedy_matches_the_reference_and_leaves_the_batch_alone(engine, adapters, tiny_model_dir):
+    engine.start()
+    prompt = engine.tokenize("the quick brown fox")
+    rules = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, logit_bias={7: 2.0})
+    plain = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    penalised = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, **rules)
+    alone = {name: engine.generate(prompt, name, plain).token_ids for name in (None, "a1")}
+    handles = [engine.submit(prompt, "a0", penalised)] + [engine.submit(prompt, name, plain) for name in alone]
+    outs = [h.result(timeout=60) for h in handles]
+    expected = reference_penalised_greedy(reference(tiny_model_dir, (adapters["a0"], 1.0)), prompt, 10, 1.5, 0.5,
+                                          1.3, {7: 2.0})
+    assert outs[0].token_ids == expected
+    assert outs[0].token_ids != engine.generate(prompt, "a0", plain).token_ids  # the rules changed something
+    assert [o.token_ids for o in outs[1:]] == list(alone.values())
+
+
+def test_logprobs_stay_the_models_own(engine):
+    engine.start()
+    prompt = engine.tokenize("hello there")
+    forced = 11
+    out = engine.generate(prompt, None, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2,
+                                                       logit_bias={forced: 100.0}))
+    assert out.token_ids == [forced] * 3
+    model_lp = torch.log_softmax(engine.logits(prompt, None)[-1], dim=-1)[forced].item()
+    assert out.logprobs[0].logprob == pytest.approx(model_lp, abs=1e-4)
+
+
+def test_min_tokens_holds_back_eos(engine):
+    engine.start()
+    eos = engine.tokenizer.eos_token_id
+    wants_eos = SamplingParams(max_tokens=8, temperature=0, logit_bias={eos: 100.0})
+    assert engine.generate("hi", None, wants_eos).token_ids == [eos]
+    out = engine.generate("hi", None, SamplingParams(max_tokens=8, temperature=0, logit_bias={eos: 100.0}, min_tokens=3))
+    assert out.finish_reason == "stop" and len(out.token_ids) == 4 and out.token_ids[-1] == eos
+    assert eos not in out.token_ids[:3]
