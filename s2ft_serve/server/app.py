@@ -19,12 +19,12 @@ from fastapi import FastAPI
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.server.errors import install_error_handlers
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.routes import adapters, chat, completions, health, models
+from s2ft_serve.server.routes import adapters, chat, completions, health, models, tokenize
 from s2ft_serve.server.settings import ServerSettings
 
 log = logging.getLogger("s2ft_serve.server")
 
-ROUTERS = (completions.router, chat.router, models.router, adapters.router, health.router)
+ROUTERS = (completions.router, chat.router, models.router, tokenize.router, adapters.router, health.router)
 DESCRIPTION = """OpenAI-compatible server for one base model and many S²FT adapters.
 
 Choose an adapter with the `adapter` field, or name it as `model` (vLLM's convention).

@@ -20,6 +20,8 @@ async def test_api_key_guards_v1_routes_only(settings, engine):
             r = await c.post("/v1/completions", json=COMPLETION, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert (await c.get("/v1/models")).status_code == 401
+        assert (await c.post("/tokenize", json={"prompt": "x"})).status_code == 401
+        assert (await c.post("/tokenize", json={"prompt": "x"}, headers=bearer("sk-user"))).status_code == 200
         assert (await c.post("/v1/completions", json=COMPLETION, headers=bearer("sk-user"))).status_code == 200
         assert (await c.get("/v1/models", headers=bearer("sk-user"))).status_code == 200
         for path in ("/health", "/ready", "/metrics"):

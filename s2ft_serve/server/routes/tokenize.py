@@ -1,0 +1,70 @@
+"""`POST /tokenize` and `POST /detokenize` (vLLM's routes): what a prompt or a chat becomes in
+tokens, and back. The tokenizer is the base model's, shared by every adapter."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from pydantic import Field, model_validator
+
+from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.server.deps import EngineDep, SettingsDep, require_api_key
+from s2ft_serve.server.generation import base_names
+from s2ft_serve.server.protocol import ChatMessage, ErrorResponse, RequestModel, ResponseModel
+
+router = APIRouter(tags=["Tokens"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
+
+
+class TokenizeRequest(RequestModel):
+    model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer)")
+    prompt: str | None = Field(None, description="text, tokenized as /v1/completions does")
+    messages: list[ChatMessage] | None = Field(None, min_length=1,
+                                               description="a chat, rendered as /v1/chat/completions does")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str
+
+
+def check_model(engine: EngineDep, settings: SettingsDep, model: str | None) -> None:
+    """404 for a name that is neither the base nor a loaded or loadable adapter, as generation would."""
+    if model is None or model in base_names(engine, settings) or engine.has_adapter(model):
+        return
+    engine.lazy_folder(model)  # raises AdapterNotFoundError unless --adapter-root holds it
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS,
+             summary="The token ids of a prompt or a chat")
+def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
+    check_model(engine, settings, body.model)
+    if body.messages is not None:
+        tokens = engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+    else:
+        tokens = engine.tokenize(body.prompt)
+    return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="The text of token ids")
+def detokenize(body: DetokenizeRequest, engine: EngineDep, settings: SettingsDep) -> DetokenizeResponse:
+    check_model(engine, settings, body.model)
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {engine.vocab_size})", param="tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
