@@ -13,6 +13,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 disables)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings; the text ends before them
     stop_token_ids: list[int] = field(default_factory=list)
@@ -40,6 +41,8 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
         if self.top_k < 0:
             raise InvalidRequestError("top_k must be >= 0", param="top_k")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 20:

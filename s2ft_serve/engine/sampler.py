@@ -28,6 +28,8 @@ def sample(
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        if p.min_p > 0:  # relative to the most likely token, which always stays
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         gen = generators[i]
         device_probs = probs if gen is None or gen.device == probs.device else probs.to(gen.device)
         out.append(int(torch.multinomial(device_probs, 1, generator=gen)))

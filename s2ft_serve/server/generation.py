@@ -94,6 +94,7 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         temperature=1.0 if fields.temperature is None else fields.temperature,
         top_p=1.0 if fields.top_p is None else fields.top_p,
         top_k=top_k,
+        min_p=fields.min_p or 0.0,
         seed=None if fields.seed is None else fields.seed + choice,
         stop=stop_list(fields.stop),
         stop_token_ids=list(fields.stop_token_ids or []),

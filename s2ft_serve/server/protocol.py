@@ -57,6 +57,8 @@ class SamplingFields(RequestModel):
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM extension: drop tokens less likely than "
+                                "min_p times the most likely one")
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings; the text ends before them")
     stream: bool = False

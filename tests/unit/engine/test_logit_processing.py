@@ -10,7 +10,7 @@ import torch
 from engine_reference import reference, reference_logits
 
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.engine.sampler import adjust_logits
+from s2ft_serve.engine.sampler import adjust_logits, sample
 from s2ft_serve.errors import InvalidRequestError
 
 ROW = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
@@ -42,6 +42,7 @@ def test_the_row_given_is_not_changed():
 
 
 @pytest.mark.parametrize("params, param", [
+    (dict(min_p=1.5), "min_p"),
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"),
@@ -109,3 +110,22 @@ def test_min_tokens_holds_back_eos(engine):
     out = engine.generate("hi", None, SamplingParams(max_tokens=8, temperature=0, logit_bias={eos: 100.0}, min_tokens=3))
     assert out.finish_reason == "stop" and len(out.token_ids) == 4 and out.token_ids[-1] == eos
     assert eos not in out.token_ids[:3]
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely():
+    """Probabilities 0.5, 0.3, 0.2 (and ~0): min_p 0.5 keeps tokens of at least 0.25, so never 2 or 3;
+    without it token 2 comes up about a fifth of the time."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    gen = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, [SamplingParams(temperature=1.0, min_p=0.5)], [gen])[0] for _ in range(400)}
+    assert drawn == {0, 1}
+    free = [sample(logits, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(400)]
+    assert 40 < free.count(2) < 120
+
+
+def test_min_p_one_is_greedy(engine, adapters):
+    engine.start()
+    greedy = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
+    sampled = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=1.0, min_p=1.0, seed=5,
+                                                          ignore_eos=True)).token_ids
+    assert sampled == greedy
