@@ -256,8 +256,9 @@ def main() -> None:
     p.add_argument("--lr-grid", default=None,
                    help="learning rates to choose from on validation accuracy with the first seed, "
                         "e.g. 's2ft=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'")
-    p.add_argument("--all-rates", action="store_true",
-                   help="with --lr-grid and several seeds: every seed trains every rate (a table per rate)")
+    p.add_argument("--all-rates", nargs="?", const="all", default=None, metavar="METHODS",
+                   help="with --lr-grid and several seeds: every seed trains every rate (a table per rate); "
+                        "optionally only for these comma-separated methods")
     p.add_argument("--runs", default=None, metavar="FILE",
                    help="JSONL of finished runs: reused when their settings match, new ones appended")
     p.add_argument("--ffn-channels", type=int, default=104,
@@ -309,7 +310,8 @@ def main() -> None:
                 return sweep[m][lr]
             return per_seed[s][m] if lr == lrs[m] else run_one(m, lr, s, data, args)
 
-        for m in (m for m in methods if m in grid):
+        wanted = methods if args.all_rates == "all" else args.all_rates.split(",")
+        for m in (m for m in methods if m in grid and m in wanted):
             every_rate[m] = {lr: summarize({s: {m: result(m, lr, s)} for s in seeds})[m] for lr in grid[m]}
     summary = summarize(per_seed)
     if sweep:
