@@ -15,10 +15,16 @@ min and max over seeds.
 Learning rates: with `--lr-grid`, the first seed trains each method at every rate of its grid and
 keeps the one with the best exact match on a validation split (the last `--val` training rows,
 never trained on); the other seeds use that rate. Test accuracy and forgetting play no part in
-the choice, and the sweep is printed whole.
+the choice, and the sweep is printed whole. `--all-rates` has the other seeds train every rate too
+(each method's whole accuracy-forgetting curve over the seeds); `--runs FILE` reuses finished runs
+recorded there and appends new ones, so a long run resumes.
 
-    python benchmarks/train_quality.py --steps 150 --batch-size 8 --seeds 0,1,2 \
-        --lr-grid 's2ft=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'
+Methods: `s2ft` (the trainer's half-and-half budget, or `--s2ft-budget`), `s2ft-ffn` (`down_proj`
+channels only, `--ffn-channels` per layer), `lora`, `full`.
+
+    python benchmarks/train_quality.py --data-dir /tmp/s2ft-tasks2 --steps 150 --batch-size 8 \
+        --seeds 0,1,2 --methods s2ft,s2ft-ffn,lora,full --all-rates --runs runs.jsonl \
+        --lr-grid 's2ft=1e-3,2e-3,4e-3;s2ft-ffn=1e-3,2e-3,4e-3;lora=1e-3,2e-3,4e-3;full=2e-5,5e-5,1e-4'
 """
 
 from __future__ import annotations
@@ -123,13 +129,14 @@ class Data:
     general: list[D.Example]  # general English (forgetting)
     pad_id: int
     base_ppl: float
+    data_hash: str  # of train.jsonl, part of every run's key
     runs: list[dict]  # finished runs to reuse (`--runs`)
 
 
-def run_key(method: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+def run_key(method: str, lr: float, seed: int, data: Data, args: argparse.Namespace) -> dict:
     """Everything a run's result depends on, for `--runs`."""
     key = {"method": method, "lr": lr, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
-           "val": args.val, "data": D.file_sha256(Path(args.data_dir) / "train.jsonl")[:16]}
+           "val": args.val, "data": data.data_hash}
     if method.startswith("s2ft"):
         budget = s2ft_budget(method, args)
         key.update(strategy=args.s2ft_strategy, budget=[budget.heads_per_layer, budget.channels_per_layer]
@@ -148,7 +155,7 @@ def load_runs(path: str | None) -> list[dict]:
 def run_one(method: str, lr: float, seed: int, data: Data, args: argparse.Namespace) -> dict:
     """Train `method` at `lr` with `seed` (selection, LoRA init, data order, torch RNG); evaluate it.
     With `--runs`, a run already recorded there under the same key is reused, and new runs are added."""
-    key = run_key(method, lr, seed, args)
+    key = run_key(method, lr, seed, data, args)
     for run in data.runs:
         if run["key"] == key:
             print(json.dumps({"seed": seed, method: run["result"], "reused": args.runs}), flush=True)
@@ -191,6 +198,11 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
+def show(s: dict[str, float], fmt: str) -> str:
+    """A `spread` as 'mean [min, max]'."""
+    return f"{s['mean']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Per method: mean / min / max over seeds of accuracy, perplexity and forgetting."""
     methods = next(iter(per_seed.values())).keys()
@@ -218,10 +230,8 @@ def print_every_rate(every_rate: dict[str, dict[float, dict]], chosen: dict[str,
     print(f"{'method':8} {'lr':>8}  {'accuracy':^23}  {'forgetting':^29}")
     for m, rates in every_rate.items():
         for lr, r in rates.items():
-            a, f = r["accuracy"], r["forgetting"]
             mark = "*" if lr == chosen[m] else " "
-            print(f"{m:8} {lr:>8.0e}{mark} {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
-                  f"{f['mean']:+7.2%} [{f['min']:+.2%}, {f['max']:+.2%}]")
+            print(f"{m:8} {lr:>8.0e}{mark} {show(r['accuracy'], '.3f')}  {show(r['forgetting'], '+.2%'):>29}")
 
 
 def print_tables(base: dict, per_seed: dict[int, dict[str, dict]], summary: dict[str, dict]) -> None:
@@ -234,10 +244,8 @@ def print_tables(base: dict, per_seed: dict[int, dict[str, dict]], summary: dict
     print(f"\nover {len(per_seed)} seed(s): mean [min, max]")
     print(f"{'method':8} {'trainable':>11} {'lr':>7}  {'accuracy':^23}  {'general ppl':^26}  {'forgetting':^29}")
     for m, r in summary.items():
-        a, p, f = r["accuracy"], r["general_ppl"], r["forgetting"]
-        print(f"{m:8} {r['trainable']:>11,} {r['lr']:>7.0e}  {a['mean']:.3f} [{a['min']:.3f}, {a['max']:.3f}]  "
-              f"{p['mean']:7.3f} [{p['min']:.3f}, {p['max']:.3f}]  "
-              f"{f['mean']:+7.2%} [{f['min']:+.2%}, {f['max']:+.2%}]")
+        print(f"{m:8} {r['trainable']:>11,} {r['lr']:>7.0e}  {show(r['accuracy'], '.3f')}  "
+              f"{show(r['general_ppl'], '.3f'):>26}  {show(r['forgetting'], '+.2%'):>29}")
 
 
 def main() -> None:
@@ -289,7 +297,8 @@ def main() -> None:
     acc, per_task = exact_match(base.model, tok, test)
     base_result = {"accuracy": acc, "per_task": per_task, "general_ppl": perplexity(base.model, general, pad_id)}
     del base
-    data = Data(rows, val, val_rows, test, general, pad_id, base_result["general_ppl"], load_runs(args.runs))
+    data = Data(rows, val, val_rows, test, general, pad_id, base_result["general_ppl"],
+                D.file_sha256(data_dir / "train.jsonl")[:16], load_runs(args.runs))
     started = time.perf_counter()
     sweep: dict[str, dict[float, dict]] = {}
     per_seed: dict[int, dict[str, dict]] = {s: {} for s in seeds}

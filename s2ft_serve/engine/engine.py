@@ -148,10 +148,7 @@ class Engine:
         params.validate()
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
-        bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"logit_bias token id {bad[0]} is out of range [0, {self.vocab_size})",
-                                      param="logit_bias")
+        self.check_token_ids(params.logit_bias, "logit_bias")
         version = self._pin(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
@@ -219,9 +216,7 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")
+            self.check_token_ids(prompt, "prompt")
             ids = list(prompt)
         else:
             raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt")
@@ -229,6 +224,13 @@ class Engine:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else self.tokenizer.eos_token_id]
         return ids
+
+    def check_token_ids(self, ids, param: str) -> None:
+        """Refuse token ids outside the vocabulary, naming the request field `param`."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"{param} token id {bad[0]} is out of range [0, {self.vocab_size})",
+                                      param=param)
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max(max_tokens, 1) > self.max_model_len:

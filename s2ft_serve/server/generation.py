@@ -24,7 +24,7 @@ from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
 from s2ft_serve.server.errors import domain_error_response
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.protocol import PromptTokensDetails, SamplingFields, Usage
+from s2ft_serve.server.protocol import ChatMessage, PromptTokensDetails, SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if any(not s for s in stops):
         raise InvalidRequestError("stop strings must not be empty", param="stop")
     return stops
+
+
+def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+    """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
+    return engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

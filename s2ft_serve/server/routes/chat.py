@@ -12,7 +12,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, sampling_params, serve, sse,
+    Generation, chat_prompt, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -39,8 +39,7 @@ def check_request(body: ChatCompletionRequest) -> int | None:
 
 async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) -> list[int]:
     logprobs = check_request(body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = engine.apply_chat_template(messages)
+    prompt = chat_prompt(engine, body.messages)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     for i in range(body.n):

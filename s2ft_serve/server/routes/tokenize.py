@@ -6,9 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from pydantic import Field, model_validator
 
-from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, SettingsDep, require_api_key
-from s2ft_serve.server.generation import base_names
+from s2ft_serve.server.generation import base_names, chat_prompt
 from s2ft_serve.server.protocol import ChatMessage, ErrorResponse, RequestModel, ResponseModel
 
 router = APIRouter(tags=["Tokens"], dependencies=[Depends(require_api_key)])
@@ -55,7 +54,7 @@ def check_model(engine: EngineDep, settings: SettingsDep, model: str | None) -> 
 def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
     check_model(engine, settings, body.model)
     if body.messages is not None:
-        tokens = engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        tokens = chat_prompt(engine, body.messages)
     else:
         tokens = engine.tokenize(body.prompt)
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
@@ -64,7 +63,5 @@ def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) ->
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="The text of token ids")
 def detokenize(body: DetokenizeRequest, engine: EngineDep, settings: SettingsDep) -> DetokenizeResponse:
     check_model(engine, settings, body.model)
-    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise InvalidRequestError(f"token id {bad[0]} is out of range [0, {engine.vocab_size})", param="tokens")
+    engine.check_token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))

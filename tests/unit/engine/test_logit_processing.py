@@ -122,10 +122,3 @@ def test_min_p_keeps_only_tokens_near_the_most_likely():
     free = [sample(logits, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(400)]
     assert 40 < free.count(2) < 120
 
-
-def test_min_p_one_is_greedy(engine, adapters):
-    engine.start()
-    greedy = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
-    sampled = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=1.0, min_p=1.0, seed=5,
-                                                          ignore_eos=True)).token_ids
-    assert sampled == greedy

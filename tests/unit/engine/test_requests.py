@@ -21,12 +21,13 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(engine, adapters):
     assert a == b and a != c
 
 
-def test_top_k_one_is_greedy(engine, adapters):
+@pytest.mark.parametrize("narrow", [dict(top_k=1), dict(min_p=1.0)])
+def test_top_k_one_and_min_p_one_are_greedy(engine, adapters, narrow):
     engine.start()
     greedy = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
-    top1 = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0.9, top_k=1, seed=3,
-                                                       ignore_eos=True)).token_ids
-    assert greedy == top1
+    sampled = engine.generate("fox", "a0", SamplingParams(max_tokens=8, temperature=0.9, seed=3, ignore_eos=True,
+                                                          **narrow)).token_ids
+    assert greedy == sampled
 
 
 def test_stop_string_cuts_the_text(engine):
