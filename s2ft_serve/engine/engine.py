@@ -25,6 +25,7 @@ from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.autofuse import AutoFusePolicy
 from s2ft_serve.engine.detokenizer import Detokenizer
+from s2ft_serve.engine.guided import GuidedDecoding, LazyGuidedDecoding
 from s2ft_serve.engine.handle import RequestHandle
 from s2ft_serve.engine.prefix_cache import PrefixCache
 from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams
@@ -77,6 +78,7 @@ class Engine:
             raise
         self.lock = threading.RLock()
         self.stepper = Stepper(self)
+        self._guided = LazyGuidedDecoding(self.tokenizer, self.vocab_size, self.stepper.eos_ids)
         self._ids = itertools.count()
         self.autofuse = AutoFusePolicy(config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
                                        config.auto_fuse_min_requests) if config.auto_fuse else None
@@ -149,12 +151,13 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
         self.check_token_ids(params.logit_bias, "logit_bias")
+        matcher = self.guided.matcher(params.guide) if params.guide is not None else None
         version = self._pin(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
             version=version, sink=handle, detokenizer=Detokenizer(self.tokenizer, params.stop),
-            generator=self._generator(params.seed))
+            generator=self._generator(params.seed), matcher=matcher)
         handle.bind(seq)
         if not self.scheduler.add(seq):
             with self.lock:
@@ -224,6 +227,11 @@ class Engine:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else self.tokenizer.eos_token_id]
         return ids
+
+    @property
+    def guided(self) -> GuidedDecoding:
+        """Structured output for this engine's tokenizer (built on first use)."""
+        return self._guided.get()
 
     def check_token_ids(self, ids, param: str) -> None:
         """Refuse token ids outside the vocabulary, naming the request field `param`."""

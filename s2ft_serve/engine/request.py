@@ -7,6 +7,27 @@ from dataclasses import dataclass, field
 from s2ft_serve.errors import InvalidRequestError
 
 
+@dataclass(frozen=True)
+class Guide:
+    """Structured output: the generated text must match exactly one of these (vLLM's
+    `StructuredOutputsParams`). Compiled and checked against the tokenizer at submission."""
+
+    json: dict | str | None = None  # a JSON schema, as a dict or as its JSON text
+    json_object: bool = False  # any JSON object (OpenAI's `response_format: {"type": "json_object"}`)
+    regex: str | None = None  # a regular expression the whole output matches
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # a context-free grammar, in Lark or llama.cpp's GBNF syntax
+
+    def validate(self) -> None:
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise InvalidRequestError("structured output takes exactly one of json, json_object, regex, choice "
+                                      "and grammar", param="guide")
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of strings", param="guide")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -26,6 +47,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # prompt and generated tokens: positive logits / it, negative * it
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+    guide: Guide | None = None  # structured output (see engine.guided); None: free text
 
     @property
     def adjusts_logits(self) -> bool:
@@ -59,6 +81,8 @@ class SamplingParams:
             raise InvalidRequestError("logit_bias maps token ids to values between -100 and 100", param="logit_bias")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError("min_tokens must be between 0 and max_tokens", param="min_tokens")
+        if self.guide is not None:
+            self.guide.validate()
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Sequence:
     sink: Any  # receives StreamEvents (see engine.RequestHandle)
     detokenizer: Any
     generator: Any = None  # torch.Generator for seeded sampling
+    matcher: Any = None  # llguidance.LLMatcher of a structured-output request (see engine.guided)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None

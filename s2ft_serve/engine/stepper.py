@@ -217,11 +217,14 @@ class Stepper:
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""
         adjusted = logits
-        if any(s.params.adjusts_logits for s in seqs):  # penalties and bias change what is sampled, not logprobs
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided or any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
             adjusted = logits.clone()
             for i, s in enumerate(seqs):
                 if s.params.adjusts_logits:
                     adjusted[i] = adjust_logits(logits[i], s.params, s.prompt_ids, s.output_ids, self.eos_ids)
+            if guided:
+                self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
         chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
@@ -232,6 +235,9 @@ class Stepper:
                 lps[i] = lp
         for i, (seq, token) in enumerate(zip(seqs, chosen)):
             seq.output_ids.append(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                log.error("structured output of %s refused token %d: %s", seq.request_id, token,
+                          seq.matcher.get_error())
             if i in lps:
                 seq.logprobs.append(lps[i])
             delta = seq.detokenizer.add(seq.output_ids)
@@ -246,6 +252,8 @@ class Stepper:
             return "stop"
         if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             return "stop"
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            return "stop"  # the grammar is complete (or, never expected, broken): nothing more may follow
         if len(seq.output_ids) >= p.max_tokens or seq.length >= self.engine.max_model_len:
             return "length"
         return None

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from s2ft_serve.engine.engine import Engine, RequestHandle
-from s2ft_serve.engine.request import RequestOutput, SamplingParams, StreamEvent
+from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
 from s2ft_serve.server.errors import domain_error_response
 from s2ft_serve.server.metrics import Metrics
@@ -90,8 +90,40 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
+def guide_of(fields: SamplingFields) -> tuple[Guide | None, str | None]:
+    """The structured-output guide a request asks for, and the field that asked."""
+    rf, so = fields.response_format, fields.structured_outputs
+    if rf is not None and rf.type != "text" and so is not None:
+        raise InvalidRequestError("set response_format or structured_outputs, not both", param="structured_outputs")
+    if so is not None:
+        guide = Guide(json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice,
+                      grammar=so.grammar)
+        try:
+            guide.validate()
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), param="structured_outputs") from None
+        return guide, "structured_outputs"
+    if rf is None or rf.type == "text":
+        return None, None
+    if rf.type == "json_object":
+        return Guide(json_object=True), "response_format"
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise InvalidRequestError("response_format of type json_schema needs json_schema.schema",
+                                  param="response_format")
+    return Guide(json=rf.json_schema.schema_), "response_format"
+
+
+async def request_guide(engine: Engine, fields: SamplingFields) -> Guide | None:
+    """The request's guide, compiled and checked against the tokenizer (400 if it does not compile);
+    off the event loop, since a large schema can take a while."""
+    guide, param = guide_of(fields)
+    if guide is not None:
+        await asyncio.to_thread(engine.guided.check, guide, param)
+    return guide
+
+
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None, choice: int) -> SamplingParams:
+                    prompt_logprobs: int | None, choice: int, guide: Guide | None = None) -> SamplingParams:
     """The engine parameters of choice `choice` (0..n-1); seeded requests use seed + choice."""
     top_k = fields.top_k if fields.top_k is not None and fields.top_k > 0 else 0
     params = SamplingParams(
@@ -111,6 +143,7 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         repetition_penalty=1.0 if fields.repetition_penalty is None else fields.repetition_penalty,
         logit_bias=logit_bias(fields.logit_bias),
         min_tokens=fields.min_tokens,
+        guide=guide,
     )
     params.validate()
     return params

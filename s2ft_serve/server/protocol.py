@@ -49,6 +49,30 @@ class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's `structured_outputs`: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    json_object: bool | None = Field(None, description="any JSON object")
+    regex: str | None = Field(None, description="a regular expression the whole output matches")
+    choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    grammar: str | None = Field(None, description="a context-free grammar (Lark or llama.cpp GBNF syntax)")
+
+
 class SamplingFields(RequestModel):
     """Fields the completions and chat requests share."""
 
@@ -73,6 +97,9 @@ class SamplingFields(RequestModel):
     min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and stop_token_ids are not sampled before this")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the EOS token")
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM extension: output constrained to a JSON schema, regex, choice or grammar")
 
 
 # ---------- completions ----------
@@ -153,7 +180,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(None, description="not supported")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' is supported")
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} is supported")
 
 
 class ChatMessageOut(ResponseModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from s2ft_serve.adapters.format import merge_into
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
-from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.engine.request import Guide, SamplingParams
 from s2ft_serve.model.testing import random_adapter
 
 pytestmark = pytest.mark.slow
@@ -29,6 +32,19 @@ def test_default_model_shape_and_chat(engine):
     ids = engine.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = engine.generate(ids, None, SamplingParams(max_tokens=24, temperature=0))
     assert "Paris" in out.text
+
+
+def test_json_schema_answer_on_the_default_model(engine):
+    """The real model, asked for JSON, answers in the schema (property order included) and stops."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["capital", "continent"],
+              "properties": {"capital": {"type": "string", "maxLength": 24},
+                             "continent": {"enum": ["Africa", "Asia", "Europe", "America", "Oceania"]}}}
+    ids = engine.apply_chat_template([{"role": "user", "content": "The capital of France and its continent, in JSON."}])
+    out = engine.generate(ids, None, SamplingParams(max_tokens=48, temperature=0, guide=Guide(json=schema)))
+    answer = json.loads(out.text)
+    jsonschema.validate(answer, schema)
+    assert list(answer) == ["capital", "continent"] and out.finish_reason == "stop"
+    assert answer["capital"] == "Paris"
 
 
 def _merged_reference(engine, default_model_dir) -> tuple[list[int], torch.Tensor, list[int]]:

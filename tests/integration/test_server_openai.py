@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,9 +17,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from s2ft_serve.adapters.format import save_adapter
@@ -165,6 +168,29 @@ def test_penalties_and_logit_bias_through_the_official_client(client):
     assert penalised.choices[0].text != greedy(client, "a1", max_tokens=24, ignore_eos=True)
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
         client.completions.create(model="a1", prompt="x", max_tokens=2, frequency_penalty=2.5)
+
+
+class Weather(pydantic.BaseModel):
+    # rigid whitespace (llguidance's schema option) so that even the tiny random model ends the object
+    model_config = pydantic.ConfigDict(json_schema_extra={"x-guidance": {"whitespace_flexible": False}})
+    city: Literal["Paris", "Oslo"]
+    rain: bool
+
+
+def test_structured_output_through_the_official_client(client):
+    """`chat.completions.parse` sends a strict json_schema response_format and parses the answer into
+    the pydantic model; vLLM's `structured_outputs` goes through `extra_body`; a bad regex is a 400."""
+    for model in ("a0", "a1"):
+        parsed = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": "Weather?"}],
+                                               response_format=Weather, max_tokens=30, temperature=0)
+        weather = parsed.choices[0].message.parsed
+        assert isinstance(weather, Weather) and parsed.choices[0].finish_reason == "stop"
+    out = client.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{4}-[0-9]{2}"}})
+    assert re.fullmatch("[0-9]{4}-[0-9]{2}", out.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="invalid regex"):
+        client.completions.create(model="a0", prompt="x", max_tokens=2,
+                                  extra_body={"structured_outputs": {"regex": "(("}})
 
 
 def test_streaming_equals_non_streaming(client):

@@ -12,7 +12,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, chat_prompt, sampling_params, serve, sse,
+    Generation, chat_prompt, request_guide, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -30,8 +30,6 @@ def check_request(body: ChatCompletionRequest) -> int | None:
         raise InvalidRequestError("tools are not supported", param="tools")
     if body.tool_choice not in (None, "none"):
         raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
-    if body.response_format and body.response_format.get("type") != "text":
-        raise InvalidRequestError("only response_format {'type': 'text'} is supported", param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None
@@ -42,8 +40,9 @@ async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) ->
     prompt = chat_prompt(engine, body.messages)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
+    guide = await request_guide(engine, body)
     for i in range(body.n):
-        await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i))
+        await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
     return prompt
 
 

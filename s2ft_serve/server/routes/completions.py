@@ -15,7 +15,7 @@ from s2ft_serve.engine.request import RequestOutput
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import (
-    Generation, sampling_params, serve, sse,
+    Generation, request_guide, sampling_params, serve, sse,
 )
 from s2ft_serve.server.logprobs import TokenText, completion_logprobs, extend, next_offset, token_text_decoder
 from s2ft_serve.server.protocol import (
@@ -59,7 +59,8 @@ async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> lis
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     prompts = prompt_token_ids(engine, body.prompt)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    params = [sampling_params(body, max_tokens, body.logprobs, prompt_logprobs, i) for i in range(body.n)]
+    guide = await request_guide(engine, body)
+    params = [sampling_params(body, max_tokens, body.logprobs, prompt_logprobs, i, guide) for i in range(body.n)]
     for p, ids in enumerate(prompts):
         for i in range(body.n):
             await gen.submit(p, ids, params[i])

@@ -1,0 +1,135 @@
+"""Structured output: JSON schemas, regexes, choices and grammars constrain what the engine samples,
+in a batch whose other requests stay exactly as they are alone; bad guides are refused up front."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from s2ft_serve.engine.request import Guide, SamplingParams
+from s2ft_serve.errors import InvalidRequestError
+
+# a finite language with rigid whitespace (llguidance's "x-guidance" options), so that even a random
+# model must finish it within a few tokens
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "s"],
+          "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}, "s": {"type": "string", "maxLength": 5}},
+          "x-guidance": {"whitespace_flexible": False}}
+GRAMMAR = 'start: "x" yz yz? yz? "!"\nyz: "y" | "z"'  # Lark
+
+
+def run(engine, guide: Guide, seed: int | None, adapter=None, **params):
+    temperature = 0.0 if seed is None else 1.0
+    return engine.generate("hello", adapter, SamplingParams(max_tokens=48, temperature=temperature, seed=seed,
+                                                            guide=guide, **params))
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+def test_every_kind_of_guide_is_followed_to_the_end(engine, seed):
+    out = run(engine, Guide(json=SCHEMA), seed)
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    out = run(engine, Guide(regex=r"[a-c]{3}-[0-9]{2}"), seed)
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", out.text) and out.finish_reason == "stop"
+    out = run(engine, Guide(choice=["alpha", "beta gamma"]), seed)
+    assert out.text in ("alpha", "beta gamma") and out.finish_reason == "stop"
+    out = run(engine, Guide(grammar=GRAMMAR), seed)
+    assert re.fullmatch(r"x[yz]{1,3}!", out.text) and out.finish_reason == "stop"
+
+
+def test_unguided_model_does_not_follow_by_itself(engine):
+    """The constraint is what makes the outputs above valid: free greedy text is not JSON."""
+    free = engine.generate("hello", None, SamplingParams(max_tokens=48, temperature=0)).text
+    with pytest.raises(ValueError):
+        json.loads(free)
+
+
+def test_json_schema_as_text_equals_the_dict(engine):
+    a = run(engine, Guide(json=SCHEMA), 5)
+    b = run(engine, Guide(json=json.dumps(SCHEMA)), 5)
+    assert a.token_ids == b.token_ids
+
+
+def test_json_object_accepts_objects_only(engine):
+    """`json_object` (OpenAI's json mode) is any JSON object: the grammar takes one, refuses an array."""
+    ok = engine.tokenizer.encode('{"a": [1, {"b": null}], "c": "d"}', add_special_tokens=False)
+    m = engine.guided.matcher(Guide(json_object=True))
+    assert m.consume_tokens(ok) and m.is_accepting()
+    m = engine.guided.matcher(Guide(json_object=True))
+    assert not m.consume_tokens(engine.tokenizer.encode("[1]", add_special_tokens=False))
+
+
+def test_guided_and_free_requests_in_one_batch(engine, adapters):
+    """Guided rows are masked, the others untouched: each free request equals its solo run."""
+    free = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=12, temperature=0.8, seed=3)]
+    solo = [engine.generate("abc", "a0", p).token_ids for p in free]
+    engine.start()
+    handles = []
+    for i in range(3):
+        handles.append(engine.submit("hello", f"a{i}", SamplingParams(max_tokens=48, temperature=1.0, seed=i,
+                                                                      guide=Guide(json=SCHEMA))))
+        handles.append(engine.submit("abc", "a0", free[i % 2]))
+    outs = [h.result() for h in handles]
+    for i in range(3):
+        jsonschema.validate(json.loads(outs[2 * i].text), SCHEMA)
+        assert outs[2 * i + 1].token_ids == solo[i % 2]
+
+
+def test_grammar_end_stops_even_with_ignore_eos(engine):
+    out = run(engine, Guide(choice=["yes", "no"]), 0, ignore_eos=True)
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+    assert len(out.token_ids) < 48
+
+
+def test_logprobs_stay_the_models_own(engine):
+    out = run(engine, Guide(regex="[0-9]{4}"), None, logprobs=0)
+    logits = engine.logits(out.prompt_token_ids + out.token_ids)
+    n = len(out.prompt_token_ids)
+    expected = torch.log_softmax(logits[n - 1: n - 1 + len(out.token_ids)], dim=-1)
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert lp.token_id == tok
+        assert lp.logprob == pytest.approx(float(expected[i, tok]), abs=1e-4)
+
+
+def test_mask_falls_back_to_the_raw_logits_when_other_rules_left_nothing(engine):
+    """min_tokens may ban the only tokens the grammar allows (EOS, stop ids): the grammar wins."""
+    guided = engine.guided
+    m = guided.matcher(Guide(choice=["yes", "no"]))
+    allowed = guided.allowed([m])[0]
+    raw = torch.randn(2, engine.vocab_size)
+    adjusted = raw.clone()
+    adjusted[0, allowed] = -math.inf  # row 0: every allowed token banned by the other rules
+    adjusted[1, 5] = 7.0  # row 1: not guided
+    before = adjusted[1].clone()
+    guided.mask(adjusted, raw, [0], [m])
+    assert torch.equal(adjusted[0, allowed], raw[0, allowed])
+    assert torch.isneginf(adjusted[0, ~allowed]).all()
+    assert torch.equal(adjusted[1], before)
+
+
+def test_choice_with_min_tokens_banning_its_only_token(engine):
+    """End to end: the first token of the only choice is also a stop id that min_tokens bans."""
+    first = engine.tokenizer.encode("zz", add_special_tokens=False)[0]
+    out = run(engine, Guide(choice=["zz"]), None, min_tokens=2, stop_token_ids=[first])
+    assert out.token_ids[0] == first and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("guide, match", [
+    (Guide(regex="a("), "invalid regex.*unclosed group"),
+    (Guide(json={"type": "frobnicate"}), "invalid json schema.*frobnicate"),
+    (Guide(json="{not json"), "invalid json schema"),
+    (Guide(grammar="start: undefined_rule"), "invalid grammar"),
+    (Guide(choice=[]), "non-empty list of strings"),
+    (Guide(regex="a", choice=["a"]), "exactly one of"),
+    (Guide(), "exactly one of"),
+])
+def test_bad_guides_are_refused_before_anything_is_queued(engine, guide, match):
+    with pytest.raises(InvalidRequestError, match="(?s)" + match):
+        engine.submit("x", None, SamplingParams(guide=guide))
+    assert engine.stats().waiting == 0 and engine.stats().running == 0
+    # the engine goes on serving
+    assert run(engine, Guide(choice=["ok"]), None).text == "ok"

@@ -1,0 +1,84 @@
+"""Structured output over HTTP: OpenAI's `response_format` and vLLM's `structured_outputs`, in chat and
+completions, streamed or not, with n choices; bad schemas, regexes and grammars are 400s."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "rain"],
+          "properties": {"city": {"enum": ["Paris", "Oslo"]}, "rain": {"type": "boolean"}},
+          "x-guidance": {"whitespace_flexible": False}}
+MESSAGES = [{"role": "user", "content": "Weather?"}]
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
+
+
+async def post(client, route: str, status: int = 200, **body):
+    r = await client.post(route, json={"max_tokens": 40, "temperature": 0, **body})
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+async def test_chat_response_format_json_schema(client):
+    for adapter in (None, "a0"):
+        body = await post(client, "/v1/chat/completions", messages=MESSAGES, response_format=JSON_SCHEMA_FORMAT,
+                          **({"model": adapter} if adapter else {}))
+        choice = body["choices"][0]
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+        assert choice["finish_reason"] == "stop"
+
+
+async def test_completions_take_response_format_and_structured_outputs(client):
+    body = await post(client, "/v1/completions", prompt="x", response_format=JSON_SCHEMA_FORMAT)
+    jsonschema.validate(json.loads(body["choices"][0]["text"]), SCHEMA)
+    cases = [({"regex": "[0-9]{3}-[a-z]{2}"}, lambda t: re.fullmatch("[0-9]{3}-[a-z]{2}", t)),
+             ({"choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+             ({"grammar": 'start: "(" item ("," item)? ")"\nitem: "a" | "b"'},
+              lambda t: re.fullmatch(r"\([ab](,[ab])?\)", t)),
+             ({"json": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None)]
+    for structured, ok in cases:
+        body = await post(client, "/v1/completions", prompt="x", structured_outputs=structured)
+        assert ok(body["choices"][0]["text"]), (structured, body["choices"][0]["text"])
+
+
+async def test_streamed_and_n_choices_each_follow_the_schema(client):
+    r = await client.post("/v1/chat/completions", json={
+        "messages": MESSAGES, "max_tokens": 40, "temperature": 1.0, "seed": 4, "n": 3, "stream": True,
+        "response_format": JSON_SCHEMA_FORMAT})
+    assert r.status_code == 200
+    texts = {}
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "")
+    assert sorted(texts) == [0, 1, 2]
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+async def test_text_response_format_is_free_text(client):
+    free = await post(client, "/v1/chat/completions", messages=MESSAGES)
+    text = await post(client, "/v1/chat/completions", messages=MESSAGES, response_format={"type": "text"})
+    assert text["choices"][0]["message"] == free["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
+     "response_format", "invalid json schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "needs"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", ""),
+    ({"structured_outputs": {"regex": "a("}}, "structured_outputs", "invalid regex"),
+    ({"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs", "invalid grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "not both"),
+])
+async def test_bad_structured_output_requests_are_400(client, body, param, message):
+    for route, extra in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):
+        error = (await post(client, route, 400, **extra, **body))["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == param and message in error["message"], error
