@@ -135,10 +135,11 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids of a chat (with the tools, for templates that show them), ready for the answer."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("the base model's tokenizer has no chat template", param="messages")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return self.tokenize(text)
 
     def submit(self, prompt: str | list[int], adapter: str | None = None,

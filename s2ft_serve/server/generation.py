@@ -8,8 +8,9 @@ A `Generation` owns its engine requests: if the client goes away, or anything fa
 from __future__ import annotations
 
 import asyncio
-import time
+import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,9 +75,30 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+def template_message(m: ChatMessage) -> dict:
+    """A message as chat templates take it: text content; earlier tool calls with their arguments as
+    objects where they parse (as vLLM passes them; templates print them with `tojson`)."""
+    out = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = call.function.arguments
+            calls.append({"id": call.id, "type": call.type,
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def chat_prompt(engine: Engine, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
     """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
-    return engine.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+    return engine.apply_chat_template([template_message(m) for m in messages], tools)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -113,10 +135,14 @@ def guide_of(fields: SamplingFields) -> tuple[Guide | None, str | None]:
     return Guide(json=rf.json_schema.schema_), "response_format"
 
 
-async def request_guide(engine: Engine, fields: SamplingFields) -> Guide | None:
-    """The request's guide, compiled and checked against the tokenizer (400 if it does not compile);
-    off the event loop, since a large schema can take a while."""
+async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | None = None) -> Guide | None:
+    """The request's guide (or the one its `tools` need), compiled and checked against the tokenizer
+    (400 if it does not compile); off the event loop, since a large schema can take a while."""
     guide, param = guide_of(fields)
+    if tools is not None:
+        if guide is not None:
+            raise InvalidRequestError(f"a tool call cannot be combined with {param}", param="tool_choice")
+        guide, param = tools, "tools"
     if guide is not None:
         await asyncio.to_thread(engine.guided.check, guide, param)
     return guide

@@ -193,6 +193,33 @@ def test_structured_output_through_the_official_client(client):
                                   extra_body={"structured_outputs": {"regex": "(("}})
 
 
+class GetWeather(pydantic.BaseModel):
+    """The weather in a city."""
+
+    city: Literal["Paris", "Oslo"]
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def test_function_calling_through_the_official_client(client):
+    """A named tool_choice and "required" answer with tool calls; `parse` reads their arguments into the
+    pydantic model of `pydantic_function_tool`; the default tool_choice ("auto") is a 400."""
+    tool = openai.pydantic_function_tool(GetWeather)
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    parsed = client.chat.completions.parse(
+        model="a0", messages=messages, tools=[tool], max_tokens=160, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}})
+    message = parsed.choices[0].message
+    assert message.content is None and parsed.choices[0].finish_reason == "stop"
+    assert isinstance(message.tool_calls[0].function.parsed_arguments, GetWeather)
+    out = client.chat.completions.create(model="a1", messages=messages, tools=[tool], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=160, temperature=0)
+    assert out.choices[0].finish_reason == "tool_calls"
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "GetWeather" and GetWeather.model_validate_json(call.function.arguments)
+    with pytest.raises(openai.BadRequestError, match="tool_choice 'auto'"):
+        client.chat.completions.create(model="a1", messages=messages, tools=[tool], max_tokens=4)
+
+
 def test_streaming_equals_non_streaming(client):
     whole = greedy(client, "a1", max_tokens=16)
     stream = client.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True)

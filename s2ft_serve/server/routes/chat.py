@@ -17,8 +17,9 @@ from s2ft_serve.server.generation import (
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessageOut, ErrorResponse,
+    ChatMessageOut, ErrorResponse, ToolCallDelta,
 )
+from s2ft_serve.server.tools import ToolMode, template_tools, tool_mode
 
 router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
@@ -26,42 +27,49 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 def check_request(body: ChatCompletionRequest) -> int | None:
     """Refuse what we do not support; return how many top logprobs to show (None: no logprobs)."""
-    if body.tools:
-        raise InvalidRequestError("tools are not supported", param="tools")
-    if body.tool_choice not in (None, "none"):
-        raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) -> list[int]:
+async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) -> tuple[list[int], ToolMode | None]:
+    """Validate and submit the n choices; the context for the response: the prompt and the tool mode."""
     logprobs = check_request(body)
-    prompt = chat_prompt(engine, body.messages)
+    tools = tool_mode(body)
+    prompt = chat_prompt(engine, body.messages, template_tools(body))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
-    guide = await request_guide(engine, body)
+    guide = await request_guide(engine, body, tools.guide if tools else None)
     for i in range(body.n):
         await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
-    return prompt
+    return prompt, tools
 
 
-def build_response(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int],
+def answer(tools: ToolMode | None, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
+    """The assistant message of a finished answer: text, or the tool calls it holds."""
+    calls = tools.calls(text) if tools is not None else None
+    if calls is None:
+        return ChatMessageOut(content=text), finish_reason
+    return ChatMessageOut(content=None, tool_calls=calls), tools.finish_reason if finish_reason == "stop" else finish_reason
+
+
+def build_response(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
                    outputs: list[RequestOutput], text: TokenText) -> ChatCompletionResponse:
     choices = []
     for choice, out in zip(gen.choices, outputs):
         logprobs = None
         if body.logprobs:
             logprobs = chat_logprobs(text, out.token_ids, out.logprobs or [], body.top_logprobs or 0)
-        choices.append(ChatChoice(index=choice.index, message=ChatMessageOut(content=out.text), logprobs=logprobs,
-                                  finish_reason=out.finish_reason))
+        message, finish_reason = answer(tools, out.text, out.finish_reason)
+        choices.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs, finish_reason=finish_reason))
     return ChatCompletionResponse(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
                                   usage=gen.usage(len(prompt)))
 
 
-async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int],
+async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
                  text: TokenText) -> AsyncIterator[str]:
-    """Server-sent events: the role first, then content deltas, a finish chunk, and usage if asked."""
+    """Server-sent events: the role first, then content deltas, a finish chunk, and usage if asked.
+    A tool call's arguments come whole, in one delta before the finish chunk."""
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
@@ -69,15 +77,25 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
 
     for choice in gen.choices:
         yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
+    held: dict[int, str] = {}  # a tool call's text so far, per choice
     async for choice, event in gen.events():
         logprobs = None
         if body.logprobs and event.logprob is not None and event.token_id is not None:
             logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
-        if event.token_id is not None or event.text_delta:  # one chunk per token, as vLLM
+        if tools is not None:
+            held[choice.index] = held.get(choice.index, "") + event.text_delta
+        elif event.token_id is not None or event.text_delta:  # one chunk per token, as vLLM
             delta = ChatDelta(content=event.text_delta)
             yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
         if event.finished:
-            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
+            reason = event.finish_reason
+            if tools is not None:
+                message, reason = answer(tools, held.pop(choice.index, ""), reason)
+                delta = ChatDelta(content=message.content, tool_calls=[
+                    ToolCallDelta(index=i, id=c.id, type=c.type, function=c.function)
+                    for i, c in enumerate(message.tool_calls)] if message.tool_calls else None)
+                yield chunk([ChatChunkChoice(index=choice.index, delta=delta)])
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=reason)])
     if body.stream_options and body.stream_options.include_usage:
         yield chunk([], usage=gen.usage(len(prompt)))
 
@@ -90,6 +108,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     return await serve(
         request, response, engine, settings, metrics, body,
         start=partial(start, body, engine),
-        stream=lambda gen, model, prompt: stream(body, gen, model, prompt, text),
-        build=lambda gen, model, prompt, outputs: build_response(body, gen, model, prompt, outputs, text),
+        stream=lambda gen, model, context: stream(body, gen, model, *context, text),
+        build=lambda gen, model, context, outputs: build_response(body, gen, model, *context, outputs, text),
     )

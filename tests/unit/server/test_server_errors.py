@@ -59,7 +59,7 @@ async def test_invalid_json_and_chat_errors_are_400(client):
     bad_role = {"messages": [{"role": "wizard", "content": "x"}]}
     error_of(await client.post("/v1/chat/completions", json=bad_role), 400)
     tools = {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}
-    assert error_of(await client.post("/v1/chat/completions", json=tools), 400)["param"] == "tools"
+    assert error_of(await client.post("/v1/chat/completions", json=tools), 400)["param"] == "tools.0.function"
 
 
 async def test_unknown_adapter_is_404_with_openai_message(client):

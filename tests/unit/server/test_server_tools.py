@@ -1,0 +1,117 @@
+"""Function calling in chat completions: a named function or `required` constrains the answer to calls
+whose arguments follow the tools' schemas; it comes back as `tool_calls`, streamed or not."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from s2ft_serve.server.generation import template_message
+from s2ft_serve.server.protocol import ChatMessage
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+TIME = {"type": "object", "additionalProperties": False, "required": ["zone"],
+        "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+async def chat(client, status: int = 200, **body):
+    r = await client.post("/v1/chat/completions",
+                          json={"messages": MESSAGES, "tools": TOOLS, "max_tokens": 160, "temperature": 0, **body})
+    assert r.status_code == status, r.text
+    return r
+
+
+def check_calls(calls: list[dict]) -> None:
+    assert calls
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+
+async def test_named_function_answers_with_its_call(client):
+    for adapter in (None, "a0"):
+        body = (await chat(client, tool_choice=NAMED, **({"model": adapter} if adapter else {}))).json()
+        choice = body["choices"][0]
+        assert choice["message"]["content"] is None and choice["finish_reason"] == "stop"
+        calls = choice["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["get_weather"]
+        check_calls(calls)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+async def test_required_answers_with_calls_to_the_tools(client, seed):
+    body = (await chat(client, tool_choice="required", temperature=1.0, seed=seed)).json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    check_calls(choice["message"]["tool_calls"])
+
+
+async def test_required_without_parallel_calls_is_one_call(client):
+    for seed in range(3):
+        body = (await chat(client, tool_choice="required", parallel_tool_calls=False, temperature=1.0,
+                           seed=seed)).json()
+        calls = body["choices"][0]["message"].get("tool_calls")
+        assert calls and len(calls) == 1 and body["choices"][0]["finish_reason"] == "tool_calls", body["choices"]
+        check_calls(calls)
+
+
+async def test_streamed_call_equals_the_whole_one(client):
+    whole = (await chat(client, tool_choice="required", parallel_tool_calls=False)).json()["choices"][0]
+    r = await chat(client, tool_choice="required", parallel_tool_calls=False, stream=True)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    with_calls = [d for d in deltas if d.get("tool_calls")]
+    assert len(with_calls) == 1 and not any(d.get("content") for d in deltas)
+    call = with_calls[0]["tool_calls"][0]
+    assert call["index"] == 0 and call["function"] == whole["message"]["tool_calls"][0]["function"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["tool_calls"]
+
+
+async def test_tool_choice_none_answers_in_text(client):
+    text = (await chat(client, tool_choice="none")).json()["choices"][0]
+    assert isinstance(text["message"]["content"], str) and "tool_calls" not in text["message"]
+
+
+async def test_history_with_calls_and_results_is_accepted(client):
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    body = (await chat(client, messages=history, tool_choice="none")).json()
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+def test_template_gets_arguments_as_objects_and_the_call_id():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": [1, 2]}'}}
+    m = template_message(ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call]}))
+    assert m == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": [1, 2]}}}]}
+    m = template_message(ChatMessage.model_validate({"role": "tool", "content": "sunny", "tool_call_id": "call_1"}))
+    assert m == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({}, "tool_choice", "'auto'"),
+    ({"tool_choice": "auto"}, "tool_choice", "'auto'"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools", "distinct"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}],
+      "tool_choice": "required"}, "tools", "invalid json schema"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"},
+     "tools.0.function.name", ""),
+])
+async def test_bad_tool_requests_are_400(client, body, param, message):
+    error = (await chat(client, 400, **body)).json()["error"]
+    assert error["param"] == param and message in error["message"], error
