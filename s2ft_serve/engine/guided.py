@@ -45,7 +45,7 @@ class GuidedDecoding:
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
-        self._shifts = torch.arange(32, dtype=torch.int32)  # bit j of each 32-token word of the bitmask
+        self._bits = 1 << torch.arange(32, dtype=torch.int32)  # bit j of each 32-token word of the bitmask
 
     def _compile_uncached(self, fmt: str, text: str) -> str:
         import llguidance
@@ -81,19 +81,24 @@ class GuidedDecoding:
         bitmask = torch.empty(len(matchers), words, dtype=torch.int32)
         for i, m in enumerate(matchers):
             m.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
-        bits = (bitmask[:, :, None] >> self._shifts) & 1  # [n, words, 32]; bit j of word w = token 32w + j
-        return bits.view(len(matchers), -1)[:, : self.vocab_size].bool()
+        bits = (bitmask[:, :, None] & self._bits).ne(0)  # [n, words, 32]; bit j of word w = token 32w + j
+        return bits.view(len(matchers), -1)[:, : self.vocab_size]
 
     def mask(self, adjusted: torch.Tensor, raw: torch.Tensor, rows: list[int], matchers: list) -> None:
-        """In `adjusted` [B, vocab], set every disallowed token of `rows` to -inf. A row whose other
-        adjustments (min_tokens) left nothing the grammar allows falls back to the raw logits."""
+        """In `adjusted` [B, vocab], set every disallowed token of `rows` (ascending) to -inf. A row whose
+        other adjustments (min_tokens) left nothing the grammar allows falls back to the raw logits."""
         allowed = self.allowed(matchers).to(adjusted.device)
-        idx = torch.tensor(rows, device=adjusted.device)
-        masked = adjusted[idx].masked_fill(~allowed, float("-inf"))
-        empty = torch.isneginf(masked).all(dim=-1)
+        every = len(rows) == adjusted.shape[0]  # then rows are 0..B-1: no gather (a decode step of guided rows)
+        idx = None if every else torch.tensor(rows, device=adjusted.device)
+        masked = torch.where(allowed, adjusted if every else adjusted.index_select(0, idx), float("-inf"))
+        empty = masked.amax(dim=-1) == float("-inf")
         if bool(empty.any()):
-            masked[empty] = raw[idx][empty].masked_fill(~allowed[empty], float("-inf"))
-        adjusted[idx] = masked
+            base = raw if every else raw.index_select(0, idx)
+            masked[empty] = torch.where(allowed[empty], base[empty], float("-inf"))
+        if every:
+            adjusted.copy_(masked)
+        else:
+            adjusted.index_copy_(0, idx, masked)
 
 
 class LazyGuidedDecoding:
