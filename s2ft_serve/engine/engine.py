@@ -69,6 +69,8 @@ class Engine:
         self.config = config
         if config.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, not {config.gemm!r}")
+        if not 1 <= config.speculative_ngram_min <= config.speculative_ngram_max:
+            raise ValueError("speculative decoding needs 1 <= speculative_ngram_min <= speculative_ngram_max")
         self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
         self._thread = EngineThread(self.scheduler.cond)
         try:
@@ -443,7 +445,8 @@ class Engine:
             auto_fuse_decisions=self.auto_fuse_decisions,
             prefix_cache_hit_tokens=cache.hit_tokens if cache else 0,
             prefix_cache_query_tokens=cache.query_tokens if cache else 0,
-            prefix_cache_bytes=cache.nbytes if cache else 0)
+            prefix_cache_bytes=cache.nbytes if cache else 0,
+            spec_draft_tokens=self.stepper.draft_tokens, spec_accepted_tokens=self.stepper.accepted_tokens)
 
     def add_step_listener(self, fn: Callable[[int, int], None]) -> None:
         """`fn(batch_size, num_tokens)` after every forward pass (metrics)."""

@@ -159,3 +159,5 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache, so far
     prefix_cache_query_tokens: int = 0  # prompt tokens of the requests that looked in it, so far
     prefix_cache_bytes: int = 0  # bytes the cached prefixes hold now
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed, so far
+    spec_accepted_tokens: int = 0  # ... and accepted, so far

@@ -11,6 +11,7 @@ import torch
 from s2ft_serve.engine.request import StreamEvent
 from s2ft_serve.engine.sampler import adjust_logits, sample, token_logprobs
 from s2ft_serve.engine.scheduler import Sequence
+from s2ft_serve.engine.speculative import propose
 
 if TYPE_CHECKING:
     from s2ft_serve.engine.engine import Engine
@@ -44,6 +45,8 @@ class Stepper:
         self.engine = engine
         self.listeners: list[Callable[[int, int], None]] = []
         self.steps = 0
+        self.draft_tokens = 0  # speculative decoding: tokens proposed, and of them accepted
+        self.accepted_tokens = 0
         self._next_tick = time.monotonic() + 1.0
         tok = engine.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
@@ -111,6 +114,10 @@ class Stepper:
         if not running:
             return
         registry = engine.registry
+        drafts = self._drafts(running)
+        if drafts is not None:
+            self._speculate(running, drafts)
+            return
         logits = engine.runner.decode(
             [s.output_ids[-1] for s in running], [s.length - 1 for s in running],
             [registry.slots_for(s.version) for s in running])
@@ -118,6 +125,50 @@ class Stepper:
         for fn in self.listeners:
             fn(len(running), len(running))
         self._accept(running, logits)
+
+    # ---- speculative decoding (see engine.speculative) -----------------------------------
+    def _drafts(self, running: list[Sequence]) -> list[list[int]] | None:
+        """Each greedy sequence's prompt-lookup draft ([] for the others); None: a plain decode step
+        (drafting is off, the batch is too large for it to pay, or no sequence has a draft)."""
+        config = self.engine.config
+        if not config.speculative_tokens or len(running) > config.speculative_max_batch:
+            return None
+        max_len = self.engine.max_model_len
+        drafts = []
+        for s in running:
+            room = min(config.speculative_tokens, s.params.max_tokens - len(s.output_ids) - 1, max_len - s.length - 1)
+            greedy = s.params.temperature == 0 and room > 0
+            drafts.append(propose(s.prompt_ids + s.output_ids, room, config.speculative_ngram_min,
+                                  config.speculative_ngram_max) if greedy else [])
+        return drafts if any(drafts) else None
+
+    def _speculate(self, running: list[Sequence], drafts: list[list[int]]) -> None:
+        """One pass over every row's last token and draft; each row then accepts, position by position,
+        the tokens it would have chosen anyway, for as long as they equal its draft."""
+        engine = self.engine
+        inputs = [[s.output_ids[-1]] + d for s, d in zip(running, drafts)]
+        logits = engine.runner.verify(inputs, [s.length - 1 for s in running],
+                                      [engine.registry.slots_for(s.version) for s in running])  # [B, L, vocab]
+        self.steps += 1
+        for fn in self.listeners:
+            fn(len(running), sum(len(i) for i in inputs))
+        self.draft_tokens += sum(len(d) for d in drafts)
+        alive, finished = list(range(len(running))), []
+        for j in range(logits.shape[1]):
+            done = self._sample([running[i] for i in alive], logits[alive, j])
+            finished += done
+            ended = {id(seq) for seq, _ in done}
+            still = []
+            for i in alive:  # row i's draft token j was right: position j + 1 follows from it
+                seq = running[i]
+                if id(seq) not in ended and j < len(drafts[i]) and seq.output_ids[-1] == drafts[i][j]:
+                    self.accepted_tokens += 1
+                    still.append(i)
+            alive = still
+            if not alive:
+                break
+        for seq, reason in finished:  # after the loop: finishing moves cache rows
+            self._finish(seq, reason)
 
     # ---- prefix cache ----------------------------------------------------------------------
     def _cache_for(self, seq: Sequence):
@@ -216,6 +267,12 @@ class Stepper:
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""
+        for seq, reason in self._sample(seqs, logits):
+            self._finish(seq, reason)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
+        """Sample one token per sequence from logits [B, vocab] and emit it; return the sequences that
+        are done, with why (the caller finishes them)."""
         adjusted = logits
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if guided or any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
@@ -233,6 +290,7 @@ class Stepper:
             for i, lp in zip(want, token_logprobs(logits[want], [chosen[i] for i in want], top)):
                 lp.top = lp.top[: seqs[i].params.logprobs]
                 lps[i] = lp
+        done = []
         for i, (seq, token) in enumerate(zip(seqs, chosen)):
             seq.output_ids.append(token)
             if seq.matcher is not None and not seq.matcher.consume_token(token):
@@ -244,7 +302,8 @@ class Stepper:
             reason = self._finish_reason(seq, token)
             seq.sink.put(StreamEvent(seq.request_id, token, delta, lps.get(i)))
             if reason:
-                self._finish(seq, reason)
+                done.append((seq, reason))
+        return done
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

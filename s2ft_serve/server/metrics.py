@@ -24,8 +24,9 @@ OP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 BASE_LABEL = ""  # the `adapter` label of base-model requests
 
 
-class PrefixCacheCollector(Collector):
-    """The engine's prefix-cache totals as of the last `refresh` (the engine keeps the counts)."""
+class EngineCountsCollector(Collector):
+    """The engine's prefix-cache and speculative-decoding totals as of the last `refresh` (the engine
+    keeps the counts)."""
 
     def __init__(self) -> None:
         self.stats: EngineStats | None = None
@@ -39,6 +40,11 @@ class PrefixCacheCollector(Collector):
                                   value=s.prefix_cache_query_tokens if s else 0)
         yield GaugeMetricFamily("s2ft_prefix_cache_bytes", "Bytes held by cached prompt prefixes",
                                 value=s.prefix_cache_bytes if s else 0)
+        yield CounterMetricFamily("s2ft_spec_decode_draft_tokens", "Draft tokens proposed by prompt lookup",
+                                  value=s.spec_draft_tokens if s else 0)
+        yield CounterMetricFamily("s2ft_spec_decode_accepted_tokens",
+                                  "Draft tokens accepted (equal to the model's own greedy choice)",
+                                  value=s.spec_accepted_tokens if s else 0)
 
 
 class Metrics:
@@ -70,8 +76,8 @@ class Metrics:
                                       buckets=OP_BUCKETS, registry=r)
         self.auto_fuse_decisions = Gauge("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
                                          registry=r)
-        self.prefix_cache = PrefixCacheCollector()  # counters kept by the engine, exported as they are
-        r.register(self.prefix_cache)
+        self.engine_counts = EngineCountsCollector()  # counters kept by the engine, exported as they are
+        r.register(self.engine_counts)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
@@ -106,7 +112,7 @@ class Metrics:
         self.resident_bytes.set(stats.resident_bytes)
         self.fused_adapters.set(len(stats.fused_adapters))
         self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
-        self.prefix_cache.stats = stats
+        self.engine_counts.stats = stats
         self.lora_info.clear()
         self.lora_info.labels(
             running_lora_adapters=",".join(sorted(set(stats.running_adapters))),

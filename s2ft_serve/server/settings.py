@@ -51,6 +51,11 @@ class ServerSettings(BaseSettings):
     auto_unfuse_share: float = Field(0.4, gt=0, le=1, description="unfuse below this share (hysteresis)")
     auto_fuse_window_s: float = Field(30.0, gt=0, description="the auto-fuse traffic window in seconds")
     auto_fuse_min_requests: int = Field(20, ge=1, description="requests in the window before any decision")
+    speculative_tokens: int = Field(0, ge=0, le=16, description="prompt-lookup speculative decoding: draft up to "
+                                    "this many tokens per greedy request and step (0: off)")
+    speculative_ngram_min: int = Field(1, ge=1, description="shortest suffix looked up for a draft")
+    speculative_ngram_max: int = Field(4, ge=1, description="longest suffix looked up for a draft")
+    speculative_max_batch: int = Field(8, ge=1, description="draft only while at most this many requests run")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: str = "info"
     access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")
@@ -123,4 +128,8 @@ class ServerSettings(BaseSettings):
             auto_unfuse_share=self.auto_unfuse_share,
             auto_fuse_window_s=self.auto_fuse_window_s,
             auto_fuse_min_requests=self.auto_fuse_min_requests,
+            speculative_tokens=self.speculative_tokens,
+            speculative_ngram_min=self.speculative_ngram_min,
+            speculative_ngram_max=self.speculative_ngram_max,
+            speculative_max_batch=self.speculative_max_batch,
         )

@@ -1,0 +1,48 @@
+"""Speculative decoding by prompt lookup (n-gram drafts, as vLLM's `ngram` method): no draft model.
+
+A greedy sequence whose last n tokens (n from `n_max` down to `n_min`) occurred earlier in its prompt
+or output proposes the tokens that followed that occurrence as a draft. One forward pass then feeds
+each row its last token and its draft, and the step accepts draft tokens for as long as they equal
+what the model would have chosen itself, plus the model's own next token: up to `k + 1` tokens for
+the price of one pass over the weights. Since every accepted token is the one greedy decoding would
+pick, the output is the same as without drafts (up to float rounding of a multi-token pass).
+
+Answers that copy from the prompt (extraction, editing, quoting, code) gain most; a sequence with
+no match runs as usual, and a small batch pays off most, where a decode step is bound by reading the
+weights rather than by arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Up to `k` tokens following an earlier occurrence of the longest suffix (n_max..n_min tokens) of
+    `tokens`: the latest occurrence that `k` tokens follow, else the latest; [] when there is none.
+    (In a repeating run the latest occurrence ends one token before the end: one token to draft.)"""
+    if k <= 0 or len(tokens) <= n_min:
+        return []
+    seq = torch.tensor(tokens, dtype=torch.int64)
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        windows = seq[: len(tokens) - 1].unfold(0, n, 1)  # [len - n, n]: every n-gram that a token follows
+        hits = (windows == seq[-n:]).all(dim=1).nonzero()[:, 0]
+        if len(hits):
+            full = hits[hits + n + k <= len(tokens)]
+            start = int(full[-1] if len(full) else hits[-1]) + n
+            return tokens[start: start + k]
+    return []
+
+
+def propose_reference(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Plain loops, same result as `propose`."""
+    if k <= 0 or len(tokens) <= n_min:
+        return []
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[-n:]
+        starts = [i for i in range(len(tokens) - n) if tokens[i: i + n] == suffix]
+        if starts:
+            full = [i for i in starts if i + n + k <= len(tokens)]
+            i = (full or starts)[-1]
+            return tokens[i + n: i + n + k]
+    return []
