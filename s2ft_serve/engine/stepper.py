@@ -129,7 +129,8 @@ class Stepper:
     # ---- speculative decoding (see engine.speculative) -----------------------------------
     def _drafts(self, running: list[Sequence]) -> list[list[int]] | None:
         """Each greedy sequence's prompt-lookup draft ([] for the others); None: a plain decode step
-        (drafting is off, the batch is too large for it to pay, or no sequence has a draft)."""
+        (drafting is off, the batch is too large for it to pay, or fewer than half the sequences have a
+        draft: the pass is padded to the longest draft, so every row would pay for the few)."""
         config = self.engine.config
         if not config.speculative_tokens or len(running) > config.speculative_max_batch:
             return None
@@ -140,7 +141,7 @@ class Stepper:
             greedy = s.params.temperature == 0 and room > 0
             drafts.append(propose(s.prompt_ids + s.output_ids, room, config.speculative_ngram_min,
                                   config.speculative_ngram_max) if greedy else [])
-        return drafts if any(drafts) else None
+        return drafts if 2 * sum(1 for d in drafts if d) >= len(running) else None
 
     def _speculate(self, running: list[Sequence], drafts: list[list[int]]) -> None:
         """One pass over every row's last token and draft; each row then accepts, position by position,

@@ -103,7 +103,7 @@ def test_a_request_ending_inside_a_draft_leaves_the_others_caches_whole(pair):
     plain, drafting = pair
     # a forced token makes every draft full and accepted; the model's own logprobs show a lost key
     forced = dict(temperature=0, ignore_eos=True, logit_bias={5: 100.0}, logprobs=0)
-    for short in range(2, 8):
+    for short in range(2, 16):
         requests = [(PROMPTS[3], None, SamplingParams(max_tokens=short, **forced)),
                     (PROMPTS[3], "a0", SamplingParams(max_tokens=20, **forced)),
                     (PROMPTS[3], "a1", SamplingParams(max_tokens=20, **forced))]
