@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import write_adapter
+from server_helpers import client_for, make_server_engine, write_adapter
+
+from s2ft_serve.server.app import create_app
 
 
 def samples(text: str) -> dict:
@@ -58,3 +60,16 @@ async def test_admin_load_latency_is_observed(client, engine, adapter_root):
 async def test_process_memory_is_exported(client):
     s = samples((await client.get("/metrics")).text)
     assert value(s, "process_resident_memory_bytes") > 10 * 2**20
+
+
+async def test_speculative_decoding_counts_drafts(tiny_llama_dir, adapter_root, settings):
+    engine = make_server_engine(tiny_llama_dir, adapter_root, speculative_tokens=4)
+    try:
+        async with client_for(create_app(settings, engine)) as client:
+            body = {"prompt": "xyz", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logit_bias": {"5": 100}}
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            s = samples((await client.get("/metrics")).text)
+    finally:
+        engine.shutdown(timeout=5)
+    drafted = value(s, "s2ft_spec_decode_draft_tokens_total")
+    assert 0 < value(s, "s2ft_spec_decode_accepted_tokens_total") <= drafted

@@ -61,3 +61,11 @@ def test_auto_fuse_settings_reach_the_engine():
                             auto_fuse_window_s=5, auto_fuse_min_requests=3).engine_config()
     assert (config.auto_fuse, config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
             config.auto_fuse_min_requests) == (True, 0.7, 0.2, 5, 3)
+
+
+def test_speculative_settings_reach_the_engine():
+    config = ServerSettings(speculative_tokens=5, speculative_ngram_min=1, speculative_ngram_max=3,
+                            speculative_max_batch=2).engine_config()
+    assert (config.speculative_tokens, config.speculative_ngram_min, config.speculative_ngram_max,
+            config.speculative_max_batch) == (5, 1, 3, 2)
+    assert ServerSettings().engine_config().speculative_tokens == 0  # off unless asked
