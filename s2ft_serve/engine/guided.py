@@ -112,5 +112,9 @@ class LazyGuidedDecoding:
     def get(self) -> GuidedDecoding:
         with self._lock:
             if self._built is None:
-                self._built = GuidedDecoding(*self._args)
+                try:
+                    self._built = GuidedDecoding(*self._args)
+                except Exception as exc:  # e.g. a slow (Python) tokenizer, which llguidance cannot read
+                    raise InvalidRequestError(f"structured output is not available for this model's tokenizer: "
+                                              f"{exc}") from exc
             return self._built
