@@ -11,29 +11,46 @@ def sample(
     logits: torch.Tensor,  # [B, vocab] float32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    drafts: list[int | None] | None = None,  # a proposed token per row (speculative decoding), or None
 ) -> list[int]:
-    """Greedy rows in one argmax; sampled rows each with their own (seeded) generator."""
+    """Greedy rows in one argmax; sampled rows each with their own (seeded) generator. A sampled row
+    with a draft token keeps it with its probability p(draft), else samples from p without it: the
+    token is still distributed exactly as p (speculative sampling with a one-token proposal)."""
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for i, p in enumerate(params):
         if p.temperature == 0:
             out.append(greedy[i])
             continue
-        row = logits[i] / p.temperature
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        if p.min_p > 0:  # relative to the most likely token, which always stays
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probabilities(logits[i], p)
         gen = generators[i]
-        device_probs = probs if gen is None or gen.device == probs.device else probs.to(gen.device)
-        out.append(int(torch.multinomial(device_probs, 1, generator=gen)))
+        if gen is not None and gen.device != probs.device:
+            probs = probs.to(gen.device)
+        draft = drafts[i] if drafts is not None else None
+        if draft is not None:
+            if float(torch.rand(1, generator=gen, device=probs.device)) * float(probs.sum()) < float(probs[draft]):
+                out.append(draft)
+                continue
+            probs = probs.clone()
+            probs[draft] = 0.0  # the rest of p (p(draft) < 1 here, so something remains)
+        out.append(int(torch.multinomial(probs, 1, generator=gen)))
     return out
+
+
+def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # [vocab], not normalised after top-p
+    """The distribution a sampled row draws from: temperature, then top-k, top-p and min-p."""
+    row = row / p.temperature
+    if p.top_k:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    if p.min_p > 0:  # relative to the most likely token, which always stays
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
 
 
 def adjust_logits(

@@ -128,7 +128,7 @@ class Stepper:
 
     # ---- speculative decoding (see engine.speculative) -----------------------------------
     def _drafts(self, running: list[Sequence]) -> list[list[int]] | None:
-        """Each greedy sequence's prompt-lookup draft ([] for the others); None: a plain decode step
+        """Each sequence's prompt-lookup draft (maybe []); None: a plain decode step
         (drafting is off, the batch is too large for it to pay, or fewer than half the sequences have a
         draft: the pass is padded to the longest draft, so every row would pay for the few)."""
         config = self.engine.config
@@ -138,14 +138,14 @@ class Stepper:
         drafts = []
         for s in running:
             room = min(config.speculative_tokens, s.params.max_tokens - len(s.output_ids) - 1, max_len - s.length - 1)
-            greedy = s.params.temperature == 0 and room > 0
             drafts.append(propose(s.prompt_ids + s.output_ids, room, config.speculative_ngram_min,
-                                  config.speculative_ngram_max) if greedy else [])
+                                  config.speculative_ngram_max))
         return drafts if 2 * sum(1 for d in drafts if d) >= len(running) else None
 
     def _speculate(self, running: list[Sequence], drafts: list[list[int]]) -> None:
-        """One pass over every row's last token and draft; each row then accepts, position by position,
-        the tokens it would have chosen anyway, for as long as they equal its draft."""
+        """One pass over every row's last token and draft; each row then takes, position by position,
+        the token it would have chosen anyway (a sampled row keeps a draft token with its probability,
+        see sampler.sample), for as long as that is its draft token."""
         engine = self.engine
         inputs = [[s.output_ids[-1]] + d for s, d in zip(running, drafts)]
         logits = engine.runner.verify(inputs, [s.length - 1 for s in running],
@@ -156,7 +156,8 @@ class Stepper:
         self.draft_tokens += sum(len(d) for d in drafts)
         alive, finished = list(range(len(running))), []
         for j in range(logits.shape[1]):
-            done = self._sample([running[i] for i in alive], logits[alive, j])
+            proposed = [drafts[i][j] if j < len(drafts[i]) else None for i in alive]
+            done = self._sample([running[i] for i in alive], logits[alive, j], proposed)
             finished += done
             ended = {id(seq) for seq, _ in done}
             still = []
@@ -271,9 +272,10 @@ class Stepper:
         for seq, reason in self._sample(seqs, logits):
             self._finish(seq, reason)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
-        """Sample one token per sequence from logits [B, vocab] and emit it; return the sequences that
-        are done, with why (the caller finishes them)."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                drafts: list[int | None] | None = None) -> list[tuple[Sequence, str]]:
+        """Sample one token per sequence from logits [B, vocab] (given each one's draft token, if any)
+        and emit it; return the sequences that are done, with why (the caller finishes them)."""
         adjusted = logits
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if guided or any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
@@ -283,7 +285,7 @@ class Stepper:
                     adjusted[i] = adjust_logits(logits[i], s.params, s.prompt_ids, s.output_ids, self.eos_ids)
             if guided:
                 self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
-        chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
+        chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs], drafts)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
         if want:

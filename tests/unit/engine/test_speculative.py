@@ -1,15 +1,18 @@
-"""Prompt-lookup speculative decoding: drafts found as in the plain reference, and an engine that
-drafts answers exactly as one that does not (tokens, text, finish reasons, logprobs), whatever the
-adapters, sampling, stops and structured output in the batch."""
+"""Prompt-lookup speculative decoding: drafts found as in the plain reference; an engine that drafts
+answers greedy requests exactly as one that does not (tokens, text, finish reasons, logprobs),
+whatever the adapters, stops, logit rules and structured output in the batch; a sampled row that
+drafts still draws from the model's distribution."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 from engine_reference import make_engine
 
 from s2ft_serve.engine.request import Guide, SamplingParams
+from s2ft_serve.engine.sampler import probabilities, sample
 from s2ft_serve.engine.speculative import propose, propose_reference
 from s2ft_serve.model.testing import random_adapter
 
@@ -77,12 +80,32 @@ def test_greedy_answers_are_unchanged_and_drafts_are_used(pair):
     assert plain.stats().spec_draft_tokens == 0
 
 
-def test_sampled_requests_beside_drafting_ones_are_unchanged(pair):
+def test_a_draft_token_leaves_the_sampled_distribution_as_it_is():
+    """Keeping a draft token with probability p(draft), else sampling from the rest of p, draws from p."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5]])
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    p = probabilities(logits[0], params)
+    p = p / p.sum()
+    gen = torch.Generator().manual_seed(0)
+    n = 15_000
+    for draft in (0, 2, 3):  # likely, unlikely, and cut by top-p (never kept)
+        counts = torch.zeros(6)
+        for _ in range(n):
+            counts[sample(logits, [params], [gen], [draft])[0]] += 1
+        assert torch.allclose(counts / n, p, atol=0.015), (draft, counts / n, p)
+    assert sample(logits, [SamplingParams(temperature=0)], [None], [3]) == [0]  # greedy ignores drafts
+
+
+def test_sampled_requests_draft_too_and_stay_reproducible(pair):
     plain, drafting = pair
     requests = [(PROMPTS[0], "a0", SamplingParams(max_tokens=30, temperature=0)),
-                (PROMPTS[1], "a1", SamplingParams(max_tokens=30, temperature=0.9, seed=5)),
-                (PROMPTS[2], None, SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=6))]
-    same(run_all(plain, requests), run_all(drafting, requests))
+                (PROMPTS[1], "a1", SamplingParams(max_tokens=30, temperature=0.3, seed=5)),
+                (PROMPTS[2], None, SamplingParams(max_tokens=30, temperature=0.3, top_k=20, seed=6))]
+    before = drafting.stats().spec_draft_tokens
+    first, second = run_all(drafting, requests), run_all(drafting, requests)
+    same(first, second)  # seeded: the same answers again
+    same(first[:1], run_all(plain, requests[:1]))  # the greedy one as without drafts
+    assert drafting.stats().spec_draft_tokens > before
 
 
 @pytest.mark.parametrize("params", [
