@@ -24,7 +24,8 @@ class TrainConfig:
     # selection
     strategy: str = opt("random", "column selection: random, weight, activation or gradient",
                         choices=("random", "weight", "activation", "gradient"))
-    order: str = opt("largest", "for weight/activation/gradient: keep the largest or smallest scores",
+    order: str = opt("largest", "for weight/activation/gradient: keep the largest or smallest scores "
+                     "(activation + smallest forgot least in the README's benchmark)",
                      choices=("largest", "smallest"))
     heads_per_layer: int | None = opt(None, "attention (query) heads trained per layer: all head_dim columns of o_proj each")
     channels_per_layer: int | None = opt(None, "FFN channels trained per layer: one down_proj column each")
