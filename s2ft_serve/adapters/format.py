@@ -148,20 +148,19 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_adapter(
-    path: str | Path,
-    linears: Mapping[str, tuple[int, int]] | None = None,
-    base_fingerprint: str | None = None,
-    max_bytes: int | None = None,
-) -> Adapter:
-    """Read and fully validate an adapter folder.
+@dataclass
+class AdapterFile:
+    """An adapter folder read from disk but not yet parsed: its checked config and the raw bytes of
+    its safetensors file (reading is the slow, unpredictable part; parsing is in-memory)."""
 
-    `linears` maps each adaptable module name to `(out_features, in_features)`; when given,
-    every tensor must name one of them with matching shapes. `base_fingerprint`, when given,
-    must equal the adapter's `base_model_fingerprint` if the adapter records one.
-    """
-    from safetensors import SafetensorError, safe_open
+    path: Path
+    config: dict
+    data: bytes
 
+
+def read_adapter_file(path: str | Path, base_fingerprint: str | None = None,
+                      max_bytes: int | None = None) -> AdapterFile:
+    """Read an adapter folder's config (checked) and weights file (size-checked), without parsing it."""
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS_FILE
@@ -177,12 +176,41 @@ def load_adapter(
             "this adapter was trained on different base weights"
         )
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise AdapterValidationError(f"{weights}: not readable ({exc})") from None
+    if max_bytes is not None and len(data) > max_bytes:  # grew since the size check
+        raise AdapterValidationError(f"{weights}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    return AdapterFile(path, config, data)
+
+
+def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | None = None) -> Adapter:
+    """Parse and fully validate what `read_adapter_file` read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    weights = raw.path / WEIGHTS_FILE
+    try:
+        tensors = load(raw.data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from None
     modules = validate_tensors(tensors, linears, source=str(weights))
-    return Adapter(config=config, modules=modules, path=path, nbytes=nbytes)
+    return Adapter(config=raw.config, modules=modules, path=raw.path, nbytes=len(raw.data))
+
+
+def load_adapter(
+    path: str | Path,
+    linears: Mapping[str, tuple[int, int]] | None = None,
+    base_fingerprint: str | None = None,
+    max_bytes: int | None = None,
+) -> Adapter:
+    """Read and fully validate an adapter folder.
+
+    `linears` maps each adaptable module name to `(out_features, in_features)`; when given,
+    every tensor must name one of them with matching shapes. `base_fingerprint`, when given,
+    must equal the adapter's `base_model_fingerprint` if the adapter records one.
+    """
+    return parse_adapter(read_adapter_file(path, base_fingerprint, max_bytes), linears)
 
 
 def validate_tensors(

@@ -20,7 +20,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 
-from s2ft_serve.adapters.format import Adapter, linear_shapes, load_adapter, validate_tensors
+from s2ft_serve.adapters.format import (
+    Adapter, AdapterFile, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
+)
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.autofuse import AutoFusePolicy
@@ -278,15 +280,20 @@ class Engine:
                                         code="path_outside_root")
         return resolved
 
-    def _read(self, path: Path) -> Adapter:
-        return load_adapter(path, self._shapes, self.fingerprint, self.config.max_adapter_bytes)
+    def _read(self, path: Path) -> AdapterFile:
+        """A load's file reading, in the calling thread: a slow disk never stalls the engine's steps."""
+        return read_adapter_file(path, self.fingerprint, self.config.max_adapter_bytes)
 
-    @_on_engine_thread
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
-        """Validate an adapter folder, then make it visible under `name` (atomically)."""
+        """Validate an adapter folder, then make it visible under `name` (atomically). The files are
+        read in the calling thread; parsing, validation and installing run on the engine thread."""
         self._check_name(name)
         resolved = self._check_path(path)
-        adapter = self._read(resolved)
+        return self._install_file(name, self._read(resolved), resolved, replace)
+
+    @_on_engine_thread
+    def _install_file(self, name: str, raw: AdapterFile, resolved: Path, replace: bool) -> AdapterInfo:
+        adapter = parse_adapter(raw, self._shapes)
         with self.lock:
             entry = self.registry.install(name, adapter, resolved, replace)
             return self._info(entry)
@@ -328,9 +335,13 @@ class Engine:
                 return self.registry.acquire(entry)
         return self._load_and_pin(name, self._lazy_path(name, entry))
 
-    @_on_engine_thread
     def _load_and_pin(self, name: str, path: Path):
-        adapter = self._read(path)
+        """Load (lazily, or again after eviction) and pin: read here, install on the engine thread."""
+        return self._install_and_pin(name, self._read(path), path)
+
+    @_on_engine_thread
+    def _install_and_pin(self, name: str, raw: AdapterFile, path: Path):
+        adapter = parse_adapter(raw, self._shapes)
         with self.lock:
             entry = self.registry.entries.get(name)
             if entry is None:

@@ -127,3 +127,31 @@ def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
 def test_the_base_models_name_is_not_an_adapter_name(engine, adapters):
     with pytest.raises(ConflictError, match="base model's name"):
         engine.add_adapter(engine.model_name, adapters["a0"])
+
+
+def test_adapter_files_are_read_outside_the_engine_thread(tmp_path, tiny_llama_dir, monkeypatch):
+    """A load reads its files in the calling thread (a slow disk must not stall the running batch);
+    only parsing, validation and installing run on the engine thread."""
+    import threading
+
+    import s2ft_serve.engine.engine as engine_module
+
+    readers = []
+    read = engine_module.read_adapter_file
+
+    def spy(*args, **kwargs):
+        readers.append(threading.current_thread().name)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "read_adapter_file", spy)
+    engine = make_engine(tiny_llama_dir, adapter_root=str(tmp_path), max_resident_adapters=1).start()
+    try:
+        for name, seed in (("r0", 1), ("lazy", 2)):
+            save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed), tmp_path / name)
+        engine.load_adapter("r0", "r0")  # admin load
+        engine.generate("fox", "lazy", GREEDY)  # lazy load (evicts r0: one resident adapter)
+        engine.generate("fox", "r0", GREEDY)  # reload after eviction
+        assert len(readers) == 3 and "s2ft-engine" not in readers
+        assert engine.get_adapter("r0").resident
+    finally:
+        engine.shutdown(timeout=5)
