@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from s2ft_serve.engine.request import Guide
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, ToolCall
+from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, Tool, ToolCall
 
 ANY_OBJECT = {"type": "object"}
 # tool calls are laid out as json.dumps lays JSON out: no run of whitespace for a model to loop in
@@ -82,6 +82,6 @@ def tool_mode(body: ChatCompletionRequest) -> ToolMode | None:
     return ToolMode(Guide(json={"x-guidance": LAYOUT, **schemas[name]}), name)  # the schema's own options win
 
 
-def template_tools(body: ChatCompletionRequest) -> list[dict] | None:
+def template_tools(tools: list[Tool] | None) -> list[dict] | None:
     """The tools as chat templates take them (OpenAI's shape, as plain dicts)."""
-    return [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None

@@ -8,7 +8,8 @@ from pydantic import Field, model_validator
 
 from s2ft_serve.server.deps import EngineDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import base_names, chat_prompt
-from s2ft_serve.server.protocol import ChatMessage, ErrorResponse, RequestModel, ResponseModel
+from s2ft_serve.server.protocol import ChatMessage, ErrorResponse, RequestModel, ResponseModel, Tool
+from s2ft_serve.server.tools import template_tools
 
 router = APIRouter(tags=["Tokens"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
@@ -19,11 +20,15 @@ class TokenizeRequest(RequestModel):
     prompt: str | None = Field(None, description="text, tokenized as /v1/completions does")
     messages: list[ChatMessage] | None = Field(None, min_length=1,
                                                description="a chat, rendered as /v1/chat/completions does")
+    tools: list[Tool] | None = Field(None, max_length=128, description="with messages: the tools, as chat "
+                                     "completions passes them to the chat template")
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' and 'messages'")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("'tools' goes with 'messages'")
         return self
 
 
@@ -54,7 +59,7 @@ def check_model(engine: EngineDep, settings: SettingsDep, model: str | None) -> 
 def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
     check_model(engine, settings, body.model)
     if body.messages is not None:
-        tokens = chat_prompt(engine, body.messages)
+        tokens = chat_prompt(engine, body.messages, template_tools(body.tools))
     else:
         tokens = engine.tokenize(body.prompt)
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

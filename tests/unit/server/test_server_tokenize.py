@@ -22,6 +22,24 @@ async def test_tokenize_gives_the_ids_generation_counts(client, engine):
     assert chat_usage["usage"]["prompt_tokens"] == chat["count"]
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+# a chat template that shows the tools, as Qwen's or Llama 3's do
+TOOLS_TEMPLATE = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
+                  "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:")
+
+
+async def test_tokenize_counts_the_tools_a_chat_shows(client, engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", TOOLS_TEMPLATE)
+    plain = (await client.post("/tokenize", json={"messages": MESSAGES})).json()
+    with_tools = (await client.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS})).json()
+    assert with_tools["count"] > plain["count"]
+    assert with_tools["tokens"] == engine.apply_chat_template(MESSAGES, TOOLS)
+    usage = (await client.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": TOOLS,
+                                                              "tool_choice": "none", "max_tokens": 1})).json()["usage"]
+    assert usage["prompt_tokens"] == with_tools["count"]
+
+
 async def test_detokenize_inverts_tokenize(client):
     tokens = (await client.post("/tokenize", json={"prompt": "hello world"})).json()["tokens"]
     r = await client.post("/detokenize", json={"tokens": tokens})
@@ -31,6 +49,7 @@ async def test_detokenize_inverts_tokenize(client):
 @pytest.mark.parametrize("path, body, status", [
     ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400),
     ("/tokenize", {}, 400),
+    ("/tokenize", {"prompt": "x", "tools": TOOLS}, 400),
     ("/tokenize", {"model": "nope", "prompt": "x"}, 404),
     ("/detokenize", {"tokens": [10**9]}, 400),
     ("/detokenize", {"tokens": ["a"]}, 400),
