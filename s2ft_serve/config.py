@@ -33,7 +33,7 @@ class EngineConfig:
     auto_fuse_window_s: float = 30.0  # the traffic window
     auto_fuse_min_requests: int = 20  # no decision on fewer requests than this in the window
     speculative_tokens: int = 0  # prompt-lookup speculative decoding: draft up to this many tokens per
-    # greedy request and step (0: off); see engine.speculative
+    # request and step (0: off); see engine.speculative
     speculative_ngram_min: int = 2  # a draft follows an earlier occurrence of the last n tokens, n from
     speculative_ngram_max: int = 4  # max down to min (single-token matches are mostly chance in free text)
     speculative_max_batch: int = 8  # draft only while at most this many requests run: a larger batch is

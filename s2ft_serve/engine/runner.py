@@ -72,24 +72,5 @@ class ModelRunner:
         finally:
             self.batch.set_none()
 
-    @torch.inference_mode()
-    def verify(self, inputs: list[list[int]], starts: list[int], slot_tuples: list[tuple[int, ...]]) -> torch.Tensor:
-        """Speculative decoding: row i (of the B running rows 0..B-1) continues its cache at position
-        `starts[i]` with `inputs[i]` (its last token and its draft), right-padded to the longest;
-        logits [B, L, vocab] at every position (a padded position's are meaningless)."""
-        B, L = len(inputs), max(len(t) for t in inputs)
-        tokens = torch.zeros(B, L, dtype=torch.int64)
-        for i, ids in enumerate(inputs):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        # padding writes keys past a row's last real token, where nothing is read before it is overwritten
-        positions = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(L)[None, :]).clamp(
-            max=self.model.max_len - 1)  # [B, L]
-        self._set_layout(slot_tuples, per_row=True)
-        try:
-            logits = self.model(tokens.to(self.device), positions.to(self.device), slice(0, B), cached=True)
-        finally:
-            self.batch.set_none()
-        return logits.view(B, L, -1)
-
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.model.cache.move_row(src, dst, length)

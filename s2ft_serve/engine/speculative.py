@@ -1,11 +1,12 @@
 """Speculative decoding by prompt lookup (n-gram drafts, as vLLM's `ngram` method): no draft model.
 
-A greedy sequence whose last n tokens (n from `n_max` down to `n_min`) occurred earlier in its prompt
-or output proposes the tokens that followed that occurrence as a draft. One forward pass then feeds
-each row its last token and its draft, and the step accepts draft tokens for as long as they equal
-what the model would have chosen itself, plus the model's own next token: up to `k + 1` tokens for
-the price of one pass over the weights. Since every accepted token is the one greedy decoding would
-pick, the output is the same as without drafts (up to float rounding of a multi-token pass).
+A sequence whose last n tokens (n from `n_max` down to `n_min`) occurred earlier in its prompt or
+output proposes the tokens that followed that occurrence as a draft. One forward pass then feeds each
+row its last token and its draft, and the step accepts draft tokens for as long as they are what the
+model chooses itself, plus the model's own next token: up to `k + 1` tokens for the price of one pass
+over the weights. A greedy row accepts what greedy decoding would pick, so its output is the same as
+without drafts (up to float rounding of a multi-token pass); a sampled row keeps a draft token with
+its probability (see `sampler.sample`), so its tokens are still drawn from the model's distribution.
 
 Answers that copy from the prompt (extraction, editing, quoting, code) gain most; a sequence with
 no match runs as usual, and a small batch pays off most, where a decode step is bound by reading the

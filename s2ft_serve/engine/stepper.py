@@ -148,22 +148,24 @@ class Stepper:
         see sampler.sample), for as long as that is its draft token."""
         engine = self.engine
         inputs = [[s.output_ids[-1]] + d for s, d in zip(running, drafts)]
-        logits = engine.runner.verify(inputs, [s.length - 1 for s in running],
-                                      [engine.registry.slots_for(s.version) for s in running])  # [B, L, vocab]
+        # each row continues its cache (rows 0..B-1) after its last token's position, like a later chunk
+        # of a prompt; padding keys land past a row's last real token, where nothing reads them first
+        logits = engine.runner.prefill_batch(inputs, 0, [engine.registry.slots_for(s.version) for s in running],
+                                             [True] * len(running), [s.length - 1 for s in running])  # [L_i, vocab]
         self.steps += 1
         for fn in self.listeners:
             fn(len(running), sum(len(i) for i in inputs))
         self.draft_tokens += sum(len(d) for d in drafts)
         alive, finished = list(range(len(running))), []
-        for j in range(logits.shape[1]):
+        for j in range(max(len(i) for i in inputs)):  # an alive row's tokens up to j were its draft: it has j
             proposed = [drafts[i][j] if j < len(drafts[i]) else None for i in alive]
-            done = self._sample([running[i] for i in alive], logits[alive, j], proposed)
+            done = self._sample([running[i] for i in alive], torch.stack([logits[i][j] for i in alive]), proposed)
             finished += done
-            ended = {id(seq) for seq, _ in done}
+            ended = {seq for seq, _ in done}
             still = []
             for i in alive:  # row i's draft token j was right: position j + 1 follows from it
                 seq = running[i]
-                if id(seq) not in ended and j < len(drafts[i]) and seq.output_ids[-1] == drafts[i][j]:
+                if seq not in ended and j < len(drafts[i]) and seq.output_ids[-1] == drafts[i][j]:
                     self.accepted_tokens += 1
                     still.append(i)
             alive = still

@@ -43,7 +43,7 @@ class EngineCountsCollector(Collector):
         yield CounterMetricFamily("s2ft_spec_decode_draft_tokens", "Draft tokens proposed by prompt lookup",
                                   value=s.spec_draft_tokens if s else 0)
         yield CounterMetricFamily("s2ft_spec_decode_accepted_tokens",
-                                  "Draft tokens accepted (equal to the model's own greedy choice)",
+                                  "Draft tokens accepted (the token the model itself chose)",
                                   value=s.spec_accepted_tokens if s else 0)
 
 

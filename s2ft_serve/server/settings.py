@@ -52,7 +52,7 @@ class ServerSettings(BaseSettings):
     auto_fuse_window_s: float = Field(30.0, gt=0, description="the auto-fuse traffic window in seconds")
     auto_fuse_min_requests: int = Field(20, ge=1, description="requests in the window before any decision")
     speculative_tokens: int = Field(0, ge=0, le=16, description="prompt-lookup speculative decoding: draft up to "
-                                    "this many tokens per greedy request and step (0: off)")
+                                    "this many tokens per request and step (0: off)")
     speculative_ngram_min: int = Field(2, ge=1, description="shortest suffix looked up for a draft")
     speculative_ngram_max: int = Field(4, ge=1, description="longest suffix looked up for a draft")
     speculative_max_batch: int = Field(8, ge=1, description="draft only while at most this many requests run")

@@ -79,12 +79,12 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
         yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
     held: dict[int, str] = {}  # a tool call's text so far, per choice
     async for choice, event in gen.events():
-        logprobs = None
-        if body.logprobs and event.logprob is not None and event.token_id is not None:
-            logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
         if tools is not None:
             held[choice.index] = held.get(choice.index, "") + event.text_delta
         elif event.token_id is not None or event.text_delta:  # one chunk per token, as vLLM
+            logprobs = None
+            if body.logprobs and event.logprob is not None and event.token_id is not None:
+                logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
             delta = ChatDelta(content=event.text_delta)
             yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
         if event.finished:

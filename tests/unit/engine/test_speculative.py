@@ -156,9 +156,12 @@ def test_structured_output_with_drafts(pair):
 
 
 def test_no_drafts_beyond_the_batch_limit(tiny_model_dir):
-    e = make_engine(tiny_model_dir, max_batch_size=8, speculative_tokens=4, speculative_max_batch=2).start()
+    e = make_engine(tiny_model_dir, max_batch_size=8, speculative_tokens=4, speculative_max_batch=2)
     try:
-        run_all(e, [(PROMPTS[0], None, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))] * 4)
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        handles = [e.submit(PROMPTS[0], None, params) for _ in range(4)]  # queued before the engine steps:
+        e.start()  # the four run together from the first step to the last
+        [h.result() for h in handles]
         assert e.stats().spec_draft_tokens == 0
         run_all(e, [(PROMPTS[0], None, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))])
         assert e.stats().spec_draft_tokens > 0
