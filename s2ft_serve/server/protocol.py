@@ -219,8 +219,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="'required' or a named function: the answer is a call, its arguments following the "
-        "function's schema; 'none': text; 'auto' (the default with tools) is not supported")
-    parallel_tool_calls: bool | None = Field(None, description="with 'required': False allows one call only")
+        "function's schema; 'none': text; 'auto' (the default with tools): the model chooses, read by the "
+        "server's --tool-call-parser (refused without one)")
+    parallel_tool_calls: bool | None = Field(None, description="False allows one call only")
 
 
 class ChatMessageOut(ResponseModel):

@@ -1,13 +1,20 @@
-"""Function calling in chat completions, through structured output (as vLLM does without a tool parser).
+"""Function calling in chat completions.
 
 `tool_choice` naming a function constrains the answer to a JSON object following that function's
 `parameters` schema: the answer is the call's arguments. `tool_choice: "required"` constrains it to a
 JSON array of one or more `{"name", "parameters"}` objects, each naming one of the tools with
 arguments following its schema (vLLM's layout). Both are written as `json.dumps` writes JSON
-(unless the schema sets llguidance's `x-guidance` options itself). Either way the answer comes back as `message.tool_calls` (content
-null). `"none"` answers in text. `"auto"` would need a parser for the model's own tool-call syntax,
-which differs from model to model, so it is refused, as vLLM refuses it unless a parser is set.
-The tools are passed to the chat template, which shows them to the model if it knows how.
+(unless the schema sets llguidance's `x-guidance` options itself). `"none"` answers in text.
+
+`"auto"` (OpenAI's default when tools are given) lets the model choose: its answer is free text, read
+by a parser for the model's own tool-call syntax, as vLLM does with `--tool-call-parser`. Without a
+parser it is refused. `hermes` reads `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+blocks (Hermes, Qwen 2.5 and 3; a JSON list in one block is several calls).
+
+Every mode reads the answer through a *reader* that takes text as it streams and gives back parts:
+text for `content`, or whole `ToolCall`s. The non-streamed answer feeds the reader the whole text,
+so both ways give the same content and calls. The tools are passed to the chat template, which shows
+them to the model if it knows how.
 """
 
 from __future__ import annotations
@@ -23,36 +30,153 @@ from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, Tool
 ANY_OBJECT = {"type": "object"}
 # tool calls are laid out as json.dumps lays JSON out: no run of whitespace for a model to loop in
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+TOOL_CALL_PARSERS = ("hermes",)
 
-
-@dataclass
-class ToolMode:
-    """How the answer of a chat with tools is constrained and read back."""
-
-    guide: Guide
-    function: str | None  # the named function; None: "required" (a list of calls)
-
-    @property
-    def finish_reason(self) -> str:
-        """A forced named call finishes with "stop" (as OpenAI's), the required list with "tool_calls"."""
-        return "stop" if self.function else "tool_calls"
-
-    def calls(self, text: str) -> list[ToolCall] | None:
-        """The tool calls an answer holds; None if it is not a complete list of calls (cut short)."""
-        if self.function is not None:
-            return [new_call(self.function, text)]
-        try:
-            items = json.loads(text)
-        except ValueError:
-            return None
-        return [new_call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
+Part = str | ToolCall  # a piece of an answer: text for `content`, or one whole call
 
 
 def new_call(name: str, arguments: str) -> ToolCall:
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
 
 
-def tool_mode(body: ChatCompletionRequest) -> ToolMode | None:
+class ForcedReader:
+    """A constrained answer (a named function or "required"): held whole, read as calls at the end;
+    text if it is not a complete list of calls (cut short by max_tokens)."""
+
+    streams = False  # nothing to show before the end
+
+    def __init__(self, function: str | None):
+        self.function, self.text = function, ""
+
+    def feed(self, text: str) -> list[Part]:
+        self.text += text
+        return []
+
+    def finish(self) -> list[Part]:
+        if self.function is not None:
+            return [new_call(self.function, self.text)]
+        try:
+            items = json.loads(self.text)
+        except ValueError:
+            return [self.text]
+        return [new_call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
+
+
+class HermesReader:
+    """Free text with `<tool_call>JSON</tool_call>` blocks, read as it streams.
+
+    Text outside the blocks is content, passed on as soon as it cannot be the start of a block (a
+    held-back tail: a prefix of `<tool_call>` and the whitespace before it). Whitespace between text
+    and a call is dropped. A block whose JSON is not a call (or a list of calls) stays text, as
+    written. An unclosed block at the end is a call if its JSON is complete (as vLLM reads it)."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    streams = True
+
+    def __init__(self, max_calls: int | None = None):
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
+        self.held = ""  # text not passed on yet: a block's body (inside) or a tail that may start one
+        self.inside = False
+        self.gap = ""  # the whitespace dropped before the open block (given back if it is not a call)
+        self.after_call = False  # drop the whitespace that follows a call
+        self.calls = 0
+
+    def feed(self, text: str) -> list[Part]:
+        self.held += text
+        out: list[Part] = []
+        while True:
+            if self.inside:
+                end = self.held.find(self.CLOSE)
+                if end < 0:
+                    return out
+                out += self._block(self.held[:end], closed=True)
+                self.held, self.inside = self.held[end + len(self.CLOSE):], False
+                continue
+            if self.after_call:
+                self.held = self.held.lstrip()
+                if not self.held:
+                    return out
+                self.after_call = False
+            start = self.held.find(self.OPEN)
+            if start >= 0:
+                before = self.held[:start]
+                text = before.rstrip()
+                self.gap = before[len(text):]
+                out += [text] if text else []
+                self.held, self.inside = self.held[start + len(self.OPEN):], True
+                continue
+            cut = len(self.held) - self._tail(self.held)
+            if cut:
+                out.append(self.held[:cut])
+                self.held = self.held[cut:]
+            return out
+
+    def finish(self) -> list[Part]:
+        if self.inside:
+            self.inside = False
+            return self._block(self.held, closed=False)
+        held, self.held = self.held, ""
+        return [held] if held else []
+
+    def _tail(self, text: str) -> int:
+        """Length of the tail of `text` that may begin a block: a prefix of `<tool_call>` and the
+        whitespace before it."""
+        k = next((k for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1) if text.endswith(self.OPEN[:k])), 0)
+        i = len(text) - k
+        while i > 0 and text[i - 1].isspace():
+            i -= 1
+        return len(text) - i
+
+    def _block(self, body: str, closed: bool) -> list[Part]:
+        as_text = [self.gap + self.OPEN + body + (self.CLOSE if closed else "")]
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return as_text
+        calls = []
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return as_text
+            args = item.get("arguments", item.get("parameters", {}))
+            calls.append(new_call(item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+        if self.max_calls is not None:
+            calls = calls[: max(self.max_calls - self.calls, 0)]
+        self.calls += len(calls)
+        self.after_call = True
+        return calls
+
+
+@dataclass
+class ToolMode:
+    """How the answer of a chat with tools is constrained and read back."""
+
+    guide: Guide | None  # None: "auto", free text read by the parser
+    function: str | None  # the named function; None: "required" or "auto"
+    parser: str | None = None  # "auto": the tool-call parser
+    max_calls: int | None = None  # "auto" with parallel_tool_calls false: 1
+
+    def reader(self) -> ForcedReader | HermesReader:
+        """A reader for one answer (one per choice)."""
+        return HermesReader(self.max_calls) if self.parser else ForcedReader(self.function)
+
+    def finish_reason(self, called: bool, reason: str | None) -> str | None:
+        """An answer with calls that stopped by itself: "tool_calls", or "stop" for a forced named call
+        (as OpenAI's); otherwise the engine's reason."""
+        if not called or reason != "stop":
+            return reason
+        return "stop" if self.function else "tool_calls"
+
+
+def read_answer(tools: ToolMode, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole answer's content and calls (content None when there are calls and no text)."""
+    reader = tools.reader()
+    parts = reader.feed(text) + reader.finish()
+    content = "".join(p for p in parts if isinstance(p, str))
+    calls = [p for p in parts if isinstance(p, ToolCall)]
+    return (content or None) if calls else content, calls
+
+
+def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMode | None:
     """The request's tool mode (None: a text answer); 400 for choices that cannot be served."""
     choice = body.tool_choice
     if not body.tools:
@@ -61,14 +185,16 @@ def tool_mode(body: ChatCompletionRequest) -> ToolMode | None:
         return None
     if choice == "none":
         return None
-    if choice is None or choice == "auto":
-        raise InvalidRequestError(
-            "tool_choice 'auto' (the default when tools are given) is not supported: it needs a parser for the "
-            "model's own tool-call syntax; set tool_choice to 'required', 'none' or a named function",
-            param="tool_choice")
     schemas = {t.function.name: t.function.parameters or ANY_OBJECT for t in body.tools}
     if len(schemas) != len(body.tools):
         raise InvalidRequestError("tool function names must be distinct", param="tools")
+    if choice is None or choice == "auto":
+        if parser is None:
+            raise InvalidRequestError(
+                "tool_choice 'auto' (the default when tools are given) needs a parser for the model's own "
+                "tool-call syntax: start the server with --tool-call-parser hermes, or set tool_choice to "
+                "'required', 'none' or a named function", param="tool_choice")
+        return ToolMode(None, None, parser, 1 if body.parallel_tool_calls is False else None)
     if choice == "required":
         items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                   "properties": {"name": {"const": name}, "parameters": schema}} for name, schema in schemas.items()]

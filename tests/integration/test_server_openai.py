@@ -95,7 +95,7 @@ def server(tiny_llama_dir, adapter_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "s2ft-serve.log"
     s = start_server(tiny_llama_dir, adapter_root, log, "--api-key", USER_KEY, "--admin-key", ADMIN_KEY,
                      "--adapter", f"a0={adapter_root / 'a0'}", "--adapter", f"a1={adapter_root / 'a1'}",
-                     "--max-resident-adapters", "3", "--max-batch-size", "8")
+                     "--max-resident-adapters", "3", "--max-batch-size", "8", "--tool-call-parser", "hermes")
     yield s
     stop_server(s)
 
@@ -202,7 +202,8 @@ class GetWeather(pydantic.BaseModel):
 
 def test_function_calling_through_the_official_client(client):
     """A named tool_choice and "required" answer with tool calls; `parse` reads their arguments into the
-    pydantic model of `pydantic_function_tool`; the default tool_choice ("auto") is a 400."""
+    pydantic model of `pydantic_function_tool`; with the default tool_choice ("auto") the server's
+    `hermes` parser reads the calls the model writes, streamed or not."""
     tool = openai.pydantic_function_tool(GetWeather)
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
     parsed = client.chat.completions.parse(
@@ -216,8 +217,17 @@ def test_function_calling_through_the_official_client(client):
     assert out.choices[0].finish_reason == "tool_calls"
     (call,) = out.choices[0].message.tool_calls
     assert call.function.name == "GetWeather" and GetWeather.model_validate_json(call.function.arguments)
-    with pytest.raises(openai.BadRequestError, match="tool_choice 'auto'"):
-        client.chat.completions.create(model="a1", messages=messages, tools=[tool], max_tokens=4)
+    said = '<tool_call>{"name": "GetWeather", "arguments": {"city": "Oslo", "unit": "celsius"}}</tool_call>'
+    auto = dict(model="a1", messages=messages, tools=[tool], max_tokens=200, temperature=0,
+                extra_body={"structured_outputs": {"choice": [said]}})  # the tiny model writes `said`
+    parsed = client.chat.completions.parse(**auto)
+    assert parsed.choices[0].finish_reason == "tool_calls" and parsed.choices[0].message.content is None
+    (call,) = parsed.choices[0].message.tool_calls
+    assert call.function.parsed_arguments == GetWeather(city="Oslo", unit="celsius")
+    with client.chat.completions.stream(**auto) as events:
+        final = events.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [c.function.parsed_arguments for c in final.choices[0].message.tool_calls] == [call.function.parsed_arguments]
 
 
 def test_streaming_equals_non_streaming(client):

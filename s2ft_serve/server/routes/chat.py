@@ -17,9 +17,9 @@ from s2ft_serve.server.generation import (
 from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
-    ChatMessageOut, ErrorResponse, ToolCallDelta,
+    ChatMessageOut, ErrorResponse, ToolCall, ToolCallDelta,
 )
-from s2ft_serve.server.tools import ToolMode, template_tools, tool_mode
+from s2ft_serve.server.tools import ToolMode, read_answer, template_tools, tool_mode
 
 router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
@@ -32,25 +32,26 @@ def check_request(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-async def start(body: ChatCompletionRequest, engine: Engine, gen: Generation) -> tuple[list[int], ToolMode | None]:
+async def start(body: ChatCompletionRequest, engine: Engine, parser: str | None,
+                gen: Generation) -> tuple[list[int], ToolMode | None]:
     """Validate and submit the n choices; the context for the response: the prompt and the tool mode."""
     logprobs = check_request(body)
-    tools = tool_mode(body)
+    tools = tool_mode(body, parser)
     prompt = chat_prompt(engine, body.messages, template_tools(body.tools))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
-    guide = await request_guide(engine, body, tools.guide if tools else None)
+    guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide
     for i in range(body.n):
         await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
     return prompt, tools
 
 
 def answer(tools: ToolMode | None, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
-    """The assistant message of a finished answer: text, or the tool calls it holds."""
-    calls = tools.calls(text) if tools is not None else None
-    if calls is None:
+    """The assistant message of a finished answer: its text, and the tool calls it holds."""
+    if tools is None:
         return ChatMessageOut(content=text), finish_reason
-    return ChatMessageOut(content=None, tool_calls=calls), tools.finish_reason if finish_reason == "stop" else finish_reason
+    content, calls = read_answer(tools, text)
+    return ChatMessageOut(content=content, tool_calls=calls or None), tools.finish_reason(bool(calls), finish_reason)
 
 
 def build_response(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
@@ -69,7 +70,8 @@ def build_response(body: ChatCompletionRequest, gen: Generation, model: str, pro
 async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
                  text: TokenText) -> AsyncIterator[str]:
     """Server-sent events: the role first, then content deltas, a finish chunk, and usage if asked.
-    A tool call's arguments come whole, in one delta before the finish chunk."""
+    With tools, each call comes whole in one delta: a forced answer's at the end, an "auto" answer's
+    as soon as its block closes, between the content deltas around it."""
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
@@ -77,24 +79,33 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
 
     for choice in gen.choices:
         yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
-    held: dict[int, str] = {}  # a tool call's text so far, per choice
+    readers = {choice.index: tools.reader() for choice in gen.choices} if tools else {}
+    called = dict.fromkeys(readers, 0)  # calls sent, per choice
     async for choice, event in gen.events():
-        if tools is not None:
-            held[choice.index] = held.get(choice.index, "") + event.text_delta
-        elif event.token_id is not None or event.text_delta:  # one chunk per token, as vLLM
+        reader = readers.get(choice.index)
+        parts = [event.text_delta] if reader is None else reader.feed(event.text_delta)
+        if reader is not None and event.finished:
+            parts += reader.finish()
+        content = "".join(p for p in parts if isinstance(p, str))
+        streamed = reader is None or reader.streams
+        if streamed and (event.token_id is not None or content):  # one chunk per token, as vLLM
             logprobs = None
             if body.logprobs and event.logprob is not None and event.token_id is not None:
                 logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
-            delta = ChatDelta(content=event.text_delta)
-            yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content), logprobs=logprobs)])
+        elif content:  # a forced answer that is not a call (cut short)
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content))])
+        calls = [p for p in parts if isinstance(p, ToolCall)]
+        if calls:
+            first = called[choice.index]
+            called[choice.index] += len(calls)
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(tool_calls=[
+                ToolCallDelta(index=first + i, id=c.id, type=c.type, function=c.function)
+                for i, c in enumerate(calls)]))])
         if event.finished:
             reason = event.finish_reason
             if tools is not None:
-                message, reason = answer(tools, held.pop(choice.index, ""), reason)
-                delta = ChatDelta(content=message.content, tool_calls=[
-                    ToolCallDelta(index=i, id=c.id, type=c.type, function=c.function)
-                    for i, c in enumerate(message.tool_calls)] if message.tool_calls else None)
-                yield chunk([ChatChunkChoice(index=choice.index, delta=delta)])
+                reason = tools.finish_reason(called[choice.index] > 0, reason)
             yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=reason)])
     if body.stream_options and body.stream_options.include_usage:
         yield chunk([], usage=gen.usage(len(prompt)))
@@ -107,7 +118,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     text = token_text_decoder(engine.tokenizer)
     return await serve(
         request, response, engine, settings, metrics, body,
-        start=partial(start, body, engine),
+        start=partial(start, body, engine, settings.tool_call_parser),
         stream=lambda gen, model, context: stream(body, gen, model, *context, text),
         build=lambda gen, model, context, outputs: build_response(body, gen, model, *context, outputs, text),
     )

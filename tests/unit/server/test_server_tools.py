@@ -8,6 +8,9 @@ import json
 import jsonschema
 import pytest
 
+from server_helpers import client_for
+
+from s2ft_serve.server.app import create_app
 from s2ft_serve.server.generation import template_message
 from s2ft_serve.server.protocol import ChatMessage
 
@@ -101,8 +104,8 @@ def test_template_gets_arguments_as_objects_and_the_call_id():
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({}, "tool_choice", "'auto'"),
-    ({"tool_choice": "auto"}, "tool_choice", "'auto'"),
+    ({}, "tool_choice", "--tool-call-parser"),
+    ({"tool_choice": "auto"}, "tool_choice", "--tool-call-parser"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
     ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools", "distinct"),
@@ -115,3 +118,63 @@ def test_template_gets_arguments_as_objects_and_the_call_id():
 async def test_bad_tool_requests_are_400(client, body, param, message):
     error = (await chat(client, 400, **body)).json()["error"]
     assert error["param"] == param and message in error["message"], error
+
+
+# ---- tool_choice "auto", read by the server's --tool-call-parser ------------------------------------
+SAID = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n'
+        '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": 1}}</tool_call>')
+
+
+@pytest.fixture
+async def auto_client(settings, engine):
+    async with client_for(create_app(settings.model_copy(update={"tool_call_parser": "hermes"}), engine)) as c:
+        yield c
+
+
+def say(text: str) -> dict:
+    """The tiny random model writes `text`: structured output with one choice (free text under "auto")."""
+    return {"structured_outputs": {"choice": [text]}, "max_tokens": 400}
+
+
+async def test_auto_reads_the_calls_the_model_writes(auto_client):
+    for tool_choice in ({}, {"tool_choice": "auto"}):
+        body = (await chat(auto_client, **tool_choice, **say(SAID))).json()
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "I will check."
+        calls = choice["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+        check_calls(calls)
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "celsius"}
+
+
+async def test_auto_without_calls_is_text(auto_client):
+    body = (await chat(auto_client, max_tokens=12)).json()["choices"][0]
+    assert isinstance(body["message"]["content"], str) and "tool_calls" not in body["message"]
+    assert body["finish_reason"] in ("stop", "length")
+    plain = (await chat(auto_client, max_tokens=12, tools=None)).json()["choices"][0]
+    assert body["message"]["content"] == plain["message"]["content"]  # same prompt: SmolLM2-style templates ignore tools
+
+
+async def test_auto_with_parallel_tool_calls_false_gives_one_call(auto_client):
+    body = (await chat(auto_client, parallel_tool_calls=False, **say(SAID))).json()["choices"][0]
+    assert [c["function"]["name"] for c in body["message"]["tool_calls"]] == ["get_weather"]
+
+
+async def test_auto_streamed_equals_whole(auto_client):
+    whole = (await chat(auto_client, logprobs=True, **say(SAID))).json()["choices"][0]
+    r = await chat(auto_client, stream=True, logprobs=True, **say(SAID))
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content == whole["message"]["content"]
+    calls = [call for d in deltas for call in d.get("tool_calls") or []]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [c["function"] for c in calls] == [c["function"] for c in whole["message"]["tool_calls"]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["tool_calls"]
+    # the text before the first call streams before it; every token's logprobs come, as without tools
+    first_call = next(i for i, d in enumerate(deltas) if d.get("tool_calls"))
+    assert "".join(d.get("content") or "" for d in deltas[:first_call]) == "I will check."
+    streamed = [lp for c in chunks if c["choices"] and (lp := c["choices"][0].get("logprobs"))]
+    assert sum(len(lp["content"]) for lp in streamed) == len(whole["logprobs"]["content"])
