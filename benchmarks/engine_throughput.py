@@ -8,6 +8,13 @@ All figures are ratios of runs made side by side in this process (the machine is
 Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm).
 Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
 
+It also prints the bound that memory bandwidth puts on (1): with B distinct adapters a decode step
+must read every adapter's delta columns (B x parameters x element size bytes, far beyond the CPU's
+caches) on top of the base step. The time `torch.sum` takes to stream that many bytes (the fastest
+plain read torch has) is a floor for that extra work, so base step / (base step + floor) is the best
+mixed/base ratio any exact kernel could reach on this machine, unless it overlapped the read with the
+base GEMMs.
+
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 64
 """
 
@@ -54,6 +61,17 @@ def decode_tps(timer, batch: int, tokens: int, repeats: int) -> float:
         full, one = timer(tokens), timer(1)
         best = max(best, (tokens - 1) * batch / max(full - one, 1e-9))
     return best
+
+
+def stream_floor_ms(nbytes: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """Median time (ms) for `torch.sum` to read `nbytes` of `dtype` that are not in any cache."""
+    buffers = [torch.ones(nbytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype) for _ in range(2)]
+    times = []
+    for i in range(repeats):  # alternate two buffers, so the previous read leaves nothing useful cached
+        start = time.perf_counter()
+        buffers[i % 2].sum()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def lora_model(base_dir, dtype, n: int, rank: int):
@@ -104,6 +122,8 @@ def main() -> None:
         for gemm in args.gemm.split(","):
             engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
     base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
+    extra_bytes = args.batch * params_per_adapter * torch.tensor([], dtype=dtype).element_size()
+    floor_ms = stream_floor_ms(extra_bytes, dtype)
     cfg = loaded.model.config
     loaded = None
     per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
@@ -124,19 +144,27 @@ def main() -> None:
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
         "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.tokens,
         "adapter_params": params_per_adapter, "lora_rank": rank, "transformers_base_tok_s": round(hf_tps, 1),
-        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None, "engines": {},
+        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None,
+        "adapter_bytes_per_step": extra_bytes, "stream_floor_ms": round(floor_ms, 2), "engines": {},
     }
     print(f"decode tok/s ({args.dtype}, batch {args.batch}): transformers base {hf_tps:.1f}"
           + (f", PEFT LoRA r={rank} mixed {peft_tps:.1f}" if peft_tps else ""))
+    print(f"{args.batch} adapters' deltas: {extra_bytes / 1e6:.0f} MB per decode step; torch.sum streams them in "
+          f"{floor_ms:.2f} ms ({extra_bytes / floor_ms / 1e6:.1f} GB/s)")
     for gemm, r in engines.items():
         row = {"base_tok_s": round(r["base"], 1), "mixed_tok_s": round(r["mixed"], 1),
                "mixed_vs_base": round(r["mixed"] / r["base"], 3),
                "ours_vs_peft_mixed": round(r["mixed"] / peft_tps, 2) if peft_tps else None,
                "engine_vs_transformers_base": round(r["base"] / hf_tps, 2)}
+        base_ms, mixed_ms = args.batch / r["base"] * 1e3, args.batch / r["mixed"] * 1e3
+        row.update(base_step_ms=round(base_ms, 1), mixed_step_ms=round(mixed_ms, 1),
+                   mixed_vs_base_bound=round(base_ms / (base_ms + floor_ms), 3))
         report["engines"][gemm] = row
         print(f"engine gemm={gemm}: base {r['base']:.1f}, {args.batch} adapters {r['mixed']:.1f} tok/s; "
               f"mixed/base {row['mixed_vs_base']}x; ours/PEFT {row['ours_vs_peft_mixed']}x; "
-              f"engine/transformers {row['engine_vs_transformers_base']}x")
+              f"engine/transformers {row['engine_vs_transformers_base']}x; step {base_ms:.1f} ms base, "
+              f"{mixed_ms:.1f} ms mixed (+{mixed_ms - base_ms:.1f}); bandwidth bound on mixed/base "
+              f"{row['mixed_vs_base_bound']}x")
     print(json.dumps(report))
 
 
