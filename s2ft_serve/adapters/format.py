@@ -6,7 +6,9 @@ module `M` (named as in the Hugging Face model's `named_modules()`), the safeten
 `[out_features, k]`); the adapted weight is `W` with `W[:, index] += delta`.
 
 Everything is validated before an adapter is returned; a failure raises
-`AdapterValidationError` naming the file, the tensor and the reason. Pickle is never loaded.
+`AdapterValidationError` naming the file, the tensor and the reason. Pickle is never loaded. The
+value checks (index range, distinct indices, finite deltas) run in numpy, so validating in any thread
+starts no torch parallel region (a server validates in its request threads; see engine/thread.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from s2ft_serve.errors import AdapterValidationError
@@ -213,6 +216,21 @@ def load_adapter(
     return parse_adapter(read_adapter_file(path, base_fingerprint, max_bytes), linears)
 
 
+def _values(t: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view of `t` (bfloat16 as its int16 bits), for checks that run no torch op."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _all_finite(delta: torch.Tensor) -> bool:
+    values = _values(delta)
+    if delta.dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN
+        return not bool(np.any((values & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(values).all())
+
+
 def validate_tensors(
     tensors: Mapping[str, torch.Tensor],
     linears: Mapping[str, tuple[int, int]] | None = None,
@@ -253,18 +271,19 @@ def validate_tensors(
         k = index.numel()
         if delta.dim() != 2 or delta.shape[1] != k:
             fail(dkey, f"shape must be [out_features, {k}], got {list(delta.shape)}")
+        indices = _values(index)
+        lo, hi = int(indices.min()), int(indices.max())
         if linears is not None:
             out_features, in_features = linears[name]
             if delta.shape[0] != out_features:
                 fail(dkey, f"shape must be [{out_features}, {k}] (out_features of '{name}'), got {list(delta.shape)}")
-            lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= in_features:
                 fail(ikey, f"indices must lie in [0, {in_features}), found {lo if lo < 0 else hi}")
-        elif int(index.min()) < 0:
+        elif lo < 0:
             fail(ikey, "indices must be non-negative")
-        if torch.unique(index).numel() != k:
+        if np.unique(indices).size != k:
             fail(ikey, "indices must be distinct")
-        if not bool(torch.isfinite(delta).all()):
+        if not _all_finite(delta):
             fail(dkey, "values must be finite (found NaN or inf)")
         modules[name] = ModuleDelta(index=index.contiguous(), delta=delta.contiguous())
     return modules

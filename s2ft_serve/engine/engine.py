@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import torch
 
 from s2ft_serve.adapters.format import (
-    Adapter, AdapterFile, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
+    Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
 )
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
@@ -280,20 +280,20 @@ class Engine:
                                         code="path_outside_root")
         return resolved
 
-    def _read(self, path: Path) -> AdapterFile:
-        """A load's file reading, in the calling thread: a slow disk never stalls the engine's steps."""
-        return read_adapter_file(path, self.fingerprint, self.config.max_adapter_bytes)
+    def _read(self, path: Path) -> Adapter:
+        """A load's file reading, parsing and validation, in the calling thread: a slow disk or a large
+        adapter never stalls the engine's steps (the checks run in numpy: no torch parallel region)."""
+        return parse_adapter(read_adapter_file(path, self.fingerprint, self.config.max_adapter_bytes), self._shapes)
 
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
         """Validate an adapter folder, then make it visible under `name` (atomically). The files are
-        read in the calling thread; parsing, validation and installing run on the engine thread."""
+        read and validated in the calling thread; only installing runs on the engine thread."""
         self._check_name(name)
         resolved = self._check_path(path)
         return self._install_file(name, self._read(resolved), resolved, replace)
 
     @_on_engine_thread
-    def _install_file(self, name: str, raw: AdapterFile, resolved: Path, replace: bool) -> AdapterInfo:
-        adapter = parse_adapter(raw, self._shapes)
+    def _install_file(self, name: str, adapter: Adapter, resolved: Path, replace: bool) -> AdapterInfo:
         with self.lock:
             entry = self.registry.install(name, adapter, resolved, replace)
             return self._info(entry)
@@ -336,12 +336,11 @@ class Engine:
         return self._load_and_pin(name, self._lazy_path(name, entry))
 
     def _load_and_pin(self, name: str, path: Path):
-        """Load (lazily, or again after eviction) and pin: read here, install on the engine thread."""
+        """Load (lazily, or again after eviction) and pin: read and validate here, install on the engine thread."""
         return self._install_and_pin(name, self._read(path), path)
 
     @_on_engine_thread
-    def _install_and_pin(self, name: str, raw: AdapterFile, path: Path):
-        adapter = parse_adapter(raw, self._shapes)
+    def _install_and_pin(self, name: str, adapter: Adapter, path: Path):
         with self.lock:
             entry = self.registry.entries.get(name)
             if entry is None:

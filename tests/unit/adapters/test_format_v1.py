@@ -71,6 +71,30 @@ def test_invalid_tensors_are_refused(folder, base, mutate, tensor, reason):
     assert "adapter_model.safetensors" in message and tensor in message and reason in message
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_delta_values_are_checked_in_every_float_dtype(folder, base, dtype, bad):
+    """Finite values load in any float dtype; one NaN or inf anywhere is refused (the checks run in numpy,
+    bfloat16 through its bits)."""
+    def mutate(t):
+        delta = t[f"{D}.s2ft_delta"].to(dtype)
+        if bad is not None:
+            delta[-1, -1] = bad
+        t[f"{D}.s2ft_delta"] = delta
+    rewrite(folder, mutate)
+    if bad is None:
+        assert load_adapter(folder, shapes(base)).modules[D].delta.dtype == dtype
+        return
+    with pytest.raises(AdapterValidationError, match=f"{D}.s2ft_delta.*finite"):
+        load_adapter(folder, shapes(base))
+
+
+def test_negative_indices_are_refused(folder, base):
+    rewrite(folder, lambda t: t[f"{O}.s2ft_index"].__setitem__(0, -1))
+    with pytest.raises(AdapterValidationError, match=r"indices must lie in \[0, \d+\), found -1"):
+        load_adapter(folder, shapes(base))
+
+
 @pytest.mark.parametrize("config, reason", [
     ({"adapter_type": "lora", "format_version": 1, "base_model": "x", "target_modules": []}, "adapter_type"),
     ({"adapter_type": "s2ft", "format_version": 2, "base_model": "x", "target_modules": []}, "format_version"),

@@ -129,21 +129,26 @@ def test_the_base_models_name_is_not_an_adapter_name(engine, adapters):
         engine.add_adapter(engine.model_name, adapters["a0"])
 
 
-def test_adapter_files_are_read_outside_the_engine_thread(tmp_path, tiny_llama_dir, monkeypatch):
-    """A load reads its files in the calling thread (a slow disk must not stall the running batch);
-    only parsing, validation and installing run on the engine thread."""
+def test_adapter_files_are_read_and_validated_outside_the_engine_thread(tmp_path, tiny_llama_dir, monkeypatch):
+    """A load reads, parses and validates its files in the calling thread (a slow disk or a large
+    adapter must not stall the running batch); only installing runs on the engine thread."""
     import threading
 
     import s2ft_serve.engine.engine as engine_module
 
-    readers = []
-    read = engine_module.read_adapter_file
+    readers, parsers = [], []
+    read, parse = engine_module.read_adapter_file, engine_module.parse_adapter
 
-    def spy(*args, **kwargs):
+    def spy_read(*args, **kwargs):
         readers.append(threading.current_thread().name)
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "read_adapter_file", spy)
+    def spy_parse(*args, **kwargs):
+        parsers.append(threading.current_thread().name)
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "read_adapter_file", spy_read)
+    monkeypatch.setattr(engine_module, "parse_adapter", spy_parse)
     engine = make_engine(tiny_llama_dir, adapter_root=str(tmp_path), max_resident_adapters=1).start()
     try:
         for name, seed in (("r0", 1), ("lazy", 2)):
@@ -152,6 +157,7 @@ def test_adapter_files_are_read_outside_the_engine_thread(tmp_path, tiny_llama_d
         engine.generate("fox", "lazy", GREEDY)  # lazy load (evicts r0: one resident adapter)
         engine.generate("fox", "r0", GREEDY)  # reload after eviction
         assert len(readers) == 3 and "s2ft-engine" not in readers
+        assert len(parsers) == 3 and "s2ft-engine" not in parsers
         assert engine.get_adapter("r0").resident
     finally:
         engine.shutdown(timeout=5)
