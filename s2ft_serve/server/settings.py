@@ -56,9 +56,10 @@ class ServerSettings(BaseSettings):
     speculative_ngram_min: int = Field(2, ge=1, description="shortest suffix looked up for a draft")
     speculative_ngram_max: int = Field(4, ge=1, description="longest suffix looked up for a draft")
     speculative_max_batch: int = Field(8, ge=1, description="draft only while at most this many requests run")
-    tool_call_parser: Literal["hermes"] | None = Field(
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
         None, description="parser for the model's own tool-call syntax; enables tool_choice 'auto' (hermes: "
-        "<tool_call>JSON</tool_call>, as Hermes and Qwen 2.5/3 write calls)")
+        "<tool_call>JSON</tool_call>, as Hermes and Qwen 2.5/3 write calls; llama3_json: an answer that is "
+        "JSON calls, as Llama 3.1-3.3 write them)")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: str = "info"
     access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")

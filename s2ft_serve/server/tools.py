@@ -30,7 +30,7 @@ from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, Tool
 ANY_OBJECT = {"type": "object"}
 # tool calls are laid out as json.dumps lays JSON out: no run of whitespace for a model to loop in
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
 Part = str | ToolCall  # a piece of an answer: text for `content`, or one whole call
 
@@ -60,6 +60,18 @@ class ForcedReader:
         except ValueError:
             return [self.text]
         return [new_call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
+
+
+def calls_of(value: object) -> list[ToolCall] | None:
+    """The calls a parsed JSON value holds: a `{"name", "arguments" or "parameters"}` object or a list of
+    them (arguments an object, or already JSON text); None if it is anything else."""
+    calls = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        calls.append(new_call(item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+    return calls
 
 
 class HermesReader:
@@ -130,20 +142,62 @@ class HermesReader:
     def _block(self, body: str, closed: bool) -> list[Part]:
         as_text = [self.gap + self.OPEN + body + (self.CLOSE if closed else "")]
         try:
-            value = json.loads(body)
+            calls = calls_of(json.loads(body))
         except ValueError:
             return as_text
-        calls = []
-        for item in value if isinstance(value, list) else [value]:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                return as_text
-            args = item.get("arguments", item.get("parameters", {}))
-            calls.append(new_call(item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+        if calls is None:
+            return as_text
         if self.max_calls is not None:
             calls = calls[: max(self.max_calls - self.calls, 0)]
         self.calls += len(calls)
         self.after_call = True
         return calls
+
+
+class Llama3JsonReader:
+    """An answer that is one or more JSON calls separated by `;` (optionally after `<|python_tag|>`):
+    held from its first `{` and read at the end; any other answer is text, streamed as it comes (all
+    of it, if its JSON turns out not to be calls)."""
+
+    TAG = "<|python_tag|>"
+    streams = True
+
+    def __init__(self, max_calls: int | None = None):
+        self.max_calls = max_calls
+        self.held = ""
+        self.mode: str | None = None  # None: undecided (only whitespace or a prefix of the tag so far)
+
+    def feed(self, text: str) -> list[Part]:
+        if self.mode == "text":
+            return [text] if text else []
+        self.held += text
+        if self.mode is None:
+            head = self.held.lstrip()
+            if head.startswith(("{", "[", self.TAG)):
+                self.mode = "json"
+            elif head and not self.TAG.startswith(head):
+                self.mode, held, self.held = "text", self.held, ""
+                return [held]
+        return []
+
+    def finish(self) -> list[Part]:
+        held, self.held = self.held, ""
+        if self.mode != "json":
+            return [held] if held else []
+        body = held.strip().removeprefix(self.TAG)
+        decoder, calls, pos = json.JSONDecoder(), [], 0
+        try:
+            while pos < len(body):
+                value, pos = decoder.raw_decode(body, pos)
+                found = calls_of(value)
+                if found is None:
+                    return [held]
+                calls += found
+                while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
+                    pos += 1
+        except ValueError:
+            return [held]
+        return calls[: self.max_calls] if calls else [held]
 
 
 @dataclass
@@ -155,9 +209,11 @@ class ToolMode:
     parser: str | None = None  # "auto": the tool-call parser
     max_calls: int | None = None  # "auto" with parallel_tool_calls false: 1
 
-    def reader(self) -> ForcedReader | HermesReader:
+    def reader(self) -> ForcedReader | HermesReader | Llama3JsonReader:
         """A reader for one answer (one per choice)."""
-        return HermesReader(self.max_calls) if self.parser else ForcedReader(self.function)
+        if self.parser is None:
+            return ForcedReader(self.function)
+        return (HermesReader if self.parser == "hermes" else Llama3JsonReader)(self.max_calls)
 
     def finish_reason(self, called: bool, reason: str | None) -> str | None:
         """An answer with calls that stopped by itself: "tool_calls", or "stop" for a forced named call
@@ -192,7 +248,7 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMod
         if parser is None:
             raise InvalidRequestError(
                 "tool_choice 'auto' (the default when tools are given) needs a parser for the model's own "
-                "tool-call syntax: start the server with --tool-call-parser hermes, or set tool_choice to "
+                "tool-call syntax: start the server with --tool-call-parser (hermes, llama3_json), or set tool_choice to "
                 "'required', 'none' or a named function", param="tool_choice")
         return ToolMode(None, None, parser, 1 if body.parallel_tool_calls is False else None)
     if choice == "required":

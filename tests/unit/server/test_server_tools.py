@@ -178,3 +178,20 @@ async def test_auto_streamed_equals_whole(auto_client):
     assert "".join(d.get("content") or "" for d in deltas[:first_call]) == "I will check."
     streamed = [lp for c in chunks if c["choices"] and (lp := c["choices"][0].get("logprobs"))]
     assert sum(len(lp["content"]) for lp in streamed) == len(whole["logprobs"]["content"])
+
+
+async def test_auto_with_the_llama3_json_parser(settings, engine):
+    said = '{"name": "get_time", "parameters": {"zone": -3}}; {"name": "get_weather", "parameters": ' \
+           '{"city": "Paris", "unit": "fahrenheit"}}'
+    async with client_for(create_app(settings.model_copy(update={"tool_call_parser": "llama3_json"}), engine)) as c:
+        whole = (await chat(c, **say(said))).json()["choices"][0]
+        assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+        assert [call["function"]["name"] for call in whole["message"]["tool_calls"]] == ["get_time", "get_weather"]
+        check_calls(whole["message"]["tool_calls"])
+        r = await chat(c, stream=True, **say(said))
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.text.splitlines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        calls = [call for d in deltas for call in d.get("tool_calls") or []]
+        assert [call["function"] for call in calls] == [call["function"] for call in whole["message"]["tool_calls"]]
+        text = (await chat(c, max_tokens=8)).json()["choices"][0]  # free text stays text
+        assert "tool_calls" not in text["message"] and isinstance(text["message"]["content"], str)

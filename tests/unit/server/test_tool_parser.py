@@ -104,3 +104,33 @@ def test_text_is_passed_on_before_the_answer_ends():
     (call,) = reader.feed(", \"arguments\": {}}</tool_call>")
     assert call.function.name == "f" and call.function.arguments == "{}"
     assert reader.feed("\n") == [] and reader.feed("Bye") == ["Bye"] and reader.finish() == []
+
+
+LLAMA = ToolMode(None, None, "llama3_json")
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', [("get_weather", {"city": "Oslo"})]),
+    ('  <|python_tag|>{"name": "f", "arguments": {"a": [1, ";"]}}; {"name": "g", "parameters": {}}\n',
+     [("f", {"a": [1, ";"]}), ("g", {})]),
+    ('[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {"y": 2}}]', [("f", {"x": 1}), ("g", {"y": 2})]),
+])
+def test_llama3_json_answers_that_are_calls(text, calls):
+    content, found = read_answer(LLAMA, text)
+    assert content is None and calls_of(found) == calls
+
+
+@pytest.mark.parametrize("text", ["The weather is fine.", "", "  \n", '{"city": "Oslo"}', '{"name": "f", "parameters": {',
+                                  '{"name": "f", "parameters": {}} and some words', "<|python", " {not json}"])
+def test_llama3_json_anything_else_is_text_as_written(text):
+    assert read_answer(LLAMA, text) == (text, [])
+
+
+def test_llama3_json_streams_text_at_once_and_reads_calls_at_the_end():
+    reader = ToolMode(None, None, "llama3_json").reader()
+    assert reader.feed(" ") == [] and reader.feed("Hello") == [" Hello"] and reader.feed(" there") == [" there"]
+    reader = ToolMode(None, None, "llama3_json", max_calls=1).reader()
+    assert reader.feed("<|python_") == [] and reader.feed('tag|>{"name": "f", ') == []
+    assert reader.feed('"parameters": {}}; {"name": "g", "parameters": {}}') == []
+    (call,) = reader.finish()
+    assert call.function.name == "f" and call.function.arguments == "{}"
