@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import itertools
 import logging
 import threading
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
+import jinja2
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from s2ft_serve.adapters.format import (
     Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
@@ -51,6 +54,11 @@ from s2ft_serve.model.loading import LoadedModel, head_dim_of, load_model, targe
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "RequestHandle"]
+
+
+# apply_chat_template's own parameters, which chat_template_kwargs may not set
+TEMPLATE_ARGUMENTS = (frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+                      - {"self", "kwargs"} | {"messages"})
 
 
 def _on_engine_thread(method):
@@ -139,11 +147,31 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The token ids of a chat (with the tools, for templates that show them), ready for the answer."""
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            template_kwargs: dict | None = None) -> list[int]:
+        """The token ids of a chat (with the tools, for templates that show them), ready for the answer:
+        after the template's opening of the assistant's turn (`add_generation_prompt`), or inside the
+        final assistant message, left open (`continue_final_message`). `template_kwargs` are more
+        variables for the template. A chat the template refuses raises InvalidRequestError."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("the base model's tokenizer has no chat template", param="messages")
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        if add_generation_prompt and continue_final_message:
+            raise InvalidRequestError("continue_final_message needs add_generation_prompt false",
+                                      param="continue_final_message")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise InvalidRequestError("continue_final_message needs an assistant message last",
+                                      param="continue_final_message")
+        clash = sorted(set(template_kwargs or {}) & TEMPLATE_ARGUMENTS)
+        if clash:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(clash)}",
+                                      param="chat_template_kwargs")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(template_kwargs or {}))
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
         return self.tokenize(text)
 
     def submit(self, prompt: str | list[int], adapter: str | None = None,

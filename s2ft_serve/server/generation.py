@@ -25,7 +25,7 @@ from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, Stre
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
 from s2ft_serve.server.errors import domain_error_response
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.protocol import ChatMessage, PromptTokensDetails, SamplingFields, Usage
+from s2ft_serve.server.protocol import ChatMessage, ChatTemplateFields, PromptTokensDetails, SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,11 @@ def template_message(m: ChatMessage) -> dict:
     return out
 
 
-def chat_prompt(engine: Engine, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+def chat_prompt(engine: Engine, body: ChatTemplateFields, messages: list[ChatMessage],
+                tools: list[dict] | None = None) -> list[int]:
     """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
-    return engine.apply_chat_template([template_message(m) for m in messages], tools)
+    return engine.apply_chat_template([template_message(m) for m in messages], tools, body.add_generation_prompt,
+                                      body.continue_final_message, body.chat_template_kwargs)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

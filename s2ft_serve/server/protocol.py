@@ -206,7 +206,18 @@ class NamedToolChoice(RequestModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(RequestModel):
+    """How a chat is rendered through the chat template (vLLM's extras; chat completions and /tokenize)."""
+
+    add_generation_prompt: bool = Field(True, description="end the prompt with the template's opening of the "
+                                        "assistant's answer")
+    continue_final_message: bool = Field(False, description="leave the final (assistant) message open, so the "
+                                         "answer continues it; needs add_generation_prompt false")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="more variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3")
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "my-adapter", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 32},
     ]})

@@ -37,7 +37,7 @@ async def start(body: ChatCompletionRequest, engine: Engine, parser: str | None,
     """Validate and submit the n choices; the context for the response: the prompt and the tool mode."""
     logprobs = check_request(body)
     tools = tool_mode(body, parser)
-    prompt = chat_prompt(engine, body.messages, template_tools(body.tools))
+    prompt = chat_prompt(engine, body, body.messages, template_tools(body.tools))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide

@@ -8,14 +8,16 @@ from pydantic import Field, model_validator
 
 from s2ft_serve.server.deps import EngineDep, SettingsDep, require_api_key
 from s2ft_serve.server.generation import base_names, chat_prompt
-from s2ft_serve.server.protocol import ChatMessage, ErrorResponse, RequestModel, ResponseModel, Tool
+from s2ft_serve.server.protocol import (
+    ChatMessage, ChatTemplateFields, ErrorResponse, RequestModel, ResponseModel, Tool,
+)
 from s2ft_serve.server.tools import template_tools
 
 router = APIRouter(tags=["Tokens"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
 
 
-class TokenizeRequest(RequestModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = Field(None, description="the base model or an adapter (they share one tokenizer)")
     prompt: str | None = Field(None, description="text, tokenized as /v1/completions does")
     messages: list[ChatMessage] | None = Field(None, min_length=1,
@@ -59,7 +61,7 @@ def check_model(engine: EngineDep, settings: SettingsDep, model: str | None) -> 
 def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
     check_model(engine, settings, body.model)
     if body.messages is not None:
-        tokens = chat_prompt(engine, body.messages, template_tools(body.tools))
+        tokens = chat_prompt(engine, body, body.messages, template_tools(body.tools))
     else:
         tokens = engine.tokenize(body.prompt)
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

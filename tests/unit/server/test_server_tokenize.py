@@ -58,3 +58,67 @@ async def test_bad_requests_are_refused(client, path, body, status):
     r = await client.post(path, json=body)
     assert r.status_code == status, r.text
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---- how the chat is rendered: vLLM's add_generation_prompt, continue_final_message, chat_template_kwargs --
+def rendered(engine, tokens: list[int]) -> str:
+    return engine.tokenizer.decode(tokens)
+
+
+async def test_generation_prompt_and_continuing_the_final_message(client, engine):
+    opened = (await client.post("/tokenize", json={"messages": MESSAGES})).json()["tokens"]
+    closed = (await client.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False})).json()
+    assert rendered(engine, opened).endswith("<|im_start|>assistant\n")
+    assert rendered(engine, closed["tokens"]).endswith("What is 2 + 2?<|im_end|>\n")
+    started = MESSAGES + [{"role": "assistant", "content": "The answer is"}]
+    body = {"messages": started, "add_generation_prompt": False, "continue_final_message": True}
+    cont = (await client.post("/tokenize", json=body)).json()["tokens"]
+    assert rendered(engine, cont).endswith("<|im_start|>assistant\nThe answer is")
+    assert cont[: len(opened)] == opened  # the same chat, then the answer's start, left open
+    usage = (await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})).json()["usage"]
+    assert usage["prompt_tokens"] == len(cont)
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+                     "{% if enable_thinking is defined and not enable_thinking %} <think></think>{% endif %}")
+
+
+async def test_chat_template_kwargs_reach_the_template(client, engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", THINKING_TEMPLATE)
+    plain = (await client.post("/tokenize", json={"messages": MESSAGES})).json()["tokens"]
+    body = {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}}
+    off = (await client.post("/tokenize", json=body)).json()["tokens"]
+    assert rendered(engine, off) == rendered(engine, plain) + " <think></think>"
+    usage = (await client.post("/v1/chat/completions", json={**body, "max_tokens": 1})).json()["usage"]
+    assert usage["prompt_tokens"] == len(off)
+
+
+RAISING_TEMPLATE = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be the "
+                    "user\\'s') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message", "add_generation_prompt"),
+    ({"add_generation_prompt": False, "continue_final_message": True}, "continue_final_message", "assistant message"),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", "tools"),
+    ({"chat_template_kwargs": {"messages": [], "add_generation_prompt": False}}, "chat_template_kwargs",
+     "add_generation_prompt, messages"),
+    ({"chat_template_kwargs": "x"}, "chat_template_kwargs", ""),
+])
+async def test_bad_rendering_options_are_400(client, body, param, message):
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = await client.post(path, json={"messages": MESSAGES, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and message in error["message"], error
+
+
+async def test_a_chat_the_template_refuses_is_400(client, engine, monkeypatch):
+    monkeypatch.setattr(engine.tokenizer, "chat_template", RAISING_TEMPLATE)
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = await client.post(path, json={"messages": MESSAGES})  # a system message first
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and "the first message must be the user's" in error["message"]
+    ok = await client.post("/tokenize", json={"messages": MESSAGES[1:]})
+    assert ok.status_code == 200
