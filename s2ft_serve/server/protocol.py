@@ -238,6 +238,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
 class ChatMessageOut(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # with a --reasoning-parser
     tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
@@ -281,6 +282,7 @@ class ToolCallDelta(ResponseModel):
 class ChatDelta(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 

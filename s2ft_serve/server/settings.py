@@ -60,6 +60,9 @@ class ServerSettings(BaseSettings):
         None, description="parser for the model's own tool-call syntax; enables tool_choice 'auto' (hermes: "
         "<tool_call>JSON</tool_call>, as Hermes and Qwen 2.5/3 write calls; llama3_json: an answer that is "
         "JSON calls, as Llama 3.1-3.3 write them)")
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
+        None, description="return the model's <think> reasoning as reasoning_content, apart from the answer "
+        "(qwen3: a <think> block at the start; deepseek_r1: everything up to </think>)")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: str = "info"
     access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")

@@ -223,15 +223,6 @@ class ToolMode:
         return "stop" if self.function else "tool_calls"
 
 
-def read_answer(tools: ToolMode, text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole answer's content and calls (content None when there are calls and no text)."""
-    reader = tools.reader()
-    parts = reader.feed(text) + reader.finish()
-    content = "".join(p for p in parts if isinstance(p, str))
-    calls = [p for p in parts if isinstance(p, ToolCall)]
-    return (content or None) if calls else content, calls
-
-
 def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMode | None:
     """The request's tool mode (None: a text answer); 400 for choices that cannot be served."""
     choice = body.tool_choice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import AsyncIterator
 
@@ -19,7 +20,9 @@ from s2ft_serve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, ErrorResponse, ToolCall, ToolCallDelta,
 )
-from s2ft_serve.server.tools import ToolMode, read_answer, template_tools, tool_mode
+from s2ft_serve.server.reasoning import Thought, ThinkSplitter
+from s2ft_serve.server.settings import ServerSettings
+from s2ft_serve.server.tools import ToolMode, template_tools, tool_mode
 
 router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
@@ -32,46 +35,88 @@ def check_request(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-async def start(body: ChatCompletionRequest, engine: Engine, parser: str | None,
-                gen: Generation) -> tuple[list[int], ToolMode | None]:
-    """Validate and submit the n choices; the context for the response: the prompt and the tool mode."""
+@dataclass
+class Context:
+    """What the response needs from the request: the prompt, the tool mode, the reasoning parser."""
+
+    prompt: list[int]
+    tools: ToolMode | None
+    reasoning: str | None  # the reasoning parser (see server.reasoning)
+
+
+async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSettings, gen: Generation) -> Context:
+    """Validate and submit the n choices."""
     logprobs = check_request(body)
-    tools = tool_mode(body, parser)
+    tools = tool_mode(body, settings.tool_call_parser)
     prompt = chat_prompt(engine, body, body.messages, template_tools(body.tools))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide
     for i in range(body.n):
         await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
-    return prompt, tools
+    reasoning = settings.reasoning_parser
+    if guide is not None and reasoning is not None:  # a guided answer thinks only if its grammar writes <think>
+        reasoning = "qwen3"
+    return Context(prompt, tools, reasoning)
 
 
-def answer(tools: ToolMode | None, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
-    """The assistant message of a finished answer: its text, and the tool calls it holds."""
-    if tools is None:
-        return ChatMessageOut(content=text), finish_reason
-    content, calls = read_answer(tools, text)
-    return ChatMessageOut(content=content, tool_calls=calls or None), tools.finish_reason(bool(calls), finish_reason)
+class AnswerReader:
+    """One choice's answer, as it streams: its reasoning apart (with a reasoning parser), then the tool
+    calls the rest holds (with tools); `feed` and `finish` give (reasoning, content, calls) so far."""
+
+    def __init__(self, context: Context):
+        self.splitter = ThinkSplitter(context.reasoning) if context.reasoning else None
+        self.tools = context.tools.reader() if context.tools else None
+        self.streams = self.tools is None or self.tools.streams  # a forced call shows nothing before the end
+
+    def feed(self, text: str) -> tuple[str, str, list[ToolCall]]:
+        return self._route(self.splitter.feed(text) if self.splitter else [text], finish=False)
+
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        return self._route(self.splitter.finish() if self.splitter else [], finish=True)
+
+    def _route(self, pieces: list, finish: bool) -> tuple[str, str, list[ToolCall]]:
+        thought, parts = "", []
+        for piece in pieces:
+            if isinstance(piece, Thought):
+                thought += piece.text
+            else:
+                parts += self.tools.feed(piece) if self.tools else [piece]
+        if finish and self.tools:
+            parts += self.tools.finish()
+        return thought, "".join(p for p in parts if isinstance(p, str)), [p for p in parts if isinstance(p, ToolCall)]
 
 
-def build_response(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
+def answer(context: Context, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
+    """The assistant message of a finished answer: its reasoning, its text and the tool calls it holds."""
+    reader = AnswerReader(context)
+    (thought, content, calls), (thought2, content2, calls2) = reader.feed(text), reader.finish()
+    content, calls = content + content2, calls + calls2
+    message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None,
+                             reasoning_content=(thought + thought2) or None)
+    if context.tools is not None:
+        finish_reason = context.tools.finish_reason(bool(calls), finish_reason)
+    return message, finish_reason
+
+
+def build_response(body: ChatCompletionRequest, gen: Generation, model: str, context: Context,
                    outputs: list[RequestOutput], text: TokenText) -> ChatCompletionResponse:
     choices = []
     for choice, out in zip(gen.choices, outputs):
         logprobs = None
         if body.logprobs:
             logprobs = chat_logprobs(text, out.token_ids, out.logprobs or [], body.top_logprobs or 0)
-        message, finish_reason = answer(tools, out.text, out.finish_reason)
+        message, finish_reason = answer(context, out.text, out.finish_reason)
         choices.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs, finish_reason=finish_reason))
     return ChatCompletionResponse(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
-                                  usage=gen.usage(len(prompt)))
+                                  usage=gen.usage(len(context.prompt)))
 
 
-async def stream(body: ChatCompletionRequest, gen: Generation, model: str, prompt: list[int], tools: ToolMode | None,
+async def stream(body: ChatCompletionRequest, gen: Generation, model: str, context: Context,
                  text: TokenText) -> AsyncIterator[str]:
-    """Server-sent events: the role first, then content deltas, a finish chunk, and usage if asked.
-    With tools, each call comes whole in one delta: a forced answer's at the end, an "auto" answer's
-    as soon as its block closes, between the content deltas around it."""
+    """Server-sent events: the role first, then reasoning and content deltas, a finish chunk, and usage if
+    asked. With tools, each call comes whole in one delta: a forced answer's at the end, an "auto"
+    answer's as soon as its block closes, between the content deltas around it."""
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
         return sse(ChatCompletionChunk(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
@@ -79,23 +124,22 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
 
     for choice in gen.choices:
         yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""))])
-    readers = {choice.index: tools.reader() for choice in gen.choices} if tools else {}
+    readers = {choice.index: AnswerReader(context) for choice in gen.choices}
     called = dict.fromkeys(readers, 0)  # calls sent, per choice
     async for choice, event in gen.events():
-        reader = readers.get(choice.index)
-        parts = [event.text_delta] if reader is None else reader.feed(event.text_delta)
-        if reader is not None and event.finished:
-            parts += reader.finish()
-        content = "".join(p for p in parts if isinstance(p, str))
-        streamed = reader is None or reader.streams
-        if streamed and (event.token_id is not None or content):  # one chunk per token, as vLLM
+        reader = readers[choice.index]
+        thought, content, calls = reader.feed(event.text_delta)
+        if event.finished:
+            more = reader.finish()
+            thought, content, calls = thought + more[0], content + more[1], calls + more[2]
+        if reader.streams and (event.token_id is not None or content or thought):  # a chunk per token, as vLLM
             logprobs = None
             if body.logprobs and event.logprob is not None and event.token_id is not None:
                 logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
-            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content), logprobs=logprobs)])
+            delta = ChatDelta(content=None if thought and not content else content, reasoning_content=thought or None)
+            yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
         elif content:  # a forced answer that is not a call (cut short)
             yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content))])
-        calls = [p for p in parts if isinstance(p, ToolCall)]
         if calls:
             first = called[choice.index]
             called[choice.index] += len(calls)
@@ -104,11 +148,11 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, promp
                 for i, c in enumerate(calls)]))])
         if event.finished:
             reason = event.finish_reason
-            if tools is not None:
-                reason = tools.finish_reason(called[choice.index] > 0, reason)
+            if context.tools is not None:
+                reason = context.tools.finish_reason(called[choice.index] > 0, reason)
             yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=reason)])
     if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], usage=gen.usage(len(prompt)))
+        yield chunk([], usage=gen.usage(len(context.prompt)))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS,
@@ -118,7 +162,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     text = token_text_decoder(engine.tokenizer)
     return await serve(
         request, response, engine, settings, metrics, body,
-        start=partial(start, body, engine, settings.tool_call_parser),
-        stream=lambda gen, model, context: stream(body, gen, model, *context, text),
-        build=lambda gen, model, context, outputs: build_response(body, gen, model, *context, outputs, text),
+        start=partial(start, body, engine, settings),
+        stream=lambda gen, model, context: stream(body, gen, model, context, text),
+        build=lambda gen, model, context, outputs: build_response(body, gen, model, context, outputs, text),
     )

@@ -8,7 +8,17 @@ import random
 import pytest
 
 from s2ft_serve.server.protocol import ToolCall
-from s2ft_serve.server.tools import HermesReader, ToolMode, read_answer
+from s2ft_serve.server.tools import HermesReader, ToolMode
+
+def read_answer(tools: ToolMode, text: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole answer's content and calls (content None when there are calls and no text), as the chat
+    route reads it."""
+    reader = tools.reader()
+    parts = reader.feed(text) + reader.finish()
+    content = "".join(p for p in parts if isinstance(p, str))
+    calls = [p for p in parts if isinstance(p, ToolCall)]
+    return (content or None) if calls else content, calls
+
 
 AUTO = ToolMode(None, None, "hermes")
 ONE = ToolMode(None, None, "hermes", max_calls=1)
