@@ -95,7 +95,8 @@ def server(tiny_llama_dir, adapter_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-log") / "s2ft-serve.log"
     s = start_server(tiny_llama_dir, adapter_root, log, "--api-key", USER_KEY, "--admin-key", ADMIN_KEY,
                      "--adapter", f"a0={adapter_root / 'a0'}", "--adapter", f"a1={adapter_root / 'a1'}",
-                     "--max-resident-adapters", "3", "--max-batch-size", "8", "--tool-call-parser", "hermes")
+                     "--max-resident-adapters", "3", "--max-batch-size", "8", "--tool-call-parser", "hermes",
+                     "--reasoning-parser", "qwen3")
     yield s
     stop_server(s)
 
@@ -228,6 +229,19 @@ def test_function_calling_through_the_official_client(client):
         final = events.get_final_completion()
     assert final.choices[0].finish_reason == "tool_calls"
     assert [c.function.parsed_arguments for c in final.choices[0].message.tool_calls] == [call.function.parsed_arguments]
+
+
+def test_reasoning_through_the_official_client(client):
+    """The qwen3 reasoning parser: `reasoning_content` reaches the official client (an extra field of its
+    message and delta models), apart from the answer, streamed or not."""
+    said = "<think>Two and two.</think>\n\nFour."
+    body = dict(model="a0", messages=[{"role": "user", "content": "2 + 2?"}], max_tokens=120, temperature=0,
+                extra_body={"structured_outputs": {"choice": [said]}})  # the tiny model writes `said`
+    message = client.chat.completions.create(**body).choices[0].message
+    assert message.content == "Four." and message.model_extra["reasoning_content"] == "Two and two."
+    chunks = [c for c in client.chat.completions.create(**body, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks) == "Two and two."
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Four."
 
 
 def test_streaming_equals_non_streaming(client):
