@@ -60,7 +60,8 @@ def adjust_logits(
     output_ids: list[int],
     eos_ids: set[int],
 ) -> torch.Tensor:
-    """`row` after logit bias, min_tokens, repetition, frequency and presence penalties (vLLM's order)."""
+    """`row` after logit bias, min_tokens, repetition, frequency and presence penalties (vLLM's order).
+    The plain one-row rules; the engine runs `adjust_logits_batch`, which gives the same results."""
     row = row.clone()
     device = row.device
     if params.logit_bias:
@@ -78,6 +79,56 @@ def adjust_logits(
         ids, counts = torch.tensor(output_ids, device=device).unique(return_counts=True)
         row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
     return row
+
+
+def adjust_logits_batch(
+    logits: torch.Tensor,  # [B, vocab] float32, one row per sequence
+    params: list[SamplingParams],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    eos_ids: set[int],
+) -> torch.Tensor:  # [B, vocab], a new tensor
+    """`adjust_logits` for every row at once, with the same results bit for bit: each rule gathers the
+    (row, token) entries it touches across all rows and updates them in one go."""
+    out = logits.clone()
+    flat = out.view(-1)
+    device, vocab = logits.device, logits.shape[1]
+
+    def keys(rows: list[int], ids_of) -> torch.Tensor:
+        """Flat indices `row * vocab + id` into `out` for each row and each id of `ids_of(row)`."""
+        parts = [torch.tensor(ids_of(i), dtype=torch.int64) + i * vocab for i in rows]
+        return torch.cat(parts).to(device)
+
+    def per_key(rows: list[int], value, at: torch.Tensor) -> torch.Tensor:
+        """A row's parameter `value(params[row])` at each flat index in `at`."""
+        table = torch.zeros(len(params), dtype=out.dtype)
+        table[rows] = torch.tensor([value(params[i]) for i in rows], dtype=out.dtype)
+        return table.to(device)[at // vocab]
+
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        at = keys(biased, lambda i: list(params[i].logit_bias))
+        flat[at] += torch.tensor([v for i in biased for v in params[i].logit_bias.values()], dtype=out.dtype,
+                                 device=device)
+    early = [i for i, p in enumerate(params) if len(outputs[i]) < p.min_tokens]
+    if early:
+        banned = {i: sorted(set(params[i].stop_token_ids) | (set() if params[i].ignore_eos else eos_ids))
+                  for i in early}
+        early = [i for i in early if banned[i]]
+        if early:
+            flat[keys(early, banned.get)] = float("-inf")
+    repeating = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeating:
+        at = keys(repeating, lambda i: prompts[i] + outputs[i]).unique()
+        values, penalty = flat[at], per_key(repeating, lambda p: p.repetition_penalty, at)
+        flat[at] = torch.where(values > 0, values / penalty, values * penalty)
+    counted = [i for i, p in enumerate(params) if outputs[i] and (p.frequency_penalty or p.presence_penalty)]
+    if counted:
+        at, counts = keys(counted, outputs.__getitem__).unique(return_counts=True)
+        frequency = per_key(counted, lambda p: p.frequency_penalty, at)
+        presence = per_key(counted, lambda p: p.presence_penalty, at)
+        flat[at] -= frequency * counts.to(out.dtype) + presence
+    return out
 
 
 def token_logprobs(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from s2ft_serve.engine.request import StreamEvent
-from s2ft_serve.engine.sampler import adjust_logits, sample, token_logprobs
+from s2ft_serve.engine.sampler import adjust_logits_batch, sample, token_logprobs
 from s2ft_serve.engine.scheduler import Sequence
 from s2ft_serve.engine.speculative import propose
 
@@ -280,11 +280,14 @@ class Stepper:
         and emit it; return the sequences that are done, with why (the caller finishes them)."""
         adjusted = logits
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if guided or any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
+        rules = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
+        if guided or rules:  # these change what is sampled, not logprobs
             adjusted = logits.clone()
-            for i, s in enumerate(seqs):
-                if s.params.adjusts_logits:
-                    adjusted[i] = adjust_logits(logits[i], s.params, s.prompt_ids, s.output_ids, self.eos_ids)
+            if rules:
+                picked = [seqs[i] for i in rules]
+                adjusted[rules] = adjust_logits_batch(logits[rules], [s.params for s in picked],
+                                                      [s.prompt_ids for s in picked], [s.output_ids for s in picked],
+                                                      self.eos_ids)
             if guided:
                 self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
         chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs], drafts)

@@ -10,7 +10,7 @@ import torch
 from engine_reference import reference, reference_logits
 
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.engine.sampler import adjust_logits, sample
+from s2ft_serve.engine.sampler import adjust_logits, adjust_logits_batch, sample
 from s2ft_serve.errors import InvalidRequestError
 
 ROW = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
@@ -39,6 +39,36 @@ def test_the_row_given_is_not_changed():
     row = ROW.clone()
     adjust_logits(row, SamplingParams(logit_bias={0: 1.0}, frequency_penalty=1.0), [], [0], set())
     assert torch.equal(row, ROW)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_batched_rules_equal_the_one_row_rules_bit_for_bit(seed):
+    """What the engine runs (every row at once) gives exactly what the plain one-row rules give, for rows
+    that mix every rule, repeat tokens, and leave some rules or all of them off."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, rows = 50, 9
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    params, prompts, outputs = [], [], []
+    for _ in range(rows):
+        pick = torch.rand(6, generator=gen).tolist()
+        bias = {i: round(float(torch.randn(1, generator=gen)) * 5, 3) for i in set(ids(3))} if pick[0] < 0.5 else {}
+        params.append(SamplingParams(
+            max_tokens=20, logit_bias=bias, min_tokens=3 if pick[1] < 0.4 else 0,
+            stop_token_ids=ids(2) if pick[1] < 0.2 else [], ignore_eos=pick[2] < 0.3,
+            repetition_penalty=1.0 + round(pick[3], 2) if pick[3] < 0.6 else 1.0,
+            frequency_penalty=round(pick[4] * 2 - 0.5, 2) if pick[4] < 0.7 else 0.0,
+            presence_penalty=round(pick[5] - 0.3, 2) if pick[5] < 0.7 else 0.0))
+        prompts.append(ids(int(torch.randint(0, 12, (1,), generator=gen))))
+        outputs.append(ids(int(torch.randint(0, 6, (1,), generator=gen))))
+    eos = {7}
+    batched = adjust_logits_batch(logits, params, prompts, outputs, eos)
+    one_by_one = torch.stack([adjust_logits(logits[i], params[i], prompts[i], outputs[i], eos) for i in range(rows)])
+    assert torch.equal(batched, one_by_one)
+    assert not torch.equal(batched, logits)  # the rules did something
 
 
 @pytest.mark.parametrize("params, param", [
