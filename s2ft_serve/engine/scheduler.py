@@ -39,6 +39,8 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     finish_reason: str | None = None
     cancelled: bool = False
+    history: Any = None  # prompt + output ids as a tensor, for drafting (see speculative.history)
+    history_filled: int = 0
 
     @property
     def length(self) -> int:  # tokens in the KV cache once the last output is fed back

@@ -18,21 +18,41 @@ from __future__ import annotations
 import torch
 
 
-def propose(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+def propose(tokens: torch.Tensor | list[int], k: int, n_min: int, n_max: int) -> list[int]:
     """Up to `k` tokens following an earlier occurrence of the longest suffix (n_max..n_min tokens) of
-    `tokens`: the latest occurrence that `k` tokens follow, else the latest; [] when there is none.
-    (In a repeating run the latest occurrence ends one token before the end: one token to draft.)"""
-    if k <= 0 or len(tokens) <= n_min:
+    `tokens` (int64 [length], or a list): the latest occurrence that `k` tokens follow, else the
+    latest; [] when there is none. (In a repeating run the latest occurrence ends one token before the
+    end: one token to draft.)"""
+    seq = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.int64)
+    length = len(seq)
+    if k <= 0 or length <= n_min:
         return []
-    seq = torch.tensor(tokens, dtype=torch.int64)
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        windows = seq[: len(tokens) - 1].unfold(0, n, 1)  # [len - n, n]: every n-gram that a token follows
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        windows = seq[: length - 1].unfold(0, n, 1)  # [length - n, n]: every n-gram that a token follows
         hits = (windows == seq[-n:]).all(dim=1).nonzero()[:, 0]
         if len(hits):
-            full = hits[hits + n + k <= len(tokens)]
+            full = hits[hits + n + k <= length]
             start = int(full[-1] if len(full) else hits[-1]) + n
-            return tokens[start: start + k]
+            return seq[start: start + k].tolist()
     return []
+
+
+def history(seq) -> torch.Tensor:
+    """A sequence's tokens (prompt, then output) as int64 [length], kept in a buffer on the sequence
+    that grows by doubling and takes only the tokens new since the last call: drafting reads it every
+    step, and building it anew would cost O(length) each time."""
+    length, buffer, filled = seq.length, seq.history, seq.history_filled
+    if buffer is None or len(buffer) < length:
+        grown = torch.empty(max(2 * length, 64), dtype=torch.int64)
+        if buffer is not None:
+            grown[:filled] = buffer[:filled]
+        seq.history = buffer = grown
+    if filled < length:
+        prompt = len(seq.prompt_ids)
+        new = (seq.prompt_ids[filled:] if filled < prompt else []) + seq.output_ids[max(filled - prompt, 0):]
+        buffer[filled:length] = torch.tensor(new, dtype=torch.int64)
+        seq.history_filled = length
+    return buffer[:length]
 
 
 def propose_reference(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 from s2ft_serve.engine.request import StreamEvent
 from s2ft_serve.engine.sampler import adjust_logits_batch, sample, token_logprobs
 from s2ft_serve.engine.scheduler import Sequence
-from s2ft_serve.engine.speculative import propose
+from s2ft_serve.engine.speculative import history, propose
 
 if TYPE_CHECKING:
     from s2ft_serve.engine.engine import Engine
@@ -138,8 +138,7 @@ class Stepper:
         drafts = []
         for s in running:
             room = min(config.speculative_tokens, s.params.max_tokens - len(s.output_ids) - 1, max_len - s.length - 1)
-            drafts.append(propose(s.prompt_ids + s.output_ids, room, config.speculative_ngram_min,
-                                  config.speculative_ngram_max))
+            drafts.append(propose(history(s), room, config.speculative_ngram_min, config.speculative_ngram_max))
         return drafts if 2 * sum(1 for d in drafts if d) >= len(running) else None
 
     def _speculate(self, running: list[Sequence], drafts: list[list[int]]) -> None:

@@ -172,3 +172,18 @@ def test_no_drafts_beyond_the_batch_limit(tiny_model_dir):
 def test_bad_ngram_range_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match="speculative_ngram_min"):
         make_engine(tiny_llama_dir, speculative_tokens=4, speculative_ngram_min=3, speculative_ngram_max=2)
+
+
+def test_history_is_the_sequence_as_it_grows():
+    """The drafting buffer equals prompt + output after every step, however many tokens a step added."""
+    from types import SimpleNamespace
+
+    from s2ft_serve.engine.speculative import history
+
+    seq = SimpleNamespace(prompt_ids=list(range(40)), output_ids=[], history=None, history_filled=0)
+    seq.length = len(seq.prompt_ids)
+    for added in [0, 1, 3, 1, 30, 2, 100, 1]:  # speculative steps add several tokens at once
+        seq.output_ids += [1000 + len(seq.output_ids) + i for i in range(added)]
+        seq.length = len(seq.prompt_ids) + len(seq.output_ids)
+        assert history(seq).tolist() == seq.prompt_ids + seq.output_ids
+    assert propose(history(seq), 3, 1, 2) == propose(seq.prompt_ids + seq.output_ids, 3, 1, 2)
