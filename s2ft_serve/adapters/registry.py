@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -88,6 +89,8 @@ class AdapterRegistry:
         # a hard cap on slots: resident adapters + retired versions still in flight + corrections
         self.max_slots = max_resident + 64 + 2 * max_fused + 2
         self.epoch = 0  # bumped whenever the base weights change (fuse, unfuse): cached keys/values go stale
+        # called with each version that retires (replaced, removed, evicted): nothing will run on it anew
+        self.on_retire: Callable[[AdapterVersion], None] = lambda version: None
 
     # ---- slots -------------------------------------------------------------------------
     def _alloc_slot(self) -> int:
@@ -155,6 +158,7 @@ class AdapterRegistry:
 
     def _retire(self, version: AdapterVersion) -> None:
         version.retired = True
+        self.on_retire(version)
         if version in self._corrections:
             self._free_slot(self._corrections.pop(version))
         self._plans.pop(version, None)

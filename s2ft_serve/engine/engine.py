@@ -118,6 +118,8 @@ class Engine:
             max_fused=config.max_fused_adapters)
         cache = PrefixCache(self.runner.model.cache, config.prefix_block_size, config.prefix_cache_bytes)
         self.prefix_cache = cache if cache.enabled else None
+        if self.prefix_cache is not None:
+            self.registry.on_retire = lambda version: cache.drop_owner(version.uid)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Engine":

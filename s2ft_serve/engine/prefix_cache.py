@@ -4,7 +4,8 @@ Prompts are cut into blocks of `block_size` tokens. A block's keys and values de
 token up to its end and on the weights that made them: the request's adapter version and whatever
 is fused into the base. A block is therefore found by the exact key (adapter version, parent
 block, its tokens): no hashes, so a hit is never a collision. The fused state is not in the key;
-when it changes (the registry's `epoch`), the cache empties.
+when it changes (the registry's `epoch`), the cache empties. When an adapter version retires
+(replaced, removed or evicted), its blocks go at once rather than waiting for the LRU.
 
 On a hit the engine copies the blocks into the request's cache row and prefills only the rest of
 the prompt, which attends over them like a later chunk of a chunked prefill. At least one prompt
@@ -57,6 +58,11 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.blocks.clear()
+
+    def drop_owner(self, owner: int) -> None:
+        """Drop every block of `owner` (an adapter version that retired: no request will match them)."""
+        for key in [key for key in self.blocks if key[0] == owner]:
+            del self.blocks[key]
 
     def _check_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # the base weights changed (fuse / unfuse): every block is stale

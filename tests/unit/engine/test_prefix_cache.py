@@ -117,7 +117,7 @@ def test_hits_give_the_merged_reference_for_the_base_and_an_adapter(tiny_model_d
         assert stats.prefix_cache_bytes > 0
 
 
-def test_prompt_logprobs_are_computed_whole_and_replacing_an_adapter_leaves_its_old_blocks_behind(tiny_llama_dir):
+def test_prompt_logprobs_are_computed_whole_and_replacing_an_adapter_drops_its_old_blocks(tiny_llama_dir):
     with engine_with_adapter(tiny_llama_dir, seed=1, prefix_block_size=8) as (engine, old):
         new = random_adapter(engine.loaded.model, engine.model_name, seed=2, channels=4)
         ids = list(range(30, 60))
@@ -126,10 +126,20 @@ def test_prompt_logprobs_are_computed_whole_and_replacing_an_adapter_leaves_its_
         assert scored.cached_tokens == 0 and len(scored.prompt_logprobs) == len(ids)
         lp = torch.log_softmax(reference_logits(reference(tiny_llama_dir, (old, 1.0)), ids), -1)
         assert abs(scored.prompt_logprobs[-1].logprob - lp[-2, ids[-1]].item()) <= 1e-4
+        engine.generate(ids, None, GREEDY)  # the base's blocks, which must stay
+        cache = engine.prefix_cache
+        old_uid = engine.registry.get("a").version.uid
+        owners = {key[0] for key in cache.blocks}
+        assert owners == {0, old_uid}
         engine.add_adapter("a", new, replace=True)
+        assert {key[0] for key in cache.blocks} == {0}  # the retired version's blocks are gone at once
         out = engine.generate(ids, "a", GREEDY)
         assert out.cached_tokens == 0  # the new version has no blocks yet
         assert out.token_ids == reference_greedy(reference(tiny_llama_dir, (new, 1.0)), ids, 6)
+        assert engine.generate(ids, "a", GREEDY).cached_tokens == 24
+        engine.remove_adapter("a")
+        assert {key[0] for key in cache.blocks} == {0}
+        assert engine.generate(ids, None, GREEDY).cached_tokens == 24
 
 
 def test_fusing_or_unfusing_empties_the_cache(tiny_llama_dir):
