@@ -39,6 +39,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     finish_reason: str | None = None
     cancelled: bool = False
+    twin_of: Any = None  # an identical prompt admitted in the same step: its cache row is copied, not computed
     history: Any = None  # prompt + output ids as a tensor, for drafting (see speculative.history)
     history_filled: int = 0
 

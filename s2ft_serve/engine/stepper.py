@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def to_compute(seq: Sequence) -> int:
-    """The prompt tokens a new sequence's prefill computes (all but a prefix-cache hit's)."""
-    return len(seq.prompt_ids) - seq.cached_tokens
+    """The prompt tokens a new sequence's prefill computes (all but a prefix-cache hit's; none for the
+    twin of a prompt admitted in the same step, which copies that one's cache row)."""
+    return 0 if seq.twin_of is not None else len(seq.prompt_ids) - seq.cached_tokens
 
 
 def prefill_groups(seqs: list[Sequence], max_padding: float = 0.25) -> list[list[Sequence]]:
@@ -44,6 +45,7 @@ class Stepper:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.listeners: list[Callable[[int, int], None]] = []
+        self._step_prompts: dict[tuple, Sequence] = {}  # the prompts admitted this step (see _look_up)
         self.steps = 0
         self.draft_tokens = 0  # speculative decoding: tokens proposed, and of them accepted
         self.accepted_tokens = 0
@@ -93,16 +95,24 @@ class Stepper:
             budget -= self._prefill_chunk(budget)
         carried = sched.chunking
         admitted = []
+        self._step_prompts = {}
         for seq in sched.admit(budget, cost=self._look_up):
             if seq.cancelled:
                 self.abort_waiting(seq)
             else:
                 admitted.append(seq)
-                budget -= to_compute(seq)
-        for group in prefill_groups(admitted):
+        kept = {id(seq) for seq in admitted}
+        twins: dict[int, list[Sequence]] = {}  # id(the sequence that computes the prompt) -> its twins
+        for seq in admitted:
+            if seq.twin_of is not None and id(seq.twin_of) not in kept:  # that one was cancelled: compute it
+                seq.twin_of, seq.cached_tokens = None, 0
+            if seq.twin_of is not None:
+                twins.setdefault(id(seq.twin_of), []).append(seq)
+            budget -= to_compute(seq)
+        for group in prefill_groups([seq for seq in admitted if seq.twin_of is None]):
             for seq in group:
                 sched.start_running(seq)  # consecutive rows
-            self._prefill(group)
+            self._prefill(group, [twin for seq in group for twin in twins.get(id(seq), [])])
         chunking = sched.chunking
         if chunking is not None and chunking is not carried:  # admit() just started chunking a long prompt
             chunking.prefilled = self._restore(chunking)
@@ -180,7 +190,16 @@ class Stepper:
         return self.engine.prefix_cache if seq.params.prompt_logprobs is None else None
 
     def _look_up(self, seq: Sequence) -> int:
-        """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute."""
+        """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute.
+        A prompt identical to one already admitted in this step (same adapter version, same tokens, same
+        prompt logprobs: the `n` choices of one request, or the same request sent several times) is its
+        twin: it costs nothing, and after that one's prefill it copies its cache row and logits."""
+        key = (self._owner(seq), tuple(seq.prompt_ids), seq.params.prompt_logprobs)
+        twin = self._step_prompts.get(key)
+        if twin is not None:
+            seq.twin_of, seq.hit, seq.cached_tokens = twin, [], twin.cached_tokens
+            return 0
+        self._step_prompts[key] = seq
         cache = self._cache_for(seq)
         if cache is None:
             return len(seq.prompt_ids)
@@ -207,9 +226,10 @@ class Stepper:
             self.engine.prefix_cache.insert(self._owner(seq), seq.prompt_ids, seq.row, self.engine.registry.epoch)
 
     # ---- prefill -------------------------------------------------------------------------
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` (in consecutive rows) in one pass, each after its prefix-cache hit if any;
-        sample each one's first token."""
+    def _prefill(self, seqs: list[Sequence], twins: list[Sequence] = ()) -> None:
+        """Prefill `seqs` (in consecutive rows) in one pass, each after its prefix-cache hit if any; give
+        each of `twins` (identical prompts, see `_look_up`) a running row and a copy of its twin's
+        cache row and prompt logprobs; sample every first token."""
         engine = self.engine
         offsets = [self._restore(s) for s in seqs]
         want = [s.params.prompt_logprobs is not None for s in seqs]  # these never hit: offset 0
@@ -217,11 +237,21 @@ class Stepper:
                                              [engine.registry.slots_for(s.version) for s in seqs], want, offsets)
         for fn in self.listeners:
             fn(len(seqs), sum(len(s.prompt_ids) - o for s, o in zip(seqs, offsets)))
+        last = {}
         for seq, lg, w in zip(seqs, logits, want):
             self._remember(seq)
             if w:
                 self._add_prompt_logprobs(seq, lg, 0)
-        self._first_tokens(seqs, [lg[-1] for lg in logits])
+            last[id(seq)] = lg[-1]
+        for twin in twins:  # before any first token: a sequence that finishes at once gives up its row
+            source, twin.twin_of = twin.twin_of, None
+            engine.scheduler.start_running(twin)
+            engine.runner.move_row(source.row, twin.row, len(source.prompt_ids))
+            if source.prompt_logprobs is not None:
+                twin.prompt_logprobs = list(source.prompt_logprobs)
+            last[id(twin)] = last[id(source)]
+        ordered = list(seqs) + list(twins)
+        self._first_tokens(ordered, [last[id(s)] for s in ordered])
 
     def _prefill_chunk(self, budget: int) -> int:
         """Prefill the next chunk (at most `budget` tokens) of the chunked prompt; return its size.

@@ -10,7 +10,7 @@ from s2ft_serve.engine.stepper import prefill_groups
 
 
 def seqs(*lengths):
-    return [SimpleNamespace(prompt_ids=[0] * n, cached_tokens=0) for n in lengths]
+    return [SimpleNamespace(prompt_ids=[0] * n, cached_tokens=0, twin_of=None) for n in lengths]
 
 
 def lengths(groups):
