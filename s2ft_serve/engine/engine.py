@@ -179,8 +179,41 @@ class Engine:
     def submit(self, prompt: str | list[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> RequestHandle:
         """Queue a request (may load a lazily-loaded or evicted adapter first)."""
+        return self.submit_many([(prompt, adapter, params)])[0]
+
+    def submit_many(self, requests: list[tuple[str | list[int], str | None, SamplingParams | None]]
+                    ) -> list[RequestHandle]:
+        """Queue several requests (prompt, adapter, params) together, all or none: each is checked and its
+        adapter pinned first, then all enter the queue at once, so they are admitted in the same step if
+        the batch has room; identical prompts among them are then prefilled once (the `n` choices of
+        one HTTP request)."""
         if not self._accepting:
             raise EngineNotReadyError("the engine is shutting down")
+        prepared: list[tuple[Sequence, RequestHandle]] = []
+        try:
+            for prompt, adapter, params in requests:
+                prepared.append(self._prepare(prompt, adapter, params))
+            seqs = [seq for seq, _ in prepared]
+            if not self.scheduler.add_all(seqs):
+                with self.lock:
+                    for dropped in self.scheduler.take_cancelled():  # they free their places now
+                        self.stepper.abort_waiting(dropped)
+                if not self.scheduler.add_all(seqs):
+                    raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+        except BaseException:
+            with self.lock:
+                for seq, _ in prepared:
+                    if seq.version is not None:
+                        self.registry.release(seq.version)
+            raise
+        if self.autofuse is not None:
+            for _, adapter, _ in requests:
+                self.autofuse.record(adapter)
+        return [handle for _, handle in prepared]
+
+    def _prepare(self, prompt: str | list[int], adapter: str | None,
+                 params: SamplingParams | None) -> tuple[Sequence, RequestHandle]:
+        """Check a request and pin its adapter; its sequence and handle, not queued yet."""
         params = params or SamplingParams()
         params.validate()
         prompt_ids = self._prompt_ids(prompt)
@@ -194,18 +227,7 @@ class Engine:
             version=version, sink=handle, detokenizer=Detokenizer(self.tokenizer, params.stop),
             generator=self._generator(params.seed), matcher=matcher)
         handle.bind(seq)
-        if not self.scheduler.add(seq):
-            with self.lock:
-                for dropped in self.scheduler.take_cancelled():  # they free their places now
-                    self.stepper.abort_waiting(dropped)
-            if not self.scheduler.add(seq):
-                with self.lock:
-                    if version is not None:
-                        self.registry.release(version)
-                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
-        if self.autofuse is not None:
-            self.autofuse.record(adapter)
-        return handle
+        return seq, handle
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,
                  params: SamplingParams | None = None) -> RequestOutput:
@@ -215,9 +237,16 @@ class Engine:
     async def asubmit(self, prompt: str | list[int], adapter: str | None = None,
                       params: SamplingParams | None = None) -> RequestHandle:
         """Like `submit`, from asyncio: file loads run in a thread; events arrive on this loop."""
-        handle = await asyncio.to_thread(self.submit, prompt, adapter, params)
-        handle.attach_loop(asyncio.get_running_loop())
-        return handle
+        return (await self.asubmit_many([(prompt, adapter, params)]))[0]
+
+    async def asubmit_many(self, requests: list[tuple[str | list[int], str | None, SamplingParams | None]]
+                           ) -> list[RequestHandle]:
+        """Like `submit_many`, from asyncio."""
+        handles = await asyncio.to_thread(self.submit_many, requests)
+        loop = asyncio.get_running_loop()
+        for handle in handles:
+            handle.attach_loop(loop)
+        return handles
 
     async def agenerate(self, prompt: str | list[int], adapter: str | None = None,
                         params: SamplingParams | None = None) -> RequestOutput:

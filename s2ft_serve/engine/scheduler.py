@@ -60,10 +60,15 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> bool:
         """Queue a sequence; False when the queue is full."""
+        return self.add_all([seq])
+
+    def add_all(self, seqs: list[Sequence]) -> bool:
+        """Queue sequences together (admission sees all of them or none); False, and none queued, when
+        they do not all fit in the queue."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(seqs) > self.max_queue:
                 return False
-            self.waiting.append(seq)
+            self.waiting.extend(seqs)
             self.cond.notify()
             return True
 

@@ -200,16 +200,20 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     choices: list[Choice] = field(default_factory=list)
 
-    async def submit(self, prompt_index: int, token_ids: list[int], params: SamplingParams) -> Choice:
+    async def submit_many(self, requests: list[tuple[int, list[int], SamplingParams]]) -> list[Choice]:
+        """Submit engine requests (prompt index, token ids, params) together, as choices in this order:
+        queued all at once, so a request's `n` choices are admitted in one step and share the prefill."""
         submitted = time.perf_counter()  # before a lazy load, which the first token waits for too
         try:
-            handle = await self.engine.asubmit(token_ids, adapter=self.adapter, params=params)
+            handles = await self.engine.asubmit_many([(ids, self.adapter, params) for _, ids, params in requests])
         except BaseException:
             self.cancel()
             raise
-        choice = Choice(len(self.choices), prompt_index, handle, submitted)
-        self.choices.append(choice)
-        return choice
+        choices = []
+        for (prompt_index, _, _), handle in zip(requests, handles):
+            choices.append(Choice(len(self.choices), prompt_index, handle, submitted))
+            self.choices.append(choices[-1])
+        return choices
 
     def usage(self, prompt_tokens: int) -> Usage:
         """Usage of the whole request; `prompt_tokens` counts each prompt once, as do cached tokens."""

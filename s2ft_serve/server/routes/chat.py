@@ -52,8 +52,8 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide
-    for i in range(body.n):
-        await gen.submit(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
+    await gen.submit_many([(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
+                           for i in range(body.n)])
     reasoning = settings.reasoning_parser
     if guide is not None and reasoning is not None:  # a guided answer thinks only if its grammar writes <think>
         reasoning = "qwen3"

@@ -61,9 +61,7 @@ async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> lis
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     guide = await request_guide(engine, body)
     params = [sampling_params(body, max_tokens, body.logprobs, prompt_logprobs, i, guide) for i in range(body.n)]
-    for p, ids in enumerate(prompts):
-        for i in range(body.n):
-            await gen.submit(p, ids, params[i])
+    await gen.submit_many([(p, ids, params[i]) for p, ids in enumerate(prompts) for i in range(body.n)])
     return [c.handle.prompt_token_ids for c in gen.choices[::body.n]]
 
 

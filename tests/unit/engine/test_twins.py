@@ -4,7 +4,10 @@ gets alone."""
 
 from __future__ import annotations
 
+import pytest
+
 from s2ft_serve.engine.request import SamplingParams
+from s2ft_serve.errors import InvalidRequestError, QueueFullError
 from s2ft_serve.model.testing import random_adapter
 
 from engine_reference import make_engine, reference, reference_greedy
@@ -84,3 +87,22 @@ def test_a_twin_of_a_cancelled_prompt_computes_its_own(tiny_llama_dir):
         engine.shutdown(timeout=5)
 
 
+
+
+def test_submit_many_queues_all_or_none(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_queue=3)
+    try:
+        engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=5, channels=4))
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        with pytest.raises(QueueFullError):
+            engine.submit_many([(PROMPT, "a", greedy)] * 4)
+        with pytest.raises(InvalidRequestError):
+            engine.submit_many([(PROMPT, "a", greedy), (PROMPT, "a", SamplingParams(max_tokens=-1))])
+        assert not engine.scheduler.waiting and engine.registry.get("a").version.refs == 0  # nothing kept, no pin
+        handles = engine.submit_many([(PROMPT, "a", greedy)] * 3)
+        engine.start()
+        outs = [h.result() for h in handles]
+        assert len(outs) == 3 and len({tuple(o.token_ids) for o in outs}) == 1
+        assert engine.registry.get("a").version.refs == 0
+    finally:
+        engine.shutdown(timeout=5)

@@ -35,8 +35,8 @@ def test_adapter_choice_rules(engine, settings):
 
 async def test_disconnect_while_waiting_cancels_every_choice(engine):
     gen = Generation(engine, Metrics(), "a0")
-    for seed in range(2):
-        await gen.submit(0, engine.tokenize("hello"), SamplingParams(**{**LONG.__dict__, "seed": seed}))
+    await gen.submit_many([(0, engine.tokenize("hello"), SamplingParams(**{**LONG.__dict__, "seed": seed}))
+                           for seed in range(2)])
     with pytest.raises(asyncio.CancelledError):
         await gen.results(GoneClient())
     for choice in gen.choices:
@@ -46,9 +46,22 @@ async def test_disconnect_while_waiting_cancels_every_choice(engine):
 
 async def test_closing_the_stream_cancels_the_request(engine):
     gen = Generation(engine, Metrics(), None)
-    await gen.submit(0, engine.tokenize("hello"), LONG)
+    await gen.submit_many([(0, engine.tokenize("hello"), LONG)])
     events = gen.events()
     await events.__anext__()
     await events.aclose()  # what StreamingResponse does when the client disconnects
     out = await gen.choices[0].handle.aresult()
     assert out.finish_reason == "abort" and len(out.token_ids) < LONG.max_tokens
+
+
+async def test_the_n_choices_of_a_request_share_one_prefill(engine):
+    """The choices are queued at once, so the engine admits them in one step and computes the prompt once."""
+    passes = []
+    engine.add_step_listener(lambda rows, tokens: passes.append((rows, tokens)))
+    ids = engine.tokenize("Twins: a prompt that no other test sends, long enough to notice twice over.")
+    gen = Generation(engine, Metrics(), "a1")
+    choices = await gen.submit_many([(0, ids, SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True))
+                                     for s in range(4)])
+    outs = [await c.handle.aresult() for c in choices]
+    assert passes == [(1, len(ids)), (4, 4), (4, 4)]  # the prompt once, then two decode steps of all four
+    assert all(len(o.token_ids) == 3 for o in outs) and len({tuple(o.token_ids) for o in outs}) > 1
