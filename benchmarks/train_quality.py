@@ -216,7 +216,7 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 
 def print_sweep(sweep: dict[str, dict[float, dict]], chosen: dict[str, float]) -> None:
-    print(f"\nlearning-rate choice (first seed; chosen on validation accuracy, marked *)")
+    print("\nlearning-rate choice (first seed; chosen on validation accuracy, marked *)")
     print(f"{'method':8} {'lr':>8} {'val acc':>8} {'val loss':>9} {'test acc':>9} {'forgetting':>11}")
     for m, runs in sweep.items():
         for lr, r in runs.items():

@@ -166,10 +166,10 @@ def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBa
                onednn: bool = False) -> dict[str, S2FTLinear]:
     """Replace every target Linear in `model` by an S2FTLinear sharing `batch`; return them by name."""
     wrapped = {}
-    for name, linear in targets.items():
+    for name, base in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = S2FTLinear(linear, batch, onednn)
+        layer = S2FTLinear(base, batch, onednn)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

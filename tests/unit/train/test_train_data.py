@@ -66,7 +66,7 @@ def test_malformed_line_refused_with_its_number(tmp_path, tok, bad, reason):
     path = _write(tmp_path, [good, "", good, bad, good])
     with pytest.raises(DataValidationError) as err:
         load_examples(path, tok, 64)
-    assert f"d.jsonl:4: " in err.value.message
+    assert "d.jsonl:4: " in err.value.message
     assert reason in err.value.message
 
 
