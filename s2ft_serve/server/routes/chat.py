@@ -62,38 +62,35 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
 
 class AnswerReader:
     """One choice's answer, as it streams: its reasoning apart (with a reasoning parser), then the tool
-    calls the rest holds (with tools); `feed` and `finish` give (reasoning, content, calls) so far."""
+    calls the rest holds (with tools)."""
 
     def __init__(self, context: Context):
         self.splitter = ThinkSplitter(context.reasoning) if context.reasoning else None
         self.tools = context.tools.reader() if context.tools else None
         self.streams = self.tools is None or self.tools.streams  # a forced call shows nothing before the end
 
-    def feed(self, text: str) -> tuple[str, str, list[ToolCall]]:
-        return self._route(self.splitter.feed(text) if self.splitter else [text], finish=False)
-
-    def finish(self) -> tuple[str, str, list[ToolCall]]:
-        return self._route(self.splitter.finish() if self.splitter else [], finish=True)
-
-    def _route(self, pieces: list, finish: bool) -> tuple[str, str, list[ToolCall]]:
+    def read(self, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
+        """Take the answer's next `text` (the end of it when `finished`); give the (reasoning, content,
+        calls) that can be passed on now."""
+        pieces = self.splitter.feed(text) if self.splitter else [text]
+        if finished and self.splitter:
+            pieces += self.splitter.finish()
         thought, parts = "", []
         for piece in pieces:
             if isinstance(piece, Thought):
                 thought += piece.text
             else:
                 parts += self.tools.feed(piece) if self.tools else [piece]
-        if finish and self.tools:
+        if finished and self.tools:
             parts += self.tools.finish()
         return thought, "".join(p for p in parts if isinstance(p, str)), [p for p in parts if isinstance(p, ToolCall)]
 
 
 def answer(context: Context, text: str, finish_reason: str | None) -> tuple[ChatMessageOut, str | None]:
     """The assistant message of a finished answer: its reasoning, its text and the tool calls it holds."""
-    reader = AnswerReader(context)
-    (thought, content, calls), (thought2, content2, calls2) = reader.feed(text), reader.finish()
-    content, calls = content + content2, calls + calls2
+    thought, content, calls = AnswerReader(context).read(text, finished=True)
     message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None,
-                             reasoning_content=(thought + thought2) or None)
+                             reasoning_content=thought or None)
     if context.tools is not None:
         finish_reason = context.tools.finish_reason(bool(calls), finish_reason)
     return message, finish_reason
@@ -128,10 +125,7 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, conte
     called = dict.fromkeys(readers, 0)  # calls sent, per choice
     async for choice, event in gen.events():
         reader = readers[choice.index]
-        thought, content, calls = reader.feed(event.text_delta)
-        if event.finished:
-            more = reader.finish()
-            thought, content, calls = thought + more[0], content + more[1], calls + more[2]
+        thought, content, calls = reader.read(event.text_delta, event.finished)
         if reader.streams and (event.token_id is not None or content or thought):  # a chunk per token, as vLLM
             logprobs = None
             if body.logprobs and event.logprob is not None and event.token_id is not None:
