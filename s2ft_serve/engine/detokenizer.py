@@ -15,9 +15,12 @@ class Detokenizer:
     text that could still turn out to be the start of a stop string.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True,
+                 end_ids: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
+        self.end_ids = end_ids  # a last token that ends the answer (EOS, a stop token id) is not text
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # the decoded output so far (cut before a stop string once found)
         self.emitted = 0  # characters of `text` already released
@@ -28,9 +31,9 @@ class Detokenizer:
 
     def _window(self, final: bool) -> str:
         """Text of the tokens after `_read` ('' while it ends in half a character, unless final)."""
-        decode = self.tokenizer.decode
-        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix :], skip_special_tokens=True)
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=skip)
+        after = decode(self._ids[self._prefix :], skip_special_tokens=skip)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = max(self._read, len(self._ids) - _CONTEXT_TOKENS), len(self._ids)
@@ -38,7 +41,7 @@ class Detokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         """Update with the full generated ids; return the newly final text."""
-        self._ids = token_ids
+        self._ids = token_ids[:-1] if token_ids and token_ids[-1] in self.end_ids else token_ids
         if self.stopped:
             return ""
         return self._update(self.text + self._window(final=False))

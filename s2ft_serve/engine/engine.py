@@ -211,6 +211,12 @@ class Engine:
                 self.autofuse.record(adapter)
         return [handle for _, handle in prepared]
 
+    def _detokenizer(self, params: SamplingParams) -> Detokenizer:
+        """The request's detokenizer: a token that ends the answer (EOS unless ignored, a stop token id)
+        is not part of its text, as in vLLM; special tokens are left out unless asked for."""
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stepper.eos_ids)
+        return Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens, frozenset(ends))
+
     def _prepare(self, prompt: str | list[int], adapter: str | None,
                  params: SamplingParams | None) -> tuple[Sequence, RequestHandle]:
         """Check a request and pin its adapter; its sequence and handle, not queued yet."""
@@ -224,7 +230,7 @@ class Engine:
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
-            version=version, sink=handle, detokenizer=Detokenizer(self.tokenizer, params.stop),
+            version=version, sink=handle, detokenizer=self._detokenizer(params),
             generator=self._generator(params.seed), matcher=matcher)
         handle.bind(seq)
         return seq, handle

@@ -48,6 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     guide: Guide | None = None  # structured output (see engine.guided); None: free text
+    skip_special_tokens: bool = True  # False: special tokens (tags some models write) appear in the text
 
     @property
     def adjusts_logits(self) -> bool:

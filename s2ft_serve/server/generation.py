@@ -151,8 +151,10 @@ async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | N
 
 
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None, choice: int, guide: Guide | None = None) -> SamplingParams:
-    """The engine parameters of choice `choice` (0..n-1); seeded requests use seed + choice."""
+                    prompt_logprobs: int | None, choice: int, guide: Guide | None = None,
+                    skip_special_tokens: bool | None = None) -> SamplingParams:
+    """The engine parameters of choice `choice` (0..n-1); seeded requests use seed + choice.
+    `skip_special_tokens` overrides the request's."""
     top_k = fields.top_k if fields.top_k is not None and fields.top_k > 0 else 0
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -172,6 +174,7 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         logit_bias=logit_bias(fields.logit_bias),
         min_tokens=fields.min_tokens,
         guide=guide,
+        skip_special_tokens=fields.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
     )
     params.validate()
     return params

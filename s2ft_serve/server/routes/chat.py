@@ -52,11 +52,13 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide
-    await gen.submit_many([(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide))
-                           for i in range(body.n)])
     reasoning = settings.reasoning_parser
     if guide is not None and reasoning is not None:  # a guided answer thinks only if its grammar writes <think>
         reasoning = "qwen3"
+    # a parser must see the tags it reads, which some tokenizers hold as special tokens (as vLLM's hermes)
+    keep_special = False if reasoning or (tools is not None and tools.parser) else None
+    await gen.submit_many([(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide, keep_special))
+                           for i in range(body.n)])
     return Context(prompt, tools, reasoning)
 
 

@@ -159,3 +159,20 @@ async def test_long_prompts_prefilled_in_chunks_answer_as_in_one_pass(settings, 
             assert all(abs(h - w) <= 1e-4 for h, w in zip(have[1:], want[1:]))
     finally:
         small.shutdown(timeout=5)
+
+
+async def test_special_tokens_are_left_out_of_the_text_unless_asked_for(client, engine):
+    """vLLM's `skip_special_tokens`; a token that ends the answer (a stop token id, EOS) is never text."""
+    special = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    body = {"prompt": "x", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logit_bias": {str(special): 100}}
+    hidden = (await client.post("/v1/completions", json=body)).json()
+    assert hidden["choices"][0]["text"] == "" and hidden["usage"]["completion_tokens"] == 3
+    shown = (await client.post("/v1/completions", json={**body, "skip_special_tokens": False})).json()
+    assert shown["choices"][0]["text"] == "<|im_start|>" * 3
+    ended = (await client.post("/v1/completions", json={**body, "skip_special_tokens": False,
+                                                          "stop_token_ids": [special]})).json()["choices"][0]
+    assert ended["text"] == "" and ended["finish_reason"] == "stop"
+    normal = engine.tokenize(" the")[-1]  # an ordinary token as a stop token id: not in the text either
+    cut = (await client.post("/v1/completions", json={**body, "logit_bias": {str(normal): 100},
+                                                        "stop_token_ids": [normal]})).json()["choices"][0]
+    assert cut["text"] == "" and cut["finish_reason"] == "stop"

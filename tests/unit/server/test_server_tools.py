@@ -195,3 +195,13 @@ async def test_auto_with_the_llama3_json_parser(settings, engine):
         assert [call["function"] for call in calls] == [call["function"] for call in whole["message"]["tool_calls"]]
         text = (await chat(c, max_tokens=8)).json()["choices"][0]  # free text stays text
         assert "tool_calls" not in text["message"] and isinstance(text["message"]["content"], str)
+
+
+async def test_a_tool_call_parser_sees_special_tokens(auto_client, engine):
+    """Some tokenizers hold the tags a parser reads as special tokens, so with "auto" the text keeps them."""
+    special = engine.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    body = (await chat(auto_client, max_tokens=2, ignore_eos=True, logit_bias={str(special): 100})).json()
+    assert body["choices"][0]["message"]["content"] == "<|im_start|>" * 2
+    plain = (await chat(auto_client, max_tokens=2, ignore_eos=True, logit_bias={str(special): 100},
+                        tool_choice="none")).json()
+    assert plain["choices"][0]["message"]["content"] == ""
