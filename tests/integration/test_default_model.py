@@ -34,6 +34,20 @@ def test_default_model_shape_and_chat(engine):
     assert "Paris" in out.text
 
 
+def test_twins_on_the_default_model_answer_as_alone(engine):
+    """Three copies of one chat queued together are prefilled once (one pass of one row), and each greedy
+    copy answers exactly as the chat alone; a seeded sampled copy beside them answers as it does alone."""
+    ids = engine.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    alone = [engine.generate(ids, None, greedy).token_ids, engine.generate(ids, None, sampled).token_ids]
+    passes = []
+    engine.add_step_listener(lambda rows, tokens: passes.append((rows, tokens)))
+    outs = [h.result() for h in engine.submit_many([(ids, None, greedy)] * 3 + [(ids, None, sampled)])]
+    assert [o.token_ids for o in outs] == [alone[0]] * 3 + [alone[1]]
+    assert passes[0][0] == 1  # one row computed the prompt (after the prefix cache's hit) for all four
+
+
 def test_json_schema_answer_on_the_default_model(engine):
     """The real model, asked for JSON, answers in the schema (property order included) and stops."""
     schema = {"type": "object", "additionalProperties": False, "required": ["capital", "continent"],
