@@ -226,12 +226,12 @@ class Engine:
         self._check_length(len(prompt_ids), params.max_tokens)
         self.check_token_ids(params.logit_bias, "logit_bias")
         matcher = self.guided.matcher(params.guide) if params.guide is not None else None
-        version = self._pin(adapter)
+        detokenizer, generator = self._detokenizer(params), self._generator(params.seed)
+        version = self._pin(adapter)  # last: nothing after it can fail and leave the adapter pinned
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
-            version=version, sink=handle, detokenizer=self._detokenizer(params),
-            generator=self._generator(params.seed), matcher=matcher)
+            version=version, sink=handle, detokenizer=detokenizer, generator=generator, matcher=matcher)
         handle.bind(seq)
         return seq, handle
 
