@@ -49,6 +49,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     guide: Guide | None = None  # structured output (see engine.guided); None: free text
     skip_special_tokens: bool = True  # False: special tokens (tags some models write) appear in the text
+    include_stop_str_in_output: bool = False  # True: the stop string (or stop token) that ended it stays in the text
 
     @property
     def adjusts_logits(self) -> bool:

@@ -175,6 +175,7 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         min_tokens=fields.min_tokens,
         guide=guide,
         skip_special_tokens=fields.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+        include_stop_str_in_output=fields.include_stop_str_in_output,
     )
     params.validate()
     return params

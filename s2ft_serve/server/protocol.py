@@ -96,6 +96,8 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100 added to its logit")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and stop_token_ids are not sampled before this")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the EOS token")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extension: keep the stop string (or stop "
+                                             "token) that ended the answer in the text")
     skip_special_tokens: bool = Field(True, description="vLLM extension: leave special tokens out of the text "
                                       "(a tool-call or reasoning parser reads them in chat regardless)")
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension")

@@ -176,3 +176,15 @@ async def test_special_tokens_are_left_out_of_the_text_unless_asked_for(client, 
     cut = (await client.post("/v1/completions", json={**body, "logit_bias": {str(normal): 100},
                                                         "stop_token_ids": [normal]})).json()["choices"][0]
     assert cut["text"] == "" and cut["finish_reason"] == "stop"
+
+
+async def test_include_stop_str_in_output(client, engine):
+    token = engine.tokenize(" the")[-1]
+    piece = engine.tokenizer.decode([token])
+    body = {"prompt": "x", "max_tokens": 4, "temperature": 0, "logit_bias": {str(token): 100}}
+    for stop_field, stop_text in (({"stop": [piece * 2]}, piece * 2), ({"stop_token_ids": [token]}, piece)):
+        cut = (await client.post("/v1/completions", json={**body, **stop_field})).json()["choices"][0]
+        kept = (await client.post("/v1/completions", json={**body, **stop_field,
+                                                            "include_stop_str_in_output": True})).json()["choices"][0]
+        assert cut["finish_reason"] == kept["finish_reason"] == "stop"
+        assert (cut["text"], kept["text"]) == ("", stop_text)
