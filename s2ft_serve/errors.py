@@ -65,6 +65,13 @@ class ModelNotSupportedError(S2FTError):
     error_type = "invalid_request_error"
 
 
+class InsufficientMemoryError(S2FTError):
+    """What the configuration preallocates (the KV cache) does not fit in the device's free memory."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
 class QueueFullError(S2FTError):
     status_code = 429
     error_type = "rate_limit_error"

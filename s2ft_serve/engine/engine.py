@@ -121,6 +121,11 @@ class Engine:
         if self.prefix_cache is not None:
             self.registry.on_retire = lambda version: cache.drop_owner(version.uid)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the preallocated KV cache (one row per batch slot, plus one, of max_model_len tokens)."""
+        return self.runner.model.cache.nbytes
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> "Engine":
         """Begin stepping on the engine thread (idempotent)."""

@@ -22,21 +22,64 @@ exactly what transformers computes; only attention and caching are ours:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from s2ft_serve.errors import InsufficientMemoryError
 from s2ft_serve.model.gemm import DenseGemm, Released, release
 from s2ft_serve.model.loading import head_dim_of
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device`, or None where unknown. CPU: the kernel's
+    MemAvailable, or less if the process's cgroup (a container's memory limit) allows less; CUDA: the
+    device's free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # cgroup v1
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, used = f.read().strip(), int(g.read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+            room = max(int(limit) - used, 0)
+            free = room if free is None else min(free, room)
+        break
+    return free
+
+
 class KVCache(nn.Module):
-    """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each."""
+    """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each.
+
+    Refused up front (InsufficientMemoryError) when it cannot fit in the device's free memory: on
+    CPU the zero pages would only be committed as requests fill them, so an oversized cache would
+    otherwise start fine and get the process killed under load."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (layers, rows, kv_heads, max_len, head_dim)
+        self.nbytes = 2 * math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        free = available_memory(torch.device(device))
+        if free is not None and self.nbytes > free:
+            raise InsufficientMemoryError(
+                f"the KV cache needs {self.nbytes / 2**30:.1f} GiB ({rows} rows of {max_len} tokens, {layers} layers, "
+                f"{str(dtype).replace('torch.', '')}) but {torch.device(device)} has {free / 2**30:.1f} GiB free; "
+                "lower --max-model-len or --max-batch-size")
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

@@ -62,9 +62,9 @@ async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
         return
     attach_engine(app, engine)
     adapters = ", ".join(settings.adapter_specs()) or "none"
-    log.info("ready in %.1f s: model %s on %s (%s), adapters: %s, serving %s", time.perf_counter() - started,
-             engine.model_name, getattr(engine, "device", settings.device), getattr(engine, "dtype", settings.dtype),
-             adapters, settings.url)
+    log.info("ready in %.1f s: model %s on %s (%s), KV cache %.2f GiB, adapters: %s, serving %s",
+             time.perf_counter() - started, engine.model_name, engine.device, engine.dtype,
+             engine.kv_cache_bytes / 2**30, adapters, settings.url)
 
 
 @contextlib.asynccontextmanager

@@ -41,3 +41,43 @@ def test_cuda_mixed_batch_matches_reference(tiny_llama_dir, dtype):
             [engine.submit(ids, a, SamplingParams(max_tokens=5, temperature=0)) for a in ["a", None, "a"]]]
     assert outs[0].token_ids == outs[2].token_ids
     engine.shutdown()
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_at_start(tiny_llama_dir):
+    """On CPU the cache's zero pages are committed only as requests fill them: an oversized cache must be
+    refused up front with the figures, not start and get the process killed under load."""
+    from s2ft_serve.errors import InsufficientMemoryError
+
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache needs [\d.]+ GiB \(9 rows of 100000000 tokens"):
+        make_engine(tiny_llama_dir, max_batch_size=8, max_model_len=10**8)
+    engine = make_engine(tiny_llama_dir, max_batch_size=8, max_model_len=64)
+    try:
+        cfg = engine.loaded.model.config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * engine.head_dim * 4  # float32 k and v
+        assert engine.kv_cache_bytes == 9 * 64 * per_token
+    finally:
+        engine.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"/proc/meminfo": "MemTotal: 100 kB\nMemAvailable: 50 kB\n"}, 50 * 1024),
+    ({"/proc/meminfo": "MemAvailable: 50 kB\n", "/sys/fs/cgroup/memory.max": "30000\n",
+      "/sys/fs/cgroup/memory.current": "10000\n"}, 20000),  # a container's limit allows less
+    ({"/proc/meminfo": "MemAvailable: 50 kB\n", "/sys/fs/cgroup/memory.max": "max\n",
+      "/sys/fs/cgroup/memory.current": "10000\n"}, 50 * 1024),  # no limit
+    ({"/proc/meminfo": "MemAvailable: 50 kB\n", "/sys/fs/cgroup/memory/memory.limit_in_bytes": "40000\n",
+      "/sys/fs/cgroup/memory/memory.usage_in_bytes": "45000\n"}, 0),  # cgroup v1, over its limit already
+    ({}, None),
+])
+def test_free_cpu_memory_counts_a_containers_limit(monkeypatch, files, expected):
+    import io
+
+    import s2ft_serve.model.forward as forward
+
+    def fake_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(forward, "open", fake_open, raising=False)
+    assert forward.available_memory(torch.device("cpu")) == expected
