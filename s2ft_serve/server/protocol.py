@@ -25,6 +25,11 @@ class ResponseModel(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM extension: with include_usage, every chunk "
+                                         "also carries the usage so far")
+
+    def every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class PromptTokensDetails(ResponseModel):

@@ -117,7 +117,11 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, conte
     asked. With tools, each call comes whole in one delta: a forced answer's at the end, an "auto"
     answer's as soon as its block closes, between the content deltas around it."""
 
+    every = body.stream_options is not None and body.stream_options.every_chunk()
+
     def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+        if every and usage is None:
+            usage = gen.usage(len(context.prompt))
         return sse(ChatCompletionChunk(id=f"chatcmpl-{gen.id}", created=gen.created, model=model, choices=choices,
                                        usage=usage))
 

@@ -89,9 +89,13 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
                  texts: list[str], text: TokenText) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text (or logprob), then usage if asked."""
 
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    every = body.stream_options is not None and body.stream_options.every_chunk()
+
     def chunk(index: int, piece: str, logprobs=None, finish: str | None = None) -> str:
         choice = CompletionChoice(index=index, text=piece, logprobs=logprobs, finish_reason=finish)
-        return sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[choice]))
+        return sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[choice],
+                                      usage=gen.usage(prompt_tokens) if every else None))
 
     offsets = [0] * len(gen.choices)
     if body.echo:
@@ -106,7 +110,7 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
             yield chunk(choice.index, event.text_delta, logprobs, event.finish_reason if event.finished else None)
     if body.stream_options and body.stream_options.include_usage:
         yield sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[],
-                                     usage=gen.usage(sum(len(ids) for ids in prompts))))
+                                     usage=gen.usage(prompt_tokens)))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,

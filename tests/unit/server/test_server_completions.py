@@ -188,3 +188,20 @@ async def test_include_stop_str_in_output(client, engine):
                                                             "include_stop_str_in_output": True})).json()["choices"][0]
         assert cut["finish_reason"] == kept["finish_reason"] == "stop"
         assert (cut["text"], kept["text"]) == ("", stop_text)
+
+
+async def test_continuous_usage_stats_in_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far."""
+    for path, body in (("/v1/completions", {"prompt": "hello there"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = await client.post(path, json={**body, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True,
+                                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        usages = [c["usage"] for c in chunks]
+        assert all(u is not None for u in usages)
+        done = [u["completion_tokens"] for u in usages]
+        assert done == sorted(done) and done[-1] == 5 and usages[-1]["prompt_tokens"] > 0
+        plain = await client.post(path, json={**body, "max_tokens": 2, "stream": True,
+                                              "stream_options": {"include_usage": True}})
+        plain_chunks = [json.loads(line[6:]) for line in plain.text.splitlines() if line.startswith("data: {")]
+        assert [c.get("usage") is not None for c in plain_chunks].count(True) == 1  # only the last one
