@@ -66,9 +66,9 @@ def available_memory(device: torch.device) -> int | None:
 class KVCache(nn.Module):
     """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each.
 
-    Refused up front (InsufficientMemoryError) when it cannot fit in the device's free memory: on
-    CPU the zero pages would only be committed as requests fill them, so an oversized cache would
-    otherwise start fine and get the process killed under load."""
+    Refused up front (InsufficientMemoryError, with the figures and what to lower) when it cannot fit
+    in the device's free memory; otherwise the allocation would fail with an allocator error that
+    names neither setting, or, zeroing memory the kernel overcommitted, get the process OOM-killed."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
