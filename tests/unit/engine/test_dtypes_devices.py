@@ -44,8 +44,8 @@ def test_cuda_mixed_batch_matches_reference(tiny_llama_dir, dtype):
 
 
 def test_a_kv_cache_that_cannot_fit_is_refused_at_start(tiny_llama_dir):
-    """On CPU the cache's zero pages are committed only as requests fill them: an oversized cache must be
-    refused up front with the figures, not start and get the process killed under load."""
+    """An oversized cache is refused up front with its figures and the settings to lower (not an allocator
+    error, or an OOM kill while it is zeroed); a cache that fits has the size its shape says."""
     from s2ft_serve.errors import InsufficientMemoryError
 
     with pytest.raises(InsufficientMemoryError, match=r"KV cache needs [\d.]+ GiB \(9 rows of 100000000 tokens"):
