@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s2ft_serve.config import EngineConfig
@@ -60,6 +60,8 @@ class ServerSettings(BaseSettings):
         None, description="parser for the model's own tool-call syntax; enables tool_choice 'auto' (hermes: "
         "<tool_call>JSON</tool_call>, as Hermes and Qwen 2.5/3 write calls; llama3_json: an answer that is "
         "JSON calls, as Llama 3.1-3.3 write them)")
+    enable_auto_tool_choice: bool = Field(False, description="accepted as vLLM's command lines give it; "
+                                          "tool_choice 'auto' is on whenever --tool-call-parser is set")
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(
         None, description="return the model's <think> reasoning as reasoning_content, apart from the answer "
         "(qwen3: a <think> block at the start; deepseek_r1: everything up to </think>)")
@@ -82,6 +84,12 @@ class ServerSettings(BaseSettings):
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"adapter {spec!r} must be NAME=PATH")
         return value
+
+    @model_validator(mode="after")
+    def _auto_tool_choice_needs_a_parser(self) -> "ServerSettings":
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        return self
 
     @field_validator("dtype")
     @classmethod

@@ -44,7 +44,8 @@ def test_engine_config_carries_the_limits(tmp_path):
     assert (c.adapter_root, c.device, c.dtype, c.lazy_load) == (str(tmp_path), "cpu", "bfloat16", False)
 
 
-@pytest.mark.parametrize("bad", [{"adapter": ["noequals"]}, {"dtype": "int8"}, {"port": 70000}])
+@pytest.mark.parametrize("bad", [{"adapter": ["noequals"]}, {"dtype": "int8"}, {"port": 70000},
+                                 {"enable_auto_tool_choice": True}, {"tool_call_parser": "mistral"}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValidationError):
         ServerSettings(**bad)
@@ -69,3 +70,8 @@ def test_speculative_settings_reach_the_engine():
     assert (config.speculative_tokens, config.speculative_ngram_min, config.speculative_ngram_max,
             config.speculative_max_batch) == (5, 1, 3, 2)
     assert ServerSettings().engine_config().speculative_tokens == 0  # off unless asked
+
+
+def test_vllms_auto_tool_choice_flags_are_accepted():
+    s = ServerSettings(enable_auto_tool_choice=True, tool_call_parser="hermes")
+    assert (s.enable_auto_tool_choice, s.tool_call_parser) == (True, "hermes")
