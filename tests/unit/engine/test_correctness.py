@@ -144,3 +144,28 @@ def test_requests_waiting_together_share_one_prefill_pass(engine, adapters, tiny
     prefill_batches = [b for b, t in passes if t > b]  # decode steps have one token per sequence
     assert sum(prefill_batches) == len(plan) + 1 and len(prefill_batches) < len(plan) + 1
     assert sum(t for b, t in passes if t > b) == prompt_tokens
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
+    """`exact` GEMMs: a decode step's base logits equal transformers' own decode (with its KV cache, same
+    batch) bit for bit from 4 rows on; with fewer rows MKL rounds differently (column-major adapted
+    weights), inside the contract."""
+    from transformers import AutoModelForCausalLM
+
+    engine = make_engine(tiny_model_dir, max_batch_size=8)
+    try:
+        ids = engine.tokenize(PROMPTS[3])
+        runner = engine.runner
+        engine.call(lambda: runner.prefill_batch([ids] * rows, 0, [()] * rows, [False] * rows))
+        ours = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [()] * rows))
+    finally:
+        engine.shutdown(timeout=5)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        prefix = hf(torch.tensor([ids] * rows), use_cache=True)
+        theirs = hf(torch.tensor([[7]] * rows), past_key_values=prefix.past_key_values).logits[:, -1]
+    if rows >= 4:
+        assert torch.equal(ours, theirs)
+    else:
+        assert (ours - theirs).abs().max().item() <= 1e-4
