@@ -164,7 +164,8 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         prefix = hf(torch.tensor([ids] * rows), use_cache=True)
-        theirs = hf(torch.tensor([[7]] * rows), past_key_values=prefix.past_key_values).logits[:, -1]
+        cache = {"cache": prefix.cache} if "cache" in prefix else {"past_key_values": prefix.past_key_values}
+        theirs = hf(torch.tensor([[7]] * rows), **cache).logits[:, -1]  # transformers 5.x renamed it
     if rows >= 4:
         assert torch.equal(ours, theirs)
     else:
