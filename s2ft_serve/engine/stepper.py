@@ -309,16 +309,13 @@ class Stepper:
         and emit it; return the sequences that are done, with why (the caller finishes them)."""
         adjusted = logits
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        rules = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
-        if guided or rules:  # these change what is sampled, not logprobs
-            adjusted = logits.clone()
-            if rules:
-                picked = [seqs[i] for i in rules]
-                adjusted[rules] = adjust_logits_batch(logits[rules], [s.params for s in picked],
-                                                      [s.prompt_ids for s in picked], [s.output_ids for s in picked],
-                                                      self.eos_ids)
-            if guided:
-                self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
+        if any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
+            adjusted = adjust_logits_batch(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
+                                           [s.output_ids for s in seqs], self.eos_ids)  # a new tensor
+        elif guided:
+            adjusted = logits.clone()  # masked in place below; the logprobs stay the model's own
+        if guided:
+            self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
         chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs], drafts)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
