@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
-
 
 @dataclass(frozen=True)
 class Thought:

@@ -30,13 +30,24 @@ from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, Tool
 ANY_OBJECT = {"type": "object"}
 # tool calls are laid out as json.dumps lays JSON out: no run of whitespace for a model to loop in
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
 Part = str | ToolCall  # a piece of an answer: text for `content`, or one whole call
 
 
 def new_call(name: str, arguments: str) -> ToolCall:
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+
+
+def calls_of(value: object) -> list[ToolCall] | None:
+    """The calls a parsed JSON value holds: a `{"name", "arguments" or "parameters"}` object or a list of
+    them (arguments an object, or already JSON text); None if it is anything else."""
+    calls = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        calls.append(new_call(item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+    return calls
 
 
 class ForcedReader:
@@ -56,22 +67,10 @@ class ForcedReader:
         if self.function is not None:
             return [new_call(self.function, self.text)]
         try:
-            items = json.loads(self.text)
+            calls = calls_of(json.loads(self.text))  # {"name", "parameters"} items, as the guide writes them
         except ValueError:
-            return [self.text]
-        return [new_call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in items]
-
-
-def calls_of(value: object) -> list[ToolCall] | None:
-    """The calls a parsed JSON value holds: a `{"name", "arguments" or "parameters"}` object or a list of
-    them (arguments an object, or already JSON text); None if it is anything else."""
-    calls = []
-    for item in value if isinstance(value, list) else [value]:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        args = item.get("arguments", item.get("parameters", {}))
-        calls.append(new_call(item["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
-    return calls
+            calls = None
+        return calls if calls is not None else [self.text]
 
 
 class HermesReader:
@@ -200,6 +199,9 @@ class Llama3JsonReader:
         return calls[: self.max_calls] if calls else [held]
 
 
+PARSERS = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}  # --tool-call-parser
+
+
 @dataclass
 class ToolMode:
     """How the answer of a chat with tools is constrained and read back."""
@@ -213,7 +215,7 @@ class ToolMode:
         """A reader for one answer (one per choice)."""
         if self.parser is None:
             return ForcedReader(self.function)
-        return (HermesReader if self.parser == "hermes" else Llama3JsonReader)(self.max_calls)
+        return PARSERS[self.parser](self.max_calls)
 
     def finish_reason(self, called: bool, reason: str | None) -> str | None:
         """An answer with calls that stopped by itself: "tool_calls", or "stop" for a forced named call

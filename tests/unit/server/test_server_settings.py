@@ -75,3 +75,12 @@ def test_speculative_settings_reach_the_engine():
 def test_vllms_auto_tool_choice_flags_are_accepted():
     s = ServerSettings(enable_auto_tool_choice=True, tool_call_parser="hermes")
     assert (s.enable_auto_tool_choice, s.tool_call_parser) == (True, "hermes")
+
+
+def test_the_parser_flags_offer_exactly_the_parsers_there_are():
+    import typing
+
+    from s2ft_serve.server.tools import PARSERS
+
+    allowed = typing.get_args(typing.get_args(ServerSettings.model_fields["tool_call_parser"].annotation)[0])
+    assert set(allowed) == set(PARSERS)
