@@ -15,43 +15,38 @@ def tokenizer():
     return make_tokenizer()
 
 
+def streamed(detok: Detokenizer, ids: list[int]) -> str:
+    """Feed `ids` one more at a time, as the engine does, until the detokenizer stops; the text released."""
+    parts = []
+    for n in range(1, len(ids) + 1):
+        parts.append(detok.add(ids[:n]))
+        if detok.stopped:
+            break
+    return "".join(parts) + detok.flush()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_deltas_add_up_to_the_full_decode(tokenizer, seed):
     rng = random.Random(seed)
     ids = [rng.randrange(len(tokenizer)) for _ in range(60)]  # random ids: split UTF-8 bytes included
-    detok, parts = Detokenizer(tokenizer, []), []
-    for n in range(1, len(ids) + 1):
-        parts.append(detok.add(ids[:n]))
-    parts.append(detok.flush())
-    assert "".join(parts) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert streamed(Detokenizer(tokenizer, []), ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+FOX = "The quick brown fox jumps over the lazy dog."
 
 
 def test_text_stops_before_the_stop_string(tokenizer):
-    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
-    detok, parts = Detokenizer(tokenizer, ["fox", "lazy"]), []
-    for n in range(1, len(ids) + 1):
-        parts.append(detok.add(ids[:n]))
-        if detok.stopped:
-            break
-    parts.append(detok.flush())
-    assert "".join(parts) == "The quick brown " and detok.stopped
+    detok = Detokenizer(tokenizer, ["fox", "lazy"])
+    assert streamed(detok, tokenizer.encode(FOX, add_special_tokens=False)) == "The quick brown " and detok.stopped
 
 
 def test_the_stop_string_can_stay_in_the_text(tokenizer):
-    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
-    detok, parts = Detokenizer(tokenizer, ["lazy", "fox"], include_stop=True), []
-    for n in range(1, len(ids) + 1):
-        parts.append(detok.add(ids[:n]))
-        if detok.stopped:
-            break
-    parts.append(detok.flush())
-    assert "".join(parts) == "The quick brown fox" and detok.stopped
+    detok = Detokenizer(tokenizer, ["lazy", "fox"], include_stop=True)
+    assert streamed(detok, tokenizer.encode(FOX, add_special_tokens=False)) == "The quick brown fox" and detok.stopped
 
 
 def test_a_token_that_ends_the_answer_is_not_text_unless_kept(tokenizer):
     ids = tokenizer.encode("The quick brown fox", add_special_tokens=False)
     end = ids[-1]
     for include, expected in ((False, tokenizer.decode(ids[:-1])), (True, tokenizer.decode(ids))):
-        detok = Detokenizer(tokenizer, [], end_ids=frozenset({end}), include_stop=include)
-        parts = [detok.add(ids[:n]) for n in range(1, len(ids) + 1)] + [detok.flush()]
-        assert "".join(parts) == expected
+        assert streamed(Detokenizer(tokenizer, [], end_ids=frozenset({end}), include_stop=include), ids) == expected
