@@ -65,7 +65,7 @@ def decode_tps(timer, batch: int, tokens: int, repeats: int) -> float:
 
 def stream_floor_ms(nbytes: int, dtype: torch.dtype, repeats: int = 20) -> float:
     """Median time (ms) for `torch.sum` to read `nbytes` of `dtype` that are not in any cache."""
-    buffers = [torch.ones(nbytes // torch.tensor([], dtype=dtype).element_size(), dtype=dtype) for _ in range(2)]
+    buffers = [torch.ones(nbytes // dtype.itemsize, dtype=dtype) for _ in range(2)]
     times = []
     for i in range(repeats):  # alternate two buffers, so the previous read leaves nothing useful cached
         start = time.perf_counter()
@@ -122,7 +122,7 @@ def main() -> None:
         for gemm in args.gemm.split(","):
             engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
     base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
-    extra_bytes = args.batch * params_per_adapter * torch.tensor([], dtype=dtype).element_size()
+    extra_bytes = args.batch * params_per_adapter * dtype.itemsize
     floor_ms = stream_floor_ms(extra_bytes, dtype)
     cfg = loaded.model.config
     loaded = None

@@ -12,8 +12,9 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     threads: int | None = None  # CPU threads for torch; None = torch's default (one per core). On a
     # machine shared with other busy processes, 1 avoids OpenMP threads spinning against each other.
-    gemm: str = "exact"  # exact: transformers' own GEMMs (bit-identical base logits from 4 rows per pass) | onednn: fused,
-    # prepacked oneDNN GEMMs on CPU float32, faster, but logits differ by float rounding (~2e-4 on SmolLM2)
+    gemm: str = "exact"  # exact: transformers' own GEMMs (bit-identical base logits from 4 rows per pass)
+    # | onednn: fused, prepacked oneDNN GEMMs on CPU float32, faster, but logits differ by float rounding
+    # (~2e-4 on SmolLM2)
     max_batch_size: int = 32  # requests decoded together per step
     max_tokens_per_step: int = 512  # prefill token budget per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)

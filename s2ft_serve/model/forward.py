@@ -73,7 +73,7 @@ class KVCache(nn.Module):
     def __init__(self, layers: int, rows: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (layers, rows, kv_heads, max_len, head_dim)
-        self.nbytes = 2 * math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        self.nbytes = 2 * math.prod(shape) * dtype.itemsize
         free = available_memory(torch.device(device))
         if free is not None and self.nbytes > free:
             raise InsufficientMemoryError(

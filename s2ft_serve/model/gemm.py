@@ -1,9 +1,11 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
-runs and base-model logits are bit-identical to it for 4 or more rows per pass (fewer rows round
-differently in the last bits: MKL's few-row paths depend on the weight's layout, and the adapted
-o_proj/down_proj weights are stored column-major, and on its memory alignment; see the README). `gemm="onednn"` is faster, rounds differently:
+runs and base-model logits are bit-identical to it for 4 or more rows per pass. Fewer rows round
+differently in the last bits: MKL's few-row paths depend on a weight's layout (the adapted
+o_proj/down_proj are stored column-major) and its memory alignment (see the README).
+
+`gemm="onednn"` is faster, rounds differently:
 
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. For decode-sized batches oneDNN's inner
 product is faster on the CPUs we measured (`benchmarks/engine_throughput.py`; on a 2-core AMD EPYC,
