@@ -45,7 +45,6 @@ class Stepper:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.listeners: list[Callable[[int, int], None]] = []
-        self._step_prompts: dict[tuple, Sequence] = {}  # the prompts admitted this step (see _look_up)
         self.steps = 0
         self.draft_tokens = 0  # speculative decoding: tokens proposed, and of them accepted
         self.accepted_tokens = 0
@@ -95,8 +94,8 @@ class Stepper:
             budget -= self._prefill_chunk(budget)
         carried = sched.chunking
         admitted = []
-        self._step_prompts = {}
-        for seq in sched.admit(budget, cost=self._look_up):
+        seen: dict[tuple, Sequence] = {}  # the prompts admitted this step (twins: see _look_up)
+        for seq in sched.admit(budget, cost=lambda seq: self._look_up(seq, seen)):
             if seq.cancelled:
                 self.abort_waiting(seq)
             else:
@@ -189,17 +188,17 @@ class Stepper:
         position, so they never look."""
         return self.engine.prefix_cache if seq.params.prompt_logprobs is None else None
 
-    def _look_up(self, seq: Sequence) -> int:
+    def _look_up(self, seq: Sequence, seen: dict[tuple, Sequence]) -> int:
         """Admission cost of `seq`: find its cached prefix (`seq.hit`); return the tokens left to compute.
         A prompt identical to one already admitted in this step (same adapter version, same tokens, same
         prompt logprobs: the `n` choices of one request, or the same request sent several times) is its
         twin: it costs nothing, and after that one's prefill it copies its cache row and logits."""
         key = (self._owner(seq), tuple(seq.prompt_ids), seq.params.prompt_logprobs)
-        twin = self._step_prompts.get(key)
+        twin = seen.get(key)
         if twin is not None:
             seq.twin_of, seq.hit, seq.cached_tokens = twin, [], twin.cached_tokens
             return 0
-        self._step_prompts[key] = seq
+        seen[key] = seq
         cache = self._cache_for(seq)
         if cache is None:
             return len(seq.prompt_ids)
