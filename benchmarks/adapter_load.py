@@ -49,14 +49,12 @@ def main() -> None:
         engine.load_adapter("warm", str(folders[-1]))
         now, before = [], []
         for i in range(args.loads):  # alternate, so drift hits both alike
-            raw = read_adapter_file(folders[2 * i])
-            adapter = parse_adapter(raw, shapes)  # in this thread, as a load does now
-            now.append(on_engine_thread(engine._install_file.__wrapped__, engine, f"n{i}", adapter, folders[2 * i],
-                                        False))
+            # on the engine thread, `_install_file` runs inline (no second hop)
+            adapter = parse_adapter(read_adapter_file(folders[2 * i]), shapes)  # here, as a load does now
+            now.append(on_engine_thread(engine._install_file, f"n{i}", adapter, folders[2 * i], False))
             raw = read_adapter_file(folders[2 * i + 1])
-            before.append(on_engine_thread(
-                lambda r=raw, n=f"b{i}", f=folders[2 * i + 1]: engine._install_file.__wrapped__(
-                    engine, n, parse_adapter(r, shapes), f, False)))
+            before.append(on_engine_thread(lambda r=raw, n=f"b{i}", f=folders[2 * i + 1]: engine._install_file(
+                n, parse_adapter(r, shapes), f, False)))
         engine.shutdown()
     a, b = statistics.median(now) * 1e3, statistics.median(before) * 1e3
     print(f"adapter of {nbytes / 1e6:.1f} MB, {args.loads} loads each, median engine-thread time per load: "
