@@ -58,7 +58,7 @@ class ThinkSplitter:
                     out += [Thought(self.held[:end])] if end else []
                     self.held, self.state, self.after_end = self.held[end + len(self.END):], "answer", True
                     continue
-                cut = len(self.held) - _partial_tag(self.held, self.END)
+                cut = len(self.held) - partial_tag(self.held, self.END)
                 out += [Thought(self.held[:cut])] if cut else []
                 self.held = self.held[cut:]
                 return out
@@ -81,6 +81,6 @@ class ThinkSplitter:
         return [held]
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `tag`."""
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from s2ft_serve.engine.request import Guide
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.server.protocol import ChatCompletionRequest, FunctionCall, Tool, ToolCall
+from s2ft_serve.server.reasoning import partial_tag
 
 ANY_OBJECT = {"type": "object"}
 # tool calls are laid out as json.dumps lays JSON out: no run of whitespace for a model to loop in
@@ -132,8 +133,7 @@ class HermesReader:
     def _tail(self, text: str) -> int:
         """Length of the tail of `text` that may begin a block: a prefix of `<tool_call>` and the
         whitespace before it."""
-        k = next((k for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1) if text.endswith(self.OPEN[:k])), 0)
-        i = len(text) - k
+        i = len(text) - partial_tag(text, self.OPEN)
         while i > 0 and text[i - 1].isspace():
             i -= 1
         return len(text) - i
