@@ -5,7 +5,8 @@ All figures are ratios of runs made side by side in this process (the machine is
   2. the same mixed batch served by HF PEFT LoRA (equal trainable parameters, PEFT's mixed-batch
      `adapter_names`) vs ours;
   3. the engine on the base model vs `transformers` `generate` on the same batch.
-Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm).
+Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm) and
+the mixed-step kernels asked for (`--kernel native,torch`: the compiled kernel, embedding_bag).
 Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
 
 It also prints the bound that memory bandwidth puts on (1): with B distinct adapters a decode step
@@ -86,10 +87,11 @@ def lora_model(base_dir, dtype, n: int, rank: int):
     return model.eval()
 
 
-def measure_engine(args, gemm: str) -> tuple[dict, object, int]:
+def measure_engine(args, gemm: str, kernel: str) -> tuple[dict, object, int]:
     """Decode tok/s of one engine on the base and on B distinct adapters (interleaved repeats)."""
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
-                                 max_resident_adapters=args.batch, gemm=gemm, threads=args.threads)).start()
+                                 max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
+                                 threads=args.threads)).start()
     loaded = engine.loaded
     names = add_random_adapters(engine, args.batch, args.heads, args.channels)
     engine_time(engine, names[:2], 4)  # warm up
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=40, help="S²FT down_proj channels per layer")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gemm", default="exact,onednn", help="engine GEMM backends to measure, comma-separated")
+    ap.add_argument("--kernel", default="native", help="mixed-step kernels to measure (native, torch), comma-separated")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
@@ -120,7 +123,8 @@ def main() -> None:
     engines = {}
     with engine_phase(args.threads):
         for gemm in args.gemm.split(","):
-            engines[gemm], loaded, params_per_adapter = measure_engine(args, gemm)
+            for kernel in args.kernel.split(","):
+                engines[f"{gemm}+{kernel}"], loaded, params_per_adapter = measure_engine(args, gemm, kernel)
     base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
     extra_bytes = args.batch * params_per_adapter * dtype.itemsize
     floor_ms = stream_floor_ms(extra_bytes, dtype)
@@ -151,7 +155,7 @@ def main() -> None:
           + (f", PEFT LoRA r={rank} mixed {peft_tps:.1f}" if peft_tps else ""))
     print(f"{args.batch} adapters' deltas: {extra_bytes / 1e6:.0f} MB per decode step; torch.sum streams them in "
           f"{floor_ms:.2f} ms ({extra_bytes / floor_ms / 1e6:.1f} GB/s)")
-    for gemm, r in engines.items():
+    for name, r in engines.items():
         row = {"base_tok_s": round(r["base"], 1), "mixed_tok_s": round(r["mixed"], 1),
                "mixed_vs_base": round(r["mixed"] / r["base"], 3),
                "ours_vs_peft_mixed": round(r["mixed"] / peft_tps, 2) if peft_tps else None,
@@ -159,8 +163,8 @@ def main() -> None:
         base_ms, mixed_ms = args.batch / r["base"] * 1e3, args.batch / r["mixed"] * 1e3
         row.update(base_step_ms=round(base_ms, 1), mixed_step_ms=round(mixed_ms, 1),
                    mixed_vs_base_bound=round(base_ms / (base_ms + floor_ms), 3))
-        report["engines"][gemm] = row
-        print(f"engine gemm={gemm}: base {r['base']:.1f}, {args.batch} adapters {r['mixed']:.1f} tok/s; "
+        report["engines"][name] = row
+        print(f"engine {name}: base {r['base']:.1f}, {args.batch} adapters {r['mixed']:.1f} tok/s; "
               f"mixed/base {row['mixed_vs_base']}x; ours/PEFT {row['ours_vs_peft_mixed']}x; "
               f"engine/transformers {row['engine_vs_transformers_base']}x; step {base_ms:.1f} ms base, "
               f"{mixed_ms:.1f} ms mixed (+{mixed_ms - base_ms:.1f}); bandwidth bound on mixed/base "

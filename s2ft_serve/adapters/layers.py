@@ -3,7 +3,8 @@
 `S2FTLinear` wraps one `o_proj` / `down_proj`. It knows slots, never requests: the registry
 installs an adapter's columns with `set_slot(slot, index, delta)` and clears them with
 `reset_slot(slot)`; the runner sets one `AdapterBatch` per forward pass (shared by every layer)
-that says which slots each token uses. Slot 0 is the null slot (no correction).
+that says which slots each token uses. Slot 0 is the null slot (no correction). Mixed steps on CPU
+float32 go through the compiled kernel (`native`) where it is available, else `ops.mixed_delta`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from s2ft_serve.adapters import native
 from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
 from s2ft_serve.model.gemm import linear, onednn_usable
 
@@ -51,6 +53,7 @@ class SlotTable:
     rows: torch.Tensor  # [capacity + 1, k_cap] int64; row 0 (null slot) is all padding
     cols: torch.Tensor  # [capacity + 1, k_cap] int64
     slot_k: list[int] = field(default_factory=list)  # [capacity + 1] columns per slot
+    ks: torch.Tensor | None = None  # slot_k as an int64 tensor, for the compiled kernel
 
     @property
     def capacity(self) -> int:
@@ -62,12 +65,13 @@ class SlotTable:
 
 
 class S2FTLinear(nn.Module):
-    def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False):
+    def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False, kernel: str = "auto"):
         super().__init__()
         self.base = base
         self.batch = batch
         # the base matmul through oneDNN (see model.gemm), decided once; else F.linear, as transformers
         self.onednn = onednn and onednn_usable(base.weight)
+        self.native = native.resolve(kernel, base.weight)  # the compiled mixed-step kernel, or None
         w = base.weight
         if w.dtype == torch.float32 or w.device.type != "cpu":
             # Column-major storage: each input column is contiguous, so fusing or unfusing an adapter
@@ -90,7 +94,8 @@ class S2FTLinear(nn.Module):
         zero_row = capacity * k_cap
         rows = torch.full((capacity + 1, k_cap), zero_row, dtype=torch.int64, device=w.device)
         cols = torch.zeros(capacity + 1, k_cap, dtype=torch.int64, device=w.device)
-        return SlotTable(table, rows, cols, [0] * (capacity + 1))
+        ks = torch.zeros(capacity + 1, dtype=torch.int64, device=w.device)
+        return SlotTable(table, rows, cols, [0] * (capacity + 1), ks)
 
     def reserve(self, capacity: int, k: int) -> None:
         """Grow to hold `capacity` slots of up to `k` columns each (copies the live slots)."""
@@ -120,6 +125,7 @@ class S2FTLinear(nn.Module):
             s.rows[slot].fill_(s.table.shape[0] - 1)
             s.cols[slot].zero_()
             s.slot_k[slot] = 0
+            s.ks[slot] = 0
 
     @staticmethod
     def _write(s: SlotTable, slot: int, index: torch.Tensor, delta_t: torch.Tensor) -> None:
@@ -132,6 +138,7 @@ class S2FTLinear(nn.Module):
         s.cols[slot].zero_()
         s.cols[slot, :k] = index
         s.slot_k[slot] = k
+        s.ks[slot] = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.base.weight, self.base.bias, self.onednn)  # fusion edits the weight in place
@@ -145,6 +152,9 @@ class S2FTLinear(nn.Module):
             return y
         s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
+        if b.mode == "mixed" and self.native is not None:
+            self.native(y2, x2.contiguous(), s.table, slots, s.ks, s.cols)  # adds into y in place
+            return y
         n = slots.shape[0]  # tokens ("mixed") or prompts ("rows")
         rows, cols = s.rows[slots].view(n, -1), s.cols[slots].view(n, -1)  # [n, m*k_cap]
         if b.mode == "rows":
@@ -164,13 +174,13 @@ class S2FTLinear(nn.Module):
 
 
 def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,
-               onednn: bool = False) -> dict[str, S2FTLinear]:
+               onednn: bool = False, kernel: str = "auto") -> dict[str, S2FTLinear]:
     """Replace every target Linear in `model` by an S2FTLinear sharing `batch`; return them by name."""
     wrapped = {}
     for name, base in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = S2FTLinear(base, batch, onednn)
+        layer = S2FTLinear(base, batch, onednn, kernel)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

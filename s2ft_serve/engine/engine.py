@@ -38,6 +38,7 @@ from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
 from s2ft_serve.engine.thread import EngineThread
+from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.model.gemm import GEMMS
 from s2ft_serve.errors import (
     AdapterNotFoundError,
@@ -79,6 +80,8 @@ class Engine:
         self.config = config
         if config.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, not {config.gemm!r}")
+        if config.adapter_kernel not in KERNELS:
+            raise ValueError(f"adapter_kernel must be one of {', '.join(KERNELS)}, not {config.adapter_kernel!r}")
         if not 1 <= config.speculative_ngram_min <= config.speculative_ngram_max:
             raise ValueError("speculative decoding needs 1 <= speculative_ngram_min <= speculative_ngram_max")
         self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
@@ -110,7 +113,8 @@ class Engine:
         self.vocab_size = hf_config.vocab_size
         self.head_dim = head_dim_of(hf_config)
         self._shapes = linear_shapes(target_linears(loaded.model))
-        self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len, config.gemm)
+        self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len, config.gemm,
+                                  config.adapter_kernel)
         self.device = self.runner.device
         self.dtype = loaded.model.dtype
         self.registry = AdapterRegistry(

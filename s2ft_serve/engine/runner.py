@@ -10,9 +10,11 @@ from s2ft_serve.model.loading import target_linears
 
 
 class ModelRunner:
-    def __init__(self, hf_model: torch.nn.Module, max_batch_size: int, max_model_len: int, gemm: str = "exact"):
+    def __init__(self, hf_model: torch.nn.Module, max_batch_size: int, max_model_len: int, gemm: str = "exact",
+                 adapter_kernel: str = "auto"):
         self.batch = AdapterBatch()
-        self.layers = wrap_model(hf_model, target_linears(hf_model), self.batch, onednn=gemm == "onednn")
+        self.layers = wrap_model(hf_model, target_linears(hf_model), self.batch, onednn=gemm == "onednn",
+                                 kernel=adapter_kernel)
         # one spare row for one-off scoring (`Engine.logits`) beside a full batch
         self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len, gemm=gemm)
         self.device = self.model.device

@@ -44,6 +44,9 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one per core)")
     gemm: Literal["exact", "onednn"] = Field(
         "exact", description="exact: transformers' own GEMMs; onednn: faster on CPU float32, logits differ by rounding")
+    adapter_kernel: Literal["auto", "native", "torch"] = Field(
+        "auto", description="mixed-adapter steps: auto = the compiled CPU float32 kernel where it builds, else "
+        "torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
     auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")
@@ -126,6 +129,7 @@ class ServerSettings(BaseSettings):
             dtype=self.dtype,
             threads=self.threads,
             gemm=self.gemm,
+            adapter_kernel=self.adapter_kernel,
             max_batch_size=self.max_batch_size,
             max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,

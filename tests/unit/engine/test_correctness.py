@@ -13,10 +13,12 @@ from engine_reference import make_engine, reference, reference_greedy, reference
 PROMPTS = ["Hello world! The quick", "What is 2 + 2?", "fox", "Structured sparse fine-tuning updates a few"]
 
 
-@pytest.fixture(params=["exact", "onednn"])
+@pytest.fixture(params=[("exact", "native"), ("onednn", "native"), ("exact", "torch")], ids="-".join)
 def engine(tiny_model_dir, request):
-    """The contract holds with either GEMM backend (on these tiny models oneDNN's rounding stays far below it)."""
-    e = make_engine(tiny_model_dir, max_batch_size=8, gemm=request.param)
+    """The contract holds with either GEMM backend (on these tiny models oneDNN's rounding stays far below it)
+    and either mixed-step kernel: the compiled one and the portable embedding_bag."""
+    gemm, kernel = request.param
+    e = make_engine(tiny_model_dir, max_batch_size=8, gemm=gemm, adapter_kernel=kernel)
     yield e
     e.shutdown(timeout=5)
 

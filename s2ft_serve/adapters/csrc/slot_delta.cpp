@@ -1,0 +1,95 @@
+// The mixed-adapter S²FT correction on CPU, float32: for every token t and each slot s it carries,
+//   y[t] += sum_j x[t, cols[s, j]] * table[(s - 1) * k_cap + j]      (j < k[s]; slot 0 is no slot)
+// `table` holds each slot's delta.T rows as one contiguous block, so a token streams its adapter's
+// block once, row by row, into an output row that stays in L1. One call per adapted module and step,
+// no index tensors built per call; tokens are split across torch's threads. Built on first use by
+// s2ft_serve/adapters/native.py (torch.utils.cpp_extension); the Python fallback is embedding_bag.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Run-time dispatch: the AVX2+FMA clone where the CPU has it, a baseline clone elsewhere (the build may
+// be copied to another machine, so no -march=native).
+#define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define S2FT_CLONES
+#endif
+
+// y[0:out] += sum_j x[cols[j]] * block[j * out : (j + 1) * out], eight rows per pass over y.
+S2FT_CLONES void add_rows(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ block,
+                          const int64_t* __restrict__ cols, int64_t k, int64_t out) {
+  constexpr int U = 8;
+  int64_t j = 0;
+  for (; j + U <= k; j += U) {
+    float w[U];
+    const float* a[U];
+    for (int u = 0; u < U; ++u) {
+      w[u] = x[cols[j + u]];
+      a[u] = block + (j + u) * out;
+    }
+#pragma omp simd
+    for (int64_t o = 0; o < out; ++o) {
+      float acc = y[o];
+      for (int u = 0; u < U; ++u) acc += w[u] * a[u][o];
+      y[o] = acc;
+    }
+  }
+  for (; j < k; ++j) {
+    const float w = x[cols[j]];
+    const float* a = block + j * out;
+#pragma omp simd
+    for (int64_t o = 0; o < out; ++o) y[o] += w * a[o];
+  }
+}
+
+void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, const at::Tensor& token_slots,
+                    const at::Tensor& slot_k, const at::Tensor& cols) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&y, &x, &table, &token_slots, &slot_k, &cols}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "slot_delta_add: CPU contiguous tensors only");
+  }
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && table.scalar_type() == at::kFloat,
+              "slot_delta_add: float32 y, x and table");
+  TORCH_CHECK(token_slots.scalar_type() == at::kLong && slot_k.scalar_type() == at::kLong &&
+                  cols.scalar_type() == at::kLong, "slot_delta_add: int64 token_slots, slot_k and cols");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && table.dim() == 2 && token_slots.dim() == 2 && slot_k.dim() == 1 &&
+                  cols.dim() == 2, "slot_delta_add: bad ranks");
+  const int64_t T = x.size(0), in = x.size(1), out = table.size(1), m = token_slots.size(1);
+  const int64_t n_slots = slot_k.size(0), k_cap = cols.size(1);
+  TORCH_CHECK(y.size(0) == T && y.size(1) == out && token_slots.size(0) == T && cols.size(0) == n_slots &&
+                  table.size(0) >= (n_slots - 1) * k_cap, "slot_delta_add: shapes disagree");
+  const int64_t* sp = token_slots.data_ptr<int64_t>();
+  const int64_t* kp = slot_k.data_ptr<int64_t>();
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  // every index is checked before any write: a bad one raises and leaves y as it was
+  for (int64_t i = 0; i < T * m; ++i) {
+    const int64_t s = sp[i];
+    TORCH_CHECK(s >= 0 && s < n_slots, "slot_delta_add: slot ", s, " out of range");
+    TORCH_CHECK(kp[s] >= 0 && kp[s] <= k_cap && (s > 0 || kp[s] == 0), "slot_delta_add: bad k for slot ", s);
+    for (int64_t j = 0; j < kp[s]; ++j) {
+      TORCH_CHECK(cp[s * k_cap + j] >= 0 && cp[s * k_cap + j] < in, "slot_delta_add: column out of range");
+    }
+  }
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* tp = table.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t s = sp[t * m + i];
+        if (s == 0 || kp[s] == 0) continue;
+        add_rows(yp + t * out, xp + t * in, tp + (s - 1) * k_cap * out, cp + s * k_cap, kp[s], out);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(s2ft_serve, m) {
+  m.def("slot_delta_add(Tensor(a!) y, Tensor x, Tensor table, Tensor token_slots, Tensor slot_k, Tensor cols) -> ()",
+        &slot_delta_add);
+}

@@ -1,0 +1,156 @@
+"""The compiled mixed-step kernel: equal to the reference, checked before it writes, optional."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from s2ft_serve.adapters import native
+from s2ft_serve.adapters.layers import AdapterBatch, S2FTLinear
+from s2ft_serve.adapters.ops import mixed_delta_reference
+
+
+@pytest.fixture(scope="module")
+def op():
+    op = native.slot_delta_op()
+    if op is None:
+        pytest.fail("the compiled kernel did not build here (a C++ compiler and ninja are test requirements)")
+    return op
+
+
+def slot_layout(g, n_slots: int, k_cap: int, inp: int, out: int):
+    """A slot table as `S2FTLinear` lays it out: slot s owns rows (s-1)*k_cap.., k[s] <= k_cap used."""
+    ks = torch.randint(0, k_cap + 1, (n_slots,), generator=g)
+    ks[0] = 0
+    table = torch.randn((n_slots - 1) * k_cap + 1, out, generator=g)
+    table[-1] = 0
+    cols = torch.zeros(n_slots, k_cap, dtype=torch.int64)
+    rows = torch.full((n_slots, k_cap), table.shape[0] - 1)
+    for s in range(1, n_slots):
+        k = int(ks[s])
+        cols[s, :k] = torch.randperm(inp, generator=g)[:k]
+        rows[s, :k] = torch.arange((s - 1) * k_cap, (s - 1) * k_cap + k)
+        table[(s - 1) * k_cap + k: s * k_cap] = 0  # padding rows hold zeros, as in the layer
+    return table, ks, cols, rows
+
+
+@pytest.mark.parametrize("seed,T,m,inp,out,k_cap", [(0, 9, 1, 40, 24, 6), (1, 32, 2, 70, 37, 19),
+                                                    (2, 5, 3, 64, 576, 64), (3, 1, 1, 16, 9, 1)])
+def test_kernel_adds_the_reference_correction(op, seed, T, m, inp, out, k_cap):
+    """Slots with every k from 0 to k_cap (not multiples of the kernel's 8-row passes), several slots per
+    token, the null slot, one slot on several tokens; the correction is added to what y holds."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = 7
+    table, ks, cols, rows = slot_layout(g, n_slots, k_cap, inp, out)
+    x = torch.randn(T, inp, generator=g)
+    token_slots = torch.randint(0, n_slots, (T, m), generator=g)
+    y0 = torch.randn(T, out, generator=g)
+    y = y0.clone()
+    op(y, x, table, token_slots, ks, cols)
+    tr, tc = rows[token_slots].view(T, -1), cols[token_slots].view(T, -1)
+    expected = y0 + mixed_delta_reference(x, table, tr, tc)
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["slot", "column", "dtype", "shape"])
+def test_kernel_refuses_bad_input_before_writing(op, bad):
+    g = torch.Generator().manual_seed(5)
+    table, ks, cols, _ = slot_layout(g, 4, 5, 20, 8)
+    ks[1:] = 5
+    x, y = torch.randn(3, 20, generator=g), torch.randn(3, 8, generator=g)
+    token_slots = torch.tensor([[1], [2], [3]])
+    if bad == "slot":
+        token_slots[2, 0] = 4  # a slot past the table
+    elif bad == "column":
+        cols[3, 4] = 20  # a feature past x, in the last token's slot
+    elif bad == "dtype":
+        x = x.double()
+    else:
+        token_slots = torch.tensor([[1], [2]])
+    before = y.clone()
+    with pytest.raises(RuntimeError, match="slot_delta_add"):
+        op(y, x, table, token_slots, ks, cols)
+    assert torch.equal(y, before)
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_layer_mixed_step_equals_merged_weights_with_either_kernel(kernel):
+    g = torch.Generator().manual_seed(6)
+    base = torch.nn.Linear(48, 20, bias=False)
+    batch = AdapterBatch()
+    layer = S2FTLinear(base, batch, kernel=kernel)
+    assert (layer.native is not None) == (kernel == "native")
+    adapters = {}
+    for slot, k in [(1, 3), (2, 11), (3, 1)]:
+        index, delta = torch.randperm(48, generator=g)[:k], torch.randn(20, k, generator=g)
+        layer.reserve(4, 1)
+        layer.set_slot(slot, index, delta)
+        adapters[slot] = (index, delta)
+    layer.reset_slot(3)  # a cleared slot adds nothing
+    x = torch.randn(6, 48, generator=g)
+    plan = [(1, 2), (2, 0), (0, 0), (3, 1), (1, 0), (2, 1)]
+    batch.set_mixed(torch.tensor(plan))
+    y = layer(x)
+    for row, slots in enumerate(plan):
+        w = base.weight.detach().clone()
+        for slot in slots:
+            if slot in (1, 2):
+                index, delta = adapters[slot]
+                w[:, index] += delta
+        assert torch.allclose(y[row], x[row] @ w.t(), atol=1e-5), (row, slots)
+
+
+def test_resolve_picks_the_kernel_by_setting_device_and_dtype(monkeypatch):
+    w32, w16 = torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.bfloat16)
+    assert native.resolve("auto", w32) is not None
+    assert native.resolve("torch", w32) is None
+    assert native.resolve("auto", w16) is None  # the kernel is float32 only: embedding_bag serves bf16
+    with pytest.raises(ValueError, match="float32"):
+        native.resolve("native", w16)
+    with pytest.raises(ValueError, match="adapter_kernel must be one of"):
+        native.resolve("fast", w32)
+    monkeypatch.setattr(native, "slot_delta_op", lambda: None)  # as where no compiler is installed
+    assert native.resolve("auto", w32) is None
+    with pytest.raises(RuntimeError, match="could not be built"):
+        native.resolve("native", w32)
+
+
+def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, caplog):
+    def fail():
+        raise RuntimeError("Error building extension 's2ft_serve_kernels'\nslot_delta.cpp:1: error: no compiler")
+
+    monkeypatch.setattr(native, "_load", fail)
+    native.slot_delta_op.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert native.slot_delta_op() is None
+            assert native.slot_delta_op() is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "Error building extension" in warnings[0] and "embedding_bag" in warnings[0]
+    finally:
+        native.slot_delta_op.cache_clear()
+
+
+def test_a_prebuilt_kernel_loads_without_a_compiler(op, tmp_path):
+    """A kernel folder built once (a container image's build stage) is loaded as it is in a fresh process,
+    even with the compiler step made to fail; an edited source would get a new folder."""
+    folder = native.build_dir()
+    assert (folder / f"{native.NAME}.so").exists()
+    script = ("import torch.utils.cpp_extension as c\n"
+              "def no(*a, **k): raise RuntimeError('no compiler here')\n"
+              "c.load = no\n"
+              "from s2ft_serve.adapters import native\n"
+              "assert native.slot_delta_op() is not None\n")
+    env = {**os.environ, "S2FT_KERNEL_DIR": str(folder.parent)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    env["S2FT_KERNEL_DIR"] = str(tmp_path)  # nothing built there, and no compiler: the fallback
+    done = subprocess.run([sys.executable, "-c", script.replace("is not None", "is None")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no compiler here" in done.stderr
