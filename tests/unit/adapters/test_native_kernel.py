@@ -154,3 +154,16 @@ def test_a_prebuilt_kernel_loads_without_a_compiler(op, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no compiler here" in done.stderr
+
+
+def test_the_kernel_source_ships_in_the_wheel(tmp_path):
+    """A non-editable install (the container image) builds the kernel from the installed package."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    assert "s2ft_serve/adapters/csrc/slot_delta.cpp" in zipfile.ZipFile(wheel).namelist()

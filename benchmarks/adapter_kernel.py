@@ -1,0 +1,130 @@
+"""Mixed-adapter decode step: the compiled kernel vs embedding_bag, side by side in one engine.
+
+One engine holds B distinct adapters and B sequences prefilled into its cache rows. The same decode
+step (B tokens, one per row) is then timed, interleaved, as
+  base:   no adapter on any row;
+  native: every row its own adapter, through the compiled kernel (s2ft_serve/adapters/native.py);
+  torch:  the same, through `embedding_bag` (the kernel switched off in every adapted module).
+Same weights, same cache, same memory layout: only the correction's kernel differs. It also times
+each kernel alone over one step's 2 x layers modules, and `torch.sum` over the bytes those modules'
+adapter columns hold (the memory-bandwidth floor; see engine_throughput.py).
+
+    python benchmarks/adapter_kernel.py --dtype float32 --batch 32 --steps 10 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from engine_phase import add_random_adapters, engine_phase
+from s2ft_serve.adapters.ops import mixed_delta
+from s2ft_serve.config import EngineConfig
+from s2ft_serve.engine.engine import Engine
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--gemm", default="exact")
+    ap.add_argument("--steps", type=int, default=10, help="decode steps per timing")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    with engine_phase(threads):
+        engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
+                                     max_resident_adapters=args.batch, gemm=args.gemm, threads=threads,
+                                     adapter_kernel="native"))
+        names = add_random_adapters(engine, args.batch)
+        report = engine._thread.call(measure, engine, names, args)
+        engine.shutdown()
+    print(json.dumps(report))
+
+
+@torch.inference_mode()
+def measure(engine: Engine, names: list[str], args) -> dict:
+    runner, registry = engine.runner, engine.registry
+    ids = engine.tokenize(PROMPT)
+    versions = [registry.acquire(registry.get(n)) for n in names]
+    mixed = [registry.slots_for(v) for v in versions]
+    for row, slots in enumerate(mixed):
+        runner.prefill(ids, row, slots, all_logits=False)
+    last, positions = [ids[-1]] * args.batch, [len(ids)] * args.batch
+    layers = list(runner.layers.values())
+    ops = [layer.native for layer in layers]
+
+    def step_ms(slot_tuples, native: bool) -> float:
+        for layer, op in zip(layers, ops):
+            layer.native = op if native else None
+        start = time.perf_counter()
+        for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
+            runner.decode(last, positions, slot_tuples)
+        return (time.perf_counter() - start) / args.steps * 1e3
+
+    cases = {"base": ([()] * args.batch, True), "native": (mixed, True), "torch": (mixed, False)}
+    for slot_tuples, native in cases.values():  # warm up
+        step_ms(slot_tuples, native)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, (slot_tuples, native) in cases.items():
+            times[name].append(step_ms(slot_tuples, native))
+    step = {name: statistics.median(t) for name, t in times.items()}
+
+    # each kernel alone, over one step's modules and the batch's real slot tables
+    token_slots = torch.tensor(mixed, dtype=torch.int64)
+    xs = [torch.randn(args.batch, layer.in_features, dtype=layer.weight.dtype) for layer in layers]
+    nbytes = sum(layer.slots.table.numel() * layer.slots.table.element_size() for layer in layers)
+
+    def native_pass():
+        for layer, op, x in zip(layers, ops, xs):
+            s = layer.slots
+            op(torch.zeros(args.batch, layer.out_features), x, s.table, token_slots, s.ks, s.cols)
+
+    def torch_pass():
+        for layer, x in zip(layers, xs):
+            s = layer.slots
+            rows, cols = s.rows[token_slots].view(args.batch, -1), s.cols[token_slots].view(args.batch, -1)
+            mixed_delta(x, s.table, rows, cols)
+
+    def sum_pass():
+        for layer in layers:
+            layer.slots.table.sum()
+
+    passes = {"native": native_pass, "torch": torch_pass, "sum": sum_pass}
+    alone: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(args.repeats):
+        for name, fn in passes.items():
+            start = time.perf_counter()
+            fn()
+            alone[name].append((time.perf_counter() - start) * 1e3)
+    kernel = {name: statistics.median(t) for name, t in alone.items()}
+    for v in versions:
+        registry.release(v)
+
+    report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype, "gemm": args.gemm,
+              "threads": torch.get_num_threads(), "batch": args.batch, "adapter_bytes_per_step": nbytes,
+              "step_ms": {k: round(v, 2) for k, v in step.items()},
+              "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
+              "mixed_vs_base": {k: round(step["base"] / step[k], 3) for k in ("native", "torch")},
+              "bandwidth_bound": round(step["base"] / (step["base"] + kernel["sum"]), 3)}
+    print(f"{args.batch} adapters, {args.dtype}, gemm {args.gemm}, {report['threads']} threads; decode step "
+          f"(median of {args.repeats} x {args.steps}): base {step['base']:.1f} ms, native {step['native']:.1f} ms "
+          f"(+{step['native'] - step['base']:.1f}), torch {step['torch']:.1f} ms (+{step['torch'] - step['base']:.1f})")
+    print(f"mixed/base: native {report['mixed_vs_base']['native']}x, torch {report['mixed_vs_base']['torch']}x "
+          f"(bandwidth bound {report['bandwidth_bound']}x); native step / torch step "
+          f"{step['torch'] / step['native']:.3f}x faster")
+    print(f"kernels alone over {nbytes / 1e6:.0f} MB of adapter columns: native {kernel['native']:.2f} ms, "
+          f"embedding_bag {kernel['torch']:.2f} ms, torch.sum {kernel['sum']:.2f} ms")
+    return report
+
+
+if __name__ == "__main__":
+    main()
