@@ -5,7 +5,7 @@ slot's block of the table in place: no per-call index tensors, no `[T, out]` tem
 EPYC it runs at about the speed of a plain read of the same bytes, where `embedding_bag` (the
 portable path in `ops.mixed_delta`) takes ~1.6x as long (`benchmarks/adapter_kernel.py`).
 
-It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed once, ~30 s) into
+It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed once, ~10 s) into
 `$S2FT_KERNEL_DIR`, else `<cache>/kernels`, in a folder named by a hash of the source and the torch
 build, so a copy built elsewhere (a container image's build stage) loads with no compiler. Where it
 cannot be built or loaded, `slot_delta_op()` says why once and returns None, and the engine uses
@@ -55,16 +55,20 @@ def _load():
         return torch.ops.s2ft_serve.slot_delta_add
     folder = build_dir()
     library = folder / f"{NAME}.so"
-    if not library.exists():
-        from torch.utils.cpp_extension import load
+    if library.exists() and not (folder / "lock").exists():  # built, and no build under way
+        try:
+            torch.ops.load_library(str(library))
+            return torch.ops.s2ft_serve.slot_delta_add
+        except OSError as e:  # a damaged build: build it again below
+            log.warning("could not load %s (%s); building it again", library, e)
+    from torch.utils.cpp_extension import load
 
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("building the compiled S²FT kernel once (about 30 s) in %s", folder)
-        # cpp_extension locks the folder, so processes starting together build it once
-        load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    else:
-        torch.ops.load_library(str(library))
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("building the compiled S²FT kernel (once, ~10 s) in %s", folder)
+    # cpp_extension holds a lock file in the folder while it builds: processes starting together
+    # build it once, the others wait for it and load the result
+    load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     return torch.ops.s2ft_serve.slot_delta_add
 
 

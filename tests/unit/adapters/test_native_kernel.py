@@ -167,3 +167,42 @@ def test_the_kernel_source_ships_in_the_wheel(tmp_path):
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("*.whl")
     assert "s2ft_serve/adapters/csrc/slot_delta.cpp" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_dir):
+    from s2ft_serve.config import EngineConfig
+    from s2ft_serve.engine.engine import Engine
+
+    with pytest.raises(ValueError, match="adapter_kernel must be one of"):
+        Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", adapter_kernel="fast"))
+    with pytest.raises(ValueError, match="CPU float32 models only"):
+        Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16", adapter_kernel="native"))
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))  # auto: embedding_bag
+    try:
+        assert all(layer.native is None for layer in engine.runner.layers.values())
+    finally:
+        engine.shutdown(timeout=5)
+
+
+def test_processes_starting_together_over_a_damaged_build_rebuild_it_once(tmp_path, monkeypatch):
+    """A half-written library (a build killed midway) is built again; two processes starting at once
+    share one build: one compiles under cpp_extension's lock, the other waits and loads it."""
+    monkeypatch.setenv("S2FT_KERNEL_DIR", str(tmp_path))
+    folder = native.build_dir()
+    folder.mkdir(parents=True)
+    (folder / f"{native.NAME}.so").write_bytes(b"\x7fELF not really")
+    script = ("import logging, torch\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "from s2ft_serve.adapters import native\n"
+              "op = native.slot_delta_op()\n"
+              "y = torch.zeros(1, 2)\n"
+              "op(y, torch.ones(1, 3), torch.ones(2, 2), torch.tensor([[1]]), torch.tensor([0, 2]), "
+              "torch.tensor([[0, 0], [0, 2]]))\n"
+              "assert y.tolist() == [[2.0, 2.0]], y\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    assert any("building it again" in err for _, err in outputs)
+    assert (folder / f"{native.NAME}.so").stat().st_size > 1000

@@ -84,3 +84,18 @@ def test_the_parser_flags_offer_exactly_the_parsers_there_are():
 
     allowed = typing.get_args(typing.get_args(ServerSettings.model_fields["tool_call_parser"].annotation)[0])
     assert set(allowed) == set(PARSERS)
+
+
+def test_the_adapter_kernel_flag_reaches_the_engine_and_offers_the_engines_choices(monkeypatch):
+    import typing
+
+    from s2ft_serve.adapters.native import KERNELS
+
+    assert set(typing.get_args(ServerSettings.model_fields["adapter_kernel"].annotation)) == set(KERNELS)
+    assert ServerSettings().engine_config().adapter_kernel == "auto"
+    args = build_parser().parse_args(["--adapter-kernel", "torch"])
+    assert ServerSettings(**vars(args)).engine_config().adapter_kernel == "torch"
+    monkeypatch.setenv("S2FT_ADAPTER_KERNEL", "native")
+    assert ServerSettings().engine_config().adapter_kernel == "native"
+    with pytest.raises(ValidationError):
+        ServerSettings(adapter_kernel="fast")
