@@ -206,3 +206,13 @@ def test_processes_starting_together_over_a_damaged_build_rebuild_it_once(tmp_pa
         assert p.returncode == 0, err
     assert any("building it again" in err for _, err in outputs)
     assert (folder / f"{native.NAME}.so").stat().st_size > 1000
+
+
+def test_the_ninja_dependency_is_found_without_an_activated_environment(tmp_path, monkeypatch):
+    """`.venv/bin/python` run directly (as `make test` does) has no `.venv/bin` on PATH."""
+    import shutil
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shutil.which("ninja") is None
+    native._find_ninja()
+    assert shutil.which("ninja") is not None
