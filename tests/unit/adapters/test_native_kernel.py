@@ -216,3 +216,11 @@ def test_the_ninja_dependency_is_found_without_an_activated_environment(tmp_path
     assert shutil.which("ninja") is None
     native._find_ninja()
     assert shutil.which("ninja") is not None
+
+
+def test_the_ahead_of_time_build_command_succeeds_where_the_kernel_loads(op):
+    """`python -m s2ft_serve.adapters.native` is the container image's build step: exit 0 when loaded."""
+    env = {**os.environ, "S2FT_KERNEL_DIR": str(native.build_dir().parent)}
+    done = subprocess.run([sys.executable, "-m", "s2ft_serve.adapters.native"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
