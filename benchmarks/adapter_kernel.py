@@ -9,7 +9,13 @@ Same weights, same cache, same memory layout: only the correction's kernel diffe
 each kernel alone over one step's 2 x layers modules, and `torch.sum` over the bytes those modules'
 adapter columns hold (the memory-bandwidth floor; see engine_throughput.py).
 
+With `--rows-lengths`, it also times the correction of a pass of `--rows-prompts` prompts of
+different adapters, L tokens each (a speculative verify pass, a burst of short prompts), over all
+modules: the compiled kernel (each prompt's slots repeated on its tokens) vs `row_delta` (copy each
+prompt's columns, one batched matmul), which sets `layers.NATIVE_MAX_ROW_LEN`.
+
     python benchmarks/adapter_kernel.py --dtype float32 --batch 32 --steps 10 --repeats 5
+    python benchmarks/adapter_kernel.py --steps 1 --repeats 5 --rows-prompts 8 --rows-lengths 2,4,8,16,32
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 import torch
 
 from engine_phase import add_random_adapters, engine_phase
-from s2ft_serve.adapters.ops import mixed_delta
+from s2ft_serve.adapters.ops import mixed_delta, row_delta
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 
@@ -37,6 +43,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rows-prompts", type=int, default=8, help="prompts in a timed rows pass (<= --batch)")
+    ap.add_argument("--rows-lengths", default="", help="tokens per prompt of the rows passes timed, e.g. 2,4,8,16,32")
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
     with engine_phase(threads):
@@ -106,6 +114,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
             fn()
             alone[name].append((time.perf_counter() - start) * 1e3)
     kernel = {name: statistics.median(t) for name, t in alone.items()}
+    rows = {str(length): time_rows(layers, ops, token_slots[: args.rows_prompts], length, args.repeats)
+            for length in (int(n) for n in args.rows_lengths.split(",") if n)}
     for v in versions:
         registry.release(v)
 
@@ -114,7 +124,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
               "step_ms": {k: round(v, 2) for k, v in step.items()},
               "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
               "mixed_vs_base": {k: round(step["base"] / step[k], 3) for k in ("native", "torch")},
-              "bandwidth_bound": round(step["base"] / (step["base"] + kernel["sum"]), 3)}
+              "bandwidth_bound": round(step["base"] / (step["base"] + kernel["sum"]), 3),
+              "rows_pass_ms": {"prompts": args.rows_prompts, **rows}}
     print(f"{args.batch} adapters, {args.dtype}, gemm {args.gemm}, {report['threads']} threads; decode step "
           f"(median of {args.repeats} x {args.steps}): base {step['base']:.1f} ms, native {step['native']:.1f} ms "
           f"(+{step['native'] - step['base']:.1f}), torch {step['torch']:.1f} ms (+{step['torch'] - step['base']:.1f})")
@@ -123,7 +134,35 @@ def measure(engine: Engine, names: list[str], args) -> dict:
           f"{step['torch'] / step['native']:.3f}x faster")
     print(f"kernels alone over {nbytes / 1e6:.0f} MB of adapter columns: native {kernel['native']:.2f} ms, "
           f"embedding_bag {kernel['torch']:.2f} ms, torch.sum {kernel['sum']:.2f} ms")
+    for length, r in rows.items():
+        print(f"rows pass, {args.rows_prompts} prompts x {length} tokens: native {r['native']:.2f} ms, row_delta "
+              f"{r['torch']:.2f} ms ({r['torch'] / r['native']:.2f}x)")
     return report
+
+
+def time_rows(layers, ops, row_slots: torch.Tensor, length: int, repeats: int) -> dict[str, float]:
+    """Every module's correction for P prompts of `length` tokens, each prompt its own slots."""
+    P = row_slots.shape[0]
+    xs = [torch.randn(P, length, layer.in_features, dtype=layer.weight.dtype) for layer in layers]
+
+    def native_pass():
+        token_slots = row_slots.repeat_interleave(length, dim=0)
+        for layer, op, x in zip(layers, ops, xs):
+            s = layer.slots
+            op(torch.zeros(P * length, layer.out_features), x.view(P * length, -1), s.table, token_slots, s.ks, s.cols)
+
+    def torch_pass():
+        for layer, x in zip(layers, xs):
+            s = layer.slots
+            row_delta(x, s.table, s.rows[row_slots].view(P, -1), s.cols[row_slots].view(P, -1))
+
+    times: dict[str, list[float]] = {"native": [], "torch": []}
+    for _ in range(repeats):
+        for name, fn in (("native", native_pass), ("torch", torch_pass)):
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
 from s2ft_serve.model.gemm import linear, onednn_usable
 
 NULL_SLOT = 0
+# A pass of prompts with different adapters ("rows": a speculative verify pass, a burst of short
+# prompts) goes through the compiled kernel when its rows are at most this long: it reads each
+# prompt's columns in place, where `row_delta` copies them first; from ~32 tokens per row the
+# batched matmul catches up (benchmarks/adapter_kernel.py --rows).
+NATIVE_MAX_ROW_LEN = 16
 
 
 @dataclass
@@ -152,7 +157,9 @@ class S2FTLinear(nn.Module):
             return y
         s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
-        if b.mode == "mixed" and self.native is not None:
+        if self.native is not None and (b.mode == "mixed" or x.shape[-2] <= NATIVE_MAX_ROW_LEN):
+            if b.mode == "rows":  # each prompt's slots on every one of its tokens
+                slots = slots.repeat_interleave(x.shape[-2], dim=0)
             self.native(y2, x2.contiguous(), s.table, slots, s.ks, s.cols)  # adds into y in place
             return y
         n = slots.shape[0]  # tokens ("mixed") or prompts ("rows")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from s2ft_serve.adapters.layers import AdapterBatch, S2FTLinear
+from s2ft_serve.adapters.layers import NATIVE_MAX_ROW_LEN, AdapterBatch, S2FTLinear
 from s2ft_serve.adapters.ops import (mixed_delta, mixed_delta_reference, row_delta, row_delta_reference, segment_delta,
                                      segment_delta_reference)
 
@@ -63,19 +64,21 @@ def test_layer_slots_grow_and_reset_exactly():
     assert torch.equal(layer(x), base(x))
 
 
-def test_layer_rows_mode_applies_each_prompts_own_slots():
-    """A batched prefill: prompt p's tokens get exactly its slots' columns (several slots add up)."""
+@pytest.mark.parametrize("kernel, length", [("native", 4), ("native", NATIVE_MAX_ROW_LEN + 1), ("torch", 4)])
+def test_layer_rows_mode_applies_each_prompts_own_slots(kernel, length):
+    """A batched prefill: prompt p's tokens get exactly its slots' columns (several slots add up), through
+    the compiled kernel for short rows, `row_delta` for longer ones or without the kernel."""
     g = torch.Generator().manual_seed(4)
     base = torch.nn.Linear(32, 16, bias=False)
     batch = AdapterBatch()
-    layer = S2FTLinear(base, batch)
+    layer = S2FTLinear(base, batch, kernel=kernel)
     layer.reserve(6, 1)
     adapters = {}
     for slot, k in [(1, 3), (2, 7), (5, 2)]:
         index, delta = torch.randperm(32, generator=g)[:k], torch.randn(16, k, generator=g)
         layer.set_slot(slot, index, delta)
         adapters[slot] = (index, delta)
-    x = torch.randn(3, 4, 32, generator=g)  # 3 prompts of 4 tokens
+    x = torch.randn(3, length, 32, generator=g)  # 3 prompts of `length` tokens
     per_prompt = [(1, 0), (2, 5), (0, 0)]
     batch.set_rows(torch.tensor(per_prompt))
     y = layer(x)
