@@ -177,11 +177,12 @@ def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_
         Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", adapter_kernel="fast"))
     with pytest.raises(ValueError, match="CPU float32 models only"):
         Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16", adapter_kernel="native"))
-    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))  # auto: embedding_bag
-    try:
-        assert all(layer.native is None for layer in engine.runner.layers.values())
-    finally:
-        engine.shutdown(timeout=5)
+    for dtype, compiled in (("bfloat16", False), ("float32", True)):  # auto: the kernel for float32 only
+        engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype=dtype))
+        try:
+            assert all((layer.native is not None) == compiled for layer in engine.runner.layers.values())
+        finally:
+            engine.shutdown(timeout=5)
 
 
 def test_processes_starting_together_over_a_damaged_build_rebuild_it_once(tmp_path, monkeypatch):
