@@ -3,8 +3,9 @@
 `S2FTLinear` wraps one `o_proj` / `down_proj`. It knows slots, never requests: the registry
 installs an adapter's columns with `set_slot(slot, index, delta)` and clears them with
 `reset_slot(slot)`; the runner sets one `AdapterBatch` per forward pass (shared by every layer)
-that says which slots each token uses. Slot 0 is the null slot (no correction). Mixed steps on CPU
-float32 go through the compiled kernel (`native`) where it is available, else `ops.mixed_delta`.
+that says which slots each token uses. Slot 0 is the null slot (no correction). On CPU float32,
+mixed decode steps and passes of short rows go through the compiled kernel (`native`) where it is
+available, else through `ops.mixed_delta` / `ops.row_delta`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ NULL_SLOT = 0
 # A pass of prompts with different adapters ("rows": a speculative verify pass, a burst of short
 # prompts) goes through the compiled kernel when its rows are at most this long: it reads each
 # prompt's columns in place, where `row_delta` copies them first; from ~32 tokens per row the
-# batched matmul catches up (benchmarks/adapter_kernel.py --rows).
+# batched matmul catches up (benchmarks/adapter_kernel.py --rows-lengths).
 NATIVE_MAX_ROW_LEN = 16
 
 
@@ -57,8 +58,8 @@ class SlotTable:
     table: torch.Tensor  # [capacity * k_cap + 1, out]; the last row is all zeros
     rows: torch.Tensor  # [capacity + 1, k_cap] int64; row 0 (null slot) is all padding
     cols: torch.Tensor  # [capacity + 1, k_cap] int64
-    slot_k: list[int] = field(default_factory=list)  # [capacity + 1] columns per slot
-    ks: torch.Tensor | None = None  # slot_k as an int64 tensor, for the compiled kernel
+    ks: torch.Tensor  # [capacity + 1] int64, columns per slot (read by the compiled kernel)
+    slot_k: list[int] = field(default_factory=list)  # the same as a list, for Python-side checks
 
     @property
     def capacity(self) -> int:
@@ -100,7 +101,7 @@ class S2FTLinear(nn.Module):
         rows = torch.full((capacity + 1, k_cap), zero_row, dtype=torch.int64, device=w.device)
         cols = torch.zeros(capacity + 1, k_cap, dtype=torch.int64, device=w.device)
         ks = torch.zeros(capacity + 1, dtype=torch.int64, device=w.device)
-        return SlotTable(table, rows, cols, [0] * (capacity + 1), ks)
+        return SlotTable(table, rows, cols, ks, [0] * (capacity + 1))
 
     def reserve(self, capacity: int, k: int) -> None:
         """Grow to hold `capacity` slots of up to `k` columns each (copies the live slots)."""

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from s2ft_serve.adapters.format import (
     Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
 )
+from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.autofuse import AutoFusePolicy
@@ -38,7 +39,6 @@ from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
 from s2ft_serve.engine.thread import EngineThread
-from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.model.gemm import GEMMS
 from s2ft_serve.errors import (
     AdapterNotFoundError,
