@@ -158,7 +158,8 @@ class S2FTLinear(nn.Module):
             return y
         s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
-        if self.native is not None and (b.mode == "mixed" or x.shape[-2] <= NATIVE_MAX_ROW_LEN):
+        differentiable = x.requires_grad and torch.is_grad_enabled()  # the kernel is inference-only
+        if self.native is not None and not differentiable and (b.mode == "mixed" or x.shape[-2] <= NATIVE_MAX_ROW_LEN):
             if b.mode == "rows":  # each prompt's slots on every one of its tokens
                 slots = slots.repeat_interleave(x.shape[-2], dim=0)
             self.native(y2, x2.contiguous(), s.table, slots, s.ks, s.cols)  # adds into y in place

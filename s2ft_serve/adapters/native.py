@@ -14,6 +14,8 @@ cannot be built or loaded, `slot_delta_op()` says why once and returns None, and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -21,7 +23,9 @@ import os
 import platform
 import shutil
 import sysconfig
+import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -31,6 +35,7 @@ SOURCE = Path(__file__).with_name("csrc") / "slot_delta.cpp"
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
+BUILD_TIMEOUT_S = 600.0  # the longest a start waits for another process's build before giving up
 
 
 def build_dir() -> Path:
@@ -59,22 +64,55 @@ def _load():
         return torch.ops.s2ft_serve.slot_delta_add
     folder = build_dir()
     library = folder / f"{NAME}.so"
-    if library.exists() and not (folder / "lock").exists():  # built, and no build under way
-        try:
-            torch.ops.load_library(str(library))
-            return torch.ops.s2ft_serve.slot_delta_add
-        except OSError as e:  # a damaged build: build it again below
-            log.warning("could not load %s (%s); building it again", library, e)
-    from torch.utils.cpp_extension import load
-
-    _find_ninja()
+    if _try_load(library):
+        return torch.ops.s2ft_serve.slot_delta_add
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("building the compiled S²FT kernel (once, ~10 s) in %s", folder)
-    # cpp_extension holds a lock file in the folder while it builds: processes starting together
-    # build it once, the others wait for it and load the result
-    load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    # Processes starting together build it once: the others wait on this lock, then load the result.
+    # It is an flock, which the OS releases when its holder dies, so a build killed midway (an OOM
+    # kill, a health-check restart) leaves nothing that blocks later starts.
+    with _exclusive(folder / "build.lock", BUILD_TIMEOUT_S):
+        if _try_load(library):  # built by another process while this one waited
+            return torch.ops.s2ft_serve.slot_delta_add
+        library.unlink(missing_ok=True)  # a damaged build (killed while linking): ninja would keep it
+        (folder / "lock").unlink(missing_ok=True)  # cpp_extension's own lock file, left by a killed build
+        from torch.utils.cpp_extension import load
+
+        _find_ninja()
+        log.info("building the compiled S²FT kernel (once, ~10 s) in %s", folder)
+        load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+             extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     return torch.ops.s2ft_serve.slot_delta_add
+
+
+def _try_load(library: Path) -> bool:
+    if not library.exists():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+        return True
+    except OSError as e:
+        log.warning("could not load %s (%s); building it again", library, e)
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
+    """Hold an exclusive flock on `path`, waiting at most `timeout_s` for another holder."""
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building the kernel in {path.parent} "
+                                       f"for over {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _find_ninja() -> None:

@@ -151,6 +151,8 @@ def test_dockerfile_order_and_contents():
     # package is installed, into the folder the server reads it from
     kernel_at = next(i for i, r in enumerate(runs) if "python -m s2ft_serve.adapters.native" in r)
     assert package_at < kernel_at and "g++" in runs[kernel_at]
+    after_purge = runs[kernel_at].split("apt-get purge", 1)[1]  # and still loads once g++ is gone
+    assert "python -m s2ft_serve.adapters.native" in after_purge
     env = " ".join(v for k, v in steps if k == "ENV")
     assert "S2FT_KERNEL_DIR=/opt/" in env
     for _, value in (s for s in steps if s[0] == "COPY"):

@@ -4,6 +4,8 @@
 // block once, row by row, into an output row that stays in L1. One call per adapted module and step,
 // no index tensors built per call; tokens are split across torch's threads. Built on first use by
 // s2ft_serve/adapters/native.py (torch.utils.cpp_extension); the Python fallback is embedding_bag.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -11,7 +13,7 @@
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 // Run-time dispatch: the AVX2+FMA clone where the CPU has it, a baseline clone elsewhere (the build may
 // be copied to another machine, so no -march=native).
 #define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -51,6 +53,12 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&y, &x, &table, &token_slots, &slot_k, &cols}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "slot_delta_add: CPU contiguous tensors only");
   }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &table, &token_slots, &slot_k, &cols}) {
+    at::assert_no_overlap(y, *t);  // y is written while the others are read (and were checked)
+  }
+  // it writes through raw pointers, unseen by autograd: inference only (the layer falls back otherwise)
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(y.requires_grad() || x.requires_grad() || table.requires_grad()),
+              "slot_delta_add: no autograd; call it under torch.inference_mode or torch.no_grad");
   TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && table.scalar_type() == at::kFloat,
               "slot_delta_add: float32 y, x and table");
   TORCH_CHECK(token_slots.scalar_type() == at::kLong && slot_k.scalar_type() == at::kLong &&

@@ -35,15 +35,15 @@ def slot_layout(g, n_slots: int, k_cap: int, inp: int, out: int):
         k = int(ks[s])
         cols[s, :k] = torch.randperm(inp, generator=g)[:k]
         rows[s, :k] = torch.arange((s - 1) * k_cap, (s - 1) * k_cap + k)
-        table[(s - 1) * k_cap + k: s * k_cap] = 0  # padding rows hold zeros, as in the layer
+        table[(s - 1) * k_cap + k: s * k_cap] = float("nan")  # padding rows: the kernel must not read them
     return table, ks, cols, rows
 
 
 @pytest.mark.parametrize("seed,T,m,inp,out,k_cap", [(0, 9, 1, 40, 24, 6), (1, 32, 2, 70, 37, 19),
                                                     (2, 5, 3, 64, 576, 64), (3, 1, 1, 16, 9, 1)])
 def test_kernel_adds_the_reference_correction(op, seed, T, m, inp, out, k_cap):
-    """Slots with every k from 0 to k_cap (not multiples of the kernel's 8-row passes), several slots per
-    token, the null slot, one slot on several tokens; the correction is added to what y holds."""
+    """Slots of random k from 0 to k_cap (mostly not multiples of the kernel's 8-row passes), several
+    slots per token, the null slot, one slot on several tokens; the correction is added to what y holds."""
     g = torch.Generator().manual_seed(seed)
     n_slots = 7
     table, ks, cols, rows = slot_layout(g, n_slots, k_cap, inp, out)
@@ -57,25 +57,77 @@ def test_kernel_adds_the_reference_correction(op, seed, T, m, inp, out, k_cap):
     assert torch.allclose(y, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", ["slot", "column", "dtype", "shape"])
+BAD_INPUTS = ["slot", "negative slot", "column", "k over k_cap", "negative k", "k on the null slot", "short table",
+              "dtype", "shape", "not contiguous", "y is x", "y overlaps cols", "autograd"]
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
 def test_kernel_refuses_bad_input_before_writing(op, bad):
     g = torch.Generator().manual_seed(5)
-    table, ks, cols, _ = slot_layout(g, 4, 5, 20, 8)
+    table, ks, cols, _ = slot_layout(g, 4, 5, 8, 8)
     ks[1:] = 5
-    x, y = torch.randn(3, 20, generator=g), torch.randn(3, 8, generator=g)
+    table = torch.nan_to_num(table)
+    x, y = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
     token_slots = torch.tensor([[1], [2], [3]])
     if bad == "slot":
         token_slots[2, 0] = 4  # a slot past the table
+    elif bad == "negative slot":
+        token_slots[1, 0] = -1
     elif bad == "column":
-        cols[3, 4] = 20  # a feature past x, in the last token's slot
+        cols[3, 4] = 8  # a feature past x, in the last token's slot
+    elif bad == "k over k_cap":
+        ks[3] = 6
+    elif bad == "negative k":
+        ks[2] = -1
+    elif bad == "k on the null slot":
+        ks[0], token_slots[0, 0] = 1, 0
+    elif bad == "short table":
+        table = table[:-2]
     elif bad == "dtype":
         x = x.double()
-    else:
+    elif bad == "shape":
         token_slots = torch.tensor([[1], [2]])
+    elif bad == "not contiguous":
+        x = torch.randn(8, 3, generator=g).t()
+    elif bad == "y is x":
+        x = y
+    elif bad == "y overlaps cols":
+        y = cols.view(-1).view(torch.float32)[:24].view(3, 8)  # contiguous, on cols' memory
+    else:
+        x.requires_grad_(True)
     before = y.clone()
-    with pytest.raises(RuntimeError, match="slot_delta_add"):
+    with pytest.raises(RuntimeError, match="slot_delta_add|single memory location"):
         op(y, x, table, token_slots, ks, cols)
     assert torch.equal(y, before)
+
+
+def test_kernel_takes_empty_batches_and_empty_slots(op):
+    table, cols = torch.ones(3, 4), torch.zeros(2, 3, dtype=torch.int64)
+    op(torch.zeros(0, 4), torch.zeros(0, 5), table, torch.zeros(0, 1, dtype=torch.int64), torch.tensor([0, 3]), cols)
+    y = torch.ones(2, 4)
+    op(y, torch.ones(2, 5), table, torch.zeros(2, 0, dtype=torch.int64), torch.tensor([0, 3]), cols)  # no slots
+    op(y, torch.ones(2, 5), table, torch.tensor([[1], [1]]), torch.tensor([0, 0]), cols)  # a cleared slot
+    assert torch.equal(y, torch.ones(2, 4))
+    with torch.no_grad():  # autograd is refused only where it would record
+        op(y, torch.ones(2, 5, requires_grad=True), table, torch.tensor([[1], [1]]), torch.tensor([0, 3]), cols)
+    assert torch.equal(y, torch.full((2, 4), 4.0))
+
+
+def test_layer_stays_differentiable_outside_inference(op):
+    """With autograd recording, the layer takes the differentiable embedding_bag path, not the kernel."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.nn.Linear(12, 6, bias=False)
+    batch = AdapterBatch()
+    layer = S2FTLinear(base, batch, kernel="native")
+    layer.reserve(2, 1)
+    layer.set_slot(1, torch.tensor([0, 5]), torch.randn(6, 2, generator=g))
+    batch.set_mixed(torch.tensor([[1], [0]]))
+    x = torch.randn(2, 12, generator=g, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x.detach()), y.detach(), atol=1e-6)
+    assert x.grad is not None and x.grad[0, 5] != x.grad[1, 5]  # the adapter's column reaches the gradient
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])
@@ -186,12 +238,14 @@ def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_
 
 
 def test_processes_starting_together_over_a_damaged_build_rebuild_it_once(tmp_path, monkeypatch):
-    """A half-written library (a build killed midway) is built again; two processes starting at once
-    share one build: one compiles under cpp_extension's lock, the other waits and loads it."""
+    """A half-written library and a stale lock file (a build killed midway) do not block a start: the
+    library is built again, once, by one of two processes starting together; the other waits on the
+    build lock (an flock, gone with its holder) and loads it."""
     monkeypatch.setenv("S2FT_KERNEL_DIR", str(tmp_path))
     folder = native.build_dir()
     folder.mkdir(parents=True)
     (folder / f"{native.NAME}.so").write_bytes(b"\x7fELF not really")
+    (folder / "lock").write_text("")  # cpp_extension's lock file, as a build killed midway leaves it
     script = ("import logging, torch\n"
               "logging.basicConfig(level=logging.INFO)\n"
               "from s2ft_serve.adapters import native\n"
@@ -206,6 +260,7 @@ def test_processes_starting_together_over_a_damaged_build_rebuild_it_once(tmp_pa
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err
     assert any("building it again" in err for _, err in outputs)
+    assert sum(err.count("building the compiled S²FT kernel") for _, err in outputs) == 1  # one build
     assert (folder / f"{native.NAME}.so").stat().st_size > 1000
 
 
