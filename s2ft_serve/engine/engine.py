@@ -126,6 +126,12 @@ class Engine:
             self.registry.on_retire = lambda version: cache.drop_owner(version.uid)
 
     @property
+    def mixed_kernel(self) -> str:
+        """What computes mixed-adapter steps: "compiled" (the C++ kernel) or "embedding_bag" (where the
+        kernel does not serve this model, was not asked for, or could not be built)."""
+        return "compiled" if any(layer.native is not None for layer in self.runner.layers.values()) else "embedding_bag"
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes of the preallocated KV cache (one row per batch slot, plus one, of max_model_len tokens)."""
         return self.runner.model.cache.nbytes

@@ -46,6 +46,7 @@ def build_engine(settings: ServerSettings, metrics: Metrics) -> Engine:
 
 def attach_engine(app: FastAPI, engine: Engine) -> None:
     engine.add_step_listener(app.state.metrics.on_step)
+    app.state.metrics.set_engine(engine)
     app.state.engine = engine
 
 
@@ -62,9 +63,9 @@ async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
         return
     attach_engine(app, engine)
     adapters = ", ".join(settings.adapter_specs()) or "none"
-    log.info("ready in %.1f s: model %s on %s (%s), KV cache %.2f GiB, adapters: %s, serving %s",
-             time.perf_counter() - started, engine.model_name, engine.device, engine.dtype,
-             engine.kv_cache_bytes / 2**30, adapters, settings.url)
+    log.info("ready in %.1f s: model %s on %s (%s), KV cache %.2f GiB, mixed-adapter steps: %s, adapters: %s, "
+             "serving %s", time.perf_counter() - started, engine.model_name, engine.device, engine.dtype,
+             engine.kv_cache_bytes / 2**30, engine.mixed_kernel, adapters, settings.url)
 
 
 @contextlib.asynccontextmanager

@@ -82,6 +82,16 @@ class Metrics:
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self.engine_info = Gauge("s2ft_engine_info", "The serving engine's set-up (1, labelled); mixed_kernel "
+                                 "'embedding_bag' on CPU float32 means the compiled kernel could not be built",
+                                 ["model", "device", "dtype", "gemm", "mixed_kernel"], registry=r)
+
+    def set_engine(self, engine) -> None:
+        """Label `s2ft_engine_info` with the engine's set-up, once it is built."""
+        self.engine_info.clear()
+        self.engine_info.labels(model=engine.model_name, device=str(engine.device),
+                                dtype=str(engine.dtype).removeprefix("torch."), gemm=engine.config.gemm,
+                                mixed_kernel=engine.mixed_kernel).set(1)
 
     def on_step(self, batch_size: int, num_tokens: int) -> None:
         """The engine's step listener (called from the engine thread)."""

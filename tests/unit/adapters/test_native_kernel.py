@@ -233,6 +233,7 @@ def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_
         engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype=dtype))
         try:
             assert all((layer.native is not None) == compiled for layer in engine.runner.layers.values())
+            assert engine.mixed_kernel == ("compiled" if compiled else "embedding_bag")
         finally:
             engine.shutdown(timeout=5)
 

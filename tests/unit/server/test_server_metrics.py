@@ -73,3 +73,11 @@ async def test_speculative_decoding_counts_drafts(tiny_llama_dir, adapter_root, 
         engine.shutdown(timeout=5)
     drafted = value(s, "s2ft_spec_decode_draft_tokens_total")
     assert 0 < value(s, "s2ft_spec_decode_accepted_tokens_total") <= drafted
+
+
+async def test_engine_info_says_what_computes_mixed_steps(client, engine):
+    """An operator can see whether the compiled kernel serves (or the slower fallback does)."""
+    s = samples((await client.get("/metrics")).text)
+    assert engine.mixed_kernel == "compiled"  # CPU float32 with a compiler, as here
+    assert value(s, "s2ft_engine_info", model=engine.model_name, device="cpu", dtype="float32", gemm="exact",
+                 mixed_kernel="compiled") == 1
