@@ -19,7 +19,14 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/s2ft-serve $(ARGS)
 
-test: $(STAMP)
+# The compiled adapter kernel is built once by a C++ compiler (ninja comes from PyPI); serving falls
+# back without one, but its tests need it: install g++ (Debian/Ubuntu) where there is none.
+compiler:
+	@command -v c++ >/dev/null 2>&1 || { echo "installing g++ for the compiled adapter kernel"; \
+		if [ "$$(id -u)" = 0 ]; then S=; else S="sudo -n"; fi; \
+		$$S apt-get update -qq && $$S apt-get install -y -qq --no-install-recommends g++; }
+
+test: $(STAMP) compiler
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-.PHONY: install serve test
+.PHONY: install serve test compiler
