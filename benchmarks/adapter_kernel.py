@@ -27,12 +27,10 @@ import time
 
 import torch
 
-from engine_phase import add_random_adapters, engine_phase
+from engine_phase import PROMPT, add_random_adapters, engine_phase
 from s2ft_serve.adapters.ops import mixed_delta, row_delta
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
-
-PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
 
 
 def main() -> None:
@@ -52,7 +50,7 @@ def main() -> None:
                                      max_resident_adapters=args.batch, gemm=args.gemm, threads=threads,
                                      adapter_kernel="native"))
         names = add_random_adapters(engine, args.batch)
-        report = engine._thread.call(measure, engine, names, args)
+        report = engine.call(measure, engine, names, args)
         engine.shutdown()
     print(json.dumps(report))
 

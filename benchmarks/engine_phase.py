@@ -17,6 +17,8 @@ import torch
 
 from s2ft_serve.model.testing import random_adapter
 
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"  # the decode benchmarks' prompt
+
 
 @contextmanager
 def engine_phase(threads: int) -> Iterator[None]:

@@ -30,12 +30,10 @@ import time
 
 import torch
 
-from engine_phase import add_random_adapters, engine_phase
+from engine_phase import PROMPT, add_random_adapters, engine_phase
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.engine.request import SamplingParams
-
-PROMPT = "Write a short story about a robot who learns to paint. Once upon a time"
 
 
 def engine_time(engine: Engine, adapters: list[str | None], tokens: int) -> float:

@@ -11,6 +11,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -72,10 +74,14 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
   const int64_t* sp = token_slots.data_ptr<int64_t>();
   const int64_t* kp = slot_k.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
-  // every index is checked before any write: a bad one raises and leaves y as it was
+  // every index is checked before any write: a bad one raises and leaves y as it was; each slot once,
+  // however many tokens carry it (a prompt's tokens in a rows pass)
+  std::vector<char> checked(n_slots, 0);
   for (int64_t i = 0; i < T * m; ++i) {
     const int64_t s = sp[i];
     TORCH_CHECK(s >= 0 && s < n_slots, "slot_delta_add: slot ", s, " out of range");
+    if (checked[s]) continue;
+    checked[s] = 1;
     TORCH_CHECK(kp[s] >= 0 && kp[s] <= k_cap && (s > 0 || kp[s] == 0), "slot_delta_add: bad k for slot ", s);
     for (int64_t j = 0; j < kp[s]; ++j) {
       TORCH_CHECK(cp[s * k_cap + j] >= 0 && cp[s * k_cap + j] < in, "slot_delta_add: column out of range");
