@@ -112,7 +112,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
             fn()
             alone[name].append((time.perf_counter() - start) * 1e3)
     kernel = {name: statistics.median(t) for name, t in alone.items()}
-    rows = {str(length): time_rows(layers, ops, token_slots[: args.rows_prompts], length, args.repeats)
+    prompts = min(args.rows_prompts, args.batch)  # each prompt one of the batch's adapters
+    rows = {str(length): time_rows(layers, ops, token_slots[:prompts], length, args.repeats)
             for length in (int(n) for n in args.rows_lengths.split(",") if n)}
     for v in versions:
         registry.release(v)
@@ -123,7 +124,7 @@ def measure(engine: Engine, names: list[str], args) -> dict:
               "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
               "mixed_vs_base": {k: round(step["base"] / step[k], 3) for k in ("native", "torch")},
               "bandwidth_bound": round(step["base"] / (step["base"] + kernel["sum"]), 3),
-              "rows_pass_ms": {"prompts": args.rows_prompts, **rows}}
+              "rows_pass_ms": {"prompts": prompts, **rows}}
     print(f"{args.batch} adapters, {args.dtype}, gemm {args.gemm}, {report['threads']} threads; decode step "
           f"(median of {args.repeats} x {args.steps}): base {step['base']:.1f} ms, native {step['native']:.1f} ms "
           f"(+{step['native'] - step['base']:.1f}), torch {step['torch']:.1f} ms (+{step['torch'] - step['base']:.1f})")
@@ -133,7 +134,7 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     print(f"kernels alone over {nbytes / 1e6:.0f} MB of adapter columns: native {kernel['native']:.2f} ms, "
           f"embedding_bag {kernel['torch']:.2f} ms, torch.sum {kernel['sum']:.2f} ms")
     for length, r in rows.items():
-        print(f"rows pass, {args.rows_prompts} prompts x {length} tokens: native {r['native']:.2f} ms, row_delta "
+        print(f"rows pass, {prompts} prompts x {length} tokens: native {r['native']:.2f} ms, row_delta "
               f"{r['torch']:.2f} ms ({r['torch'] / r['native']:.2f}x)")
     return report
 
