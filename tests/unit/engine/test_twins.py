@@ -77,7 +77,16 @@ def test_a_twin_of_a_cancelled_prompt_computes_its_own(tiny_llama_dir):
         greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         first = engine.submit(PROMPT, None, greedy)
         second = engine.submit(PROMPT, None, greedy)
-        first.cancel()
+        look_up, costed = engine.stepper._look_up, []
+
+        def cancel_after_costing(seq, seen):  # `first` is cancelled once `second` was made its twin
+            cost = look_up(seq, seen)
+            costed.append(seq)
+            if len(costed) == 2:
+                first.cancel()
+            return cost
+
+        engine.stepper._look_up = cancel_after_costing
         engine.start()
         assert first.result().finish_reason == "abort"
         out = second.result()
