@@ -230,9 +230,8 @@ class Engine:
         """The request's detokenizer: a token that ends the answer (EOS unless ignored, a stop token id)
         is not part of its text, nor is a stop string, unless `include_stop_str_in_output` (as in vLLM);
         special tokens are left out unless asked for."""
-        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stepper.eos_ids)
-        return Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens, frozenset(ends),
-                           params.include_stop_str_in_output)
+        return Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                           params.end_ids(self.stepper.eos_ids), params.include_stop_str_in_output)
 
     def _prepare(self, prompt: str | list[int], adapter: str | None,
                  params: SamplingParams | None) -> tuple[Sequence, RequestHandle]:

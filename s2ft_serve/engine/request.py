@@ -56,6 +56,10 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.min_tokens)
 
+    def end_ids(self, eos_ids: set[int] | frozenset[int]) -> frozenset[int]:
+        """The tokens that end an answer: the stop token ids, and the model's EOS unless `ignore_eos`."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
+
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise InvalidRequestError("max_tokens must be a non-negative integer", param="max_tokens")

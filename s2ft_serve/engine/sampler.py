@@ -68,7 +68,7 @@ def adjust_logits(
         ids = torch.tensor(list(params.logit_bias), device=device)
         row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=device)
     if len(output_ids) < params.min_tokens:
-        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        banned = params.end_ids(eos_ids)
         if banned:
             row[torch.tensor(sorted(banned), device=device)] = float("-inf")
     if params.repetition_penalty != 1.0:
@@ -112,8 +112,7 @@ def adjust_logits_batch(
                                  device=device)
     early = [i for i, p in enumerate(params) if len(outputs[i]) < p.min_tokens]
     if early:
-        banned = {i: sorted(set(params[i].stop_token_ids) | (set() if params[i].ignore_eos else eos_ids))
-                  for i in early}
+        banned = {i: sorted(params[i].end_ids(eos_ids)) for i in early}
         early = [i for i in early if banned[i]]
         if early:
             flat[keys(early, banned.get)] = float("-inf")

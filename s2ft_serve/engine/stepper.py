@@ -342,7 +342,7 @@ class Stepper:
         p = seq.params
         if seq.detokenizer.stopped:
             return "stop"
-        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+        if token in p.end_ids(self.eos_ids):
             return "stop"
         if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
             return "stop"  # the grammar is complete (or, never expected, broken): nothing more may follow
