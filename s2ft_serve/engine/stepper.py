@@ -220,8 +220,9 @@ class Stepper:
         return restored
 
     def _remember(self, seq: Sequence) -> None:
-        """Offer `seq`'s prompt (all of it in its row now) to the prefix cache."""
-        if self.engine.prefix_cache is not None:
+        """Offer `seq`'s prompt (all of it in its row now) to the prefix cache, unless its adapter version
+        has retired meanwhile (no later request can match it; its blocks were dropped)."""
+        if self.engine.prefix_cache is not None and not (seq.version is not None and seq.version.retired):
             self.engine.prefix_cache.insert(self._owner(seq), seq.prompt_ids, seq.row, self.engine.registry.epoch)
 
     # ---- prefill -------------------------------------------------------------------------

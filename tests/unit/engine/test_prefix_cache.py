@@ -4,6 +4,7 @@ its keys and values, and still gets exactly the tokens and logits it gets withou
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
@@ -194,3 +195,17 @@ def test_shared_prefixes_in_batches_and_chunks_give_the_tokens_each_request_gets
             assert engine.stats().running == 0 and engine.scheduler.chunking is None
         finally:
             engine.shutdown(timeout=5)
+
+
+def test_a_prompt_of_a_version_that_retired_while_it_waited_is_not_cached(tiny_llama_dir):
+    """Replaced between admission and prefill: its blocks would outlive the drop, matched by nobody."""
+    with engine_with_adapter(tiny_llama_dir, seed=1, prefix_block_size=8) as (engine, _):
+        entry = engine.registry.get("a")
+        version = engine.call(engine.registry.acquire, entry)  # pinned, as a waiting request's
+        engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=2, channels=4),
+                           replace=True)
+        assert version.retired
+        seq = SimpleNamespace(version=version, prompt_ids=list(range(30, 60)), row=0)
+        engine.call(engine.stepper._remember, seq)
+        assert version.uid not in {key[0] for key in engine.prefix_cache.blocks}
+        engine.call(engine.registry.release, version)
