@@ -56,8 +56,8 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
     if guide is not None and reasoning is not None:  # a guided answer thinks only if its grammar writes <think>
         reasoning = "qwen3"
     # a parser must see the tags it reads, which some tokenizers hold as special tokens (as vLLM's hermes)
-    keep_special = False if reasoning or (tools is not None and tools.parser) else None
-    await gen.submit_many([(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide, keep_special))
+    skip_special = False if reasoning or (tools is not None and tools.parser) else None  # None: the request's
+    await gen.submit_many([(0, prompt, sampling_params(body, max_tokens, logprobs, None, i, guide, skip_special))
                            for i in range(body.n)])
     return Context(prompt, tools, reasoning)
 

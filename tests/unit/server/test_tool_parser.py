@@ -8,16 +8,15 @@ import random
 import pytest
 
 from s2ft_serve.server.protocol import ToolCall
+from s2ft_serve.server.routes.chat import Context, answer
 from s2ft_serve.server.tools import HermesReader, ToolMode
 
+
 def read_answer(tools: ToolMode, text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole answer's content and calls (content None when there are calls and no text), as the chat
-    route reads it."""
-    reader = tools.reader()
-    parts = reader.feed(text) + reader.finish()
-    content = "".join(p for p in parts if isinstance(p, str))
-    calls = [p for p in parts if isinstance(p, ToolCall)]
-    return (content or None) if calls else content, calls
+    """A whole answer's content and calls (content None when there are calls and no text), read by the
+    chat route's own `answer`."""
+    message, _ = answer(Context([], tools, None), text, None)
+    return message.content, message.tool_calls or []
 
 
 AUTO = ToolMode(None, None, "hermes")
