@@ -13,7 +13,7 @@ import time
 import torch
 
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.engine.sampler import adjust_logits, adjust_logits_batch
+from s2ft_serve.engine.sampler import adjust_logits_batch, adjust_logits_reference
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     outputs = [[rng.randrange(args.vocab) for _ in range(args.output)] for _ in range(args.batch)]
 
     def row_by_row() -> torch.Tensor:
-        return torch.stack([adjust_logits(logits[i], params[i], prompts[i], outputs[i], set())
+        return torch.stack([adjust_logits_reference(logits[i], params[i], prompts[i], outputs[i], set())
                             for i in range(args.batch)])
 
     def batched() -> torch.Tensor:

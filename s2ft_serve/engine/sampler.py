@@ -53,7 +53,7 @@ def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # [voc
     return probs
 
 
-def adjust_logits(
+def adjust_logits_reference(
     row: torch.Tensor,  # [vocab] float32, the model's logits for one sequence
     params: SamplingParams,
     prompt_ids: list[int],
@@ -88,8 +88,8 @@ def adjust_logits_batch(
     outputs: list[list[int]],
     eos_ids: set[int],
 ) -> torch.Tensor:  # [B, vocab], a new tensor
-    """`adjust_logits` for every row at once, with the same results bit for bit: each rule gathers the
-    (row, token) entries it touches across all rows and updates them in one go."""
+    """`adjust_logits_reference` for every row at once, with the same results bit for bit: each rule
+    gathers the (row, token) entries it touches across all rows and updates them in one go."""
     out = logits.clone()
     flat = out.view(-1)
     device, vocab = logits.device, logits.shape[1]

@@ -58,10 +58,6 @@ class Scheduler:
         self.chunking: Sequence | None = None  # the prompt being prefilled in chunks, in row max_batch_size
         self.cond = threading.Condition()
 
-    def add(self, seq: Sequence) -> bool:
-        """Queue a sequence; False when the queue is full."""
-        return self.add_all([seq])
-
     def add_all(self, seqs: list[Sequence]) -> bool:
         """Queue sequences together (admission sees all of them or none); False, and none queued, when
         they do not all fit in the queue."""

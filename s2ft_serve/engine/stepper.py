@@ -100,18 +100,18 @@ class Stepper:
                 self.abort_waiting(seq)
             else:
                 admitted.append(seq)
-        kept = {id(seq) for seq in admitted}
-        twins: dict[int, list[Sequence]] = {}  # id(the sequence that computes the prompt) -> its twins
+        kept = set(admitted)
+        twins: dict[Sequence, list[Sequence]] = {}  # the sequence that computes the prompt -> its twins
         for seq in admitted:
-            if seq.twin_of is not None and id(seq.twin_of) not in kept:  # that one was cancelled: compute it
+            if seq.twin_of is not None and seq.twin_of not in kept:  # that one was cancelled: compute it
                 seq.twin_of, seq.cached_tokens = None, 0
             if seq.twin_of is not None:
-                twins.setdefault(id(seq.twin_of), []).append(seq)
+                twins.setdefault(seq.twin_of, []).append(seq)
             budget -= to_compute(seq)
         for group in prefill_groups([seq for seq in admitted if seq.twin_of is None]):
             for seq in group:
                 sched.start_running(seq)  # consecutive rows
-            self._prefill(group, [twin for seq in group for twin in twins.get(id(seq), [])])
+            self._prefill(group, [twin for seq in group for twin in twins.get(seq, [])])
         chunking = sched.chunking
         if chunking is not None and chunking is not carried:  # admit() just started chunking a long prompt
             chunking.prefilled = self._restore(chunking)
@@ -242,16 +242,16 @@ class Stepper:
             self._remember(seq)
             if w:
                 self._add_prompt_logprobs(seq, lg, 0)
-            last[id(seq)] = lg[-1]
+            last[seq] = lg[-1]
         for twin in twins:  # before any first token: a sequence that finishes at once gives up its row
             source, twin.twin_of = twin.twin_of, None
             engine.scheduler.start_running(twin)
             engine.runner.move_row(source.row, twin.row, len(source.prompt_ids))
             if source.prompt_logprobs is not None:
                 twin.prompt_logprobs = list(source.prompt_logprobs)
-            last[id(twin)] = last[id(source)]
+            last[twin] = last[source]
         ordered = list(seqs) + list(twins)
-        self._first_tokens(ordered, [last[id(s)] for s in ordered])
+        self._first_tokens(ordered, [last[s] for s in ordered])
 
     def _prefill_chunk(self, budget: int) -> int:
         """Prefill the next chunk (at most `budget` tokens) of the chunked prompt; return its size.

@@ -19,7 +19,7 @@ def test_scheduler_chunks_the_prompt_that_does_not_fit_and_counts_it_in_the_batc
     sched = Scheduler(max_batch_size=2, max_tokens_per_step=10, max_queue=8)
     seqs = [SimpleNamespace(prompt_ids=[0] * n, cancelled=False, row=-1) for n in (4, 30, 3, 2)]
     for s in seqs:
-        sched.add(s)
+        sched.add_all([s])
     assert sched.admit() == [seqs[0]]  # 4 fit; 30 do not: it is chunked in the spare row, not returned
     assert sched.chunking is seqs[1] and seqs[1].row == 2
     sched.start_running(seqs[0])

@@ -10,14 +10,15 @@ import torch
 from engine_reference import reference, reference_logits
 
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.engine.sampler import adjust_logits, adjust_logits_batch, sample
+from s2ft_serve.engine.sampler import adjust_logits_batch, adjust_logits_reference, sample
 from s2ft_serve.errors import InvalidRequestError
 
 ROW = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
 
 
 def adjusted(prompt=(), output=(), eos=frozenset(), **params) -> list[float]:
-    return adjust_logits(ROW, SamplingParams(max_tokens=10, **params), list(prompt), list(output), set(eos)).tolist()
+    params = SamplingParams(max_tokens=10, **params)
+    return adjust_logits_reference(ROW, params, list(prompt), list(output), set(eos)).tolist()
 
 
 def test_each_rule_by_hand():
@@ -37,7 +38,7 @@ def test_each_rule_by_hand():
 
 def test_the_row_given_is_not_changed():
     row = ROW.clone()
-    adjust_logits(row, SamplingParams(logit_bias={0: 1.0}, frequency_penalty=1.0), [], [0], set())
+    adjust_logits_reference(row, SamplingParams(logit_bias={0: 1.0}, frequency_penalty=1.0), [], [0], set())
     assert torch.equal(row, ROW)
 
 
@@ -66,7 +67,8 @@ def test_the_batched_rules_equal_the_one_row_rules_bit_for_bit(seed):
         outputs.append(ids(int(torch.randint(0, 6, (1,), generator=gen))))
     eos = {7}
     batched = adjust_logits_batch(logits, params, prompts, outputs, eos)
-    one_by_one = torch.stack([adjust_logits(logits[i], params[i], prompts[i], outputs[i], eos) for i in range(rows)])
+    one_by_one = torch.stack([adjust_logits_reference(logits[i], params[i], prompts[i], outputs[i], eos)
+                              for i in range(rows)])
     assert torch.equal(batched, one_by_one)
     assert not torch.equal(batched, logits)  # the rules did something
 
