@@ -30,7 +30,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from s2ft_serve.errors import InsufficientMemoryError
-from s2ft_serve.model.gemm import DenseGemm, Released, release
+from s2ft_serve.model.gemm import DenseGemm, Released, WideLinear, release
 from s2ft_serve.model.loading import head_dim_of
 
 
@@ -116,7 +116,9 @@ class Transformer(nn.Module):
                 release(mlp, ["gate_proj", "up_proj"])
         tied = hf_model.lm_head.weight is w
         self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
-        if self.lm_head.packed and not tied:
+        if not self.lm_head.packed:
+            self.lm_head = WideLinear(hf_model.lm_head)  # the same bits, faster where verified
+        elif not tied:
             release(hf_model, ["lm_head"])
 
     @property

@@ -83,3 +83,55 @@ def test_a_model_packed_for_one_engine_is_refused_by_a_second(tiny_llama_dir):
         pytest.skip("no oneDNN here: nothing is packed, so nothing is released")
     with pytest.raises(ValueError, match="already serves another engine"):
         Transformer(model, max_rows=2, max_len=16, gemm="onednn")
+
+
+@torch.inference_mode()
+def test_wide_linear_gives_the_linears_bits_for_every_row_count():
+    torch.manual_seed(0)
+    head = nn.Linear(64, 5000, bias=False)  # several CHUNKs, the last one partial
+    wide = gemm.WideLinear(head)
+    for rows in [*range(1, 40), 64, 128, 129]:
+        x = torch.randn(rows, 64)
+        assert torch.equal(wide(x), F.linear(x, head.weight)), rows
+    x = torch.randn(2, 3, 64)  # any leading shape
+    assert torch.equal(wide(x), F.linear(x, head.weight))
+    assert set(wide.verified) == set(range(2, 40)) | {64, 128}  # one probe per row count; 1 and > 128 never tried
+    assert any(wide.verified.values())  # the faster form is in use somewhere, so it was tested above
+
+
+@torch.inference_mode()
+def test_wide_linear_keeps_the_linear_for_a_row_count_that_rounds_otherwise(monkeypatch):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 300, bias=False)
+    wide = gemm.WideLinear(head)
+    transposed, calls = wide._transposed, []
+
+    def other_bits(x, w):
+        calls.append(x.shape[0])
+        return transposed(x, w) * (1 + 1e-6)
+
+    monkeypatch.setattr(wide, "_transposed", other_bits)
+    x = torch.randn(8, 16)
+    assert torch.equal(wide(x), F.linear(x, head.weight))
+    assert wide.verified == {8: False} and calls == [8]  # the probe only
+    assert torch.equal(wide(x), F.linear(x, head.weight)) and calls == [8]  # not tried again
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 300, bias=True),
+                                  lambda: nn.Linear(16, 300, bias=False).to(torch.bfloat16)])
+@torch.inference_mode()
+def test_wide_linear_calls_the_linear_for_a_bias_or_another_dtype(make):
+    head = make()
+    wide = gemm.WideLinear(head)
+    x = torch.randn(8, 16, dtype=head.weight.dtype)
+    assert torch.equal(wide(x), head(x)) and wide.verified == {}
+
+
+def test_exact_lm_head_is_the_wide_linear_and_onednn_packs_it(tiny_llama_dir):
+    from s2ft_serve.model.forward import Transformer
+    from s2ft_serve.model.loading import load_model
+
+    exact = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="exact")
+    assert isinstance(exact.lm_head, gemm.WideLinear) and exact.lm_head.linears[0] is exact.hf.lm_head
+    packed = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="onednn")
+    assert isinstance(packed.lm_head, DenseGemm) and packed.lm_head.packed == gemm.onednn_usable(packed.hf.model.embed_tokens.weight)
