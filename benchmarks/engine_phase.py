@@ -4,8 +4,9 @@ one process; random adapters of a budget added to an engine.
 PyTorch's CPU build keeps an OpenMP worker pool for every thread that has run a parallel op; with
 more pool threads than cores all pools stop spin-waiting and every parallel region pays a wake-up
 (see s2ft_serve/engine/thread.py). A server's main thread does no torch work, so while an engine
-runs, the benchmark's main thread stays single-threaded (it never gets a pool); transformers and
-PEFT run afterwards, in that thread, with the engine's number of threads.
+runs, the benchmark's main thread stays single-threaded (it never gets a pool); other systems
+(transformers, PEFT) either run afterwards in that thread with the engine's number of threads, or,
+interleaved with the engine, in the engine's own thread through `Engine.call` (engine_throughput.py).
 """
 
 from __future__ import annotations

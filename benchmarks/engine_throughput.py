@@ -7,9 +7,11 @@ All figures are ratios of runs made side by side in this process (the machine is
   3. the engine on the base model vs `transformers` `generate` on the same batch.
 Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm) and
 the mixed-step kernels asked for (`--kernel native,torch`: the compiled kernel, embedding_bag).
-Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out; each
-system's figure is its best of `--repeats` rounds. For (1) it also prints the median over rounds of
-mixed / base measured back to back in the same round, which the VM's swings move less.
+Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
+Every system runs in the engine's thread (transformers and PEFT through `Engine.call`, so all use the
+same torch threads and OpenMP pool), in `--repeats` rounds that interleave them; each ratio is the
+median over rounds of the two systems' figures in the same round, which the VM's swings (±20% within
+minutes) move far less than a ratio of runs minutes apart. Best-of tok/s are printed too.
 
 It also prints the bound that memory bandwidth puts on (1): with B distinct adapters a decode step
 must read every adapter's delta columns (B x parameters x element size bytes, far beyond the CPU's
@@ -18,7 +20,7 @@ plain read torch has) is a floor for that extra work, so base step / (base step 
 mixed/base ratio any exact kernel could reach on this machine, unless it overlapped the read with the
 base GEMMs.
 
-    python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 64
+    python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact,onednn
 """
 
 from __future__ import annotations
@@ -88,26 +90,52 @@ def lora_model(base_dir, dtype, n: int, rank: int):
     return model.eval()
 
 
-def measure_engine(args, gemm: str, kernel: str) -> tuple[dict, object, int]:
-    """Decode tok/s of one engine on the base and on B distinct adapters (interleaved repeats)."""
+def load_others(args, engine: Engine) -> tuple[dict, dict]:
+    """`transformers` on the base and PEFT LoRA over B adapters with the engine's adapters' parameter
+    count, as timers `(engine, tokens) -> seconds` that run in that engine's thread (its torch threads
+    and OpenMP pool); and what they are."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = engine.loaded
+    base_dir, tok, dtype, cfg = loaded.path, loaded.tokenizer, loaded.model.dtype, loaded.model.config
+    params = engine.get_adapter("s0").parameters
+    per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
+    rank = max(1, round(params / per_rank))
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+    others = {"transformers": lambda eng, n: eng.call(hf_time, hf, tok, args.batch, n)}
+    if not args.skip_peft:
+        lora, lora_names = lora_model(base_dir, dtype, args.batch, rank), [f"l{i}" for i in range(args.batch)]
+        others["peft"] = lambda eng, n: eng.call(hf_time, lora, tok, args.batch, n, lora_names)
+    return others, {"adapter_params": params, "lora_rank": rank, "dtype": dtype}
+
+
+def measure_engine(args, gemm: str, kernel: str, others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict]]:
+    """Decode tok/s of one engine on the base and on B distinct adapters, and of the other systems
+    (`load_others`, loaded with the first engine when None), all in the engine's thread, interleaved
+    round by round. Returns every system's figure per round, and the other systems for the next engine."""
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
                                  threads=args.threads)).start()
-    loaded = engine.loaded
     names = add_random_adapters(engine, args.batch, args.heads, args.channels)
     engine_time(engine, names[:2], 4)  # warm up
-    results: dict[str, list[float]] = {"base": [], "mixed": []}
-    for _ in range(args.repeats):  # interleave so drift hits both alike
-        results["base"].append(decode_tps(lambda n: engine_time(engine, [None] * args.batch, n), args.batch,
-                                          args.tokens, 1))
-        results["mixed"].append(decode_tps(lambda n: engine_time(engine, names, n), args.batch, args.tokens, 1))
-    params = engine.get_adapter("s0").parameters
+    others = others or load_others(args, engine)
+    timers = {"base": lambda n: engine_time(engine, [None] * args.batch, n),
+              "mixed": lambda n: engine_time(engine, names, n),
+              **{name: (lambda n, timer=timer: timer(engine, n)) for name, timer in others[0].items()}}
+    rounds: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(args.repeats):  # interleaved, so the VM's drift hits every system alike
+        for name, timer in timers.items():
+            rounds[name].append(decode_tps(timer, args.batch, args.tokens, 1))
     engine.shutdown()
-    best = {k: max(v) for k, v in results.items()}
-    # each round's mixed and base runs are adjacent in time: the median of their ratios is the figure
-    # least moved by the VM's swings (a best-of ratio pairs runs that may lie minutes apart)
-    best["paired"] = statistics.median(m / b for m, b in zip(results["mixed"], results["base"]))
-    return best, loaded, params
+    return rounds, others
+
+
+def paired(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over rounds of a / b, each round's two runs close in time: the figure least moved by the
+    VM's swings (a ratio of best-ofs pairs runs that may lie minutes apart)."""
+    if a not in rounds or b not in rounds:
+        return None
+    return round(statistics.median(x / y for x, y in zip(rounds[a], rounds[b])), 3)
 
 
 def main() -> None:
@@ -117,7 +145,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--heads", type=int, default=1, help="S²FT o_proj heads per layer")
     ap.add_argument("--channels", type=int, default=40, help="S²FT down_proj channels per layer")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds per engine")
     ap.add_argument("--gemm", default="exact,onednn", help="engine GEMM backends to measure, comma-separated")
     ap.add_argument("--kernel", default="native", help="mixed-step kernels to measure (native, torch), comma-separated")
     ap.add_argument("--skip-peft", action="store_true")
@@ -125,55 +153,37 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     args.threads = args.threads or torch.get_num_threads()
-    engines = {}
+    engines, others = {}, None
     with engine_phase(args.threads):
         for gemm in args.gemm.split(","):
             for kernel in args.kernel.split(","):
-                engines[f"{gemm}+{kernel}"], loaded, params_per_adapter = measure_engine(args, gemm, kernel)
-    base_dir, tok, dtype = loaded.path, loaded.tokenizer, loaded.model.dtype
-    extra_bytes = args.batch * params_per_adapter * dtype.itemsize
-    floor_ms = stream_floor_ms(extra_bytes, dtype)
-    cfg = loaded.model.config
-    loaded = None
-    per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
-    rank = max(1, round(params_per_adapter / per_rank))
-
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
-    hf_tps = decode_tps(lambda n: hf_time(hf, tok, args.batch, n), args.batch, args.tokens, args.repeats)
-    hf = None  # free it before PEFT's copy
-    peft_tps = None
-    if not args.skip_peft:
-        lora = lora_model(base_dir, dtype, args.batch, rank)
-        lora_names = [f"l{i}" for i in range(args.batch)]
-        peft_tps = decode_tps(lambda n: hf_time(lora, tok, args.batch, n, lora_names), args.batch, args.tokens,
-                              args.repeats)
-
+                engines[f"{gemm}+{kernel}"], others = measure_engine(args, gemm, kernel, others)
+    info = others[1]
+    extra_bytes = args.batch * info["adapter_params"] * info["dtype"].itemsize
+    floor_ms = stream_floor_ms(extra_bytes, info["dtype"])
     report = {
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.tokens,
-        "adapter_params": params_per_adapter, "lora_rank": rank, "transformers_base_tok_s": round(hf_tps, 1),
-        "peft_lora_mixed_tok_s": round(peft_tps, 1) if peft_tps else None,
+        "threads": args.threads, "batch": args.batch, "new_tokens": args.tokens, "rounds": args.repeats,
+        "adapter_params": info["adapter_params"], "lora_rank": info["lora_rank"],
         "adapter_bytes_per_step": extra_bytes, "stream_floor_ms": round(floor_ms, 2), "engines": {},
     }
-    print(f"decode tok/s ({args.dtype}, batch {args.batch}): transformers base {hf_tps:.1f}"
-          + (f", PEFT LoRA r={rank} mixed {peft_tps:.1f}" if peft_tps else ""))
-    print(f"{args.batch} adapters' deltas: {extra_bytes / 1e6:.0f} MB per decode step; torch.sum streams them in "
-          f"{floor_ms:.2f} ms ({extra_bytes / floor_ms / 1e6:.1f} GB/s)")
-    for name, r in engines.items():
-        row = {"base_tok_s": round(r["base"], 1), "mixed_tok_s": round(r["mixed"], 1),
-               "mixed_vs_base": round(r["mixed"] / r["base"], 3), "mixed_vs_base_paired": round(r["paired"], 3),
-               "ours_vs_peft_mixed": round(r["mixed"] / peft_tps, 2) if peft_tps else None,
-               "engine_vs_transformers_base": round(r["base"] / hf_tps, 2)}
-        base_ms, mixed_ms = args.batch / r["base"] * 1e3, args.batch / r["mixed"] * 1e3
-        row.update(base_step_ms=round(base_ms, 1), mixed_step_ms=round(mixed_ms, 1),
-                   mixed_vs_base_bound=round(base_ms / (base_ms + floor_ms), 3))
+    print(f"decode tok/s, {args.dtype}, batch {args.batch}, {args.threads} threads, best of {args.repeats} "
+          f"interleaved rounds; ratios: median over rounds of each round's pair. {args.batch} adapters' deltas: "
+          f"{extra_bytes / 1e6:.0f} MB per decode step, which torch.sum streams in {floor_ms:.2f} ms "
+          f"({extra_bytes / floor_ms / 1e6:.1f} GB/s)")
+    for name, rounds in engines.items():
+        best = {system: round(max(tps), 1) for system, tps in rounds.items()}
+        base_ms, mixed_ms = args.batch / best["base"] * 1e3, args.batch / best["mixed"] * 1e3
+        row = {"tok_s": best, "rounds_tok_s": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
+               "mixed_vs_base": paired(rounds, "mixed", "base"),
+               "ours_vs_peft_mixed": paired(rounds, "mixed", "peft"),
+               "engine_vs_transformers_base": paired(rounds, "base", "transformers"),
+               "base_step_ms": round(base_ms, 1), "mixed_step_ms": round(mixed_ms, 1),
+               "mixed_vs_base_bound": round(base_ms / (base_ms + floor_ms), 3)}
         report["engines"][name] = row
-        print(f"engine {name}: base {r['base']:.1f}, {args.batch} adapters {r['mixed']:.1f} tok/s; "
-              f"mixed/base {row['mixed_vs_base']}x (median of paired rounds {row['mixed_vs_base_paired']}x); ours/PEFT {row['ours_vs_peft_mixed']}x; "
-              f"engine/transformers {row['engine_vs_transformers_base']}x; step {base_ms:.1f} ms base, "
-              f"{mixed_ms:.1f} ms mixed (+{mixed_ms - base_ms:.1f}); bandwidth bound on mixed/base "
-              f"{row['mixed_vs_base_bound']}x")
+        print(f"engine {name}: tok/s {best}; mixed/base {row['mixed_vs_base']}x (bandwidth bound "
+              f"{row['mixed_vs_base_bound']}x), ours/PEFT {row['ours_vs_peft_mixed']}x, engine/transformers "
+              f"{row['engine_vs_transformers_base']}x; best steps {base_ms:.1f} ms base, {mixed_ms:.1f} ms mixed")
     print(json.dumps(report))
 
 

@@ -14,7 +14,8 @@ exactly what transformers computes; only attention and caching are ours:
   chunked prefill, or the rest of a prompt after a prefix-cache hit. Its tokens are written at their
   own positions and attend over the row's cache up to themselves, exactly as a decode step does
   for one token; each row may start at a different position.
-- Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`), or with
+- Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`; the LM head
+  through `gemm.WideLinear`, the same bits, faster where verified), or with
   `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
   are released.

@@ -1,7 +1,8 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
-runs and base-model logits are bit-identical to it for 4 or more rows per pass. Fewer rows round
+runs and base-model logits are bit-identical to it for 4 or more rows per pass; the LM head
+(`WideLinear`) takes a faster form only for row counts where a probe showed the very same bits. Fewer rows round
 differently in the last bits: MKL's few-row paths depend on a weight's layout (the adapted
 o_proj/down_proj are stored column-major) and its memory alignment (see the README).
 
