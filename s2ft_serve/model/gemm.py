@@ -1,10 +1,10 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
-runs and base-model logits are bit-identical to it for 4 or more rows per pass; the LM head
-(`WideLinear`) takes a faster form only for row counts where a probe showed the very same bits. Fewer rows round
-differently in the last bits: MKL's few-row paths depend on a weight's layout (the adapted
-o_proj/down_proj are stored column-major) and its memory alignment (see the README).
+runs and base-model logits are bit-identical to it for 4 or more rows per pass (the LM head,
+`WideLinear`, takes a faster form only for row counts where a probe showed the very same bits).
+Fewer rows round differently in the last bits: MKL's few-row paths depend on a weight's layout
+(the adapted o_proj/down_proj are stored column-major) and its memory alignment (see the README).
 
 `gemm="onednn"` is faster, rounds differently:
 
@@ -84,14 +84,13 @@ class DenseGemm(nn.Module):
 class WideLinear(nn.Module):
     """The LM head under `gemm="exact"`: `F.linear`'s very bits, faster where MKL allows.
 
-    For a decode-sized batch (16-64 rows) MKL computes the 49k-row LM head 1.3-1.7x faster as
-    `(W @ x.T).T`, a block of `CHUNK` vocabulary rows at a time (2-core AMD EPYC, float32; see the
-    README), and for most row counts it sums in the same order, so the logits are bit-identical; for
-    a few it does not (2-11 rows on that machine) and which depends on the CPU and the BLAS. So the
-    first pass with a given row count runs both forms on a random probe and keeps the faster one for
-    that count only if every output is bit-identical; otherwise (and for other devices, dtypes, a bias, or more than
-    `MAX_ROWS` rows, which gain nothing, and one row, which gains nothing either) it calls the
-    model's own Linear."""
+    For 12-128 rows MKL computes the 49k-row LM head 1.2-1.6x faster as `(W @ x.T).T`, a block of
+    `CHUNK` vocabulary rows at a time (2-core AMD EPYC, float32; `benchmarks/lm_head.py`), and for
+    most row counts it sums in the same order, so the logits are bit-identical; for some it does not
+    (2-11 rows on that machine), and which depends on the CPU and the BLAS. So the first pass with a
+    given row count runs both forms on a random probe and keeps the faster one for that count only if
+    every output is bit-identical. Otherwise it calls the model's own Linear, as it does for one row
+    or more than `MAX_ROWS` rows (no gain), other devices and dtypes, a bias, and autograd."""
 
     CHUNK = 2048
     MAX_ROWS = 128
@@ -105,7 +104,7 @@ class WideLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[0]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # laid out as the probe is
         rows = x2.shape[0]
         same = self.verified.get(rows)
         if not self.eligible or same is False or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():

@@ -134,4 +134,5 @@ def test_exact_lm_head_is_the_wide_linear_and_onednn_packs_it(tiny_llama_dir):
     exact = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="exact")
     assert isinstance(exact.lm_head, gemm.WideLinear) and exact.lm_head.linears[0] is exact.hf.lm_head
     packed = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="onednn")
-    assert isinstance(packed.lm_head, DenseGemm) and packed.lm_head.packed == gemm.onednn_usable(packed.hf.model.embed_tokens.weight)
+    assert isinstance(packed.lm_head, DenseGemm)
+    assert packed.lm_head.packed == gemm.onednn_usable(packed.hf.model.embed_tokens.weight)
