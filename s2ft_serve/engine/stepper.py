@@ -343,7 +343,7 @@ class Stepper:
         p = seq.params
         if seq.detokenizer.stopped:
             return "stop"
-        if token in p.end_ids(self.eos_ids):
+        if token in seq.detokenizer.end_ids:  # SamplingParams.end_ids, worked out once per request
             return "stop"
         if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
             return "stop"  # the grammar is complete (or, never expected, broken): nothing more may follow
