@@ -34,21 +34,31 @@ class AdapterBatch:
     single_slots: tuple[int, ...] = ()  # slots applied to every token (mode "single")
     token_slots: torch.Tensor | None = None  # [T, m] per-token (mode "mixed") or [P, m] per-row ("rows") slots
     mode: str = "none"  # "none" | "single" | "mixed" | "rows"
+    _per_token: torch.Tensor | None = None  # "rows": each prompt's slots repeated on its L tokens, [P * L, m]
 
     def set_none(self) -> None:
-        self.mode, self.single_slots, self.token_slots = "none", (), None
+        self.mode, self.single_slots, self.token_slots, self._per_token = "none", (), None, None
 
     def set_single(self, slots: tuple[int, ...]) -> None:
         slots = tuple(s for s in slots if s != NULL_SLOT)
         self.mode = "single" if slots else "none"
-        self.single_slots, self.token_slots = slots, None
+        self.single_slots, self.token_slots, self._per_token = slots, None, None
 
     def set_mixed(self, token_slots: torch.Tensor) -> None:
-        self.mode, self.single_slots, self.token_slots = "mixed", (), token_slots
+        self.mode, self.single_slots, self.token_slots, self._per_token = "mixed", (), token_slots, None
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """A batched prefill (x: [P, L, in]) whose P prompts use different slots: one tuple per prompt."""
-        self.mode, self.single_slots, self.token_slots = "rows", (), row_slots
+        self.mode, self.single_slots, self.token_slots, self._per_token = "rows", (), row_slots, None
+
+    def per_token(self, length: int) -> torch.Tensor:
+        """Every token's slots, [T, m]: as given ("mixed"), or ("rows") each prompt's repeated on its
+        `length` tokens, worked out once per pass for all the modules that ask."""
+        if self.mode != "rows":
+            return self.token_slots
+        if self._per_token is None or self._per_token.shape[0] != self.token_slots.shape[0] * length:
+            self._per_token = self.token_slots.repeat_interleave(length, dim=0)
+        return self._per_token
 
 
 @dataclass
@@ -160,9 +170,8 @@ class S2FTLinear(nn.Module):
         slots = b.token_slots  # the registry reserves every slot in every module
         differentiable = x.requires_grad and torch.is_grad_enabled()  # the kernel is inference-only
         if self.native is not None and not differentiable and (b.mode == "mixed" or x.shape[-2] <= NATIVE_MAX_ROW_LEN):
-            if b.mode == "rows":  # each prompt's slots on every one of its tokens
-                slots = slots.repeat_interleave(x.shape[-2], dim=0)
-            self.native(y2, x2.contiguous(), s.table, slots, s.ks, s.cols)  # adds into y in place
+            # adds into y in place; "rows": each prompt's slots on every one of its tokens
+            self.native(y2, x2.contiguous(), s.table, b.per_token(x.shape[-2]), s.ks, s.cols)
             return y
         n = slots.shape[0]  # tokens ("mixed") or prompts ("rows")
         rows, cols = s.rows[slots].view(n, -1), s.cols[slots].view(n, -1)  # [n, m*k_cap]

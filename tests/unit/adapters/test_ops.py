@@ -94,3 +94,16 @@ def test_layer_rows_mode_applies_each_prompts_own_slots(kernel, length):
                 w[:, index] += delta
         assert torch.allclose(y[p], x[p] @ w.t(), atol=1e-5), p
     assert len(calls) == (kernel == "native" and length <= NATIVE_MAX_ROW_LEN)
+
+
+def test_batch_gives_every_token_its_slots_once_per_pass():
+    batch = AdapterBatch()
+    batch.set_rows(torch.tensor([[1, 0], [2, 5]]))
+    per_token = batch.per_token(3)
+    assert per_token.tolist() == [[1, 0]] * 3 + [[2, 5]] * 3
+    assert batch.per_token(3) is per_token  # the modules of one pass share it
+    batch.set_rows(torch.tensor([[4, 0], [2, 5]]))  # the next pass: its own slots
+    assert batch.per_token(3).tolist() == [[4, 0]] * 3 + [[2, 5]] * 3
+    mixed = torch.tensor([[1], [3]])
+    batch.set_mixed(mixed)
+    assert batch.per_token(1) is mixed
