@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from engine_phase import PROMPT, add_random_adapters, engine_phase
+from engine_phase import add_random_adapters, engine_phase, interleaved_ms, prefill_rows
 from s2ft_serve.adapters.ops import mixed_delta, row_delta
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
@@ -58,31 +56,23 @@ def main() -> None:
 @torch.inference_mode()
 def measure(engine: Engine, names: list[str], args) -> dict:
     runner, registry = engine.runner, engine.registry
-    ids = engine.tokenize(PROMPT)
     versions = [registry.acquire(registry.get(n)) for n in names]
     mixed = [registry.slots_for(v) for v in versions]
-    for row, slots in enumerate(mixed):
-        runner.prefill(ids, row, slots, all_logits=False)
-    last, positions = [ids[-1]] * args.batch, [len(ids)] * args.batch
+    last, positions = prefill_rows(engine, mixed)
     layers = list(runner.layers.values())
     ops = [layer.native for layer in layers]
 
-    def step_ms(slot_tuples, native: bool) -> float:
-        for layer, op in zip(layers, ops):
-            layer.native = op if native else None
-        start = time.perf_counter()
-        for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
-            runner.decode(last, positions, slot_tuples)
-        return (time.perf_counter() - start) / args.steps * 1e3
+    def decode_steps(slot_tuples, native: bool):
+        def run():
+            for layer, op in zip(layers, ops):
+                layer.native = op if native else None
+            for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
+                runner.decode(last, positions, slot_tuples)
+        return run
 
-    cases = {"base": ([()] * args.batch, True), "native": (mixed, True), "torch": (mixed, False)}
-    for slot_tuples, native in cases.values():  # warm up
-        step_ms(slot_tuples, native)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, (slot_tuples, native) in cases.items():
-            times[name].append(step_ms(slot_tuples, native))
-    step = {name: statistics.median(t) for name, t in times.items()}
+    cases = {"base": decode_steps([()] * args.batch, True), "native": decode_steps(mixed, True),
+             "torch": decode_steps(mixed, False)}
+    step = {name: ms / args.steps for name, ms in interleaved_ms(cases, args.repeats, warm_up=True).items()}
 
     # each kernel alone, over one step's modules and the batch's real slot tables
     token_slots = torch.tensor(mixed, dtype=torch.int64)
@@ -104,14 +94,7 @@ def measure(engine: Engine, names: list[str], args) -> dict:
         for layer in layers:
             layer.slots.table.sum()
 
-    passes = {"native": native_pass, "torch": torch_pass, "sum": sum_pass}
-    alone: dict[str, list[float]] = {name: [] for name in passes}
-    for _ in range(args.repeats):
-        for name, fn in passes.items():
-            start = time.perf_counter()
-            fn()
-            alone[name].append((time.perf_counter() - start) * 1e3)
-    kernel = {name: statistics.median(t) for name, t in alone.items()}
+    kernel = interleaved_ms({"native": native_pass, "torch": torch_pass, "sum": sum_pass}, args.repeats)
     prompts = min(args.rows_prompts, args.batch)  # each prompt one of the batch's adapters
     rows = {str(length): time_rows(layers, ops, token_slots[:prompts], length, args.repeats)
             for length in (int(n) for n in args.rows_lengths.split(",") if n)}
@@ -155,14 +138,8 @@ def time_rows(layers, ops, row_slots: torch.Tensor, length: int, repeats: int) -
             s = layer.slots
             row_delta(x, s.table, s.rows[row_slots].view(P, -1), s.cols[row_slots].view(P, -1))
 
-    times: dict[str, list[float]] = {"native": [], "torch": []}
-    for _ in range(repeats):
-        for name, fn in (("native", native_pass), ("torch", torch_pass)):
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: round(statistics.median(t), 2) for name, t in times.items()}
-
+    times = interleaved_ms({"native": native_pass, "torch": torch_pass}, repeats)
+    return {name: round(ms, 2) for name, ms in times.items()}
 
 if __name__ == "__main__":
     main()

@@ -11,8 +11,10 @@ interleaved with the engine, in the engine's own thread through `Engine.call` (e
 
 from __future__ import annotations
 
+import statistics
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,3 +41,28 @@ def add_random_adapters(engine, count: int, heads: int = 1, channels: int = 40) 
         engine.add_adapter(name, random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=heads,
                                                 channels=channels, scale=0.01))
     return names
+
+
+def interleaved_ms(cases: dict[str, Callable[[], object]], repeats: int, warm_up: bool = False) -> dict[str, float]:
+    """Each case's median time (ms) over `repeats` rounds that run every case in turn, so the VM's
+    swings hit them alike; `warm_up` runs each once first, untimed."""
+    if warm_up:
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def prefill_rows(engine, slots_per_row: list[tuple[int, ...]]) -> tuple[list[int], list[int]]:
+    """`PROMPT` prefilled into cache rows 0..B-1, row i with `slots_per_row[i]` (call on the engine
+    thread); returns the tokens and positions of the decode step after it, which a benchmark can time
+    again and again (each run rewrites the same position in place)."""
+    ids = engine.tokenize(PROMPT)
+    for row, slots in enumerate(slots_per_row):
+        engine.runner.prefill(ids, row, slots, all_logits=False)
+    return [ids[-1]] * len(slots_per_row), [len(ids)] * len(slots_per_row)

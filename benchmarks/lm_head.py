@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from engine_phase import PROMPT, engine_phase
+from engine_phase import engine_phase, interleaved_ms, prefill_rows
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.model.gemm import WideLinear
@@ -40,16 +38,6 @@ def main() -> None:
     print(json.dumps(report))
 
 
-def timed(fn, repeats: int) -> list[float]:
-    return [_ms(fn) for _ in range(repeats)]
-
-
-def _ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 @torch.inference_mode()
 def measure(engine: Engine, args) -> dict:
     model, runner = engine.runner.model, engine.runner
@@ -61,38 +49,27 @@ def measure(engine: Engine, args) -> dict:
     for rows in (int(r) for r in args.rows.split(",") if r):
         x = torch.randn(rows, hidden)
         wide(x)  # the probe, once per row count
-        times = {"linear": [], "wide": []}
-        for _ in range(args.repeats):  # interleaved
-            times["linear"].append(_ms(lambda: linear(x)))
-            times["wide"].append(_ms(lambda: wide(x)))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_ms({"linear": lambda: linear(x), "wide": lambda: wide(x)}, args.repeats)
         alone[rows] = {"same_bits": wide.verified.get(rows, False), "linear_ms": round(med["linear"], 2),
                        "wide_ms": round(med["wide"], 2), "speedup": round(med["linear"] / med["wide"], 2)}
         print(f"LM head alone, {rows} rows: linear {med['linear']:.2f} ms, WideLinear {med['wide']:.2f} ms "
               f"({alone[rows]['speedup']}x; faster form {'used' if alone[rows]['same_bits'] else 'not used: other bits'})")
 
-    ids = engine.tokenize(PROMPT)
     B = args.batch
-    for row in range(B):
-        runner.prefill(ids, row, (), all_logits=False)
-    last, positions = [ids[-1]] * B, [len(ids)] * B
-    heads = {"linear": linear, "wide": wide}
+    last, positions = prefill_rows(engine, [()] * B)
     outs = {}
 
-    def step(name: str) -> None:
-        model.lm_head = heads[name]
-        for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
-            outs[name] = runner.decode(last, positions, [()] * B)
+    def decode_steps(head):
+        def run():
+            model.lm_head = head
+            for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
+                outs[head] = runner.decode(last, positions, [()] * B)
+        return run
 
-    for name in heads:
-        step(name)  # warm up
-    times = {name: [] for name in heads}
-    for _ in range(args.repeats):
-        for name in heads:
-            times[name].append(_ms(lambda: step(name)) / args.steps)
+    step = interleaved_ms({"linear": decode_steps(linear), "wide": decode_steps(wide)}, args.repeats, warm_up=True)
     model.lm_head = wide
-    med = {k: statistics.median(v) for k, v in times.items()}
-    same = torch.equal(outs["linear"], outs["wide"])
+    med = {name: ms / args.steps for name, ms in step.items()}
+    same = torch.equal(outs[linear], outs[wide])
     print(f"base decode step, {B} rows (median of {args.repeats} x {args.steps}): linear head {med['linear']:.1f} ms, "
           f"WideLinear {med['wide']:.1f} ms ({med['linear'] / med['wide']:.3f}x); logits bit-identical: {same}")
     return {"benchmark": "lm_head", "model": engine.model_name, "dtype": "float32", "gemm": "exact",
