@@ -17,7 +17,7 @@ from torch import nn
 
 from s2ft_serve.adapters import native
 from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
-from s2ft_serve.model.gemm import linear, onednn_usable
+from s2ft_serve.model.gemm import ExactLinear, linear, onednn_usable
 
 NULL_SLOT = 0
 # A pass of prompts with different adapters ("rows": a speculative verify pass, a burst of short
@@ -99,6 +99,8 @@ class S2FTLinear(nn.Module):
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
+        # else the base matmul's very bits, faster where verified (a plain tuple: not a submodule)
+        self.exact = () if self.onednn else (ExactLinear(base),)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -157,7 +159,8 @@ class S2FTLinear(nn.Module):
         s.ks[slot] = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.base.weight, self.base.bias, self.onednn)  # fusion edits the weight in place
+        # both read the weight as it is: fusion edits it in place
+        y = self.exact[0](x) if self.exact else linear(x, self.base.weight, self.base.bias, onednn=True)
         b = self.batch
         if b.mode == "none":
             return y

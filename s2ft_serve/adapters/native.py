@@ -1,4 +1,7 @@
-"""The compiled CPU kernel for the mixed-adapter correction, built once on first use.
+"""The compiled CPU kernels, built once on first use: the mixed-adapter correction and the exact GEMM.
+
+`csrc/exact_gemm.cpp` (`exact_linear_op`) computes `F.linear` in MKL's own summation order, for
+`model.gemm.ExactLinear`, which uses it only where a probe showed the very same bits.
 
 `csrc/slot_delta.cpp` adds every token's S²FT correction straight into the base output, reading each
 slot's block of the table in place: no per-call index tensors, no `[T, out]` temporary. On a 2-core
@@ -31,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "slot_delta.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp")]
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
@@ -42,46 +45,55 @@ def build_dir() -> Path:
     from s2ft_serve.model.loading import cache_dir
 
     root = Path(os.environ["S2FT_KERNEL_DIR"]) if os.environ.get("S2FT_KERNEL_DIR") else cache_dir() / "kernels"
-    key = [SOURCE.read_bytes(), *CFLAGS, torch.__version__, torch.version.git_version or "", platform.machine()]
+    key = [*(source.read_bytes() for source in SOURCES), *CFLAGS, torch.__version__, torch.version.git_version or "", platform.machine()]
     return root / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
-@functools.cache
 def slot_delta_op():
-    """`torch.ops.s2ft_serve.slot_delta_add`, building it if needed; None (logged) where that fails."""
+    """`torch.ops.s2ft_serve.slot_delta_add`, building the kernels if needed; None (logged) where that fails."""
+    return torch.ops.s2ft_serve.slot_delta_add if _library() else None
+
+
+def exact_linear_op():
+    """`torch.ops.s2ft_serve.exact_linear`, building the kernels if needed; None (logged) where that fails."""
+    return torch.ops.s2ft_serve.exact_linear if _library() else None
+
+
+@functools.cache
+def _library() -> bool:
     try:
-        return _load()
+        _load()
+        return True
     except Exception as e:  # no compiler, no ninja, a read-only cache, an unsupported platform...
         lines = str(e).strip().splitlines() or [""]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # a compiler's first error
-        log.warning("the compiled S²FT kernel is unavailable (%s: %s); mixed-adapter steps use embedding_bag",
-                    type(e).__name__, reason.strip())
-        return None
+        log.warning("the compiled S²FT kernels are unavailable (%s: %s); mixed-adapter steps use embedding_bag "
+                    "and GEMMs MKL's F.linear", type(e).__name__, reason.strip())
+        return False
 
 
-def _load():
+def _load() -> None:
     if hasattr(torch.ops.s2ft_serve, "slot_delta_add"):  # loaded earlier in this process
-        return torch.ops.s2ft_serve.slot_delta_add
+        return
     folder = build_dir()
     library = folder / f"{NAME}.so"
     if _try_load(library):
-        return torch.ops.s2ft_serve.slot_delta_add
+        return
     folder.mkdir(parents=True, exist_ok=True)
     # Processes starting together build it once: the others wait on this lock, then load the result.
     # It is an flock, which the OS releases when its holder dies, so a build killed midway (an OOM
     # kill, a health-check restart) leaves nothing that blocks later starts.
     with _exclusive(folder / "build.lock", BUILD_TIMEOUT_S):
         if _try_load(library):  # built by another process while this one waited
-            return torch.ops.s2ft_serve.slot_delta_add
+            return
         library.unlink(missing_ok=True)  # a damaged build (killed while linking): ninja would keep it
         (folder / "lock").unlink(missing_ok=True)  # cpp_extension's own lock file, left by a killed build
         from torch.utils.cpp_extension import load
 
         _find_ninja()
-        log.info("building the compiled S²FT kernel (once, ~10 s) in %s", folder)
-        load(name=NAME, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-    return torch.ops.s2ft_serve.slot_delta_add
+        log.info("building the compiled S²FT kernels (once, ~10 s) in %s", folder)
+        load(name=NAME, sources=[str(source) for source in SOURCES], build_directory=str(folder),
+             is_python_module=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _try_load(library: Path) -> bool:

@@ -14,8 +14,8 @@ exactly what transformers computes; only attention and caching are ours:
   chunked prefill, or the rest of a prompt after a prefix-cache hit. Its tokens are written at their
   own positions and attend over the row's cache up to themselves, exactly as a decode step does
   for one token; each row may start at a different position.
-- Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`; the LM head
-  through `gemm.WideLinear`, the same bits, faster where verified), or with
+- Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`; each through
+  `gemm.ExactLinear`, the same bits, faster where verified), or with
   `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
   are released.
@@ -31,7 +31,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from s2ft_serve.errors import InsufficientMemoryError
-from s2ft_serve.model.gemm import DenseGemm, Released, WideLinear, release
+from s2ft_serve.model.gemm import DenseGemm, ExactLinear, Released, release
 from s2ft_serve.model.loading import head_dim_of
 
 
@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         tied = hf_model.lm_head.weight is w
         self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
         if not self.lm_head.packed:
-            self.lm_head = WideLinear(hf_model.lm_head)  # the same bits, faster where verified
+            self.lm_head = ExactLinear(hf_model.lm_head, wide=True)  # the same bits, faster where verified
         elif not tied:
             release(hf_model, ["lm_head"])
 

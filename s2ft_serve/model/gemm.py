@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2ft_serve.adapters import native
 
 _ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -60,6 +61,7 @@ class DenseGemm(nn.Module):
         self.linears = list(linears)  # a plain list: they stay registered in the model only
         self.packed = onednn and all(onednn_usable(lin.weight) for lin in linears)
         if not self.packed:
+            self.exact = [ExactLinear(lin) for lin in linears]  # the Linears' bits, faster where verified
             return
         weight = torch.cat([lin.weight.detach() for lin in linears])
         self.splits = [lin.out_features for lin in linears]
@@ -74,50 +76,77 @@ class DenseGemm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if not self.packed:
-            outs = tuple(lin(x) for lin in self.linears)
+            outs = tuple(lin(x) for lin in self.exact)
             return outs if len(outs) > 1 else outs[0]
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         y = y.view(*x.shape[:-1], self.out_features)
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
 
 
-class WideLinear(nn.Module):
-    """The LM head under `gemm="exact"`: `F.linear`'s very bits, faster where MKL allows.
+class ExactLinear(nn.Module):
+    """A Linear under `gemm="exact"`: `F.linear`'s very bits, faster where this CPU's BLAS allows.
 
-    For 12-128 rows MKL computes the 49k-row LM head 1.2-1.6x faster as `(W @ x.T).T`, a block of
-    `CHUNK` vocabulary rows at a time (2-core AMD EPYC, float32; `benchmarks/lm_head.py`), and for
-    most row counts it sums in the same order, so the logits are bit-identical; for some it does not
-    (2-11 rows on that machine), and which depends on the CPU and the BLAS. So the first pass with a
-    given row count runs both forms on a random probe and keeps the faster one for that count only if
-    every output is bit-identical. Otherwise it calls the model's own Linear, as it does for one row
-    or more than `MAX_ROWS` rows (no gain), other devices and dtypes, a bias, and autograd."""
+    MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
+    forms compute the same sums in the same order for some row counts:
+    - "kernel": the compiled exact GEMM (`adapters/csrc/exact_gemm.cpp`), which reads the weight in
+      place and sums in MKL's order; on x86-64 with AVX2 it matches MKL for multiples of 4 rows, and
+      runs a layer's GEMMs 1.2-1.8x faster at 4-32 rows (`benchmarks/exact_gemm.py`);
+    - "transposed" (`wide`, the LM head): MKL's own `(W @ x.T).T`, `CHUNK` vocabulary rows at a time,
+      1.2-1.6x faster for 12-128 rows, and the same bits for most counts (not 2-11 on a 2-core EPYC).
+    Which agree depends on the CPU and the BLAS, so the first pass with a given row count runs the
+    forms on a random probe and keeps the first whose every output is bit-identical to the Linear's,
+    for that count only; none, and for one row, more than `MAX_ROWS`, other devices and dtypes, and
+    autograd, it calls the model's own Linear."""
 
     CHUNK = 2048
     MAX_ROWS = 128
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, wide: bool = False):
         super().__init__()
         self.linears = [linear]  # a plain list, as DenseGemm: it stays registered in the model only
         w = linear.weight
-        self.eligible = w.device.type == "cpu" and w.dtype == torch.float32 and linear.bias is None
-        self.verified: dict[int, bool] = {}  # row count -> the transposed form gives the same bits
+        self.eligible = w.device.type == "cpu" and w.dtype == torch.float32
+        self.forms = {"kernel": self._kernel}
+        if wide and linear.bias is None:
+            self.forms["transposed"] = self._transposed
+        self.chosen: dict[int, str | None] = {}  # row count -> the form that gives the Linear's bits, or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[0]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # laid out as the probe is
-        rows = x2.shape[0]
-        same = self.verified.get(rows)
-        if not self.eligible or same is False or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():
+        rows = x.numel() // x.shape[-1]
+        form = self.chosen.get(rows, "")
+        if not self.eligible or form is None or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():
             return linear(x)
-        if same is None:  # a random probe, so no input can pass by chance (zeros would)
-            probe = torch.randn(x2.shape, generator=torch.Generator().manual_seed(rows), dtype=x2.dtype)
-            same = self.verified[rows] = torch.equal(self._transposed(probe, linear.weight), linear(probe))
-            if not same:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # laid out as the probe is
+        if form == "":
+            form = self.chosen[rows] = self._choose(x2)
+            if form is None:
                 return linear(x)
-        y = self._transposed(x2, linear.weight)
+        y = self.forms[form](x2)
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def _transposed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _choose(self, x: torch.Tensor) -> str | None:
+        linear = self.linears[0]
+        # a random probe, so no input can pass by chance (zeros would)
+        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.shape[0]), dtype=x.dtype)
+        want = linear(probe)
+        for name, form in self.forms.items():
+            try:
+                if torch.equal(form(probe), want):
+                    return name
+            except RuntimeError:  # no compiled kernel here, or a weight layout it does not take
+                pass
+        return None
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        op = native.exact_linear_op()
+        if op is None:
+            raise RuntimeError("the compiled kernels are unavailable")
+        linear = self.linears[0]
+        return op(x, linear.weight, linear.bias)
+
+    def _transposed(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.linears[0].weight
         y = x.new_empty(x.shape[0], w.shape[0])
         xt = x.t()
         for start in range(0, w.shape[0], self.CHUNK):

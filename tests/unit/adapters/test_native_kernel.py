@@ -177,15 +177,16 @@ def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, caplog):
         raise RuntimeError("Error building extension 's2ft_serve_kernels'\nslot_delta.cpp:1: error: no compiler")
 
     monkeypatch.setattr(native, "_load", fail)
-    native.slot_delta_op.cache_clear()
+    native._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger=native.__name__):
             assert native.slot_delta_op() is None
+            assert native.exact_linear_op() is None
             assert native.slot_delta_op() is None
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "Error building extension" in warnings[0] and "embedding_bag" in warnings[0]
     finally:
-        native.slot_delta_op.cache_clear()
+        native._library.cache_clear()
 
 
 def test_a_prebuilt_kernel_loads_without_a_compiler(op, tmp_path):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2ft_serve.adapters import native
 from s2ft_serve.model import gemm
 from s2ft_serve.model.gemm import DenseGemm, Released, linear, release
 
@@ -85,54 +86,108 @@ def test_a_model_packed_for_one_engine_is_refused_by_a_second(tiny_llama_dir):
         Transformer(model, max_rows=2, max_len=16, gemm="onednn")
 
 
+def _column_major(lin: nn.Linear) -> nn.Linear:
+    lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t(), requires_grad=False)
+    return lin
+
+
+@pytest.mark.parametrize("make, wide", [
+    (lambda: nn.Linear(64, 5000, bias=False), True),  # an LM head: several CHUNKs, the last one partial
+    (lambda: nn.Linear(64, 96, bias=False), False),  # q/k/v, gate/up: row-major
+    (lambda: nn.Linear(64, 100, bias=True), False),  # a bias (Qwen2's q/k/v); rows not a multiple of 8
+    (lambda: _column_major(nn.Linear(200, 64, bias=False)), False),  # o_proj/down_proj, K in two blocks
+    (lambda: _column_major(nn.Linear(400, 72, bias=True)), False),  # K in blocks of 192 and a partial one
+])
 @torch.inference_mode()
-def test_wide_linear_gives_the_linears_bits_for_every_row_count():
+def test_exact_linear_gives_the_linears_bits_for_every_row_count(make, wide):
     torch.manual_seed(0)
-    head = nn.Linear(64, 5000, bias=False)  # several CHUNKs, the last one partial
-    wide = gemm.WideLinear(head)
+    lin = make()
+    exact = gemm.ExactLinear(lin, wide=wide)
     for rows in [*range(1, 40), 64, 128, 129]:
-        x = torch.randn(rows, 64)
-        assert torch.equal(wide(x), F.linear(x, head.weight)), rows
-    x = torch.randn(2, 3, 64)  # any leading shape
-    assert torch.equal(wide(x), F.linear(x, head.weight))
-    assert set(wide.verified) == set(range(2, 40)) | {64, 128}  # one probe per row count; 1 and > 128 never tried
-    assert any(wide.verified.values())  # the faster form is in use somewhere, so it was tested above
+        x = torch.randn(rows, lin.in_features)
+        assert torch.equal(exact(x), F.linear(x, lin.weight, lin.bias)), rows
+    x = torch.randn(2, 3, lin.in_features)  # any leading shape
+    assert torch.equal(exact(x), F.linear(x, lin.weight, lin.bias))
+    assert set(exact.chosen) == set(range(2, 40)) | {64, 128}  # one probe per row count; 1 and > 128 never tried
+    if native.exact_linear_op() is not None:  # the compiled kernel is in use, so it was tested above
+        assert "kernel" in exact.chosen.values()
 
 
 @torch.inference_mode()
-def test_wide_linear_keeps_the_linear_for_a_row_count_that_rounds_otherwise(monkeypatch):
+def test_exact_linear_sees_in_place_edits_of_the_weight():
+    torch.manual_seed(0)
+    lin = _column_major(nn.Linear(64, 32, bias=False))
+    exact = gemm.ExactLinear(lin)
+    x = torch.randn(8, 64)
+    exact(x)
+    with torch.no_grad():
+        lin.weight[:, 3] += 1.0  # fusion edits columns in place; the next call must see it
+    assert torch.equal(exact(x), F.linear(x, lin.weight))
+
+
+@torch.inference_mode()
+def test_exact_linear_keeps_the_linear_for_a_row_count_that_rounds_otherwise(monkeypatch):
     torch.manual_seed(0)
     head = nn.Linear(16, 300, bias=False)
-    wide = gemm.WideLinear(head)
-    transposed, calls = wide._transposed, []
+    exact = gemm.ExactLinear(head, wide=True)
+    calls = []
 
-    def other_bits(x, w):
-        calls.append(x.shape[0])
-        return transposed(x, w) * (1 + 1e-6)
+    def other_bits(form):
+        def run(x):
+            calls.append(x.shape[0])
+            return form(x) * (1 + 1e-6)
+        return run
 
-    monkeypatch.setattr(wide, "_transposed", other_bits)
+    exact.forms = {name: other_bits(form) for name, form in exact.forms.items()}
     x = torch.randn(8, 16)
-    assert torch.equal(wide(x), F.linear(x, head.weight))
-    assert wide.verified == {8: False} and calls == [8]  # the probe only
-    assert torch.equal(wide(x), F.linear(x, head.weight)) and calls == [8]  # not tried again
+    assert torch.equal(exact(x), F.linear(x, head.weight))
+    assert exact.chosen == {8: None} and calls == [8, 8]  # each form's probe only
+    assert torch.equal(exact(x), F.linear(x, head.weight)) and calls == [8, 8]  # not tried again
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 300, bias=True),
+@torch.inference_mode()
+def test_exact_linear_without_the_compiled_kernel_uses_the_other_forms(monkeypatch):
+    monkeypatch.setattr(native, "exact_linear_op", lambda: None)  # as where no compiler is installed
+    torch.manual_seed(0)
+    head, proj = nn.Linear(16, 300, bias=False), nn.Linear(16, 24, bias=False)
+    wide, narrow = gemm.ExactLinear(head, wide=True), gemm.ExactLinear(proj)
+    for rows in (4, 16, 32):
+        x = torch.randn(rows, 16)
+        assert torch.equal(wide(x), head(x)) and torch.equal(narrow(x), proj(x))
+    assert "kernel" not in wide.chosen.values() and set(narrow.chosen.values()) == {None}
+
+
+@torch.inference_mode()
+def test_the_kernel_refuses_what_it_cannot_compute():
+    op = native.exact_linear_op()
+    if op is None:
+        pytest.skip("no compiled kernel here")
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        op(torch.randn(4, 16), torch.randn(16, 12).t(), None)  # column-major, 12 output rows
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        op(torch.randn(4, 16), torch.randn(8, 16), torch.randn(7))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 300, bias=True).to(torch.bfloat16),
                                   lambda: nn.Linear(16, 300, bias=False).to(torch.bfloat16)])
 @torch.inference_mode()
-def test_wide_linear_calls_the_linear_for_a_bias_or_another_dtype(make):
+def test_exact_linear_calls_the_linear_for_another_dtype(make):
     head = make()
-    wide = gemm.WideLinear(head)
+    exact = gemm.ExactLinear(head, wide=True)
     x = torch.randn(8, 16, dtype=head.weight.dtype)
-    assert torch.equal(wide(x), head(x)) and wide.verified == {}
+    assert torch.equal(exact(x), head(x)) and exact.chosen == {}
 
 
-def test_exact_lm_head_is_the_wide_linear_and_onednn_packs_it(tiny_llama_dir):
+def test_exact_projections_are_exact_linears_and_onednn_packs_them(tiny_llama_dir):
     from s2ft_serve.model.forward import Transformer
     from s2ft_serve.model.loading import load_model
 
     exact = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="exact")
-    assert isinstance(exact.lm_head, gemm.WideLinear) and exact.lm_head.linears[0] is exact.hf.lm_head
+    assert isinstance(exact.lm_head, gemm.ExactLinear) and exact.lm_head.linears[0] is exact.hf.lm_head
+    attn = exact.hf.model.layers[0].self_attn
+    assert [e.linears[0] for e in exact.qkv[0].exact] == [attn.q_proj, attn.k_proj, attn.v_proj]
     packed = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="onednn")
     assert isinstance(packed.lm_head, DenseGemm)
     assert packed.lm_head.packed == gemm.onednn_usable(packed.hf.model.embed_tokens.weight)

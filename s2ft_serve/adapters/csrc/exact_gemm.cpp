@@ -1,0 +1,165 @@
+// y = x @ w.T (+ bias) on CPU, float32, summed in the order MKL's sgemm sums for the row counts where
+// the caller verified it (s2ft_serve/model/gemm.py: ExactLinear probes each row count first):
+//   every output element is a chain of fused multiply-adds over k, in blocks of `kc` columns of K
+//   (all of K up to 192, two halves up to 383, else 192), each block's chain started from zero and
+//   added to the element (set by the first block, or added to the bias).
+// MKL gives these bits on x86-64 for multiples of 4 rows; it packs its operands on every call, which
+// costs it more than the arithmetic at decode-sized row counts. Here the weight is read in place:
+//   - a row-major weight [N, K] (q/k/v, gate/up, the LM head): each thread walks its weight rows in
+//     groups of 12 (rows stream sequentially), against x transposed and padded to 8 rows [K, J];
+//     the group's [12, J] result is written back transposed;
+//   - a column-major weight (w.T contiguous, [K, N]: the adapted o_proj/down_proj): threads split the
+//     output columns in tiles of 32; a [kc, 32] block of w.T stays in L1 for all rows of x.
+// The inner kernel keeps a tile of up to 12 AVX registers of sums and adds one product per k.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define S2FT_X86 1
+#endif
+
+namespace {
+
+int64_t block_size(int64_t K) { return K <= 192 ? K : K < 384 ? (K + 1) / 2 : 192; }
+
+#ifdef S2FT_X86
+#define S2FT_AVX2 __attribute__((target("avx2,fma")))
+#define S2FT_UNROLL _Pragma("GCC unroll 16")
+
+// C[r, 8v:8v+8] (=: first, else +=) sum over k < kb, in order, of A[r, k] * B[k, 8v:8v+8]
+template <int MR, int NV>
+S2FT_AVX2 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                            int64_t kb, bool first) {
+  __m256 acc[MR][NV];
+  S2FT_UNROLL for (int r = 0; r < MR; ++r) S2FT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kb; ++k) {
+    if constexpr (MR <= NV) {  // the sums, MR broadcasts and one load fit the 16 registers
+      __m256 a[MR];
+      S2FT_UNROLL for (int r = 0; r < MR; ++r) a[r] = _mm256_broadcast_ss(A + r * lda + k);
+      S2FT_UNROLL for (int v = 0; v < NV; ++v) {
+        const __m256 b = _mm256_loadu_ps(B + k * ldb + 8 * v);
+        S2FT_UNROLL for (int r = 0; r < MR; ++r) acc[r][v] = _mm256_fmadd_ps(a[r], b, acc[r][v]);
+      }
+    } else {  // the sums, NV loads and one broadcast
+      __m256 b[NV];
+      S2FT_UNROLL for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+      S2FT_UNROLL for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+        S2FT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+      }
+    }
+  }
+  S2FT_UNROLL for (int r = 0; r < MR; ++r) S2FT_UNROLL for (int v = 0; v < NV; ++v) {
+    float* c = C + r * ldc + 8 * v;
+    _mm256_storeu_ps(c, first ? acc[r][v] : _mm256_add_ps(_mm256_loadu_ps(c), acc[r][v]));
+  }
+}
+
+constexpr int rows_for(int nv) { return nv == 4 ? 3 : nv == 3 ? 4 : nv == 2 ? 6 : 12; }  // 12 sums
+
+template <int NV, int MR = rows_for(NV)>
+S2FT_AVX2 void micro_rows(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                          int64_t kb, bool first) {
+  if constexpr (MR > 0) {
+    if (mr == MR) return micro<MR, NV>(A, lda, B, ldb, C, ldc, kb, first);
+    return micro_rows<NV, MR - 1>(mr, A, lda, B, ldb, C, ldc, kb, first);
+  }
+}
+
+// C[i0:i1, j0:j1] over all of K, block by block; j1 - j0 a multiple of 8. `first`: the first block sets C.
+S2FT_AVX2 void tile(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, int64_t K, bool first) {
+  const int64_t kc = block_size(K);
+  for (int64_t j = j0; j < j1;) {
+    const int nv = (int)std::min<int64_t>(4, (j1 - j) / 8);
+    const int mr = nv == 4 ? 3 : nv == 3 ? 4 : nv == 2 ? 6 : 12;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const int64_t kb = std::min(kc, K - k0);
+      const bool set = first && k0 == 0;
+      for (int64_t i = i0; i < i1; i += mr) {
+        const int m = (int)std::min<int64_t>(mr, i1 - i);
+        const float* a = A + i * lda + k0;
+        const float* b = B + k0 * ldb + j;
+        float* c = C + i * ldc + j;
+        switch (nv) {
+          case 4: micro_rows<4>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+          case 3: micro_rows<3>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+          case 2: micro_rows<2>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+          default: micro_rows<1>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+        }
+      }
+    }
+    j += nv * 8;
+  }
+}
+
+bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+bool cpu_ok() { return false; }
+#endif
+
+at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(cpu_ok(), "exact_linear: needs an x86-64 CPU with AVX2 and FMA");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                  w.scalar_type() == at::kFloat, "exact_linear: CPU float32 x and w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && x.size(1) == w.size(1),
+              "exact_linear: x [M, K] contiguous, w [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const bool row_major = w.is_contiguous(), col_major = !row_major && w.t().is_contiguous();
+  TORCH_CHECK(row_major || col_major, "exact_linear: w row-major or column-major");
+  TORCH_CHECK(row_major || N % 8 == 0, "exact_linear: a column-major w needs a multiple of 8 rows");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == N && bias->is_contiguous(), "exact_linear: bias [N] float32");
+    bp = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+#ifdef S2FT_X86
+  if (M == 0 || N == 0) return y.zero_();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (col_major) {  // C = y [M, N], A = x [M, K], B = w.T [K, N]
+    if (bp) for (int64_t m = 0; m < M; ++m) std::copy(bp, bp + N, yp + m * N);
+    at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+      tile(0, M, t0 * 32, std::min(N, t1 * 32), xp, K, wp, N, yp, N, K, bp == nullptr);
+    });
+    return y;
+  }
+  // C = y.T [N, J] in groups of 12 rows, A = w [N, K], B = x.T [K, J] padded with zeros to J = 8 * ceil(M / 8)
+  const int64_t J = (M + 7) / 8 * 8;
+  at::Tensor xt = at::zeros({K, J}, x.options());
+  float* xtp = xt.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xtp[k * J + m] = xp[m * K + k];
+  constexpr int64_t G = 12;
+  at::parallel_for(0, (N + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> scratch(G * J);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * G, rows = std::min(G, N - n0);
+      if (bp)
+        for (int64_t r = 0; r < rows; ++r) std::fill(scratch.begin() + r * J, scratch.begin() + (r + 1) * J, bp[n0 + r]);
+      tile(0, rows, 0, J, wp + n0 * K, K, xtp, J, scratch.data(), J, K, bp == nullptr);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = scratch[r * J + m];
+    }
+  });
+#endif
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(s2ft_serve, m) {
+  m.def("exact_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &exact_linear);
+}
