@@ -116,11 +116,13 @@ class Transformer(nn.Module):
                 release(attn, ["q_proj", "k_proj", "v_proj"])
                 release(mlp, ["gate_proj", "up_proj"])
         tied = hf_model.lm_head.weight is w
-        self.lm_head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
-        if not self.lm_head.packed:
-            self.lm_head = ExactLinear(hf_model.lm_head, wide=True)  # the same bits, faster where verified
-        elif not tied:
-            release(hf_model, ["lm_head"])
+        head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
+        if head.packed:
+            self.lm_head = head
+            if not tied:
+                release(hf_model, ["lm_head"])
+        else:  # the same bits, faster where verified (a plain object, not a submodule)
+            self.lm_head = ExactLinear(hf_model.lm_head, wide=True)
 
     @property
     def device(self) -> torch.device:

@@ -1,8 +1,9 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
-`gemm="exact"` (the default) calls the model's own Linears, so every GEMM is the one transformers
-runs and base-model logits are bit-identical to it for 4 or more rows per pass (the LM head,
-`WideLinear`, takes a faster form only for row counts where a probe showed the very same bits).
+`gemm="exact"` (the default) computes what the model's own Linears compute, so base-model logits are
+bit-identical to transformers' for 4 or more rows per pass: each projection is an `ExactLinear`, which
+takes a faster form (the compiled GEMM, or for the LM head MKL's transposed product) only for row
+counts where a probe showed the very same bits, and otherwise calls the Linear.
 Fewer rows round differently in the last bits: MKL's few-row paths depend on a weight's layout
 (the adapted o_proj/down_proj are stored column-major) and its memory alignment (see the README).
 
@@ -83,7 +84,7 @@ class DenseGemm(nn.Module):
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else y
 
 
-class ExactLinear(nn.Module):
+class ExactLinear:
     """A Linear under `gemm="exact"`: `F.linear`'s very bits, faster where this CPU's BLAS allows.
 
     MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
@@ -102,8 +103,9 @@ class ExactLinear(nn.Module):
     MAX_ROWS = 128
 
     def __init__(self, linear: nn.Linear, wide: bool = False):
-        super().__init__()
-        self.linears = [linear]  # a plain list, as DenseGemm: it stays registered in the model only
+        # a plain object, not a Module (its call runs in every projection of every step): the Linear
+        # stays registered in the model only
+        self.linears = [linear]
         w = linear.weight
         self.eligible = w.device.type == "cpu" and w.dtype == torch.float32
         self.forms = {"kernel": self._kernel}
@@ -111,11 +113,11 @@ class ExactLinear(nn.Module):
             self.forms["transposed"] = self._transposed
         self.chosen: dict[int, str | None] = {}  # row count -> the form that gives the Linear's bits, or None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[0]
         rows = x.numel() // x.shape[-1]
         form = self.chosen.get(rows, "")
-        if not self.eligible or form is None or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():
+        if form is None or not self.eligible or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():
             return linear(x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # laid out as the probe is
         if form == "":

@@ -148,11 +148,12 @@ def test_requests_waiting_together_share_one_prefill_pass(engine, adapters, tiny
     assert sum(t for b, t in passes if t > b) == prompt_tokens
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 12, 13, 16, 32])
 def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
     """`exact` GEMMs: a decode step's base logits equal transformers' own decode (with its KV cache, same
-    batch) bit for bit from 4 rows on (the LM head's faster form included, gemm.WideLinear); with fewer
-    rows MKL rounds differently (column-major adapted weights), inside the contract."""
+    batch) bit for bit from 4 rows on (the faster forms of gemm.ExactLinear included: the compiled GEMM
+    where verified); with fewer rows MKL rounds differently (column-major adapted weights), inside the
+    contract."""
     from transformers import AutoModelForCausalLM
 
     engine = make_engine(tiny_model_dir, max_batch_size=32)
