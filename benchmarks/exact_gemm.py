@@ -4,10 +4,11 @@ in a base decode step at several batch sizes and, for the LM head, alone; interl
 
 One engine (`gemm="exact"`) with B sequences prefilled; the same decode step is timed with every
 projection (q/k/v, o, gate/up, down, the LM head) as ExactLinear and as the plain Linear, alternating,
-and the two steps' logits are compared bit for bit. Each row count's verdict (which form gives the
-Linear's bits) is printed with its timings.
+and the two steps' logits are compared bit for bit. Each row count's verdict (which form serves it:
+one that gives the Linear's bits, or at the few-row counts where MKL sums otherwise the kernel's
+blocked order) is printed with its timings.
 
-    python benchmarks/exact_gemm.py --batches 4,8,16,32 --rows 1,2,4,8,12,16,24,32,64,128 --repeats 7
+    python benchmarks/exact_gemm.py --batches 1,2,3,4,5,8,16,32 --rows 1,2,4,8,12,16,24,32,64,128 --repeats 7
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from s2ft_serve.model.gemm import ExactLinear
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", default="4,8,16,32", help="rows of the timed decode steps")
+    ap.add_argument("--batches", default="1,2,3,4,5,8,16,32", help="rows of the timed decode steps")
     ap.add_argument("--rows", default="1,2,4,8,12,16,24,32,64,128", help="row counts to time the LM head alone at")
     ap.add_argument("--steps", type=int, default=5, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=7)
@@ -63,7 +64,7 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
         x = torch.randn(rows, linear.in_features)
         head(x)  # the probe, once per row count
         med = interleaved_ms({"linear": lambda: linear(x), "exact": lambda: head(x)}, args.repeats)
-        form = head.chosen.get(rows) or "linear"
+        form = (head.chosen.get(rows) or "linear") + ("" if head.same_bits.get(rows, True) else " (blocked order)")
         alone[rows] = {"form": form, "linear_ms": round(med["linear"], 2), "exact_ms": round(med["exact"], 2),
                        "speedup": round(med["linear"] / med["exact"], 2)}
         print(f"LM head alone, {rows} rows: linear {med['linear']:.2f} ms, ExactLinear {med['exact']:.2f} ms "
@@ -85,12 +86,15 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
         use(True)
         med = {name: ms / args.steps for name, ms in med.items()}
         same = torch.equal(outs[False], outs[True])
-        forms = sorted({m.chosen.get(B) or "linear" for m in mods})
+        diff = (outs[False] - outs[True]).abs().max().item()
+        forms = sorted({(m.chosen.get(B) or "linear") + ("" if m.same_bits.get(B, True) else " (blocked order)")
+                        for m in mods})
         steps[B] = {"linear_ms": round(med["linear"], 2), "exact_ms": round(med["exact"], 2),
-                    "speedup": round(med["linear"] / med["exact"], 3), "same_bits": same, "forms": forms}
+                    "speedup": round(med["linear"] / med["exact"], 3), "same_bits": same, "max_abs_diff": diff,
+                    "forms": forms}
         print(f"base decode step, {B} rows (median of {args.repeats} x {args.steps}): linear {med['linear']:.1f} ms, "
               f"ExactLinear {med['exact']:.1f} ms ({steps[B]['speedup']:.3f}x; forms {', '.join(forms)}); "
-              f"logits bit-identical: {same}")
+              f"logits bit-identical: {same}" + ("" if same else f" (max abs difference {diff:.2g})"))
     return {"benchmark": "exact_gemm", "model": engine.model_name, "dtype": "float32", "gemm": "exact",
             "threads": torch.get_num_threads(), "head_alone": alone, "decode_step": steps}
 

@@ -1,11 +1,12 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) computes what the model's own Linears compute, so base-model logits are
-bit-identical to transformers' for 4 or more rows per pass: each projection is an `ExactLinear`, which
-takes a faster form (the compiled GEMM, or for the LM head MKL's transposed product) only for row
-counts where a probe showed the very same bits, and otherwise calls the Linear.
-Fewer rows round differently in the last bits: MKL's few-row paths depend on a weight's layout
-(the adapted o_proj/down_proj are stored column-major) and its memory alignment (see the README).
+bit-identical to transformers' for passes of 4, 8 and 12 or more rows: each projection is an
+`ExactLinear`, which takes a faster form (the compiled GEMM, or for the LM head MKL's transposed
+product) for row counts where a probe showed the very same bits. For 1-3, 5-7 and 9-11 rows MKL
+itself takes other paths (which also depend on a weight's layout and memory alignment, see the
+README); there the compiled GEMM keeps the order MKL uses for 4+ rows, so a row's logits are the same
+whatever the batch (within ~5e-5 of transformers' few-row results on SmolLM2).
 
 `gemm="onednn"` is faster, rounds differently:
 
@@ -85,22 +86,29 @@ class DenseGemm(nn.Module):
 
 
 class ExactLinear:
-    """A Linear under `gemm="exact"`: `F.linear`'s very bits, faster where this CPU's BLAS allows.
+    """A Linear under `gemm="exact"`: `F.linear`'s very bits where MKL sums in its blocked order, and
+    those same bits per row, batch-invariant, where it does not; faster at decode-sized row counts.
 
     MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
     forms compute the same sums in the same order for some row counts:
     - "kernel": the compiled exact GEMM (`adapters/csrc/exact_gemm.cpp`), which reads the weight in
-      place and sums in MKL's order; on x86-64 with AVX2 it matches MKL for multiples of 4 rows, and
-      runs a layer's GEMMs 1.2-1.8x faster at 4-32 rows (`benchmarks/exact_gemm.py`);
+      place and sums every output in MKL's blocked order; on x86-64 with AVX2, MKL itself uses that
+      order for 4, 8 and 12 or more rows (so the kernel matches it there), and the kernel runs a
+      decode step 1.2-1.8x faster (`benchmarks/exact_gemm.py`);
     - "transposed" (`wide`, the LM head): MKL's own `(W @ x.T).T`, `CHUNK` vocabulary rows at a time,
-      1.2-1.6x faster for 12-128 rows, and the same bits for most counts (not 2-11 on a 2-core EPYC).
+      the same bits for most counts from 12 rows on; the fallback where the kernel is unavailable.
     Which agree depends on the CPU and the BLAS, so the first pass with a given row count runs the
-    forms on a random probe and keeps the first whose every output is bit-identical to the Linear's,
-    for that count only; none, and for one row, more than `MAX_ROWS`, other devices and dtypes, and
-    autograd, it calls the model's own Linear."""
+    forms on a random probe and keeps the first whose every output is bit-identical to the Linear's.
+    For 1-3, 5-7 and 9-11 rows MKL takes other paths (a vector kernel; the rows past a multiple of 4),
+    which no form reproduces; there, where the kernel gave MKL's bits on a 4-row probe, it serves
+    anyway: each row gets the bits it gets in any larger pass (a request's logits do not depend on how
+    many others share its step), within ~5e-5 of MKL's few-row results on SmolLM2, and 1.0-1.9x
+    faster. Otherwise, and for more than `MAX_ROWS` rows, other devices and dtypes, and autograd, it
+    calls the model's own Linear."""
 
     CHUNK = 2048
     MAX_ROWS = 128
+    FEW_ROWS = 12  # below this, MKL's own order depends on the row count
 
     def __init__(self, linear: nn.Linear, wide: bool = False):
         # a plain object, not a Module (its call runs in every projection of every step): the Linear
@@ -111,34 +119,43 @@ class ExactLinear:
         self.forms = {"kernel": self._kernel}
         if wide and linear.bias is None:
             self.forms["transposed"] = self._transposed
-        self.chosen: dict[int, str | None] = {}  # row count -> the form that gives the Linear's bits, or None
+        self.chosen: dict[int, str | None] = {}  # row count -> the form that serves it, or None: the Linear
+        self.same_bits: dict[int, bool] = {}  # row count -> the chosen form gives the Linear's very bits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[0]
         rows = x.numel() // x.shape[-1]
         form = self.chosen.get(rows, "")
-        if form is None or not self.eligible or not 1 < rows <= self.MAX_ROWS or torch.is_grad_enabled():
+        if form is None or not self.eligible or rows > self.MAX_ROWS or torch.is_grad_enabled():
             return linear(x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # laid out as the probe is
         if form == "":
-            form = self.chosen[rows] = self._choose(x2)
+            form = self._choose(rows)
             if form is None:
                 return linear(x)
         y = self.forms[form](x2)
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def _choose(self, x: torch.Tensor) -> str | None:
+    def _choose(self, rows: int) -> str | None:
         linear = self.linears[0]
+        w = linear.weight
         # a random probe, so no input can pass by chance (zeros would)
-        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.shape[0]), dtype=x.dtype)
+        probe = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows), dtype=w.dtype)
         want = linear(probe)
+        chosen, same = None, False
         for name, form in self.forms.items():
             try:
                 if torch.equal(form(probe), want):
-                    return name
+                    chosen, same = name, True
+                    break
             except RuntimeError:  # no compiled kernel here, or a weight layout it does not take
                 pass
-        return None
+            if name == "kernel" and rows < self.FEW_ROWS and rows != 4:
+                if (self.chosen[4] if 4 in self.chosen else self._choose(4)) == "kernel":
+                    chosen = "kernel"  # the blocked order MKL uses from 4 rows: each row's bits as in a larger pass
+                    break
+        self.chosen[rows], self.same_bits[rows] = chosen, same
+        return chosen
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         op = native.exact_linear_op()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from s2ft_serve.adapters import native
+
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import make_tiny_model, random_adapter
 
@@ -148,12 +150,11 @@ def test_requests_waiting_together_share_one_prefill_pass(engine, adapters, tiny
     assert sum(t for b, t in passes if t > b) == prompt_tokens
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 8, 12, 13, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 12, 13, 16, 32])
 def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
     """`exact` GEMMs: a decode step's base logits equal transformers' own decode (with its KV cache, same
-    batch) bit for bit from 4 rows on (the faster forms of gemm.ExactLinear included: the compiled GEMM
-    where verified); with fewer rows MKL rounds differently (column-major adapted weights), inside the
-    contract."""
+    batch) bit for bit for 4, 8 and 12+ rows (the compiled GEMM, gemm.ExactLinear, where a probe showed
+    MKL's bits); for the few-row counts MKL computes in another order they stay inside the contract."""
     from transformers import AutoModelForCausalLM
 
     engine = make_engine(tiny_model_dir, max_batch_size=32)
@@ -169,7 +170,28 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
         prefix = hf(torch.tensor([ids] * rows), use_cache=True)
         cache = {"cache": prefix.cache} if "cache" in prefix else {"past_key_values": prefix.past_key_values}
         theirs = hf(torch.tensor([[7]] * rows), **cache).logits[:, -1]  # transformers 5.x renamed it
-    if rows >= 4:
+    if rows in (4, 8) or rows >= 12:
         assert torch.equal(ours, theirs)
     else:
         assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_exact_decode_logits_do_not_depend_on_the_batch(tiny_model_dir):
+    """With the compiled GEMM every pass of up to 128 rows sums in one order, so a sequence's logits are
+    the same bits whether it decodes alone or beside 1-8 others (MKL alone changes its order with the
+    row count below 12: without the kernel this holds only from 12 rows)."""
+    engine = make_engine(tiny_model_dir, max_batch_size=9)
+    try:
+        ids = engine.tokenize(PROMPTS[3])
+        runner = engine.runner
+        logits = {}
+        for rows in range(1, 10):
+            engine.call(lambda: runner.prefill_batch([ids] * rows, 0, [()] * rows, [False] * rows))
+            logits[rows] = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [()] * rows))
+        kernel = native.exact_linear_op() is not None
+    finally:
+        engine.shutdown(timeout=5)
+    if not kernel:
+        pytest.skip("no compiled kernel here")
+    for rows, got in logits.items():
+        assert torch.equal(got, logits[9][:rows]), rows

@@ -100,17 +100,28 @@ def _column_major(lin: nn.Linear) -> nn.Linear:
 ])
 @torch.inference_mode()
 def test_exact_linear_gives_the_linears_bits_for_every_row_count(make, wide):
+    """Where a probe showed F.linear's bits (MKL's blocked order: 4, 8, 12+ rows on x86 MKL) the output
+    equals F.linear's; at the few-row counts MKL computes otherwise, the compiled kernel keeps the
+    blocked order: each row equals that row of a larger pass (batch-invariant), close to F.linear."""
     torch.manual_seed(0)
     lin = make()
     exact = gemm.ExactLinear(lin, wide=wide)
+    big = torch.randn(40, lin.in_features)
+    whole = exact(big)
     for rows in [*range(1, 40), 64, 128, 129]:
-        x = torch.randn(rows, lin.in_features)
-        assert torch.equal(exact(x), F.linear(x, lin.weight, lin.bias)), rows
+        x = big[:rows] if rows <= 40 else torch.randn(rows, lin.in_features)
+        got, want = exact(x), F.linear(x, lin.weight, lin.bias)
+        if exact.same_bits.get(rows, rows > exact.MAX_ROWS):  # > MAX_ROWS: the Linear itself
+            assert torch.equal(got, want), rows
+        else:
+            assert exact.chosen[rows] == "kernel" and rows < exact.FEW_ROWS, rows
+            assert torch.equal(got, whole[:rows]), rows  # the bits of the same rows in a 40-row pass
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     x = torch.randn(2, 3, lin.in_features)  # any leading shape
-    assert torch.equal(exact(x), F.linear(x, lin.weight, lin.bias))
-    assert set(exact.chosen) == set(range(2, 40)) | {64, 128}  # one probe per row count; 1 and > 128 never tried
+    assert torch.equal(exact(x), exact(x.reshape(6, -1)).view(2, 3, -1))
+    assert set(exact.chosen) == set(range(1, 41)) | {64, 128}  # one probe per row count; > 128 never tried
     if native.exact_linear_op() is not None:  # the compiled kernel is in use, so it was tested above
-        assert "kernel" in exact.chosen.values()
+        assert any(exact.same_bits[r] and exact.chosen[r] == "kernel" for r in exact.chosen)
 
 
 @torch.inference_mode()
@@ -139,10 +150,13 @@ def test_exact_linear_keeps_the_linear_for_a_row_count_that_rounds_otherwise(mon
         return run
 
     exact.forms = {name: other_bits(form) for name, form in exact.forms.items()}
-    x = torch.randn(8, 16)
+    x = torch.randn(16, 16)
     assert torch.equal(exact(x), F.linear(x, head.weight))
-    assert exact.chosen == {8: None} and calls == [8, 8]  # each form's probe only
-    assert torch.equal(exact(x), F.linear(x, head.weight)) and calls == [8, 8]  # not tried again
+    assert exact.chosen == {16: None} and calls == [16, 16]  # each form's probe only
+    assert torch.equal(exact(x), F.linear(x, head.weight)) and calls == [16, 16]  # not tried again
+    x = torch.randn(6, 16)  # a few-row count: the kernel would serve only if it gave F.linear's bits at 4 rows
+    assert torch.equal(exact(x), F.linear(x, head.weight))
+    assert exact.chosen == {16: None, 6: None, 4: None} and calls == [16, 16, 6, 4, 4, 6]
 
 
 @torch.inference_mode()
@@ -151,7 +165,7 @@ def test_exact_linear_without_the_compiled_kernel_uses_the_other_forms(monkeypat
     torch.manual_seed(0)
     head, proj = nn.Linear(16, 300, bias=False), nn.Linear(16, 24, bias=False)
     wide, narrow = gemm.ExactLinear(head, wide=True), gemm.ExactLinear(proj)
-    for rows in (4, 16, 32):
+    for rows in (2, 4, 16, 32):
         x = torch.randn(rows, 16)
         assert torch.equal(wide(x), head(x)) and torch.equal(narrow(x), proj(x))
     assert "kernel" not in wide.chosen.values() and set(narrow.chosen.values()) == {None}
