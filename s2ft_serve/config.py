@@ -12,8 +12,8 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     threads: int | None = None  # CPU threads for torch; None = torch's default (one per core). On a
     # machine shared with other busy processes, 1 avoids OpenMP threads spinning against each other.
-    gemm: str = "exact"  # exact: transformers' own GEMMs (bit-identical base logits from 4 rows per pass)
-    # | onednn: fused, prepacked oneDNN GEMMs on CPU float32, faster, but logits differ by float rounding
+    gemm: str = "exact"  # exact: MKL's order (transformers' base logits bit for bit at 4, 8, 12+ rows per pass)
+    # | onednn: fused, prepacked oneDNN GEMMs on CPU float32 (about as fast here), logits differ by float rounding
     # (~2e-4 on SmolLM2)
     adapter_kernel: str = "auto"  # mixed-adapter decode steps: auto = the compiled CPU kernel for CPU
     # float32 where it builds (a C++ compiler, once), else embedding_bag | native (required) | torch

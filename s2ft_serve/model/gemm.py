@@ -8,10 +8,11 @@ itself takes other paths (which also depend on a weight's layout and memory alig
 README); there the compiled GEMM keeps the order MKL uses for 4+ rows, so a row's logits are the same
 whatever the batch (within ~5e-5 of transformers' few-row results on SmolLM2).
 
-`gemm="onednn"` is faster, rounds differently:
+`gemm="onednn"` rounds differently; it was faster than MKL's `F.linear` and is about as fast as
+`exact` with the compiled GEMM (2-core AMD EPYC):
 
 PyTorch sends a CPU float32 `F.linear` to MKL's sgemm. For decode-sized batches oneDNN's inner
-product is faster on the CPUs we measured (`benchmarks/engine_throughput.py`; on a 2-core AMD EPYC,
+product is faster than it on the CPUs we measured (`benchmarks/engine_throughput.py`; on a 2-core AMD EPYC,
 batch 32: the 49k-row LM head 14 ms vs 25-28 ms, a fused gate+up 0.76 ms vs 1.06 ms), and faster
 still when the weight is reordered once into oneDNN's blocked layout. So:
 

@@ -43,7 +43,8 @@ class ServerSettings(BaseSettings):
     dtype: str = "float32"
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one per core)")
     gemm: Literal["exact", "onednn"] = Field(
-        "exact", description="exact: transformers' own GEMMs; onednn: faster on CPU float32, logits differ by rounding")
+        "exact", description="exact: MKL's summation order (transformers' bits), compiled where verified; onednn: "
+        "oneDNN's packed GEMMs on CPU float32, logits differ by rounding")
     adapter_kernel: Literal["auto", "native", "torch"] = Field(
         "auto", description="mixed-adapter steps: auto = the compiled CPU float32 kernel where it builds, else "
         "torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
