@@ -5,8 +5,8 @@ bit-identical to transformers' for passes of 4, 8 and 12 or more rows: each proj
 `ExactLinear`, which takes a faster form (the compiled GEMM, or for the LM head MKL's transposed
 product) for row counts where a probe showed the very same bits. For 1-3, 5-7 and 9-11 rows MKL
 itself takes other paths (which also depend on a weight's layout and memory alignment, see the
-README); there the compiled GEMM keeps the order MKL uses for 4+ rows, so a row's logits are the same
-whatever the batch (within ~5e-5 of transformers' few-row results on SmolLM2).
+README); there the compiled GEMM keeps the order MKL uses for 4+ rows (each row's bits as in a larger
+pass; within ~5e-5 of transformers' few-row logits on SmolLM2, as MKL's own results are).
 
 `gemm="onednn"` rounds differently; it was faster than MKL's `F.linear` and is about as fast as
 `exact` with the compiled GEMM (2-core AMD EPYC):
@@ -88,7 +88,7 @@ class DenseGemm(nn.Module):
 
 class ExactLinear:
     """A Linear under `gemm="exact"`: `F.linear`'s very bits where MKL sums in its blocked order, and
-    those same bits per row, batch-invariant, where it does not; faster at decode-sized row counts.
+    that same order where MKL does not (each row the bits of a larger pass); faster at decode sizes.
 
     MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
     forms compute the same sums in the same order for some row counts:
@@ -102,8 +102,8 @@ class ExactLinear:
     forms on a random probe and keeps the first whose every output is bit-identical to the Linear's.
     For 1-3, 5-7 and 9-11 rows MKL takes other paths (a vector kernel; the rows past a multiple of 4),
     which no form reproduces; there, where the kernel gave MKL's bits on a 4-row probe, it serves
-    anyway: each row gets the bits it gets in any larger pass (a request's logits do not depend on how
-    many others share its step), within ~5e-5 of MKL's few-row results on SmolLM2, and 1.0-1.9x
+    anyway: each row gets the bits it gets in any larger pass, the logits stay as close to
+    transformers' as MKL's own few-row results (within ~5e-5 on SmolLM2), and the step is 1.3-2.1x
     faster. Otherwise, and for more than `MAX_ROWS` rows, other devices and dtypes, and autograd, it
     calls the model's own Linear."""
 

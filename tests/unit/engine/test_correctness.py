@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2ft_serve.adapters import native
 
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import make_tiny_model, random_adapter
@@ -175,23 +174,3 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
     else:
         assert (ours - theirs).abs().max().item() <= 1e-4
 
-
-def test_exact_decode_logits_do_not_depend_on_the_batch(tiny_model_dir):
-    """With the compiled GEMM every pass of up to 128 rows sums in one order, so a sequence's logits are
-    the same bits whether it decodes alone or beside 1-8 others (MKL alone changes its order with the
-    row count below 12: without the kernel this holds only from 12 rows)."""
-    engine = make_engine(tiny_model_dir, max_batch_size=9)
-    try:
-        ids = engine.tokenize(PROMPTS[3])
-        runner = engine.runner
-        logits = {}
-        for rows in range(1, 10):
-            engine.call(lambda: runner.prefill_batch([ids] * rows, 0, [()] * rows, [False] * rows))
-            logits[rows] = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [()] * rows))
-        kernel = native.exact_linear_op() is not None
-    finally:
-        engine.shutdown(timeout=5)
-    if not kernel:
-        pytest.skip("no compiled kernel here")
-    for rows, got in logits.items():
-        assert torch.equal(got, logits[9][:rows]), rows
