@@ -99,7 +99,7 @@ class S2FTLinear(nn.Module):
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
-        # else the base matmul's very bits, faster where verified (a plain tuple: not a submodule)
+        # without oneDNN: the base matmul in MKL's order, compiled where verified (a tuple: not a submodule)
         self.exact = () if self.onednn else (ExactLinear(base),)
 
     @property

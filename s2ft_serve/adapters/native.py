@@ -45,7 +45,8 @@ def build_dir() -> Path:
     from s2ft_serve.model.loading import cache_dir
 
     root = Path(os.environ["S2FT_KERNEL_DIR"]) if os.environ.get("S2FT_KERNEL_DIR") else cache_dir() / "kernels"
-    key = [*(source.read_bytes() for source in SOURCES), *CFLAGS, torch.__version__, torch.version.git_version or "", platform.machine()]
+    key = [*(source.read_bytes() for source in SOURCES), *CFLAGS, torch.__version__, torch.version.git_version or "",
+           platform.machine()]
     return root / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 

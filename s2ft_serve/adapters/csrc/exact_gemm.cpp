@@ -3,8 +3,9 @@
 //   every output element is a chain of fused multiply-adds over k, in blocks of `kc` columns of K
 //   (all of K up to 192, two halves up to 383, else 192), each block's chain started from zero and
 //   added to the element (set by the first block, or added to the bias).
-// MKL gives these bits on x86-64 for multiples of 4 rows; it packs its operands on every call, which
-// costs it more than the arithmetic at decode-sized row counts. Here the weight is read in place:
+// MKL gives these bits on x86-64 for 4, 8 and 12 or more rows (found by simulating candidate orders,
+// then checked bit for bit against F.linear); it packs its operands on every call, which costs it
+// more than the arithmetic at decode-sized row counts. Here the weight is read in place:
 //   - a row-major weight [N, K] (q/k/v, gate/up, the LM head): each thread walks its weight rows in
 //     groups of 12 (rows stream sequentially), against x transposed and padded to 8 rows [K, J];
 //     the group's [12, J] result is written back transposed;
@@ -148,7 +149,8 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * G, rows = std::min(G, N - n0);
       if (bp)
-        for (int64_t r = 0; r < rows; ++r) std::fill(scratch.begin() + r * J, scratch.begin() + (r + 1) * J, bp[n0 + r]);
+        for (int64_t r = 0; r < rows; ++r)
+          std::fill(scratch.begin() + r * J, scratch.begin() + (r + 1) * J, bp[n0 + r]);
       tile(0, rows, 0, J, wp + n0 * K, K, xtp, J, scratch.data(), J, K, bp == nullptr);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = scratch[r * J + m];
