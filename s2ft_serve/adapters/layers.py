@@ -81,7 +81,8 @@ class SlotTable:
 
 
 class S2FTLinear(nn.Module):
-    def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False, kernel: str = "auto"):
+    def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False, kernel: str = "auto",
+                 verdicts: dict | None = None):
         super().__init__()
         self.base = base
         self.batch = batch
@@ -100,7 +101,7 @@ class S2FTLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
         # without oneDNN: the base matmul in MKL's order, compiled where verified (a tuple: not a submodule)
-        self.exact = () if self.onednn else (ExactLinear(base),)
+        self.exact = () if self.onednn else (ExactLinear(base, verdicts=verdicts),)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -195,13 +196,13 @@ class S2FTLinear(nn.Module):
 
 
 def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,
-               onednn: bool = False, kernel: str = "auto") -> dict[str, S2FTLinear]:
+               onednn: bool = False, kernel: str = "auto", verdicts: dict | None = None) -> dict[str, S2FTLinear]:
     """Replace every target Linear in `model` by an S2FTLinear sharing `batch`; return them by name."""
     wrapped = {}
     for name, base in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = S2FTLinear(base, batch, onednn, kernel)
+        layer = S2FTLinear(base, batch, onednn, kernel, verdicts)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

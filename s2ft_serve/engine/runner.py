@@ -13,10 +13,12 @@ class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module, max_batch_size: int, max_model_len: int, gemm: str = "exact",
                  adapter_kernel: str = "auto"):
         self.batch = AdapterBatch()
+        verdicts: dict = {}  # the exact GEMMs' probe results, shared by every projection (gemm.ExactLinear)
         self.layers = wrap_model(hf_model, target_linears(hf_model), self.batch, onednn=gemm == "onednn",
-                                 kernel=adapter_kernel)
+                                 kernel=adapter_kernel, verdicts=verdicts)
         # one spare row for one-off scoring (`Engine.logits`) beside a full batch
-        self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len, gemm=gemm)
+        self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len, gemm=gemm,
+                                 verdicts=verdicts)
         self.device = self.model.device
 
     def _set_layout(self, slot_tuples: list[tuple[int, ...]], per_row: bool = False) -> None:

@@ -93,8 +93,10 @@ class KVCache(nn.Module):
 class Transformer(nn.Module):
     """Runs a transformers *ForCausalLM with our attention and KV cache."""
 
-    def __init__(self, hf_model: nn.Module, max_rows: int, max_len: int, gemm: str = "exact"):
+    def __init__(self, hf_model: nn.Module, max_rows: int, max_len: int, gemm: str = "exact",
+                 verdicts: dict | None = None):  # gemm.ExactLinear's probe results, shared with the adapted modules
         super().__init__()
+        verdicts = verdicts if verdicts is not None else {}
         self.hf = hf_model
         cfg = hf_model.config
         self.layers = hf_model.model.layers
@@ -110,8 +112,8 @@ class Transformer(nn.Module):
             if isinstance(attn.q_proj, Released):
                 raise ValueError("this model already serves another engine (its weights were packed for it); "
                                  "load the model again for a second engine")
-            self.qkv.append(DenseGemm([attn.q_proj, attn.k_proj, attn.v_proj], max_rows, gemm == "onednn"))
-            self.gate_up.append(DenseGemm([mlp.gate_proj, mlp.up_proj], max_rows, gemm == "onednn"))
+            self.qkv.append(DenseGemm([attn.q_proj, attn.k_proj, attn.v_proj], max_rows, gemm == "onednn", verdicts))
+            self.gate_up.append(DenseGemm([mlp.gate_proj, mlp.up_proj], max_rows, gemm == "onednn", verdicts))
             if self.qkv[-1].packed:
                 release(attn, ["q_proj", "k_proj", "v_proj"])
                 release(mlp, ["gate_proj", "up_proj"])
@@ -122,7 +124,7 @@ class Transformer(nn.Module):
             if not tied:
                 release(hf_model, ["lm_head"])
         else:  # the same bits, faster where verified (a plain object, not a submodule)
-            self.lm_head = ExactLinear(hf_model.lm_head, wide=True)
+            self.lm_head = ExactLinear(hf_model.lm_head, wide=True, verdicts=verdicts)
 
     @property
     def device(self) -> torch.device:

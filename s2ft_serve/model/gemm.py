@@ -59,12 +59,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, one
 class DenseGemm(nn.Module):
     """Several Linears on the same input; `forward` returns their outputs. Packed, as one oneDNN GEMM."""
 
-    def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool):
+    def __init__(self, linears: list[nn.Linear], batch_hint: int, onednn: bool, verdicts: dict | None = None):
         super().__init__()
         self.linears = list(linears)  # a plain list: they stay registered in the model only
         self.packed = onednn and all(onednn_usable(lin.weight) for lin in linears)
-        if not self.packed:
-            self.exact = [ExactLinear(lin) for lin in linears]  # the Linears' bits, faster where verified
+        if not self.packed:  # the Linears' bits, faster where verified
+            self.exact = [ExactLinear(lin, verdicts=verdicts) for lin in linears]
             return
         weight = torch.cat([lin.weight.detach() for lin in linears])
         self.splits = [lin.out_features for lin in linears]
@@ -110,7 +110,7 @@ class ExactLinear:
     MAX_ROWS = 128
     FEW_ROWS = 12  # below this, MKL's own order depends on the row count
 
-    def __init__(self, linear: nn.Linear, wide: bool = False):
+    def __init__(self, linear: nn.Linear, wide: bool = False, verdicts: dict | None = None):
         # a plain object, not a Module (its call runs in every projection of every step): the Linear
         # stays registered in the model only
         self.linears = [linear]
@@ -121,6 +121,10 @@ class ExactLinear:
             self.forms["transposed"] = self._transposed
         self.chosen: dict[int, str | None] = {}  # row count -> the form that serves it, or None: the Linear
         self.same_bits: dict[int, bool] = {}  # row count -> the chosen form gives the Linear's very bits
+        # Probe results shared by the projections of one model: which form agrees depends on the shapes,
+        # the layout and the alignment, never on the values, so a model's ~200 projections need ~10 probes
+        # per row count (a first step at a new count then costs ~5 ms more, not ~0.1-0.5 s).
+        self.verdicts = verdicts if verdicts is not None else {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[0]
@@ -139,6 +143,15 @@ class ExactLinear:
     def _choose(self, rows: int) -> str | None:
         linear = self.linears[0]
         w = linear.weight
+        key = (rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, linear.bias is not None, tuple(self.forms))
+        if key not in self.verdicts:
+            self.verdicts[key] = self._probe(rows)
+        self.chosen[rows], self.same_bits[rows] = self.verdicts[key]
+        return self.chosen[rows]
+
+    def _probe(self, rows: int) -> tuple[str | None, bool]:
+        linear = self.linears[0]
+        w = linear.weight
         # a random probe, so no input can pass by chance (zeros would)
         probe = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows), dtype=w.dtype)
         want = linear(probe)
@@ -154,8 +167,7 @@ class ExactLinear:
                 if (self.chosen[4] if 4 in self.chosen else self._choose(4)) == "kernel":
                     chosen = "kernel"  # the blocked order MKL uses from 4 rows: each row's bits as in a larger pass
                     break
-        self.chosen[rows], self.same_bits[rows] = chosen, same
-        return chosen
+        return chosen, same
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         op = native.exact_linear_op()

@@ -205,3 +205,35 @@ def test_exact_projections_are_exact_linears_and_onednn_packs_them(tiny_llama_di
     packed = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 4, 32, gemm="onednn")
     assert isinstance(packed.lm_head, DenseGemm)
     assert packed.lm_head.packed == gemm.onednn_usable(packed.hf.model.embed_tokens.weight)
+
+
+@torch.inference_mode()
+def test_projections_of_one_model_share_their_probes(tiny_llama_dir):
+    """Which form gives F.linear's bits depends on shapes, layout and alignment, not on values: two
+    projections of one shape probe once per row count, another shape probes on its own; one engine
+    shares one table across the dense projections, the adapted modules and the LM head."""
+    torch.manual_seed(0)
+    shared = {}
+    first, second = nn.Linear(64, 96, bias=False), nn.Linear(64, 96, bias=False)
+    other = nn.Linear(64, 40, bias=False)
+    a, b, c = (gemm.ExactLinear(lin, verdicts=shared) for lin in (first, second, other))
+    probes = []
+    for e in (b, c):
+        probe = e._probe
+        e._probe = lambda rows, probe=probe: probes.append(rows) or probe(rows)
+    x = torch.randn(8, 64)
+    a(x)
+    b(x)
+    assert probes == [] and b.chosen[8] == a.chosen[8] and b.same_bits[8] == a.same_bits[8]
+    if b.same_bits[8]:
+        assert torch.equal(b(x), F.linear(x, second.weight))
+    c(x)
+    assert probes == [8]
+
+    from s2ft_serve.engine.runner import ModelRunner
+    from s2ft_serve.model.loading import load_model
+
+    runner = ModelRunner(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 2, 32)
+    tables = {id(e.verdicts) for dense in (*runner.model.qkv, *runner.model.gate_up) for e in dense.exact}
+    tables |= {id(layer.exact[0].verdicts) for layer in runner.layers.values()} | {id(runner.model.lm_head.verdicts)}
+    assert len(tables) == 1
