@@ -125,8 +125,9 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
     bp = bias->data_ptr<float>();
   }
   at::Tensor y = at::empty({M, N}, x.options());
+  if (K == 0) return bias.has_value() ? y.copy_(bias->expand({M, N})) : y.zero_();  // an empty sum
 #ifdef S2FT_X86
-  if (M == 0 || N == 0) return y.zero_();
+  if (M == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -182,6 +182,9 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         op(torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16), None)
     with pytest.raises(RuntimeError, match="bias"):
         op(torch.randn(4, 16), torch.randn(8, 16), torch.randn(7))
+    empty, b = torch.randn(16, 0), torch.randn(16)  # no input features: an empty sum, as F.linear gives
+    assert torch.equal(op(torch.randn(3, 0), empty, b), F.linear(torch.randn(3, 0), empty, b))
+    assert torch.equal(op(torch.randn(3, 0), empty, None), torch.zeros(3, 16))
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Linear(16, 300, bias=True).to(torch.bfloat16),
