@@ -58,13 +58,10 @@ def hf_time(model, tok, batch: int, tokens: int, adapter_names=None) -> float:
     return time.perf_counter() - start
 
 
-def decode_tps(timer, batch: int, tokens: int, repeats: int) -> float:
-    """Best of `repeats` decode throughput: (tokens - 1) * batch / (t(tokens) - t(1))."""
-    best = 0.0
-    for _ in range(repeats):
-        full, one = timer(tokens), timer(1)
-        best = max(best, (tokens - 1) * batch / max(full - one, 1e-9))
-    return best
+def decode_tps(timer, batch: int, tokens: int) -> float:
+    """Decode throughput: (tokens - 1) * batch / (t(tokens) - t(1))."""
+    full, one = timer(tokens), timer(1)
+    return (tokens - 1) * batch / max(full - one, 1e-9)
 
 
 def stream_floor_ms(nbytes: int, dtype: torch.dtype, repeats: int = 20) -> float:
@@ -125,7 +122,7 @@ def measure_engine(args, gemm: str, kernel: str, others: tuple[dict, dict] | Non
     rounds: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(args.repeats):  # interleaved, so the VM's drift hits every system alike
         for name, timer in timers.items():
-            rounds[name].append(decode_tps(timer, args.batch, args.tokens, 1))
+            rounds[name].append(decode_tps(timer, args.batch, args.tokens))
     engine.shutdown()
     return rounds, others
 

@@ -45,7 +45,7 @@ def main() -> None:
 def exact_linears(engine: Engine) -> list[ExactLinear]:
     model = engine.runner.model
     mods = [e for dense in (*model.qkv, *model.gate_up) for e in dense.exact]
-    mods += [layer.exact[0] for layer in engine.runner.layers.values()]
+    mods += [layer.exact for layer in engine.runner.layers.values()]
     return [*mods, model.lm_head]
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from s2ft_serve.adapters import native
 from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
-from s2ft_serve.model.gemm import ExactLinear, linear, onednn_usable
+from s2ft_serve.model.gemm import ExactLinear, onednn_linear, onednn_usable
 
 NULL_SLOT = 0
 # A pass of prompts with different adapters ("rows": a speculative verify pass, a burst of short
@@ -100,8 +100,8 @@ class S2FTLinear(nn.Module):
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.slots = self._empty(capacity=0, k_cap=1)
-        # without oneDNN: the base matmul in MKL's order, compiled where verified (a tuple: not a submodule)
-        self.exact = () if self.onednn else (ExactLinear(base, verdicts=verdicts),)
+        # without oneDNN: the base matmul in MKL's order, compiled where verified
+        self.exact = None if self.onednn else ExactLinear(base, verdicts=verdicts)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -161,7 +161,7 @@ class S2FTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # both read the weight as it is: fusion edits it in place
-        y = self.exact[0](x) if self.exact else linear(x, self.base.weight, self.base.bias, onednn=True)
+        y = self.exact(x) if self.exact else onednn_linear(x, self.base.weight, self.base.bias)
         b = self.batch
         if b.mode == "none":
             return y

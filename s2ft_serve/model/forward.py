@@ -118,8 +118,8 @@ class Transformer(nn.Module):
                 release(attn, ["q_proj", "k_proj", "v_proj"])
                 release(mlp, ["gate_proj", "up_proj"])
         tied = hf_model.lm_head.weight is w
-        head = DenseGemm([hf_model.lm_head], max_rows, gemm == "onednn")
-        if head.packed:
+        head = DenseGemm([hf_model.lm_head], max_rows, onednn=True) if gemm == "onednn" else None
+        if head is not None and head.packed:
             self.lm_head = head
             if not tied:
                 release(hf_model, ["lm_head"])

@@ -20,7 +20,7 @@ still when the weight is reordered once into oneDNN's blocked layout. So:
   (q/k/v, gate/up) or one alone (the LM head), the weight prepacked once in oneDNN's blocked
   layout (an opaque copy; the original modules are then released, see `release`). Where oneDNN
   cannot serve the weight (not CPU float32), it calls the model's own Linears, as `exact` does.
-- `linear` is the unpacked oneDNN call for weights that change in place (the adapted `o_proj` /
+- `onednn_linear` is the unpacked oneDNN call for weights that change in place (the adapted `o_proj` /
   `down_proj`, which fusion edits column by column).
 
 Results equal `F.linear` up to float rounding (a different summation order), which is enough to
@@ -47,11 +47,9 @@ def onednn_usable(weight: torch.Tensor) -> bool:
     return _ONEDNN_OPS and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """`F.linear`, or oneDNN's inner product when `onednn` (the caller checked `onednn_usable` once);
-    the weight is read as it is, every call."""
-    if not onednn:
-        return F.linear(x, weight, bias)
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's inner product (the caller checked `onednn_usable` once); the weight is read as it is,
+    every call."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -116,6 +114,7 @@ class ExactLinear:
         self.linears = [linear]
         w = linear.weight
         self.eligible = w.device.type == "cpu" and w.dtype == torch.float32
+        self.op = native.exact_linear_op() if self.eligible else None  # resolved once: it runs every step
         self.forms = {"kernel": self._kernel}
         if wide and linear.bias is None:
             self.forms["transposed"] = self._transposed
@@ -170,11 +169,10 @@ class ExactLinear:
         return chosen, same
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        op = native.exact_linear_op()
-        if op is None:
+        if self.op is None:
             raise RuntimeError("the compiled kernels are unavailable")
         linear = self.linears[0]
-        return op(x, linear.weight, linear.bias)
+        return self.op(x, linear.weight, linear.bias)
 
     def _transposed(self, x: torch.Tensor) -> torch.Tensor:
         w = self.linears[0].weight

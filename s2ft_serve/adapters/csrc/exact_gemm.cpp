@@ -82,7 +82,7 @@ S2FT_AVX2 void tile(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float*
   const int64_t kc = block_size(K);
   for (int64_t j = j0; j < j1;) {
     const int nv = (int)std::min<int64_t>(4, (j1 - j) / 8);
-    const int mr = nv == 4 ? 3 : nv == 3 ? 4 : nv == 2 ? 6 : 12;
+    const int mr = rows_for(nv);
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
       const int64_t kb = std::min(kc, K - k0);
       const bool set = first && k0 == 0;

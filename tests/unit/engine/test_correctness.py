@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import make_tiny_model, random_adapter
 

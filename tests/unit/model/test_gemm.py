@@ -9,7 +9,7 @@ from torch import nn
 
 from s2ft_serve.adapters import native
 from s2ft_serve.model import gemm
-from s2ft_serve.model.gemm import DenseGemm, Released, linear, release
+from s2ft_serve.model.gemm import DenseGemm, Released, onednn_linear, release
 
 
 def _linears(dtype, biases):
@@ -55,14 +55,18 @@ def test_exact_gemm_calls_the_models_own_linears_bit_for_bit():
         assert torch.equal(got, F.linear(x, lin.weight, lin.bias))
 
 
-def test_linear_reads_a_column_major_weight_and_sees_in_place_edits():
-    w = torch.randn(12, 20).t().contiguous().t()  # column-major, as the adapted modules store it
-    b = torch.randn(12)
+@torch.inference_mode()
+def test_onednn_and_exact_read_a_column_major_weight_and_see_in_place_edits():
+    lin = nn.Linear(20, 16)
+    lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t(), requires_grad=False)  # as adapted modules
+    w, b = lin.weight, lin.bias
+    exact = gemm.ExactLinear(lin)
     x = torch.randn(4, 3, 20)
-    torch.testing.assert_close(linear(x, w, b, onednn=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    exact(x)
     w[:, 3] += 1.0  # fusion edits columns in place; the next call must see it
-    torch.testing.assert_close(linear(x, w, b, onednn=True), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    assert torch.equal(linear(x, w, b, onednn=False), F.linear(x, w, b))
+    torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(exact(x), F.linear(x, w, b))
 
 
 def test_released_projection_says_why_it_cannot_run():
@@ -122,18 +126,6 @@ def test_exact_linear_gives_the_linears_bits_for_every_row_count(make, wide):
     assert set(exact.chosen) == set(range(1, 41)) | {64, 128}  # one probe per row count; > 128 never tried
     if native.exact_linear_op() is not None:  # the compiled kernel is in use, so it was tested above
         assert any(exact.same_bits[r] and exact.chosen[r] == "kernel" for r in exact.chosen)
-
-
-@torch.inference_mode()
-def test_exact_linear_sees_in_place_edits_of_the_weight():
-    torch.manual_seed(0)
-    lin = _column_major(nn.Linear(64, 32, bias=False))
-    exact = gemm.ExactLinear(lin)
-    x = torch.randn(8, 64)
-    exact(x)
-    with torch.no_grad():
-        lin.weight[:, 3] += 1.0  # fusion edits columns in place; the next call must see it
-    assert torch.equal(exact(x), F.linear(x, lin.weight))
 
 
 @torch.inference_mode()
@@ -238,5 +230,5 @@ def test_projections_of_one_model_share_their_probes(tiny_llama_dir):
 
     runner = ModelRunner(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 2, 32)
     tables = {id(e.verdicts) for dense in (*runner.model.qkv, *runner.model.gate_up) for e in dense.exact}
-    tables |= {id(layer.exact[0].verdicts) for layer in runner.layers.values()} | {id(runner.model.lm_head.verdicts)}
+    tables |= {id(layer.exact.verdicts) for layer in runner.layers.values()} | {id(runner.model.lm_head.verdicts)}
     assert len(tables) == 1
