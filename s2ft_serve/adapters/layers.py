@@ -17,7 +17,7 @@ from torch import nn
 
 from s2ft_serve.adapters import native
 from s2ft_serve.adapters.ops import mixed_delta, row_delta, segment_delta
-from s2ft_serve.model.gemm import ExactLinear, onednn_linear, onednn_usable
+from s2ft_serve.model.gemm import ExactLinear, column_major_keeps_bits, onednn_linear, onednn_usable
 
 NULL_SLOT = 0
 # A pass of prompts with different adapters ("rows": a speculative verify pass, a burst of short
@@ -90,11 +90,11 @@ class S2FTLinear(nn.Module):
         self.onednn = onednn and onednn_usable(base.weight)
         self.native = native.resolve(kernel, base.weight)  # the compiled mixed-step kernel, or None
         w = base.weight
-        if w.dtype == torch.float32 or w.device.type != "cpu":
+        if w.device.type != "cpu" or (w.dtype == torch.float32 and column_major_keeps_bits(*w.shape)):
             # Column-major storage: each input column is contiguous, so fusing or unfusing an adapter
-            # (W[:, index] += delta) is a sequential copy instead of a cache miss per element. Float32
-            # CPU GEMMs (MKL) give bit-identical results from 4 rows on, at the same or better speed;
-            # with 1-3 rows MKL rounds differently (~1e-6 relative; see README, GEMM backend).
+            # (W[:, index] += delta) is a sequential copy instead of a cache miss per element. Only where
+            # the CPU's float32 GEMM gives it the row-major weight's bits (MKL with AVX2: from 4 rows on;
+            # MKL with AVX-512 sums a transposed operand otherwise, see gemm.column_major_keeps_bits).
             # bfloat16 CPU GEMM is much slower column-major, so it stays.
             with torch.no_grad():
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
@@ -160,9 +160,14 @@ class S2FTLinear(nn.Module):
         s.ks[slot] = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        if b.mode == "single" and len(b.single_slots) == 1 and self.exact is not None:
+            # one adapter for the whole pass: the merged weight's very sums, its columns patched on the fly
+            y = self._merged(x, b.single_slots[0])
+            if y is not None:
+                return y
         # both read the weight as it is: fusion edits it in place
         y = self.exact(x) if self.exact else onednn_linear(x, self.base.weight, self.base.bias)
-        b = self.batch
         if b.mode == "none":
             return y
         x2 = x.reshape(-1, self.in_features)  # [T, in]
@@ -184,6 +189,14 @@ class S2FTLinear(nn.Module):
         else:
             y2 += mixed_delta(x2, s.table, rows, cols)
         return y
+
+    def _merged(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
+        s = self.slots
+        k = s.slot_k[slot] if slot <= s.capacity else 0
+        if not k:
+            return None
+        start = (slot - 1) * s.k_cap
+        return self.exact.merged(x, s.cols[slot, :k], s.table[start : start + k])
 
     def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:
         """y2 += every slot's correction, for tokens x2 [T, in] that all use `slots`."""

@@ -30,6 +30,8 @@ from transformers' by up to ~2e-4 (of values up to ~40). Hence opt-in.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,23 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     every call."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def column_major_keeps_bits(out_features: int, in_features: int) -> bool:
+    """Whether this CPU's float32 `F.linear` gives a column-major [out, in] weight the very bits of the
+    row-major one (transformers' layout) from 4 rows on, at every row count a seeded probe tries.
+    MKL with AVX2 does; MKL with AVX-512 (Intel Xeon) sums a transposed operand in another order at
+    many row counts (up to ~8e-5 apart per projection on SmolLM2, 1.2e-4 in the logits)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=g)
+    w_cols = w.t().contiguous().t()
+    with torch.inference_mode():
+        for rows in (4, 5, 8, 12, 13, 16, 17, 32, 64, 128, 200):
+            x = torch.randn(rows, in_features, generator=g)
+            if not torch.equal(F.linear(x, w), F.linear(x, w_cols)):
+                return False
+    return True
 
 
 class DenseGemm(nn.Module):
@@ -107,6 +126,7 @@ class ExactLinear:
     CHUNK = 2048
     MAX_ROWS = 128
     FEW_ROWS = 12  # below this, MKL's own order depends on the row count
+    BLOCKS = (192, 384)  # MKL sgemm's blocks of input features: with AVX2 (AMD EPYC), with AVX-512 (Intel Xeon)
 
     def __init__(self, linear: nn.Linear, wide: bool = False, verdicts: dict | None = None):
         # a plain object, not a Module (its call runs in every projection of every step): the Linear
@@ -120,6 +140,7 @@ class ExactLinear:
             self.forms["transposed"] = self._transposed
         self.chosen: dict[int, str | None] = {}  # row count -> the form that serves it, or None: the Linear
         self.same_bits: dict[int, bool] = {}  # row count -> the chosen form gives the Linear's very bits
+        self.caps: dict[int, int] = {}  # row count -> the kernel's block of input features (BLOCKS)
         # Probe results shared by the projections of one model: which form agrees depends on the shapes,
         # the layout and the alignment, never on the values, so a model's ~200 projections need ~10 probes
         # per row count (a first step at a new count then costs ~5 ms more, not ~0.1-0.5 s).
@@ -145,34 +166,53 @@ class ExactLinear:
         key = (rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, linear.bias is not None, tuple(self.forms))
         if key not in self.verdicts:
             self.verdicts[key] = self._probe(rows)
-        self.chosen[rows], self.same_bits[rows] = self.verdicts[key]
+        self.chosen[rows], self.same_bits[rows], cap = self.verdicts[key]
+        if cap:
+            self.caps[rows] = cap
         return self.chosen[rows]
 
-    def _probe(self, rows: int) -> tuple[str | None, bool]:
+    def _probe(self, rows: int) -> tuple[str | None, bool, int]:
+        """(the form that serves `rows` or None, whether it gives the Linear's bits, the kernel's block)"""
         linear = self.linears[0]
         w = linear.weight
         # a random probe, so no input can pass by chance (zeros would)
         probe = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows), dtype=w.dtype)
         want = linear(probe)
-        chosen, same = None, False
         for name, form in self.forms.items():
-            try:
-                if torch.equal(form(probe), want):
-                    chosen, same = name, True
+            for cap in self.BLOCKS if name == "kernel" else (0,):
+                self.caps[rows] = cap
+                try:
+                    if torch.equal(form(probe), want):
+                        return name, True, cap
+                except RuntimeError:  # no compiled kernel here, or a weight layout it does not take
                     break
-            except RuntimeError:  # no compiled kernel here, or a weight layout it does not take
-                pass
             if name == "kernel" and rows < self.FEW_ROWS and rows != 4:
                 if (self.chosen[4] if 4 in self.chosen else self._choose(4)) == "kernel":
-                    chosen = "kernel"  # the blocked order MKL uses from 4 rows: each row's bits as in a larger pass
-                    break
-        return chosen, same
+                    # the blocked order MKL uses from 4 rows: each row's bits as in a larger pass
+                    return "kernel", False, self.caps[4]
+        return None, False, 0
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is None:
             raise RuntimeError("the compiled kernels are unavailable")
         linear = self.linears[0]
-        return self.op(x, linear.weight, linear.bias)
+        return self.op(x, linear.weight, linear.bias, self.caps[x.shape[0]])
+
+    def merged(self, x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """`x @ W'.T (+ bias)` for `W' = W` with `W'[:, cols] += rows.T`, each sum rounded to float32 as
+        merging stores it, without building W': the compiled GEMM reads those columns patched on the fly.
+        So one adapter's pass gets the bits of a model with the adapter merged, wherever the kernel serves
+        this row count (the same order as the base pass); None where it does not (the caller then adds
+        the correction to the base pass). cols: [k] int64, rows: [k, out] (contiguous)."""
+        n = x.numel() // x.shape[-1]
+        if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled() or rows.dtype != torch.float32:
+            return None
+        form = self.chosen[n] if n in self.chosen else self._choose(n)
+        if form != "kernel":
+            return None
+        linear = self.linears[0]
+        y = self.op(x.reshape(n, x.shape[-1]).contiguous(), linear.weight, linear.bias, self.caps[n], cols, rows)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _transposed(self, x: torch.Tensor) -> torch.Tensor:
         w = self.linears[0].weight

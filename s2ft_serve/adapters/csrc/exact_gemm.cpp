@@ -30,7 +30,7 @@
 
 namespace {
 
-int64_t block_size(int64_t K) { return K <= 192 ? K : K < 384 ? (K + 1) / 2 : 192; }
+int64_t block_size(int64_t K, int64_t cap) { return K <= cap ? K : K < 2 * cap ? (K + 1) / 2 : cap; }
 
 #ifdef S2FT_X86
 #define S2FT_AVX2 __attribute__((target("avx2,fma")))
@@ -76,31 +76,34 @@ S2FT_AVX2 void micro_rows(int mr, const float* A, int64_t lda, const float* B, i
   }
 }
 
-// C[i0:i1, j0:j1] over all of K, block by block; j1 - j0 a multiple of 8. `first`: the first block sets C.
-S2FT_AVX2 void tile(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc, int64_t K, bool first) {
-  const int64_t kc = block_size(K);
+// C[i0:i1, j0:j1] (=: set, else +=) the sums over k < kb of A[i, k] * B[k, j]; j1 - j0 a multiple of 8.
+S2FT_AVX2 void block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set) {
   for (int64_t j = j0; j < j1;) {
     const int nv = (int)std::min<int64_t>(4, (j1 - j) / 8);
     const int mr = rows_for(nv);
-    for (int64_t k0 = 0; k0 < K; k0 += kc) {
-      const int64_t kb = std::min(kc, K - k0);
-      const bool set = first && k0 == 0;
-      for (int64_t i = i0; i < i1; i += mr) {
-        const int m = (int)std::min<int64_t>(mr, i1 - i);
-        const float* a = A + i * lda + k0;
-        const float* b = B + k0 * ldb + j;
-        float* c = C + i * ldc + j;
-        switch (nv) {
-          case 4: micro_rows<4>(m, a, lda, b, ldb, c, ldc, kb, set); break;
-          case 3: micro_rows<3>(m, a, lda, b, ldb, c, ldc, kb, set); break;
-          case 2: micro_rows<2>(m, a, lda, b, ldb, c, ldc, kb, set); break;
-          default: micro_rows<1>(m, a, lda, b, ldb, c, ldc, kb, set); break;
-        }
+    for (int64_t i = i0; i < i1; i += mr) {
+      const int m = (int)std::min<int64_t>(mr, i1 - i);
+      const float* a = A + i * lda;
+      const float* b = B + j;
+      float* c = C + i * ldc + j;
+      switch (nv) {
+        case 4: micro_rows<4>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+        case 3: micro_rows<3>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+        case 2: micro_rows<2>(m, a, lda, b, ldb, c, ldc, kb, set); break;
+        default: micro_rows<1>(m, a, lda, b, ldb, c, ldc, kb, set); break;
       }
     }
     j += nv * 8;
   }
+}
+
+// C[i0:i1, j0:j1] over all of K in blocks of block_size(K, cap). `first`: the first block sets C.
+S2FT_AVX2 void tile(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, int64_t K, int64_t cap, bool first) {
+  const int64_t kc = block_size(K, cap);
+  for (int64_t k0 = 0; k0 < K; k0 += kc)
+    block(i0, i1, j0, j1, A + k0, lda, B + k0 * ldb, ldb, C, ldc, std::min(kc, K - k0), first && k0 == 0);
 }
 
 bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -108,12 +111,15 @@ bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports(
 bool cpu_ok() { return false; }
 #endif
 
-at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                        int64_t block_cap, const std::optional<at::Tensor>& patch_cols,
+                        const std::optional<at::Tensor>& patch_rows) {
   TORCH_CHECK(cpu_ok(), "exact_linear: needs an x86-64 CPU with AVX2 and FMA");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
                   w.scalar_type() == at::kFloat, "exact_linear: CPU float32 x and w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && x.size(1) == w.size(1),
               "exact_linear: x [M, K] contiguous, w [N, K]");
+  TORCH_CHECK(block_cap > 0, "exact_linear: block_cap must be positive");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const bool row_major = w.is_contiguous(), col_major = !row_major && w.t().is_contiguous();
   TORCH_CHECK(row_major || col_major, "exact_linear: w row-major or column-major");
@@ -124,6 +130,27 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
                     bias->size(0) == N && bias->is_contiguous(), "exact_linear: bias [N] float32");
     bp = bias->data_ptr<float>();
   }
+  // the patch: w[:, cols[j]] + rows[j] (each sum rounded to float32, as `W[:, index] += delta` stores it)
+  // in place of those columns, read on the fly: a merged weight's very sums, none materialised
+  TORCH_CHECK(patch_cols.has_value() == patch_rows.has_value(), "exact_linear: patch_cols and patch_rows together");
+  std::vector<std::pair<int64_t, int64_t>> patch;  // (column, j) sorted by column
+  const float* pp = nullptr;
+  if (patch_cols.has_value()) {
+    const at::Tensor &pc = *patch_cols, &pr = *patch_rows;
+    TORCH_CHECK(pc.device().is_cpu() && pc.scalar_type() == at::kLong && pc.dim() == 1 && pc.is_contiguous(),
+                "exact_linear: patch_cols int64 [k]");
+    TORCH_CHECK(pr.device().is_cpu() && pr.scalar_type() == at::kFloat && pr.dim() == 2 && pr.is_contiguous() &&
+                    pr.size(0) == pc.size(0) && pr.size(1) == N, "exact_linear: patch_rows float32 [k, N]");
+    const int64_t* cp = pc.data_ptr<int64_t>();
+    std::vector<char> seen(K, 0);
+    for (int64_t j = 0; j < pc.size(0); ++j) {
+      TORCH_CHECK(cp[j] >= 0 && cp[j] < K && !seen[cp[j]], "exact_linear: patch column out of range or repeated");
+      seen[cp[j]] = 1;
+      patch.emplace_back(cp[j], j);
+    }
+    std::sort(patch.begin(), patch.end());
+    pp = pr.data_ptr<float>();
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   if (K == 0) return bias.has_value() ? y.copy_(bias->expand({M, N})) : y.zero_();  // an empty sum
 #ifdef S2FT_X86
@@ -131,10 +158,30 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (col_major) {  // C = y [M, N], A = x [M, K], B = w.T [K, N]
+  const int64_t kc = block_size(K, block_cap);
+  if (col_major) {  // C = y [M, N], A = x [M, K], B = w.T [K, N], a [kc, 32] block of B in L1 for all rows
     if (bp) for (int64_t m = 0; m < M; ++m) std::copy(bp, bp + N, yp + m * N);
     at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
-      tile(0, M, t0 * 32, std::min(N, t1 * 32), xp, K, wp, N, yp, N, K, bp == nullptr);
+      std::vector<float> patched(patch.empty() ? 0 : kc * 32);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t j0 = t * 32, width = std::min<int64_t>(32, N - j0);
+        auto next = patch.begin();
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          const int64_t kb = std::min(kc, K - k0);
+          const float* b = wp + k0 * N + j0;
+          int64_t ldb = N;
+          if (next != patch.end() && next->first < k0 + kb) {  // this block holds patched columns
+            for (int64_t k = 0; k < kb; ++k) std::copy(b + k * N, b + k * N + width, patched.data() + k * 32);
+            for (; next != patch.end() && next->first < k0 + kb; ++next) {
+              float* row = patched.data() + (next->first - k0) * 32;
+              const float* d = pp + next->second * N + j0;
+              for (int64_t c = 0; c < width; ++c) row[c] += d[c];
+            }
+            b = patched.data(), ldb = 32;
+          }
+          block(0, M, 0, width, xp + k0, K, b, ldb, yp + j0, N, kb, bp == nullptr && k0 == 0);
+        }
+      }
     });
     return y;
   }
@@ -146,13 +193,20 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
     for (int64_t k = 0; k < K; ++k) xtp[k * J + m] = xp[m * K + k];
   constexpr int64_t G = 12;
   at::parallel_for(0, (N + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> scratch(G * J);
+    std::vector<float> scratch(G * J), patched(patch.empty() ? 0 : G * K);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = g * G, rows = std::min(G, N - n0);
       if (bp)
         for (int64_t r = 0; r < rows; ++r)
           std::fill(scratch.begin() + r * J, scratch.begin() + (r + 1) * J, bp[n0 + r]);
-      tile(0, rows, 0, J, wp + n0 * K, K, xtp, J, scratch.data(), J, K, bp == nullptr);
+      const float* a = wp + n0 * K;
+      if (!patch.empty()) {  // the group's weight rows with the patched columns
+        std::copy(a, a + rows * K, patched.data());
+        for (const auto& [col, j] : patch)
+          for (int64_t r = 0; r < rows; ++r) patched[r * K + col] += pp[j * N + n0 + r];
+        a = patched.data();
+      }
+      tile(0, rows, 0, J, a, K, xtp, J, scratch.data(), J, K, block_cap, bp == nullptr);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = scratch[r * J + m];
     }
@@ -164,5 +218,6 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(s2ft_serve, m) {
-  m.def("exact_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", &exact_linear);
+  m.def("exact_linear(Tensor x, Tensor w, Tensor? bias, int block_cap=192, Tensor? patch_cols=None, "
+        "Tensor? patch_rows=None) -> Tensor", &exact_linear);
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from s2ft_serve.adapters.format import merge_into
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import make_tiny_model, random_adapter
 
@@ -173,3 +174,43 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
     else:
         assert (ours - theirs).abs().max().item() <= 1e-4
 
+
+
+def test_one_adapters_passes_give_the_merged_models_bits(tiny_model_dir):
+    """`exact` GEMMs with the compiled kernel: a pass whose tokens all use one adapter (its prompts'
+    prefill, a decode step of its requests) reads the adapter's columns patched into the base GEMM, each
+    `w + delta` rounded as merging stores it, so its logits equal the merged transformers model's bit for
+    bit wherever the kernel gives the base pass MKL's bits (mixed passes add corrections instead)."""
+    from transformers import AutoModelForCausalLM
+
+    from s2ft_serve.adapters import native
+
+    if native.exact_linear_op() is None:
+        pytest.skip("no compiled kernel here")
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    engine = make_engine(tiny_model_dir, max_batch_size=32)
+    identical = 0
+    try:
+        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=3, channels=9)
+        engine.add_adapter("a", adapter)
+        merge_into(hf, adapter)
+        ids = engine.tokenize(PROMPTS[2])  # short: the prefill passes stay within the kernel's rows
+        runner, registry = engine.runner, engine.registry
+        slots = registry.slots_for(registry.get("a").version)
+        served = [layer.exact for layer in runner.layers.values()]
+        for rows in (4, 8, 16):
+            prefill = engine.call(lambda: runner.prefill_batch([ids] * rows, 0, [slots] * rows, [True] * rows))
+            ours = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [slots] * rows))
+            with torch.no_grad():
+                prefix = hf(torch.tensor([ids] * rows), use_cache=True)
+                cache = {"cache": prefix.cache} if "cache" in prefix else {"past_key_values": prefix.past_key_values}
+                theirs = hf(torch.tensor([[7]] * rows), **cache).logits[:, -1]
+            for n, got, want in ((rows * len(ids), torch.stack(prefill), prefix.logits), (rows, ours, theirs)):
+                if all(e.chosen[n] == "kernel" and e.same_bits[n] for e in served):
+                    assert torch.equal(got, want), n
+                    identical += 1
+                else:
+                    assert (got - want).abs().max().item() <= 1e-4, n
+    finally:
+        engine.shutdown(timeout=5)
+    assert identical  # the kernel gives MKL's bits at some of these row counts (x86 MKL, AVX2 or AVX-512)

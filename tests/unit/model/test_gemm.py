@@ -144,11 +144,12 @@ def test_exact_linear_keeps_the_linear_for_a_row_count_that_rounds_otherwise(mon
     exact.forms = {name: other_bits(form) for name, form in exact.forms.items()}
     x = torch.randn(16, 16)
     assert torch.equal(exact(x), F.linear(x, head.weight))
-    assert exact.chosen == {16: None} and calls == [16, 16]  # each form's probe only
-    assert torch.equal(exact(x), F.linear(x, head.weight)) and calls == [16, 16]  # not tried again
+    # each form's probe only: the kernel at both blocks of MKL's order, the transposed product
+    assert exact.chosen == {16: None} and calls == [16, 16, 16]
+    assert torch.equal(exact(x), F.linear(x, head.weight)) and calls == [16, 16, 16]  # not tried again
     x = torch.randn(6, 16)  # a few-row count: the kernel would serve only if it gave F.linear's bits at 4 rows
     assert torch.equal(exact(x), F.linear(x, head.weight))
-    assert exact.chosen == {16: None, 6: None, 4: None} and calls == [16, 16, 6, 4, 4, 6]
+    assert exact.chosen == {16: None, 6: None, 4: None} and calls == [16] * 3 + [6, 6, 4, 4, 4, 6]
 
 
 @torch.inference_mode()
@@ -232,3 +233,47 @@ def test_projections_of_one_model_share_their_probes(tiny_llama_dir):
     tables = {id(e.verdicts) for dense in (*runner.model.qkv, *runner.model.gate_up) for e in dense.exact}
     tables |= {id(layer.exact.verdicts) for layer in runner.layers.values()} | {id(runner.model.lm_head.verdicts)}
     assert len(tables) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(64, 96, bias=True),  # row-major, one block of K
+    lambda: nn.Linear(400, 72, bias=False),  # row-major, K in two blocks (AVX-512) or 192s + rest (AVX2)
+    lambda: _column_major(nn.Linear(400, 72, bias=True)),  # o_proj/down_proj where kept column-major
+])
+@torch.inference_mode()
+def test_merged_gives_the_merged_weights_bits_without_building_it(make):
+    """ExactLinear.merged(x, cols, rows): the base GEMM with columns `cols` read as `w + rows.T` (rounded
+    to float32 as `W[:, index] += delta` stores them): F.linear's bits on the merged weight wherever the
+    kernel gives the Linear's bits, and the base weight untouched."""
+    if native.exact_linear_op() is None:
+        pytest.skip("no compiled kernel here")
+    torch.manual_seed(0)
+    lin = make()
+    exact = gemm.ExactLinear(lin)
+    cols = torch.randperm(lin.in_features)[:23]
+    delta = torch.randn(lin.out_features, 23) * 0.05
+    merged = lin.weight.detach().clone()
+    merged[:, cols] += delta
+    before = lin.weight.detach().clone()
+    checked = 0
+    for rows in (4, 8, 16, 32, 64):
+        x = torch.randn(rows, lin.in_features)
+        got = exact.merged(x, cols, delta.t().contiguous())
+        if exact.chosen[rows] != "kernel":  # MKL sums otherwise at this row count: the caller corrects
+            assert got is None
+            continue
+        if exact.same_bits[rows]:
+            assert torch.equal(got, F.linear(x, merged, lin.bias)), rows
+            checked += 1
+        else:
+            torch.testing.assert_close(got, F.linear(x, merged, lin.bias), atol=1e-5, rtol=1e-5)
+    assert checked and torch.equal(lin.weight, before)
+    assert exact.merged(torch.randn(200, lin.in_features), cols, delta.t().contiguous()) is None  # > MAX_ROWS
+    op = native.exact_linear_op()
+    x, w = torch.randn(4, lin.in_features), lin.weight
+    with pytest.raises(RuntimeError, match="out of range or repeated"):
+        op(x, w, None, 192, torch.tensor([0, 0]), torch.zeros(2, lin.out_features))
+    with pytest.raises(RuntimeError, match="out of range or repeated"):
+        op(x, w, None, 192, torch.tensor([lin.in_features]), torch.zeros(1, lin.out_features))
+    with pytest.raises(RuntimeError, match=r"patch_rows float32 \[k, N\]"):
+        op(x, w, None, 192, torch.tensor([1]), torch.zeros(1, lin.out_features + 1))
