@@ -11,11 +11,11 @@ def sample(
     logits: torch.Tensor,  # [B, vocab] float32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    drafts: list[int | None] | None = None,  # a proposed token per row (speculative decoding), or None
 ) -> list[int]:
-    """Greedy rows in one argmax; sampled rows each with their own (seeded) generator. A sampled row
-    with a draft token keeps it with its probability p(draft), else samples from p without it: the
-    token is still distributed exactly as p (speculative sampling with a one-token proposal)."""
+    """Greedy rows in one argmax; sampled rows each with their own (seeded) generator, one draw per
+    token. Speculative decoding keeps a draft token when the draw is that token (probability p(draft);
+    otherwise the draw is distributed as p without it: speculative sampling with a one-token
+    proposal), so a seeded request draws the same tokens whether or not a step drafted for it."""
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for i, p in enumerate(params):
@@ -26,13 +26,6 @@ def sample(
         gen = generators[i]
         if gen is not None and gen.device != probs.device:
             probs = probs.to(gen.device)
-        draft = drafts[i] if drafts is not None else None
-        if draft is not None:
-            if float(torch.rand(1, generator=gen, device=probs.device)) * float(probs.sum()) < float(probs[draft]):
-                out.append(draft)
-                continue
-            probs = probs.clone()
-            probs[draft] = 0.0  # the rest of p (p(draft) < 1 here, so something remains)
         out.append(int(torch.multinomial(probs, 1, generator=gen)))
     return out
 

@@ -5,8 +5,9 @@ output proposes the tokens that followed that occurrence as a draft. One forward
 row its last token and its draft, and the step accepts draft tokens for as long as they are what the
 model chooses itself, plus the model's own next token: up to `k + 1` tokens for the price of one pass
 over the weights. A greedy row accepts what greedy decoding would pick, so its output is the same as
-without drafts (up to float rounding of a multi-token pass); a sampled row keeps a draft token with
-its probability (see `sampler.sample`), so its tokens are still drawn from the model's distribution.
+without drafts (up to float rounding of a multi-token pass); a sampled row draws each token as it
+would without a draft and keeps the draft token when the draw is that token (probability p(draft),
+see `sampler.sample`), so its tokens are drawn from the model's distribution, the same ones for a seed.
 
 Answers that copy from the prompt (extraction, editing, quoting, code) gain most; a sequence with
 no match runs as usual, and a small batch pays off most, where a decode step is bound by reading the

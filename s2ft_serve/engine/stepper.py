@@ -152,8 +152,8 @@ class Stepper:
 
     def _speculate(self, running: list[Sequence], drafts: list[list[int]]) -> None:
         """One pass over every row's last token and draft; each row then takes, position by position,
-        the token it would have chosen anyway (a sampled row keeps a draft token with its probability,
-        see sampler.sample), for as long as that is its draft token."""
+        the token it would have chosen anyway (greedy, or drawn as without a draft, see sampler.sample),
+        for as long as that is its draft token."""
         engine = self.engine
         inputs = [[s.output_ids[-1]] + d for s, d in zip(running, drafts)]
         # each row continues its cache (rows 0..B-1) after its last token's position, like a later chunk
@@ -166,8 +166,7 @@ class Stepper:
         self.draft_tokens += sum(len(d) for d in drafts)
         alive, finished = list(range(len(running))), []
         for j in range(max(len(i) for i in inputs)):  # an alive row's tokens up to j were its draft: it has j
-            proposed = [drafts[i][j] if j < len(drafts[i]) else None for i in alive]
-            done = self._sample([running[i] for i in alive], torch.stack([logits[i][j] for i in alive]), proposed)
+            done = self._sample([running[i] for i in alive], torch.stack([logits[i][j] for i in alive]))
             finished += done
             ended = {seq for seq, _ in done}
             still = []
@@ -303,10 +302,9 @@ class Stepper:
         for seq, reason in self._sample(seqs, logits):
             self._finish(seq, reason)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
-                drafts: list[int | None] | None = None) -> list[tuple[Sequence, str]]:
-        """Sample one token per sequence from logits [B, vocab] (given each one's draft token, if any)
-        and emit it; return the sequences that are done, with why (the caller finishes them)."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, str]]:
+        """Sample one token per sequence from logits [B, vocab] and emit it; return the sequences that
+        are done, with why (the caller finishes them)."""
         adjusted = logits
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if any(s.params.adjusts_logits for s in seqs):  # these change what is sampled, not logprobs
@@ -316,7 +314,7 @@ class Stepper:
             adjusted = logits.clone()  # masked in place below; the logprobs stay the model's own
         if guided:
             self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
-        chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs], drafts)
+        chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
         if want:

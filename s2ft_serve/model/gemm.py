@@ -110,18 +110,20 @@ class ExactLinear:
     MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
     forms compute the same sums in the same order for some row counts:
     - "kernel": the compiled exact GEMM (`adapters/csrc/exact_gemm.cpp`), which reads the weight in
-      place and sums every output in MKL's blocked order; on x86-64 with AVX2, MKL itself uses that
-      order for 4, 8 and 12 or more rows (so the kernel matches it there), and a decode step runs
-      1.3-2.1x faster at 1-32 rows (`benchmarks/exact_gemm.py`);
+      place and sums every output in MKL's blocked order (blocks of `BLOCKS[0]` input features with
+      AVX2, of `BLOCKS[1]` with AVX-512; probed with both); with AVX2 MKL itself uses that order for
+      4, 8 and 12 or more rows (so the kernel matches it there), with AVX-512 at fewer counts (from 4,
+      16 or 32 rows by shape), and a decode step runs 1.3-2.1x faster at 1-32 rows on AMD EPYC
+      (`benchmarks/exact_gemm.py`); `merged` runs it with one adapter's columns patched in;
     - "transposed" (`wide`, the LM head): MKL's own `(W @ x.T).T`, `CHUNK` vocabulary rows at a time,
       the same bits for most counts from 12 rows on; the fallback where the kernel is unavailable.
     Which agree depends on the CPU and the BLAS, so the first pass with a given row count runs the
     forms on a random probe and keeps the first whose every output is bit-identical to the Linear's.
-    For 1-3, 5-7 and 9-11 rows MKL takes other paths (a vector kernel; the rows past a multiple of 4),
-    which no form reproduces; there, where the kernel gave MKL's bits on a 4-row probe, it serves
+    For 1-3, 5-7 and 9-11 rows MKL takes other paths (AVX2: a vector kernel; the rows past a multiple
+    of 4), which no form reproduces; there, where the kernel gave MKL's bits on a 4-row probe, it serves
     anyway: each row gets the bits it gets in any larger pass, and the logits stay as close to
-    transformers' as MKL's own few-row results (within ~5e-5 on SmolLM2). Otherwise, and for more than `MAX_ROWS` rows, other devices and dtypes, and autograd, it
-    calls the model's own Linear."""
+    transformers' as MKL's own few-row results (within ~5e-5 on SmolLM2). Otherwise, and for more than
+    `MAX_ROWS` rows, other devices and dtypes, and autograd, it calls the model's own Linear."""
 
     CHUNK = 2048
     MAX_ROWS = 128
