@@ -24,6 +24,15 @@ from s2ft_serve.engine.engine import Engine
 from s2ft_serve.model.gemm import ExactLinear
 
 
+def label(exact: ExactLinear, rows: int) -> str:
+    """What serves `rows`: the kernel (in its blocked order where MKL sums otherwise), the transposed
+    product, or the Linear (no form matched, or the Linear was faster with the same bits)."""
+    form = exact.chosen.get(rows)
+    if form is None:
+        return "linear"
+    return form + ("" if exact.same_bits.get(rows, True) else " (blocked order)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,2,3,4,5,8,16,32", help="rows of the timed decode steps")
@@ -64,7 +73,7 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
         x = torch.randn(rows, linear.in_features)
         head(x)  # the probe, once per row count
         med = interleaved_ms({"linear": lambda: linear(x), "exact": lambda: head(x)}, args.repeats)
-        form = (head.chosen.get(rows) or "linear") + ("" if head.same_bits.get(rows, True) else " (blocked order)")
+        form = label(head, rows)
         alone[rows] = {"form": form, "linear_ms": round(med["linear"], 2), "exact_ms": round(med["exact"], 2),
                        "speedup": round(med["linear"] / med["exact"], 2)}
         print(f"LM head alone, {rows} rows: linear {med['linear']:.2f} ms, ExactLinear {med['exact']:.2f} ms "
@@ -87,7 +96,7 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
         med = {name: ms / args.steps for name, ms in med.items()}
         same = torch.equal(outs[False], outs[True])
         diff = (outs[False] - outs[True]).abs().max().item()
-        forms = sorted({(m.chosen.get(B) or "linear") + ("" if m.same_bits.get(B, True) else " (blocked order)")
+        forms = sorted({label(m, B)
                         for m in mods})
         steps[B] = {"linear_ms": round(med["linear"], 2), "exact_ms": round(med["exact"], 2),
                     "speedup": round(med["linear"] / med["exact"], 3), "same_bits": same, "max_abs_diff": diff,

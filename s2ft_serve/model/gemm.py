@@ -31,6 +31,7 @@ from transformers' by up to ~2e-4 (of values up to ~40). Hence opt-in.
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,7 @@ class ExactLinear:
             self.forms["transposed"] = self._transposed
         self.chosen: dict[int, str | None] = {}  # row count -> the form that serves it, or None: the Linear
         self.same_bits: dict[int, bool] = {}  # row count -> the chosen form gives the Linear's very bits
-        self.caps: dict[int, int] = {}  # row count -> the kernel's block of input features (BLOCKS)
+        self.caps: dict[int, int] = {}  # row count -> the kernel's block of input features (BLOCKS), or 0
         # Probe results shared by the projections of one model: which form agrees depends on the shapes,
         # the layout and the alignment, never on the values, so a model's ~200 projections need ~10 probes
         # per row count (a first step at a new count then costs ~5 ms more, not ~0.1-0.5 s).
@@ -168,13 +169,13 @@ class ExactLinear:
         key = (rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, linear.bias is not None, tuple(self.forms))
         if key not in self.verdicts:
             self.verdicts[key] = self._probe(rows)
-        self.chosen[rows], self.same_bits[rows], cap = self.verdicts[key]
-        if cap:
-            self.caps[rows] = cap
+        # caps: the kernel's block where it sums in MKL's blocked order at this count (see `merged`), else 0
+        self.chosen[rows], self.same_bits[rows], self.caps[rows] = self.verdicts[key]
         return self.chosen[rows]
 
     def _probe(self, rows: int) -> tuple[str | None, bool, int]:
-        """(the form that serves `rows` or None, whether it gives the Linear's bits, the kernel's block)"""
+        """(the form that serves `rows`, None for the Linear; whether that gives the Linear's bits; the
+        kernel's block where the kernel sums in MKL's blocked order at this count, else 0)"""
         linear = self.linears[0]
         w = linear.weight
         # a random probe, so no input can pass by chance (zeros would)
@@ -185,14 +186,31 @@ class ExactLinear:
                 self.caps[rows] = cap
                 try:
                     if torch.equal(form(probe), want):
-                        return name, True, cap
+                        # the very bits either way: the faster serves (with AVX-512, MKL's own GEMM can be)
+                        return (name if self._faster(form, linear, probe) else None), True, cap
                 except RuntimeError:  # no compiled kernel here, or a weight layout it does not take
                     break
             if name == "kernel" and rows < self.FEW_ROWS and rows != 4:
-                if (self.chosen[4] if 4 in self.chosen else self._choose(4)) == "kernel":
-                    # the blocked order MKL uses from 4 rows: each row's bits as in a larger pass
+                if 4 not in self.chosen:
+                    self._choose(4)
+                if self.caps.get(4) == self.BLOCKS[0]:
+                    # AVX2: the blocked order MKL uses from 4 rows (each row's bits as in a larger pass),
+                    # faster than MKL's few-row paths; with AVX-512 those are fast: the Linear serves
                     return "kernel", False, self.caps[4]
+                if self.caps.get(4):
+                    return None, False, self.caps[4]  # still the kernel's order for `merged`
         return None, False, 0
+
+    @staticmethod
+    def _faster(form, linear, probe: torch.Tensor, calls: int = 3) -> bool:
+        """Whether `form` beats the Linear on the probe (the best of a few calls each, interleaved)."""
+        best = [float("inf"), float("inf")]
+        for _ in range(calls):
+            for i, fn in enumerate((form, linear)):
+                start = time.perf_counter()
+                fn(probe)
+                best[i] = min(best[i], time.perf_counter() - start)
+        return best[0] <= best[1]
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.op is None:
@@ -209,8 +227,9 @@ class ExactLinear:
         n = x.numel() // x.shape[-1]
         if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled() or rows.dtype != torch.float32:
             return None
-        form = self.chosen[n] if n in self.chosen else self._choose(n)
-        if form != "kernel":
+        if n not in self.chosen:
+            self._choose(n)
+        if not self.caps.get(n):  # MKL sums otherwise at this count
             return None
         linear = self.linears[0]
         y = self.op(x.reshape(n, x.shape[-1]).contiguous(), linear.weight, linear.bias, self.caps[n], cols, rows)
