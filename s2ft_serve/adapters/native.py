@@ -55,6 +55,12 @@ def slot_delta_op():
     return torch.ops.s2ft_serve.slot_delta_add if _library() else None
 
 
+def columns_ops():
+    """(`columns_add`, `columns_set`): fusion's column edits on a row-major weight, row by row; None where
+    the kernels are unavailable."""
+    return (torch.ops.s2ft_serve.columns_add, torch.ops.s2ft_serve.columns_set) if _library() else None
+
+
 def exact_linear_op():
     """`torch.ops.s2ft_serve.exact_linear`, building the kernels if needed; None (logged) where that fails."""
     return torch.ops.s2ft_serve.exact_linear if _library() else None

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from s2ft_serve.adapters import native
+
 from s2ft_serve.adapters.format import Adapter
 from s2ft_serve.adapters.layers import NULL_SLOT, S2FTLinear
 from s2ft_serve.errors import AdapterNotFoundError, ConflictError, QueueFullError
@@ -65,9 +67,10 @@ def _locked(method):
     return wrapper
 
 
-def _columns(weight: torch.Tensor) -> torch.Tensor:
-    """`weight.t()`: column j of W is row j here, contiguous when W is stored column-major (see layers)."""
-    return weight.t()
+def _columns(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(a view of W, the dim along which W's columns lie in it): `W.t()` and 0 where W is stored
+    column-major (see layers; each column then a contiguous row), else W itself and 1."""
+    return (weight.t(), 0) if weight.t().is_contiguous() else (weight, 1)
 
 
 class AdapterRegistry:
@@ -256,8 +259,9 @@ class AdapterRegistry:
             self._plans.pop(stale, None)
         return slot
 
-    def _plan(self, version: AdapterVersion) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per module (columns view `W.t()`, index, `delta.t()` contiguous), ready for fusing.
+    def _plan(self, version: AdapterVersion) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+        """Per module (a view of W, the dim of its columns, index, delta laid out along that dim,
+        contiguous), ready for fusing.
 
         Cached beside the version's correction slot, so a switch runs two or three tensor ops
         per module and no Python lookups or conversions."""
@@ -265,26 +269,35 @@ class AdapterRegistry:
         if plan is None:
             plan = []
             for name, md in version.adapter.modules.items():
-                cols = _columns(self.layers[name].base.weight)  # [in, out] view
-                plan.append((cols, md.index.to(cols.device), md.delta.t().to(cols.device, cols.dtype).contiguous()))
+                view, dim = _columns(self.layers[name].base.weight)
+                delta = md.delta.t() if dim == 0 else md.delta  # [k, out] or [out, k]
+                plan.append((view, dim, md.index.to(view.device), delta.to(view.device, view.dtype).contiguous()))
             self._plans[version] = plan
         return plan
 
     def _add_columns(self, version: AdapterVersion) -> list[torch.Tensor]:
-        """`W[:, index] += delta` per module; returns the original columns (as rows of `W.t()`)."""
+        """`W[:, index] += delta` per module; returns the original columns."""
         saved = []
         self.epoch += 1
+        ops = native.columns_ops()
         with torch.no_grad():
-            for cols, index, delta_t in self._plan(version):
-                saved.append(cols.index_select(0, index))  # a copy of the touched columns
-                cols.index_add_(0, index, delta_t)
+            for view, dim, index, delta in self._plan(version):
+                if dim == 1 and ops is not None and view.device.type == "cpu":
+                    saved.append(ops[0](view, index, delta))  # row by row: each row of W visited once
+                    continue
+                saved.append(view.index_select(dim, index))  # a copy of the touched columns
+                view.index_add_(dim, index, delta)
         return saved
 
     def _restore_columns(self, version: AdapterVersion, saved: list[torch.Tensor]) -> None:
         self.epoch += 1
+        ops = native.columns_ops()
         with torch.no_grad():
-            for (cols, index, _), original in zip(self._plan(version), saved):
-                cols.index_copy_(0, index, original)
+            for (view, dim, index, _), original in zip(self._plan(version), saved):
+                if dim == 1 and ops is not None and view.device.type == "cpu":
+                    ops[1](view, index, original)
+                else:
+                    view.index_copy_(dim, index, original)
 
     # ---- reporting -----------------------------------------------------------------------
     @_locked

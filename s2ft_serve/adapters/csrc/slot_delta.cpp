@@ -6,7 +6,10 @@
 // s2ft_serve/adapters/native.py (torch.utils.cpp_extension); the Python fallback is embedding_bag.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -101,9 +104,66 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
   });
 }
 
+// Fusion's column edits on a row-major W [N, K] (where W is not stored column-major, see layers.py),
+// row by row: each row is visited once and only its k entries are touched, where index_add_/index_copy_
+// along dim 1 walk one strided column at a time. Every index is checked before any write.
+//   columns_add(W, index, delta [N, k]) -> W[:, index] before; W[:, index] += delta (rounded as index_add_)
+//   columns_set(W, index, values [N, k]): W[:, index] = values
+void check_columns(const at::Tensor& w, const at::Tensor& index, const at::Tensor& values) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2, "columns: a row-major CPU W [N, K]");
+  TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous(),
+              "columns: int64 index [k]");
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == w.scalar_type() && values.is_contiguous() &&
+                  values.dim() == 2 && values.size(0) == w.size(0) && values.size(1) == index.size(0),
+              "columns: values [N, k] of W's dtype");
+  at::assert_no_overlap(w, values);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t j = 0; j < index.size(0); ++j)
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < w.size(1), "columns: column ", ip[j], " out of range");
+}
+
+at::Tensor columns_add(at::Tensor w, const at::Tensor& index, const at::Tensor& delta) {
+  check_columns(w, index, delta);
+  at::Tensor saved = at::empty_like(delta);
+  const int64_t N = w.size(0), K = w.size(1), k = index.size(0);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "columns_add", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* dp = delta.data_ptr<scalar_t>();
+    scalar_t* sp = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        scalar_t* row = wp + n * K;
+        for (int64_t j = 0; j < k; ++j) {
+          sp[n * k + j] = row[ip[j]];
+          row[ip[j]] = static_cast<scalar_t>(static_cast<acc_t>(row[ip[j]]) + static_cast<acc_t>(dp[n * k + j]));
+        }
+      }
+    });
+  });
+  return saved;
+}
+
+void columns_set(at::Tensor w, const at::Tensor& index, const at::Tensor& values) {
+  check_columns(w, index, values);
+  const int64_t N = w.size(0), K = w.size(1), k = index.size(0);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "columns_set", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* vp = values.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t j = 0; j < k; ++j) wp[n * K + ip[j]] = vp[n * k + j];
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(s2ft_serve, m) {
   m.def("slot_delta_add(Tensor(a!) y, Tensor x, Tensor table, Tensor token_slots, Tensor slot_k, Tensor cols) -> ()",
         &slot_delta_add);
+  m.def("columns_add(Tensor(a!) w, Tensor index, Tensor delta) -> Tensor", &columns_add);
+  m.def("columns_set(Tensor(a!) w, Tensor index, Tensor values) -> ()", &columns_set);
 }

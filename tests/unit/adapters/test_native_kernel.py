@@ -282,3 +282,32 @@ def test_the_ahead_of_time_build_command_succeeds_where_the_kernel_loads(op):
     done = subprocess.run([sys.executable, "-m", "s2ft_serve.adapters.native"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_column_edits_on_a_row_major_weight_match_index_add_and_restore_exactly(dtype):
+    """Fusion's row-by-row column edits (where W stays row-major): the same values as index_add_ along
+    dim 1, the original columns returned, restored bit for bit; a bad index raises before any write."""
+    ops = native.columns_ops()
+    if ops is None:
+        pytest.skip("no compiled kernel here")
+    add, set_ = ops
+    torch.manual_seed(0)
+    w = torch.randn(72, 200).to(dtype)
+    original = w.clone()
+    index = torch.tensor([3, 150, 7, 199, 0])
+    delta = (torch.randn(72, 5) * 0.1).to(dtype)
+    want = original.clone().index_add_(1, index, delta)
+    saved = add(w, index, delta)
+    assert torch.equal(w, want) and torch.equal(saved, original[:, index])
+    set_(w, index, saved)
+    assert torch.equal(w, original)
+    for bad in (torch.tensor([0, 200]), torch.tensor([-1])):
+        with pytest.raises(RuntimeError, match="out of range"):
+            add(w, bad, torch.zeros(72, bad.numel(), dtype=dtype))
+        assert torch.equal(w, original)
+    with pytest.raises(RuntimeError, match="row-major"):
+        add(w.t(), index, torch.zeros(200, 5, dtype=dtype))
+    with pytest.raises(RuntimeError, match=r"values \[N, k\]"):
+        set_(w, index, torch.zeros(72, 4, dtype=dtype))
