@@ -1,17 +1,21 @@
 // y = x @ w.T (+ bias) on CPU, float32, summed in the order MKL's sgemm sums for the row counts where
 // the caller verified it (s2ft_serve/model/gemm.py: ExactLinear probes each row count first):
 //   every output element is a chain of fused multiply-adds over k, in blocks of `kc` columns of K
-//   (all of K up to 192, two halves up to 383, else 192), each block's chain started from zero and
-//   added to the element (set by the first block, or added to the bias).
-// MKL gives these bits on x86-64 for 4, 8 and 12 or more rows (found by simulating candidate orders,
-// then checked bit for bit against F.linear); it packs its operands on every call, which costs it
-// more than the arithmetic at decode-sized row counts. Here the weight is read in place:
+//   (all of K up to `block_cap`, two halves below twice that, else `block_cap`), each block's chain
+//   started from zero and added to the element (set by the first block, or added to the bias).
+// MKL's block is 192 with AVX2 (AMD EPYC: these bits for 4, 8 and 12 or more rows) and 384 with
+// AVX-512 (Intel Xeon: at fewer row counts); found by simulating candidate orders, then checked bit
+// for bit against F.linear. MKL packs its operands on every call, which can cost it more than the
+// arithmetic at decode-sized row counts. Here the weight is read in place:
 //   - a row-major weight [N, K] (q/k/v, gate/up, the LM head): each thread walks its weight rows in
-//     groups of 12 (rows stream sequentially), against x transposed and padded to 8 rows [K, J];
-//     the group's [12, J] result is written back transposed;
-//   - a column-major weight (w.T contiguous, [K, N]: the adapted o_proj/down_proj): threads split the
-//     output columns in tiles of 32; a [kc, 32] block of w.T stays in L1 for all rows of x.
-// The inner kernel keeps a tile of up to 12 AVX registers of sums and adds one product per k.
+//     groups of 12 (rows stream sequentially), against x transposed and padded to 8 (or 16) rows
+//     [K, J]; the group's [12, J] result is written back transposed;
+//   - a column-major weight (w.T contiguous, [K, N]: the adapted o_proj/down_proj where so stored):
+//     threads split the output columns in tiles of 32; a [kc, 32] block of w.T stays in L1 for all
+//     rows of x.
+// The inner kernel keeps up to 12 AVX2 registers of sums (24 AVX-512 ones) and adds one product per k.
+// With a patch (one adapter's columns and delta rows) the patched columns are read as w + delta, each
+// sum rounded to float32: the merged weight's sums, in the same order, without a merged weight.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
