@@ -277,3 +277,20 @@ def test_merged_gives_the_merged_weights_bits_without_building_it(make):
         op(x, w, None, 192, torch.tensor([lin.in_features]), torch.zeros(1, lin.out_features))
     with pytest.raises(RuntimeError, match=r"patch_rows float32 \[k, N\]"):
         op(x, w, None, 192, torch.tensor([1]), torch.zeros(1, lin.out_features + 1))
+
+
+@torch.inference_mode()
+def test_an_adapted_module_keeps_the_row_major_linears_bits_whatever_its_layout():
+    """S2FTLinear stores its weight column-major (fast fusion) only where the CPU's F.linear gives that
+    layout the row-major weight's bits (MKL with AVX2; not with AVX-512): either way its base pass
+    equals transformers' row-major Linear bit for bit from 4 rows on, prefill sizes included."""
+    from s2ft_serve.adapters.layers import AdapterBatch, S2FTLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(400, 72, bias=True)  # K in two blocks
+    weight, bias = lin.weight.detach().clone(), lin.bias.detach().clone()
+    layer = S2FTLinear(lin, AdapterBatch())
+    assert layer.weight.is_contiguous() != gemm.column_major_keeps_bits(72, 400)
+    for rows in (4, 8, 13, 16, 32, 64, 200):
+        x = torch.randn(rows, 400)
+        assert torch.equal(layer(x), F.linear(x, weight, bias)), rows
