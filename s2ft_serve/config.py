@@ -12,7 +12,7 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     threads: int | None = None  # CPU threads for torch; None = torch's default (one per core). On a
     # machine shared with other busy processes, 1 avoids OpenMP threads spinning against each other.
-    gemm: str = "exact"  # exact: MKL's order (transformers' base logits bit for bit at 4, 8, 12+ rows per pass)
+    gemm: str = "exact"  # exact: MKL's order (transformers' base logits bit for bit; AVX2: at 4, 8, 12+ rows)
     # | onednn: fused, prepacked oneDNN GEMMs on CPU float32 (about as fast here), logits differ by float rounding
     # (~2e-4 on SmolLM2)
     adapter_kernel: str = "auto"  # mixed-adapter decode steps: auto = the compiled CPU kernel for CPU

@@ -79,6 +79,14 @@ class SlotTable:
     def k_cap(self) -> int:
         return self.rows.shape[1]
 
+    def columns(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Slot `slot`'s (index [k], delta.T [k, out]) as views, or None where it holds no columns."""
+        k = self.slot_k[slot] if slot <= self.capacity else 0
+        if not k:
+            return None
+        start = (slot - 1) * self.k_cap
+        return self.cols[slot, :k], self.table[start : start + k]
+
 
 class S2FTLinear(nn.Module):
     def __init__(self, base: nn.Linear, batch: AdapterBatch, onednn: bool = False, kernel: str = "auto",
@@ -191,21 +199,16 @@ class S2FTLinear(nn.Module):
         return y
 
     def _merged(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
-        s = self.slots
-        k = s.slot_k[slot] if slot <= s.capacity else 0
-        if not k:
-            return None
-        start = (slot - 1) * s.k_cap
-        return self.exact.merged(x, s.cols[slot, :k], s.table[start : start + k])
+        columns = self.slots.columns(slot)
+        return self.exact.merged(x, *columns) if columns else None
 
     def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:
         """y2 += every slot's correction, for tokens x2 [T, in] that all use `slots`."""
-        s = self.slots
         for slot in slots:
-            k = s.slot_k[slot] if slot <= s.capacity else 0
-            if k:
-                start = (slot - 1) * s.k_cap
-                y2 += segment_delta(x2, s.table[start : start + k], s.cols[slot, :k])
+            columns = self.slots.columns(slot)
+            if columns:
+                index, delta_t = columns
+                y2 += segment_delta(x2, delta_t, index)
 
 
 def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,

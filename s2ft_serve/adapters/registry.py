@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from s2ft_serve.adapters import native
-
 from s2ft_serve.adapters.format import Adapter
 from s2ft_serve.adapters.layers import NULL_SLOT, S2FTLinear
 from s2ft_serve.errors import AdapterNotFoundError, ConflictError, QueueFullError
@@ -259,9 +258,9 @@ class AdapterRegistry:
             self._plans.pop(stale, None)
         return slot
 
-    def _plan(self, version: AdapterVersion) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+    def _plan(self, version: AdapterVersion) -> list[tuple]:
         """Per module (a view of W, the dim of its columns, index, delta laid out along that dim,
-        contiguous), ready for fusing.
+        contiguous, the compiled row-by-row edits or None), ready for fusing.
 
         Cached beside the version's correction slot, so a switch runs two or three tensor ops
         per module and no Python lookups or conversions."""
@@ -271,7 +270,10 @@ class AdapterRegistry:
             for name, md in version.adapter.modules.items():
                 view, dim = _columns(self.layers[name].base.weight)
                 delta = md.delta.t() if dim == 0 else md.delta  # [k, out] or [out, k]
-                plan.append((view, dim, md.index.to(view.device), delta.to(view.device, view.dtype).contiguous()))
+                # a row-major W: the compiled edits visit each row once (index ops walk strided columns)
+                edits = native.columns_ops() if dim == 1 and view.device.type == "cpu" else None
+                plan.append((view, dim, md.index.to(view.device), delta.to(view.device, view.dtype).contiguous(),
+                             edits))
             self._plans[version] = plan
         return plan
 
@@ -279,23 +281,21 @@ class AdapterRegistry:
         """`W[:, index] += delta` per module; returns the original columns."""
         saved = []
         self.epoch += 1
-        ops = native.columns_ops()
         with torch.no_grad():
-            for view, dim, index, delta in self._plan(version):
-                if dim == 1 and ops is not None and view.device.type == "cpu":
-                    saved.append(ops[0](view, index, delta))  # row by row: each row of W visited once
-                    continue
-                saved.append(view.index_select(dim, index))  # a copy of the touched columns
-                view.index_add_(dim, index, delta)
+            for view, dim, index, delta, edits in self._plan(version):
+                if edits:
+                    saved.append(edits[0](view, index, delta))
+                else:
+                    saved.append(view.index_select(dim, index))  # a copy of the touched columns
+                    view.index_add_(dim, index, delta)
         return saved
 
     def _restore_columns(self, version: AdapterVersion, saved: list[torch.Tensor]) -> None:
         self.epoch += 1
-        ops = native.columns_ops()
         with torch.no_grad():
-            for (view, dim, index, _), original in zip(self._plan(version), saved):
-                if dim == 1 and ops is not None and view.device.type == "cpu":
-                    ops[1](view, index, original)
+            for (view, dim, index, _, edits), original in zip(self._plan(version), saved):
+                if edits:
+                    edits[1](view, index, original)
                 else:
                     view.index_copy_(dim, index, original)
 

@@ -1,12 +1,13 @@
 """Dense projections for the serving forward pass: exact by default, or fused oneDNN GEMMs on CPU.
 
 `gemm="exact"` (the default) computes what the model's own Linears compute, so base-model logits are
-bit-identical to transformers' for passes of 4, 8 and 12 or more rows: each projection is an
-`ExactLinear`, which takes a faster form (the compiled GEMM, or for the LM head MKL's transposed
-product) for row counts where a probe showed the very same bits. For 1-3, 5-7 and 9-11 rows MKL
-itself takes other paths (which also depend on a weight's layout and memory alignment, see the
-README); there the compiled GEMM keeps the order MKL uses for 4+ rows (each row's bits as in a larger
-pass; within ~5e-5 of transformers' few-row logits on SmolLM2, as MKL's own results are).
+bit-identical to transformers': each projection is an `ExactLinear`, which takes a faster form (the
+compiled GEMM, or for the LM head MKL's transposed product) for row counts where a probe showed the
+very same bits. With AVX2 (AMD EPYC) MKL itself takes other paths for 1-3, 5-7 and 9-11 rows (which
+also depend on a weight's layout and memory alignment, see the README); there the compiled GEMM keeps
+the order MKL uses for 4+ rows (each row's bits as in a larger pass; within ~5e-5 of transformers'
+few-row logits on SmolLM2, as MKL's own results are). With AVX-512 (Intel Xeon) the Linear serves
+wherever the kernel does not give its bits.
 
 `gemm="onednn"` rounds differently; it was faster than MKL's `F.linear` and is about as fast as
 `exact` with the compiled GEMM (2-core AMD EPYC):
@@ -106,7 +107,8 @@ class DenseGemm(nn.Module):
 
 class ExactLinear:
     """A Linear under `gemm="exact"`: `F.linear`'s very bits where MKL sums in its blocked order, and
-    that same order where MKL does not (each row the bits of a larger pass); faster at decode sizes.
+    that same order where MKL does not (each row the bits of a larger pass); faster at decode sizes
+    where MKL's packing dominates (AVX2).
 
     MKL spends more on packing its operands than on arithmetic at decode-sized row counts. Two faster
     forms compute the same sums in the same order for some row counts:
@@ -119,7 +121,8 @@ class ExactLinear:
     - "transposed" (`wide`, the LM head): MKL's own `(W @ x.T).T`, `CHUNK` vocabulary rows at a time,
       the same bits for most counts from 12 rows on; the fallback where the kernel is unavailable.
     Which agree depends on the CPU and the BLAS, so the first pass with a given row count runs the
-    forms on a random probe and keeps the first whose every output is bit-identical to the Linear's.
+    forms on a random probe and keeps the first whose every output is bit-identical to the Linear's,
+    or the Linear itself where it was faster on the probe (MKL's AVX-512 GEMM can be).
     For 1-3, 5-7 and 9-11 rows MKL takes other paths (AVX2: a vector kernel; the rows past a multiple
     of 4), which no form reproduces; there, where the kernel gave MKL's bits on a 4-row probe, it serves
     anyway: each row gets the bits it gets in any larger pass, and the logits stay as close to
@@ -225,7 +228,7 @@ class ExactLinear:
         this row count (the same order as the base pass); None where it does not (the caller then adds
         the correction to the base pass). cols: [k] int64, rows: [k, out] (contiguous)."""
         n = x.numel() // x.shape[-1]
-        if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled() or rows.dtype != torch.float32:
+        if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled():  # rows: the weight's dtype
             return None
         if n not in self.chosen:
             self._choose(n)
