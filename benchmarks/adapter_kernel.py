@@ -21,6 +21,7 @@ prompt's columns, one batched matmul), which sets `layers.NATIVE_MAX_ROW_LEN`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--adapter-dtype", default="float32", help="the dtype the adapters' deltas are saved in: "
+                    "bfloat16 ones stay bfloat16 in a float32 engine's tables (half the bytes; `torch` widens them)")
     ap.add_argument("--rows-prompts", type=int, default=8, help="prompts in a timed rows pass (<= --batch)")
     ap.add_argument("--rows-lengths", default="", help="tokens per prompt of the rows passes timed, e.g. 2,4,8,16,32")
     args = ap.parse_args()
@@ -47,7 +50,7 @@ def main() -> None:
         engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
                                      max_resident_adapters=args.batch, gemm=args.gemm, threads=threads,
                                      adapter_kernel="native"))
-        names = add_random_adapters(engine, args.batch)
+        names = add_random_adapters(engine, args.batch, dtype=getattr(torch, args.adapter_dtype))
         report = engine.call(measure, engine, names, args)
         engine.shutdown()
     print(json.dumps(report))
@@ -61,32 +64,41 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     last, positions = prefill_rows(engine, mixed)
     layers = list(runner.layers.values())
     ops = [layer.native for layer in layers]
+    # bfloat16 adapters sit in bfloat16 tables (the compiled kernel's); the same values widened to
+    # float32 are what `torch` (embedding_bag) reads, and what the kernel read before bfloat16 tables
+    held = [layer.slots for layer in layers]
+    wide = [dataclasses.replace(s, table=s.table.float()) for s in held]
+    narrow = any(s.table.dtype != torch.float32 for s in held)
 
-    def decode_steps(slot_tuples, native: bool):
+    def decode_steps(slot_tuples, native: bool, tables: list):
         def run():
-            for layer, op in zip(layers, ops):
-                layer.native = op if native else None
+            for layer, op, table in zip(layers, ops, tables):
+                layer.native, layer.slots = (op if native else None), table
             for _ in range(args.steps):  # the same position each time: a step's work, rewritten in place
                 runner.decode(last, positions, slot_tuples)
         return run
 
-    cases = {"base": decode_steps([()] * args.batch, True), "native": decode_steps(mixed, True),
-             "torch": decode_steps(mixed, False)}
+    cases = {"base": decode_steps([()] * args.batch, True, held), "native": decode_steps(mixed, True, held),
+             "torch": decode_steps(mixed, False, wide)}
+    if narrow:
+        cases["native_f32"] = decode_steps(mixed, True, wide)
     step = {name: ms / args.steps for name, ms in interleaved_ms(cases, args.repeats, warm_up=True).items()}
+    for layer, table in zip(layers, held):
+        layer.slots = table
 
     # each kernel alone, over one step's modules and the batch's real slot tables
     token_slots = torch.tensor(mixed, dtype=torch.int64)
     xs = [torch.randn(args.batch, layer.in_features, dtype=layer.weight.dtype) for layer in layers]
     nbytes = sum(layer.slots.table.numel() * layer.slots.table.element_size() for layer in layers)
 
-    def native_pass():
-        for layer, op, x in zip(layers, ops, xs):
-            s = layer.slots
-            op(torch.zeros(args.batch, layer.out_features), x, s.table, token_slots, s.ks, s.cols)
+    def native_pass(tables):
+        def run():
+            for layer, op, x, s in zip(layers, ops, xs, tables):
+                op(torch.zeros(args.batch, layer.out_features), x, s.table, token_slots, s.ks, s.cols)
+        return run
 
     def torch_pass():
-        for layer, x in zip(layers, xs):
-            s = layer.slots
+        for x, s in zip(xs, wide):
             rows, cols = s.rows[token_slots].view(args.batch, -1), s.cols[token_slots].view(args.batch, -1)
             mixed_delta(x, s.table, rows, cols)
 
@@ -94,18 +106,21 @@ def measure(engine: Engine, names: list[str], args) -> dict:
         for layer in layers:
             layer.slots.table.sum()
 
-    kernel = interleaved_ms({"native": native_pass, "torch": torch_pass, "sum": sum_pass}, args.repeats)
+    alone = {"native": native_pass(held), "torch": torch_pass, "sum": sum_pass}
+    if narrow:
+        alone["native_f32"] = native_pass(wide)
+    kernel = interleaved_ms(alone, args.repeats)
     prompts = min(args.rows_prompts, args.batch)  # each prompt one of the batch's adapters
     rows = {str(length): time_rows(layers, ops, token_slots[:prompts], length, args.repeats)
             for length in (int(n) for n in args.rows_lengths.split(",") if n)}
     for v in versions:
         registry.release(v)
 
-    report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype, "gemm": args.gemm,
+    report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype, "gemm": args.gemm,
               "threads": torch.get_num_threads(), "batch": args.batch, "adapter_bytes_per_step": nbytes,
               "step_ms": {k: round(v, 2) for k, v in step.items()},
               "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
-              "mixed_vs_base": {k: round(step["base"] / step[k], 3) for k in ("native", "torch")},
+              "mixed_vs_base": {k: round(step["base"] / v, 3) for k, v in step.items() if k != "base"},
               "bandwidth_bound": round(step["base"] / (step["base"] + kernel["sum"]), 3),
               "rows_pass_ms": {"prompts": prompts, **rows}}
     print(f"{args.batch} adapters, {args.dtype}, gemm {args.gemm}, {report['threads']} threads; decode step "
@@ -116,6 +131,11 @@ def measure(engine: Engine, names: list[str], args) -> dict:
           f"{step['torch'] / step['native']:.3f}x faster")
     print(f"kernels alone over {nbytes / 1e6:.0f} MB of adapter columns: native {kernel['native']:.2f} ms, "
           f"embedding_bag {kernel['torch']:.2f} ms, torch.sum {kernel['sum']:.2f} ms")
+    if narrow:
+        print(f"the same values in float32 tables: native step {step['native_f32']:.1f} ms "
+              f"(+{step['native_f32'] - step['base']:.1f}, mixed/base {report['mixed_vs_base']['native_f32']}x), "
+              f"kernel alone {kernel['native_f32']:.2f} ms; bfloat16 tables' step {step['native_f32'] / step['native']:.3f}x "
+              f"faster")
     for length, r in rows.items():
         print(f"rows pass, {prompts} prompts x {length} tokens: native {r['native']:.2f} ms, row_delta "
               f"{r['torch']:.2f} ms ({r['torch'] / r['native']:.2f}x)")

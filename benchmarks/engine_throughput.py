@@ -5,8 +5,10 @@ All figures are ratios of runs made side by side in this process (the machine is
   2. the same mixed batch served by HF PEFT LoRA (equal trainable parameters, PEFT's mixed-batch
      `adapter_names`) vs ours;
   3. the engine on the base model vs `transformers` `generate` on the same batch.
-Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm) and
-the mixed-step kernels asked for (`--kernel native,torch`: the compiled kernel, embedding_bag).
+Each is measured for both engine GEMM backends (`--gemm exact,onednn`, see s2ft_serve.model.gemm), the
+mixed-step kernels asked for (`--kernel native,torch`: the compiled kernel, embedding_bag) and the
+dtypes the adapters' deltas are saved in (`--adapter-dtype float32,bfloat16`: a float32 engine keeps
+bfloat16 deltas in bfloat16 for the compiled kernel, half the bytes, the same results).
 Decode throughput = generated tokens / (time(N tokens) - time(1 token)), so prefill cancels out.
 Every system runs in the engine's thread (transformers and PEFT through `Engine.call`, so all use the
 same torch threads and OpenMP pool), in `--repeats` rounds that interleave them; each ratio is the
@@ -21,6 +23,8 @@ mixed/base ratio any exact kernel could reach on this machine, unless it overlap
 base GEMMs.
 
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact,onednn
+    python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact \
+        --adapter-dtype float32,bfloat16
 """
 
 from __future__ import annotations
@@ -106,14 +110,15 @@ def load_others(args, engine: Engine) -> tuple[dict, dict]:
     return others, {"adapter_params": params, "lora_rank": rank, "dtype": dtype}
 
 
-def measure_engine(args, gemm: str, kernel: str, others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict]]:
+def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
+                   others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict]]:
     """Decode tok/s of one engine on the base and on B distinct adapters, and of the other systems
     (`load_others`, loaded with the first engine when None), all in the engine's thread, interleaved
     round by round. Returns every system's figure per round, and the other systems for the next engine."""
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
                                  threads=args.threads)).start()
-    names = add_random_adapters(engine, args.batch, args.heads, args.channels)
+    names = add_random_adapters(engine, args.batch, args.heads, args.channels, adapter_dtype)
     engine_time(engine, names[:2], 4)  # warm up
     others = others or load_others(args, engine)
     timers = {"base": lambda n: engine_time(engine, [None] * args.batch, n),
@@ -145,6 +150,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds per engine")
     ap.add_argument("--gemm", default="exact,onednn", help="engine GEMM backends to measure, comma-separated")
     ap.add_argument("--kernel", default="native", help="mixed-step kernels to measure (native, torch), comma-separated")
+    ap.add_argument("--adapter-dtype", default="float32",
+                    help="dtypes the random adapters' deltas are saved in, comma-separated (float32, bfloat16)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
@@ -154,21 +161,30 @@ def main() -> None:
     with engine_phase(args.threads):
         for gemm in args.gemm.split(","):
             for kernel in args.kernel.split(","):
-                engines[f"{gemm}+{kernel}"], others = measure_engine(args, gemm, kernel, others)
+                for adapter_dtype in args.adapter_dtype.split(","):
+                    name = f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
+                    engines[name], others = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype), others)
     info = others[1]
-    extra_bytes = args.batch * info["adapter_params"] * info["dtype"].itemsize
-    floor_ms = stream_floor_ms(extra_bytes, info["dtype"])
     report = {
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
         "threads": args.threads, "batch": args.batch, "new_tokens": args.tokens, "rounds": args.repeats,
-        "adapter_params": info["adapter_params"], "lora_rank": info["lora_rank"],
-        "adapter_bytes_per_step": extra_bytes, "stream_floor_ms": round(floor_ms, 2), "engines": {},
+        "adapter_params": info["adapter_params"], "lora_rank": info["lora_rank"], "engines": {},
     }
     print(f"decode tok/s, {args.dtype}, batch {args.batch}, {args.threads} threads, best of {args.repeats} "
-          f"interleaved rounds; ratios: median over rounds of each round's pair. {args.batch} adapters' deltas: "
-          f"{extra_bytes / 1e6:.0f} MB per decode step, which torch.sum streams in {floor_ms:.2f} ms "
-          f"({extra_bytes / floor_ms / 1e6:.1f} GB/s)")
+          f"interleaved rounds; ratios: median over rounds of each round's pair")
+    floors = {}
     for name, rounds in engines.items():
+        # the bytes a mixed step must read: the deltas as the engine holds them (bfloat16 only where the
+        # compiled kernel reads its table and the engine is float32, see adapters/layers.py)
+        narrow = "bfloat16 adapters" in name and "+native" in name and args.dtype == "float32"
+        held = torch.bfloat16 if narrow else info["dtype"]
+        extra_bytes = args.batch * info["adapter_params"] * held.itemsize
+        if held not in floors:
+            floors[held] = stream_floor_ms(extra_bytes, held)
+            print(f"{args.batch} adapters' deltas held in {str(held).removeprefix('torch.')}: {extra_bytes / 1e6:.0f} "
+                  f"MB per decode step, which torch.sum streams in {floors[held]:.2f} ms "
+                  f"({extra_bytes / floors[held] / 1e6:.1f} GB/s)")
+        floor_ms = floors[held]
         best = {system: round(max(tps), 1) for system, tps in rounds.items()}
         base_ms, mixed_ms = args.batch / best["base"] * 1e3, args.batch / best["mixed"] * 1e3
         row = {"tok_s": best, "rounds_tok_s": {k: [round(x, 1) for x in v] for k, v in rounds.items()},
@@ -176,7 +192,8 @@ def main() -> None:
                "ours_vs_peft_mixed": paired(rounds, "mixed", "peft"),
                "engine_vs_transformers_base": paired(rounds, "base", "transformers"),
                "base_step_ms": round(base_ms, 1), "mixed_step_ms": round(mixed_ms, 1),
-               "mixed_vs_base_bound": round(base_ms / (base_ms + floor_ms), 3)}
+               "mixed_vs_base_bound": round(base_ms / (base_ms + floor_ms), 3),
+               "adapter_bytes_per_step": extra_bytes, "stream_floor_ms": round(floor_ms, 2)}
         report["engines"][name] = row
         print(f"engine {name}: tok/s {best}; mixed/base {row['mixed_vs_base']}x (bandwidth bound "
               f"{row['mixed_vs_base_bound']}x), ours/PEFT {row['ours_vs_peft_mixed']}x, engine/transformers "

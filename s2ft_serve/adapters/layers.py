@@ -6,6 +6,12 @@ installs an adapter's columns with `set_slot(slot, index, delta)` and clears the
 that says which slots each token uses. Slot 0 is the null slot (no correction). On CPU float32,
 mixed decode steps and passes of short rows go through the compiled kernel (`native`) where it is
 available, else through `ops.mixed_delta` / `ops.row_delta`.
+
+Where that kernel serves, a module's table is bfloat16 while every delta it holds is a bfloat16 value
+(an adapter saved in bfloat16, as most fine-tunes are): the kernel widens each value exactly, so the
+results are the float32 table's bit for bit, and a mixed step reads half the bytes (it is bound by
+that read). The first delta that bfloat16 cannot hold exactly widens the table to float32; it
+narrows again once no such delta is left.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class SlotTable:
     cols: torch.Tensor  # [capacity + 1, k_cap] int64
     ks: torch.Tensor  # [capacity + 1] int64, columns per slot (read by the compiled kernel)
     slot_k: list[int] = field(default_factory=list)  # the same as a list, for Python-side checks
+    narrow: list[bool] = field(default_factory=list)  # per slot: its delta is exactly bfloat16 values
 
     @property
     def capacity(self) -> int:
@@ -107,7 +114,9 @@ class S2FTLinear(nn.Module):
             with torch.no_grad():
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.slots = self._empty(capacity=0, k_cap=1)
+        # a bfloat16 table where deltas allow it: only the compiled kernel reads one in mixed steps
+        self.compact = self.native is not None
+        self.slots = self._empty(capacity=0, k_cap=1, dtype=torch.bfloat16 if self.compact else w.dtype)
         # without oneDNN: the base matmul in MKL's order, compiled where verified
         self.exact = None if self.onednn else ExactLinear(base, verdicts=verdicts)
 
@@ -115,34 +124,43 @@ class S2FTLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def _empty(self, capacity: int, k_cap: int) -> SlotTable:
+    def _empty(self, capacity: int, k_cap: int, dtype: torch.dtype) -> SlotTable:
         w = self.base.weight
-        table = torch.zeros(capacity * k_cap + 1, self.out_features, dtype=w.dtype, device=w.device)
+        table = torch.zeros(capacity * k_cap + 1, self.out_features, dtype=dtype, device=w.device)
         zero_row = capacity * k_cap
         rows = torch.full((capacity + 1, k_cap), zero_row, dtype=torch.int64, device=w.device)
         cols = torch.zeros(capacity + 1, k_cap, dtype=torch.int64, device=w.device)
         ks = torch.zeros(capacity + 1, dtype=torch.int64, device=w.device)
-        return SlotTable(table, rows, cols, ks, [0] * (capacity + 1))
+        return SlotTable(table, rows, cols, ks, [0] * (capacity + 1), [True] * (capacity + 1))
 
     def reserve(self, capacity: int, k: int) -> None:
         """Grow to hold `capacity` slots of up to `k` columns each (copies the live slots)."""
         old = self.slots
         if capacity <= old.capacity and k <= old.k_cap:
             return
-        new = self._empty(max(capacity, old.capacity), max(k, old.k_cap))
+        self._copy(old, self._empty(max(capacity, old.capacity), max(k, old.k_cap), old.table.dtype))
+
+    def _copy(self, old: SlotTable, new: SlotTable) -> None:
         for slot in range(1, old.capacity + 1):
-            k_s = old.slot_k[slot]
-            if k_s:
-                start = (slot - 1) * old.k_cap
-                self._write(new, slot, old.cols[slot, :k_s], old.table[start : start + k_s])
+            if old.slot_k[slot]:
+                self._write(new, slot, *old.columns(slot), narrow=old.narrow[slot])
         self.slots = new
+
+    def _retype(self, dtype: torch.dtype) -> None:
+        old = self.slots
+        if old.table.dtype != dtype:
+            self._copy(old, self._empty(old.capacity, old.k_cap, dtype))
 
     def set_slot(self, slot: int, index: torch.Tensor, delta: torch.Tensor) -> None:
         """Install `W[:, index] += delta` as slot `slot` (delta: [out, k])."""
         assert slot != NULL_SLOT
         self.reserve(slot, index.numel())
         w = self.base.weight
-        self._write(self.slots, slot, index.to(w.device), delta.t().to(w.device, w.dtype))
+        delta_t = delta.t().to(w.device, w.dtype)
+        narrow = self.compact and bool(torch.equal(delta_t.to(torch.bfloat16).to(w.dtype), delta_t))
+        if not narrow:
+            self._retype(w.dtype)  # widen, exactly, before the table would round this delta
+        self._write(self.slots, slot, index.to(w.device), delta_t, narrow)
 
     def reset_slot(self, slot: int) -> None:
         s = self.slots
@@ -153,12 +171,15 @@ class S2FTLinear(nn.Module):
             s.cols[slot].zero_()
             s.slot_k[slot] = 0
             s.ks[slot] = 0
+            s.narrow[slot] = True
+            if self.compact and all(s.narrow):
+                self._retype(torch.bfloat16)  # no delta left that needs float32
 
     @staticmethod
-    def _write(s: SlotTable, slot: int, index: torch.Tensor, delta_t: torch.Tensor) -> None:
+    def _write(s: SlotTable, slot: int, index: torch.Tensor, delta_t: torch.Tensor, narrow: bool) -> None:
         k = index.numel()
         start = (slot - 1) * s.k_cap
-        s.table[start : start + k] = delta_t
+        s.table[start : start + k] = delta_t  # exact: a bfloat16 table only takes narrow deltas
         s.table[start + k : start + s.k_cap].zero_()
         s.rows[slot].fill_(s.table.shape[0] - 1)
         s.rows[slot, :k] = torch.arange(start, start + k, device=s.rows.device)
@@ -166,6 +187,7 @@ class S2FTLinear(nn.Module):
         s.cols[slot, :k] = index
         s.slot_k[slot] = k
         s.ks[slot] = k
+        s.narrow[slot] = narrow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.batch
@@ -200,7 +222,10 @@ class S2FTLinear(nn.Module):
 
     def _merged(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
         columns = self.slots.columns(slot)
-        return self.exact.merged(x, *columns) if columns else None
+        if not columns:
+            return None
+        index, delta_t = columns
+        return self.exact.merged(x, index, delta_t.to(self.weight.dtype))
 
     def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:
         """y2 += every slot's correction, for tokens x2 [T, in] that all use `slots`."""
@@ -208,7 +233,7 @@ class S2FTLinear(nn.Module):
             columns = self.slots.columns(slot)
             if columns:
                 index, delta_t = columns
-                y2 += segment_delta(x2, delta_t, index)
+                y2 += segment_delta(x2, delta_t.to(x2.dtype), index)
 
 
 def wrap_model(model: nn.Module, targets: dict[str, nn.Linear], batch: AdapterBatch,

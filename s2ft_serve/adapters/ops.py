@@ -26,6 +26,8 @@ def mixed_delta(
 ) -> torch.Tensor:  # [T, out]
     """Mixed-adapter correction for every token in one embedding_bag call."""
     weights = x.gather(1, cols)  # [T, m*k_cap]
+    if table.dtype != x.dtype:  # a bfloat16 table of a float32 module: widen the rows used, exactly
+        return torch.bmm(weights[:, None], table[rows].to(x.dtype))[:, 0]
     return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 
@@ -45,7 +47,7 @@ def row_delta(
 ) -> torch.Tensor:  # [P, L, out]
     """Per-prompt correction: gather each prompt's rows and features once, one batched matmul."""
     features = x.gather(2, cols[:, None, :].expand(-1, x.shape[1], -1))  # [P, L, m*k_cap]
-    return torch.bmm(features, table[rows])  # table[rows]: [P, m*k_cap, out]
+    return torch.bmm(features, table[rows].to(x.dtype))  # table[rows]: [P, m*k_cap, out]
 
 
 def row_delta_reference(x, table, rows, cols):

@@ -56,6 +56,9 @@ class TrainConfig:
     packing: bool = opt(False, "pack examples into rows of exactly --max-length tokens instead of padding")
     dtype: str = opt("float32", "base model dtype: float32 or bfloat16 (deltas and optimizer state stay float32)",
                      choices=("float32", "bfloat16", "fp32", "bf16"))
+    save_dtype: str = opt("float32", "dtype of the saved deltas: float32 (as trained) or bfloat16 (each delta "
+                          "rounded once: half the file, and a float32 engine's mixed decode steps read half the bytes)",
+                          choices=("float32", "bfloat16"))
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK when CUDA is present)")
     seed: int = opt(42, "seed for selection, data order and initialisation")
     # bookkeeping

@@ -98,7 +98,9 @@ def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Exampl
 
 def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: Selection, cfg: TrainConfig,
                  data_hash: str, stats: dict) -> Adapter:
-    modules = {name: ModuleDelta(index=layer.index.detach().cpu().clone(), delta=layer.delta.detach().float().cpu().clone())
+    save_dtype = getattr(torch, cfg.save_dtype)
+    modules = {name: ModuleDelta(index=layer.index.detach().cpu().clone(),
+                                 delta=layer.delta.detach().float().cpu().to(save_dtype, copy=True))
                for name, layer in layers.items()}
     config = make_config(
         loaded.name,
@@ -107,7 +109,8 @@ def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: 
         seed=cfg.seed,
         training={"data": str(cfg.data), "data_sha256": data_hash, "val_data": cfg.val_data, **stats,
                   "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                  "max_length": cfg.max_length, "packing": cfg.packing, "dtype": cfg.dtype},
+                  "max_length": cfg.max_length, "packing": cfg.packing, "dtype": cfg.dtype,
+                  "save_dtype": cfg.save_dtype},
     )
     return Adapter(config=config, modules=modules)
 

@@ -311,3 +311,100 @@ def test_column_edits_on_a_row_major_weight_match_index_add_and_restore_exactly(
         add(w.t(), index, torch.zeros(200, 5, dtype=dtype))
     with pytest.raises(RuntimeError, match=r"values \[N, k\]"):
         set_(w, index, torch.zeros(72, 4, dtype=dtype))
+
+
+def test_kernel_reads_a_bfloat16_table_as_the_float32_one_bit_for_bit(op):
+    """A bfloat16 table (deltas saved in bfloat16) gives the float32 table of the same values' sums exactly."""
+    g = torch.Generator().manual_seed(11)
+    table, ks, cols, _ = slot_layout(g, 9, 21, 300, 576)
+    table = table.bfloat16().float()  # bfloat16 values (the NaN padding stays NaN and stays unread)
+    x = torch.randn(17, 300, generator=g)
+    token_slots = torch.randint(0, 9, (17, 2), generator=g)
+    y0 = torch.randn(17, 576, generator=g)
+    wide, narrow = y0.clone(), y0.clone()
+    op(wide, x, table, token_slots, ks, cols)
+    op(narrow, x, table.bfloat16(), token_slots, ks, cols)
+    assert torch.equal(wide, narrow) and not torch.equal(wide, y0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 table"):
+        op(y0, x, table.half(), token_slots, ks, cols)
+
+
+def _pair(inp: int = 40, out: int = 24):
+    """Two native layers on one base: `narrow` may keep a bfloat16 table, `wide` always float32."""
+    base = torch.nn.Linear(inp, out, bias=False)
+    layers = []
+    for compact in (True, False):
+        batch = AdapterBatch()
+        layer = S2FTLinear(torch.nn.Linear(inp, out, bias=False), batch, kernel="native")
+        layer.base.weight.data.copy_(base.weight.data)
+        layer.compact = compact
+        layer.slots = layer._empty(0, 1, torch.bfloat16 if compact else torch.float32)
+        layers.append(layer)
+    return layers
+
+
+@torch.inference_mode()
+def test_adapted_layer_keeps_bfloat16_deltas_in_a_bfloat16_table_with_the_same_results(op):
+    """Deltas that are bfloat16 values stay in a bfloat16 table (half the bytes a mixed step reads); every
+    path (mixed step, rows, one adapter, corrections) gives the float32 table's results bit for bit."""
+    g = torch.Generator().manual_seed(12)
+    narrow, wide = _pair()
+    for slot, k in [(1, 5), (2, 9), (3, 16)]:
+        index = torch.randperm(40, generator=g)[:k]
+        delta = (torch.randn(24, k, generator=g) * 0.1).bfloat16()  # as saved in bfloat16
+        for layer in (narrow, wide):
+            layer.reserve(4, 1)
+            layer.set_slot(slot, index, delta)
+    assert narrow.slots.table.dtype == torch.bfloat16 and wide.slots.table.dtype == torch.float32
+    x = torch.randn(6, 40, generator=g)
+    cases = [("mixed", torch.tensor([[1, 2], [3, 0], [0, 0], [2, 3], [1, 0], [3, 1]])),
+             ("rows", torch.tensor([[1], [3]])), ("single", (2,)), ("single", (1, 3))]
+    for mode, slots in cases:
+        outs = []
+        for layer in (narrow, wide):
+            getattr(layer.batch, f"set_{mode}")(slots)
+            outs.append(layer(x.view(2, 3, 40) if mode == "rows" else x))
+        assert torch.equal(*outs), mode
+    # rows longer than the kernel takes go through row_delta: the bfloat16 rows widened first
+    long = torch.randn(2, 20, 40, generator=g)
+    for layer in (narrow, wide):
+        layer.batch.set_rows(torch.tensor([[1], [3]]))
+    assert torch.allclose(narrow(long), wide(long), atol=1e-6)
+
+
+@torch.inference_mode()
+def test_a_delta_bfloat16_cannot_hold_widens_the_table_and_its_removal_narrows_it(op):
+    g = torch.Generator().manual_seed(13)
+    narrow, wide = _pair()
+    held = {1: (torch.tensor([0, 7, 9]), (torch.randn(24, 3, generator=g) * 0.1).bfloat16().float()),
+            2: (torch.tensor([3, 4]), torch.randn(24, 2, generator=g) * 0.1)}  # float32 values: not bfloat16
+    for layer in (narrow, wide):
+        layer.reserve(3, 1)
+        layer.set_slot(1, *held[1])
+    assert narrow.slots.table.dtype == torch.bfloat16
+    narrow.set_slot(2, *held[2])
+    wide.set_slot(2, *held[2])
+    assert narrow.slots.table.dtype == torch.float32  # widened, slot 1 carried over exactly
+    x = torch.randn(4, 40, generator=g)
+    for layer in (narrow, wide):
+        layer.batch.set_mixed(torch.tensor([[1], [2], [0], [1]]))
+    assert torch.equal(narrow(x), wide(x))
+    for slot in (1, 2):
+        index, delta = held[slot]
+        got_index, got_delta_t = narrow.slots.columns(slot)
+        assert torch.equal(got_index, index) and torch.equal(got_delta_t, delta.t())
+    narrow.reset_slot(2)
+    assert narrow.slots.table.dtype == torch.bfloat16  # no float32 delta left
+    narrow.reserve(6, 8)  # growing keeps the dtype and the slot
+    assert narrow.slots.table.dtype == torch.bfloat16 and torch.equal(narrow.slots.columns(1)[1], held[1][1].t())
+    for layer in (narrow, wide):
+        layer.batch.set_mixed(torch.tensor([[1], [0]]))
+    assert torch.equal(narrow(x[:2]), wide(x[:2]))
+
+
+def test_only_the_compiled_kernel_gets_a_bfloat16_table():
+    base = torch.nn.Linear(8, 4, bias=False)
+    layer = S2FTLinear(base, AdapterBatch(), kernel="torch")
+    layer.reserve(1, 1)
+    layer.set_slot(1, torch.tensor([2]), torch.ones(4, 1))  # 1.0 is a bfloat16 value
+    assert not layer.compact and layer.slots.table.dtype == torch.float32

@@ -214,3 +214,50 @@ def test_one_adapters_passes_give_the_merged_models_bits(tiny_model_dir):
     finally:
         engine.shutdown(timeout=5)
     assert identical  # the kernel gives MKL's bits at some of these row counts (x86 MKL, AVX2 or AVX-512)
+
+
+def test_adapters_saved_in_bfloat16_are_served_from_bfloat16_tables_with_unchanged_logits(tiny_model_dir, tmp_path):
+    """A float32 engine keeps an adapter saved in bfloat16 (read back from its file) in bfloat16 tables;
+    a mixed step's logits meet the contract, and are the same bits once a float32 adapter widens the
+    tables and again once it is removed."""
+    from s2ft_serve.adapters import native
+    from s2ft_serve.adapters.format import ModuleDelta, load_adapter, save_adapter
+
+    if native.slot_delta_op() is None:
+        pytest.skip("no compiled kernel here")
+    engine = make_engine(tiny_model_dir, max_batch_size=8, adapter_kernel="native")
+    try:
+        made = random_adapter(engine.loaded.model, engine.model_name, seed=21, channels=7)
+        made.modules = {n: ModuleDelta(md.index, md.delta.bfloat16()) for n, md in made.modules.items()}
+        save_adapter(made, tmp_path / "b16")
+        engine.add_adapter("b16", load_adapter(tmp_path / "b16"))
+        layers = engine.runner.layers.values()
+        runner, registry = engine.runner, engine.registry
+        prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
+        names = ["b16", None, "b16"]
+
+        def step():
+            versions = [registry.acquire(registry.get(n)) if n else None for n in names]
+            slots = [registry.slots_for(v) for v in versions]
+            for row, ids in enumerate(prompts):
+                runner.prefill(ids, row, slots[row], all_logits=False)
+            logits = runner.decode([7, 11, 13], [len(p) for p in prompts], slots)
+            for v in versions:
+                if v is not None:
+                    registry.release(v)
+            return logits
+
+        assert all(layer.slots.table.dtype == torch.bfloat16 for layer in layers)
+        narrow = engine.call(step)
+        for row, (name, ids) in enumerate(zip(names, prompts)):
+            ref = reference(tiny_model_dir, *([(made, 1.0)] if name else []))
+            expected = reference_logits(ref, ids + [[7, 11, 13][row]])[-1]
+            assert (narrow[row] - expected).abs().max().item() <= 1e-4, row
+        engine.add_adapter("f32", random_adapter(engine.loaded.model, engine.model_name, seed=22, channels=7))
+        assert all(layer.slots.table.dtype == torch.float32 for layer in layers)
+        assert torch.equal(engine.call(step), narrow)
+        engine.remove_adapter("f32")
+        assert all(layer.slots.table.dtype == torch.bfloat16 for layer in layers)
+        assert torch.equal(engine.call(step), narrow)
+    finally:
+        engine.shutdown(timeout=5)

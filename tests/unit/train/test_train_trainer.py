@@ -121,3 +121,18 @@ def test_cli_help_documents_every_option_and_cli_trains(tiny_llama_dir, task_fil
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2
     assert load_adapter(tmp_path / "cli").config["training"]["packing"] is True
+
+
+def test_save_dtype_bfloat16_writes_the_trained_deltas_rounded_once(tiny_llama_dir, task_file, tmp_path):
+    """`--save-dtype bfloat16`: the same training, its float32 deltas rounded to bfloat16 in the file."""
+    wide = load_adapter(train(_cfg(tiny_llama_dir, task_file, tmp_path / "f32", max_steps=3)).path)
+    narrow = load_adapter(train(_cfg(tiny_llama_dir, task_file, tmp_path / "b16", max_steps=3,
+                                     save_dtype="bfloat16")).path)
+    assert narrow.config["training"]["save_dtype"] == "bfloat16"
+    assert wide.modules.keys() == narrow.modules.keys()
+    for name, md in narrow.modules.items():
+        assert md.delta.dtype == torch.bfloat16 and wide.modules[name].delta.dtype == torch.float32
+        assert torch.equal(md.index, wide.modules[name].index)
+        assert torch.equal(md.delta, wide.modules[name].delta.bfloat16())
+    with pytest.raises(InvalidRequestError, match="--save-dtype must be one of"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "bad", save_dtype="float16"))
