@@ -7,7 +7,9 @@ very same bits. With AVX2 (AMD EPYC) MKL itself takes other paths for 1-3, 5-7 a
 also depend on a weight's layout and memory alignment, see the README); there the compiled GEMM keeps
 the order MKL uses for 4+ rows (each row's bits as in a larger pass; within ~5e-5 of transformers'
 few-row logits on SmolLM2, as MKL's own results are). With AVX-512 (Intel Xeon) the Linear serves
-wherever the kernel does not give its bits.
+wherever the kernel does not give its bits. Projections that share an input (q/k/v, gate/up) run as
+one compiled GEMM over their weights laid end to end (`FusedExact`) where that too gives each its
+Linear's bits and is faster.
 
 `gemm="onednn"` rounds differently; it was faster than MKL's `F.linear` and is about as fast as
 `exact` with the compiled GEMM (2-core AMD EPYC):
@@ -82,7 +84,8 @@ class DenseGemm(nn.Module):
         super().__init__()
         self.linears = list(linears)  # a plain list: they stay registered in the model only
         self.packed = onednn and all(onednn_usable(lin.weight) for lin in linears)
-        if not self.packed:  # the Linears' bits, faster where verified
+        if not self.packed:  # the Linears' bits, faster where verified: as one GEMM, else each alone
+            self.fused = FusedExact.of(linears, verdicts)
             self.exact = [ExactLinear(lin, verdicts=verdicts) for lin in linears]
             return
         weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -98,7 +101,9 @@ class DenseGemm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if not self.packed:
-            outs = tuple(lin(x) for lin in self.exact)
+            outs = self.fused(x) if self.fused is not None else None
+            if outs is None:
+                outs = tuple(lin(x) for lin in self.exact)
             return outs if len(outs) > 1 else outs[0]
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         y = y.view(*x.shape[:-1], self.out_features)
@@ -246,6 +251,78 @@ class ExactLinear:
             block = w[start : start + self.CHUNK]
             y[:, start : start + block.shape[0]] = torch.mm(block, xt).t()
         return y
+
+
+class FusedExact:
+    """Linears that share an input (q/k/v, gate/up) as one compiled GEMM over their weights laid end to
+    end: each output element is the same chain of products either way, so where a probe shows every
+    output with its own Linear's very bits at a row count (and the one call beats the separate ones,
+    as it does at decode sizes with AVX-512: one pass over the input, one thread split), it serves
+    that count; elsewhere the caller runs the separate `ExactLinear`s. The Linears' weights become
+    views of the one tensor, so nothing is copied for good."""
+
+    def __init__(self, linears: list[nn.Linear], verdicts: dict | None = None):
+        self.linears = list(linears)
+        self.splits = [lin.out_features for lin in linears]
+        with torch.no_grad():
+            self.weight = torch.cat([lin.weight.detach() for lin in linears])
+            self.bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+            start = 0
+            for lin, n in zip(linears, self.splits):  # the Linears read the one tensor from now on
+                lin.weight = nn.Parameter(self.weight[start : start + n], requires_grad=False)
+                if self.bias is not None:
+                    lin.bias = nn.Parameter(self.bias[start : start + n], requires_grad=False)
+                start += n
+        self.op = native.exact_linear_op()
+        self.caps: dict[int, int] = {}  # row count -> the kernel's block where the fused call serves, else 0
+        self.verdicts = verdicts if verdicts is not None else {}
+
+    @classmethod
+    def of(cls, linears: list[nn.Linear], verdicts: dict | None) -> "FusedExact | None":
+        """A fused form for `linears`, or None where there is nothing to fuse or no kernel to fuse with
+        (one Linear; not CPU float32; different inputs, layouts or bias-ness; no compiled kernel)."""
+        w = linears[0].weight
+        if len(linears) < 2 or w.device.type != "cpu" or w.dtype != torch.float32:
+            return None
+        if any(lin.weight.dtype != w.dtype or lin.in_features != linears[0].in_features or
+               not lin.weight.is_contiguous() or (lin.bias is None) != (linears[0].bias is None) for lin in linears):
+            return None
+        return cls(linears, verdicts) if native.exact_linear_op() is not None else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The Linears' outputs from one GEMM, or None where the fused call does not serve this count."""
+        rows = x.numel() // x.shape[-1]
+        if rows > ExactLinear.MAX_ROWS or torch.is_grad_enabled():
+            return None
+        cap = self.caps.get(rows)
+        if cap is None:
+            cap = self._choose(rows)
+        if not cap:
+            return None
+        y = self.op(x.reshape(rows, x.shape[-1]).contiguous(), self.weight, self.bias, cap)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]).split(self.splits, dim=-1))
+
+    def _choose(self, rows: int) -> int:
+        key = ("fused", rows, tuple(self.weight.shape), tuple(self.splits), self.weight.data_ptr() % 64,
+               self.bias is not None)
+        if key not in self.verdicts:
+            self.verdicts[key] = self._probe(rows)
+        self.caps[rows] = self.verdicts[key]
+        return self.caps[rows]
+
+    def _probe(self, rows: int) -> int:
+        probe = torch.randn(rows, self.weight.shape[1], generator=torch.Generator().manual_seed(rows))
+        with torch.inference_mode():
+            want = torch.cat([lin(probe) for lin in self.linears], dim=-1)
+            separate = [ExactLinear(lin, verdicts=self.verdicts) for lin in self.linears]  # what serves otherwise
+            for e in separate:
+                e(probe)
+            for cap in ExactLinear.BLOCKS:
+                fused = functools.partial(self.op, probe, self.weight, self.bias, cap)
+                if torch.equal(fused(), want):
+                    faster = ExactLinear._faster(lambda _: fused(), lambda p: [e(p) for e in separate], probe)
+                    return cap if faster else 0
+        return 0
 
 
 class Released(nn.Module):

@@ -42,7 +42,8 @@ def test_without_onednn_the_models_own_linears_run_untouched(monkeypatch):
     want = [lin(x) for lin in layers]
     fused = DenseGemm(layers, batch_hint=4, onednn=True)
     assert not fused.packed
-    assert all(lin.weight is w for lin, w in zip(layers, weights))  # nothing copied, nothing released
+    # nothing released, nothing changed (the weights may now be views of one tensor, see FusedExact)
+    assert all(torch.equal(lin.weight, w) for lin, w in zip(layers, weights))
     for got, w in zip(fused(x), want):
         assert torch.equal(got, w)
 
@@ -294,3 +295,41 @@ def test_an_adapted_module_keeps_the_row_major_linears_bits_whatever_its_layout(
     for rows in (4, 8, 13, 16, 32, 64, 200):
         x = torch.randn(rows, 400)
         assert torch.equal(layer(x), F.linear(x, weight, bias)), rows
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@torch.inference_mode()
+def test_fused_exact_gives_each_linear_its_own_bits_from_one_gemm(monkeypatch, bias):
+    """q/k/v-like Linears under `exact`: their weights become views of one tensor (nothing copied for
+    good), and one compiled GEMM serves a row count only where every output equals its own Linear's,
+    bit for bit; elsewhere the separate ExactLinears serve. (The speed check is forced here: on a tiny
+    in-cache probe either may win.)"""
+    if native.exact_linear_op() is None:
+        pytest.skip("no compiled kernel here")
+    monkeypatch.setattr(gemm.ExactLinear, "_faster", staticmethod(lambda form, linear, probe, calls=3: True))
+    torch.manual_seed(1)
+    layers = [nn.Linear(400, n, bias=bias) for n in (96, 32, 32)]
+    originals = [(lin.weight.detach().clone(), lin.bias.detach().clone() if bias else None) for lin in layers]
+    dense = DenseGemm(layers, batch_hint=4, onednn=False)
+    fused = dense.fused
+    assert fused is not None
+    for lin, (w, _) in zip(layers, originals):
+        assert torch.equal(lin.weight, w) and lin.weight.untyped_storage().data_ptr() == fused.weight.data_ptr()
+    served = 0
+    for rows in (1, 3, 4, 8, 13, 16, 32):
+        x = torch.randn(rows, 400)
+        outs = dense(x)
+        for got, (w, b) in zip(outs, originals):
+            assert torch.equal(got, F.linear(x, w, b)), rows
+        served += bool(fused.caps[rows])
+    assert served  # x86 MKL sums in the kernel's order at some of these counts (AVX2 or AVX-512)
+
+
+def test_fused_exact_is_only_made_where_it_can_serve():
+    mixed_bias = [nn.Linear(16, 8, bias=True), nn.Linear(16, 8, bias=False)]
+    assert gemm.FusedExact.of(mixed_bias, None) is None
+    assert gemm.FusedExact.of([nn.Linear(16, 8)], None) is None  # one Linear: nothing to fuse
+    assert gemm.FusedExact.of([nn.Linear(16, 8).bfloat16(), nn.Linear(16, 8).bfloat16()], None) is None
+    weights = [lin.weight for lin in mixed_bias]
+    DenseGemm(mixed_bias, batch_hint=4, onednn=False)
+    assert all(lin.weight is w for lin, w in zip(mixed_bias, weights))  # left as they were
