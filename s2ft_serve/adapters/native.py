@@ -10,7 +10,8 @@ EPYC it takes 1.1-1.25x the time of a plain read of the same bytes (`torch.sum`)
 
 It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed once, ~10 s) into
 `$S2FT_KERNEL_DIR`, else `<cache>/kernels`, in a folder named by a hash of the source and the torch
-build, so a copy built elsewhere (a container image's build stage) loads with no compiler. Where it
+build, so a copy built elsewhere (a container image's build stage) loads with no compiler; each load
+marks its folder used, and other builds there that nothing loaded for 30 days are removed. Where it
 cannot be built or loaded, `slot_delta_op()` says why once and returns None, and the engine uses
 `embedding_bag` (or refuses to start when the kernel was asked for by name).
 """
@@ -39,6 +40,7 @@ NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
 BUILD_TIMEOUT_S = 600.0  # the longest a start waits for another process's build before giving up
+STALE_AFTER_S = 30 * 86400  # other builds (older sources, other torch builds) no process loaded for this long go
 
 
 def build_dir() -> Path:
@@ -83,6 +85,36 @@ def _load() -> None:
     if hasattr(torch.ops.s2ft_serve, "slot_delta_add"):  # loaded earlier in this process
         return
     folder = build_dir()
+    _build(folder)
+    with contextlib.suppress(OSError):  # housekeeping only: a read-only folder keeps everything
+        (folder / "last_used").touch()
+        prune_stale(folder.parent, keep=folder)
+
+
+def prune_stale(root: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the builds in `root` other than `keep` that no process has loaded for `STALE_AFTER_S`
+    (each upgrade of the package or of torch builds a new folder); returns what was removed. Only our
+    own folders (they hold our library or build lock), and none another process is building."""
+    now = time.time() if now is None else now
+    removed = []
+    for other in root.iterdir():
+        if other == keep or not other.is_dir() or not any((other / n).exists() for n in (f"{NAME}.so", "build.lock")):
+            continue
+        stamp = next((other / n for n in ("last_used", f"{NAME}.so") if (other / n).exists()), other)
+        try:
+            if now - stamp.stat().st_mtime < STALE_AFTER_S:
+                continue
+            with _exclusive(other / "build.lock", timeout_s=0.0):  # skip one being built right now
+                shutil.rmtree(other)
+            removed.append(other)
+        except (OSError, TimeoutError):
+            continue
+    if removed:
+        log.info("removed %d unused kernel build(s) from %s", len(removed), root)
+    return removed
+
+
+def _build(folder: Path) -> None:
     library = folder / f"{NAME}.so"
     if _try_load(library):
         return

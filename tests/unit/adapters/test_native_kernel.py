@@ -408,3 +408,33 @@ def test_only_the_compiled_kernel_gets_a_bfloat16_table():
     layer.reserve(1, 1)
     layer.set_slot(1, torch.tensor([2]), torch.ones(4, 1))  # 1.0 is a bfloat16 value
     assert not layer.compact and layer.slots.table.dtype == torch.float32
+
+
+def test_unused_builds_of_other_versions_are_pruned(tmp_path):
+    """Every upgrade builds a new folder; the ones no process loaded for STALE_AFTER_S go, and only ours,
+    and none that another process is building."""
+    import fcntl
+    import time as time_mod
+
+    def folder(name, files, age_s):
+        f = tmp_path / name
+        f.mkdir()
+        for n in files:
+            (f / n).write_text("x")
+            os.utime(f / n, (time_mod.time() - age_s,) * 2)
+        return f
+
+    month = native.STALE_AFTER_S
+    current = folder("current", [f"{native.NAME}.so"], 2 * month)
+    old = folder("old", [f"{native.NAME}.so", "build.lock"], 2 * month)
+    used = folder("used", [f"{native.NAME}.so", "last_used"], 0)  # an old build, loaded yesterday
+    (used / f"{native.NAME}.so").touch()
+    os.utime(used / f"{native.NAME}.so", (time_mod.time() - 2 * month,) * 2)
+    os.utime(used / "last_used", (time_mod.time() - 86400,) * 2)
+    foreign = folder("foreign", ["notes.txt"], 2 * month)
+    building = folder("building", ["build.lock"], 2 * month)
+    with open(building / "build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = native.prune_stale(tmp_path, keep=current)
+    assert removed == [old]
+    assert not old.exists() and all(f.exists() for f in (current, used, foreign, building))
