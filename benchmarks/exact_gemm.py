@@ -3,7 +3,8 @@ through the compiled kernel or, for the LM head, `(W @ x.T).T` in vocabulary blo
 in a base decode step at several batch sizes and, for the LM head, alone; interleaved.
 
 One engine (`gemm="exact"`) with B sequences prefilled; the same decode step is timed with every
-projection (q/k/v, o, gate/up, down, the LM head) as ExactLinear and as the plain Linear, alternating,
+projection (q/k/v, o, gate/up, down, the LM head) as ExactLinear (q/k/v and gate/up fused where
+`FusedExact` serves) and as the plain Linear, alternating,
 and the two steps' logits are compared bit for bit. Each row count's verdict (which form serves it:
 one that gives the Linear's bits, or at the few-row counts where MKL sums otherwise the kernel's
 blocked order) is printed with its timings.
@@ -63,10 +64,14 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
     runner, head = engine.runner, engine.runner.model.lm_head
     mods = exact_linears(engine)
     assert all(isinstance(m, ExactLinear) and m.eligible for m in mods), "every exact projection is an ExactLinear"
+    model = engine.runner.model
+    fused = [(dense, dense.fused) for dense in (*model.qkv, *model.gate_up)]  # q/k/v, gate/up as one GEMM
 
     def use(exact: bool) -> None:
         for m in mods:
             m.eligible = exact  # not eligible: the plain Linear
+        for dense, f in fused:
+            dense.fused = f if exact else None
 
     linear, alone = head.linears[0], {}
     for rows in (int(r) for r in args.rows.split(",") if r):
@@ -96,8 +101,7 @@ def measure(engine: Engine, batches: list[int], args) -> dict:
         med = {name: ms / args.steps for name, ms in med.items()}
         same = torch.equal(outs[False], outs[True])
         diff = (outs[False] - outs[True]).abs().max().item()
-        forms = sorted({label(m, B)
-                        for m in mods})
+        forms = sorted({label(m, B) for m in mods} | {"fused" for _, f in fused if f is not None and f.caps.get(B)})
         steps[B] = {"linear_ms": round(med["linear"], 2), "exact_ms": round(med["exact"], 2),
                     "speedup": round(med["linear"] / med["exact"], 3), "same_bits": same, "max_abs_diff": diff,
                     "forms": forms}
