@@ -67,8 +67,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     # bfloat16 adapters sit in bfloat16 tables (the compiled kernel's); the same values widened to
     # float32 are what `torch` (embedding_bag) reads, and what the kernel read before bfloat16 tables
     held = [layer.slots for layer in layers]
-    wide = [dataclasses.replace(s, table=s.table.float()) for s in held]
-    narrow = any(s.table.dtype != torch.float32 for s in held)
+    wide = [dataclasses.replace(s, table=s.table.to(layer.weight.dtype)) for s, layer in zip(held, layers)]
+    narrow = any(s.table.dtype != layer.weight.dtype for s, layer in zip(held, layers))
 
     def decode_steps(slot_tuples, native: bool, tables: list):
         def run():
@@ -94,7 +94,7 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     def native_pass(tables):
         def run():
             for layer, op, x, s in zip(layers, ops, xs, tables):
-                op(torch.zeros(args.batch, layer.out_features), x, s.table, token_slots, s.ks, s.cols)
+                op(torch.zeros(args.batch, layer.out_features, dtype=x.dtype), x, s.table, token_slots, s.ks, s.cols)
         return run
 
     def torch_pass():
@@ -151,7 +151,7 @@ def time_rows(layers, ops, row_slots: torch.Tensor, length: int, repeats: int) -
         token_slots = row_slots.repeat_interleave(length, dim=0)
         for layer, op, x in zip(layers, ops, xs):
             s = layer.slots
-            op(torch.zeros(P * length, layer.out_features), x.view(P * length, -1), s.table, token_slots, s.ks, s.cols)
+            op(torch.zeros(P * length, layer.out_features, dtype=x.dtype), x.view(P * length, -1), s.table, token_slots, s.ks, s.cols)
 
     def torch_pass():
         for layer, x in zip(layers, xs):

@@ -111,10 +111,12 @@ def load_others(args, engine: Engine) -> tuple[dict, dict]:
 
 
 def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
-                   others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict]]:
+                   others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict], torch.dtype]:
     """Decode tok/s of one engine on the base and on B distinct adapters, and of the other systems
     (`load_others`, loaded with the first engine when None), all in the engine's thread, interleaved
-    round by round. Returns every system's figure per round, and the other systems for the next engine."""
+    round by round. Returns every system's figure per round, the other systems for the next engine, and
+    the dtype the engine holds the adapters' deltas in (bfloat16 ones stay bfloat16 for the compiled
+    kernel of a float32 engine, see adapters/layers.py)."""
     engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
                                  threads=args.threads)).start()
@@ -128,8 +130,9 @@ def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
     for _ in range(args.repeats):  # interleaved, so the VM's drift hits every system alike
         for name, timer in timers.items():
             rounds[name].append(decode_tps(timer, args.batch, args.tokens))
+    held = next(iter(engine.runner.layers.values())).slots.table.dtype
     engine.shutdown()
-    return rounds, others
+    return rounds, others, held
 
 
 def paired(rounds: dict[str, list[float]], a: str, b: str) -> float | None:
@@ -163,7 +166,8 @@ def main() -> None:
             for kernel in args.kernel.split(","):
                 for adapter_dtype in args.adapter_dtype.split(","):
                     name = f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
-                    engines[name], others = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype), others)
+                    rounds, others, held = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype), others)
+                    engines[name] = (rounds, held)
     info = others[1]
     report = {
         "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
@@ -173,11 +177,8 @@ def main() -> None:
     print(f"decode tok/s, {args.dtype}, batch {args.batch}, {args.threads} threads, best of {args.repeats} "
           f"interleaved rounds; ratios: median over rounds of each round's pair")
     floors = {}
-    for name, rounds in engines.items():
-        # the bytes a mixed step must read: the deltas as the engine holds them (bfloat16 only where the
-        # compiled kernel reads its table and the engine is float32, see adapters/layers.py)
-        narrow = "bfloat16 adapters" in name and "+native" in name and args.dtype == "float32"
-        held = torch.bfloat16 if narrow else info["dtype"]
+    for name, (rounds, held) in engines.items():
+        # the bytes a mixed step must read: the deltas as the engine holds them
         extra_bytes = args.batch * info["adapter_params"] * held.itemsize
         if held not in floors:
             floors[held] = stream_floor_ms(extra_bytes, held)

@@ -3,14 +3,14 @@
 `S2FTLinear` wraps one `o_proj` / `down_proj`. It knows slots, never requests: the registry
 installs an adapter's columns with `set_slot(slot, index, delta)` and clears them with
 `reset_slot(slot)`; the runner sets one `AdapterBatch` per forward pass (shared by every layer)
-that says which slots each token uses. Slot 0 is the null slot (no correction). On CPU float32,
-mixed decode steps and passes of short rows go through the compiled kernel (`native`) where it is
-available, else through `ops.mixed_delta` / `ops.row_delta`.
+that says which slots each token uses. Slot 0 is the null slot (no correction). On CPU float32 and
+bfloat16, mixed decode steps and passes of short rows go through the compiled kernel (`native`) where
+it is available, else through `ops.mixed_delta` / `ops.row_delta`.
 
-Where that kernel serves, a module's table is bfloat16 while every delta it holds is a bfloat16 value
-(an adapter saved in bfloat16, as most fine-tunes are): the kernel widens each value exactly, so the
-results are the float32 table's bit for bit, and a mixed step reads half the bytes (it is bound by
-that read). The first delta that bfloat16 cannot hold exactly widens the table to float32; it
+Where that kernel serves a float32 model, a module's table is bfloat16 while every delta it holds is a
+bfloat16 value (an adapter saved in bfloat16, as most fine-tunes are): the kernel widens each value
+exactly, so the results are the float32 table's bit for bit, and a mixed step reads half the bytes
+(it is bound by that read). The first delta that bfloat16 cannot hold exactly widens the table to float32; it
 narrows again once no such delta is left.
 """
 

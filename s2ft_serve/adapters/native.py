@@ -181,11 +181,11 @@ def resolve(kernel: str, weight: torch.Tensor):
         raise ValueError(f"adapter_kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
     if kernel == "torch":
         return None
-    fits = weight.device.type == "cpu" and weight.dtype == torch.float32
+    fits = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
     if kernel == "auto" and not fits:
         return None
     if not fits:
-        raise ValueError(f"adapter_kernel 'native' serves CPU float32 models only, not {weight.device.type} "
+        raise ValueError(f"adapter_kernel 'native' serves CPU float32 and bfloat16 models only, not {weight.device.type} "
                          f"{str(weight.dtype).removeprefix('torch.')}")
     op = slot_delta_op()
     if op is None and kernel == "native":

@@ -6,6 +6,8 @@
 // s2ft_serve/adapters/native.py (torch.utils.cpp_extension); the Python fallback is embedding_bag.
 // The table may be bfloat16 (adapters whose deltas are bfloat16 values, see layers.py): each value is
 // widened to float32 exactly and the sums are the float32 table's, bit for bit, from half the bytes.
+// A bfloat16 model (bfloat16 y, x and table) sums each token's correction in float32 and adds it to y
+// rounded once.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/Dispatch.h>
@@ -97,9 +99,11 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
   // it writes through raw pointers, unseen by autograd: inference only (the layer falls back otherwise)
   TORCH_CHECK(!at::GradMode::is_enabled() || !(y.requires_grad() || x.requires_grad() || table.requires_grad()),
               "slot_delta_add: no autograd; call it under torch.inference_mode or torch.no_grad");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
-                  (table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16),
-              "slot_delta_add: float32 y and x, float32 or bfloat16 table");
+  const bool half = y.scalar_type() == at::kBFloat16;  // a bfloat16 model: its y, x and table
+  TORCH_CHECK((y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+               (table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16)) ||
+                  (half && x.scalar_type() == at::kBFloat16 && table.scalar_type() == at::kBFloat16),
+              "slot_delta_add: float32 y and x with a float32 or bfloat16 table, or bfloat16 y, x and table");
   TORCH_CHECK(token_slots.scalar_type() == at::kLong && slot_k.scalar_type() == at::kLong &&
                   cols.scalar_type() == at::kLong, "slot_delta_add: int64 token_slots, slot_k and cols");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && table.dim() == 2 && token_slots.dim() == 2 && slot_k.dim() == 1 &&
@@ -124,9 +128,34 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
       TORCH_CHECK(cp[s * k_cap + j] >= 0 && cp[s * k_cap + j] < in, "slot_delta_add: column out of range");
     }
   }
+  const bool wide = table.scalar_type() == at::kFloat;
+  if (half) {  // each token's correction summed in float32 (x widened), then added to y, rounded once
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+    const uint16_t* hp = reinterpret_cast<const uint16_t*>(table.data_ptr<at::BFloat16>());
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> xrow(in), acc(out);
+      for (int64_t t = begin; t < end; ++t) {
+        bool any = false;
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t s = sp[t * m + i];
+          if (s == 0 || kp[s] == 0) continue;
+          if (!any) {
+            for (int64_t c = 0; c < in; ++c) xrow[c] = static_cast<float>(xp[t * in + c]);
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            any = true;
+          }
+          add_rows_bf16(acc.data(), xrow.data(), hp + (s - 1) * k_cap * out, cp + s * k_cap, kp[s], out);
+        }
+        if (any)
+          for (int64_t o = 0; o < out; ++o)
+            yp[t * out + o] = static_cast<at::BFloat16>(static_cast<float>(yp[t * out + o]) + acc[o]);
+      }
+    });
+    return;
+  }
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  const bool wide = table.scalar_type() == at::kFloat;
   const float* tp = wide ? table.data_ptr<float>() : nullptr;
   const uint16_t* hp = wide ? nullptr : reinterpret_cast<const uint16_t*>(table.data_ptr<at::BFloat16>());
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {

@@ -158,11 +158,12 @@ def test_layer_mixed_step_equals_merged_weights_with_either_kernel(kernel):
 
 
 def test_resolve_picks_the_kernel_by_setting_device_and_dtype(monkeypatch):
-    w32, w16 = torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.bfloat16)
+    w32, w16 = torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.float16)
     assert native.resolve("auto", w32) is not None
+    assert native.resolve("auto", w32.bfloat16()) is not None
     assert native.resolve("torch", w32) is None
-    assert native.resolve("auto", w16) is None  # the kernel is float32 only: embedding_bag serves bf16
-    with pytest.raises(ValueError, match="float32"):
+    assert native.resolve("auto", w16) is None  # float32 and bfloat16 only: embedding_bag serves float16
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
         native.resolve("native", w16)
     with pytest.raises(ValueError, match="adapter_kernel must be one of"):
         native.resolve("fast", w32)
@@ -228,9 +229,10 @@ def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_
 
     with pytest.raises(ValueError, match="adapter_kernel must be one of"):
         Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", adapter_kernel="fast"))
-    with pytest.raises(ValueError, match="CPU float32 models only"):
-        Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16", adapter_kernel="native"))
-    for dtype, compiled in (("bfloat16", False), ("float32", True)):  # auto: the kernel for float32 only
+    with pytest.raises(ValueError, match="CPU float32 and bfloat16 models only"):
+        Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float16", adapter_kernel="native"))
+    # auto: the kernel for float32 and bfloat16
+    for dtype, compiled in (("float16", False), ("bfloat16", True), ("float32", True)):
         engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype=dtype))
         try:
             assert all((layer.native is not None) == compiled for layer in engine.runner.layers.values())
@@ -438,3 +440,21 @@ def test_unused_builds_of_other_versions_are_pruned(tmp_path):
         removed = native.prune_stale(tmp_path, keep=current)
     assert removed == [old]
     assert not old.exists() and all(f.exists() for f in (current, used, foreign, building))
+
+
+def test_kernel_on_a_bfloat16_model_sums_in_float32_and_rounds_once(op):
+    """bfloat16 y, x and table: each token's correction is the float32 sum of the widened values (the
+    float32 kernel's own), added to y and rounded to bfloat16 once."""
+    g = torch.Generator().manual_seed(14)
+    table, ks, cols, _ = slot_layout(g, 7, 19, 70, 37)
+    table = table.bfloat16()
+    x = torch.randn(12, 70, generator=g).bfloat16()
+    token_slots = torch.randint(0, 7, (12, 2), generator=g)
+    y0 = torch.randn(12, 37, generator=g).bfloat16()
+    correction = torch.zeros(12, 37)
+    op(correction, x.float(), table, token_slots, ks, cols)
+    y = y0.clone()
+    op(y, x, table, token_slots, ks, cols)
+    assert torch.equal(y, (y0.float() + correction).bfloat16()) and not torch.equal(y, y0)
+    with pytest.raises(RuntimeError, match="bfloat16 y, x and table"):
+        op(y, x, table.float(), token_slots, ks, cols)

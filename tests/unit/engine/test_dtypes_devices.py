@@ -9,6 +9,8 @@ from s2ft_serve.model.testing import random_adapter
 
 from engine_reference import make_engine, reference, reference_logits
 
+PROMPTS = ["Hello world! The quick", "fox", "What is 2 + 2?"]
+
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_tracks_float32(tiny_llama_dir, dtype):
@@ -22,6 +24,44 @@ def test_half_precision_tracks_float32(tiny_llama_dir, dtype):
     assert got.dtype == torch.float32
     assert (got - expected).abs().max().item() < 0.1 * expected.abs().max().item()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_bfloat16_mixed_steps_through_the_compiled_kernel_track_float32(tiny_llama_dir):
+    """A bfloat16 model's mixed decode step through the compiled kernel (one float32 sum per token,
+    rounded once) stays as close to the float32 reference as embedding_bag's, greedy tokens the same."""
+    from s2ft_serve.adapters import native
+
+    if native.slot_delta_op() is None:
+        pytest.skip("no compiled kernel here")
+    steps = {}
+    for kernel in ("native", "torch"):
+        engine = make_engine(tiny_llama_dir, dtype="bfloat16", adapter_kernel=kernel)
+        try:
+            assert engine.mixed_kernel == ("compiled" if kernel == "native" else "embedding_bag")
+            made = [random_adapter(engine.loaded.model, engine.model_name, seed=s) for s in (3, 4)]
+            for i, adapter in enumerate(made):
+                engine.add_adapter(f"a{i}", adapter)
+            names = ["a0", None, "a1"]
+            runner, registry = engine.runner, engine.registry
+            prompts = [engine.tokenize(p) for p in PROMPTS]
+
+            def step():
+                versions = [registry.acquire(registry.get(n)) if n else None for n in names]
+                slots = [registry.slots_for(v) for v in versions]
+                for row, ids in enumerate(prompts):
+                    runner.prefill(ids, row, slots[row], all_logits=False)
+                return runner.decode([7, 11, 13], [len(p) for p in prompts], slots)
+
+            steps[kernel] = engine.call(step)
+        finally:
+            engine.shutdown(timeout=5)
+    for row, (name, ids) in enumerate(zip(names, prompts)):
+        ref = reference(tiny_llama_dir, *([(made[int(name[1])], 1.0)] if name else []))
+        expected = reference_logits(ref, ids + [[7, 11, 13][row]])[-1]
+        errors = {k: (v[row].float() - expected).abs().max().item() for k, v in steps.items()}
+        assert errors["native"] < 0.1 * expected.abs().max().item(), (row, errors)
+        assert errors["native"] <= 2 * errors["torch"] + 1e-3, (row, errors)
+        assert steps["native"][row].argmax() == expected.argmax()
 
 
 @pytest.mark.cuda
