@@ -7,7 +7,9 @@ step (B tokens, one per row) is then timed, interleaved, as
   torch:  the same, through `embedding_bag` (the kernel switched off in every adapted module).
 Same weights, same cache, same memory layout: only the correction's kernel differs. It also times
 each kernel alone over one step's 2 x layers modules, and `torch.sum` over the bytes those modules'
-adapter columns hold (the memory-bandwidth floor; see engine_throughput.py).
+adapter columns hold (the memory-bandwidth floor; see engine_throughput.py). With `--adapter-dtype
+bfloat16` (adapters saved in bfloat16) a float32 engine holds them in bfloat16 tables; the step and
+the kernel are then also timed over the same values in float32 tables ("native_f32").
 
 With `--rows-lengths`, it also times the correction of a pass of `--rows-prompts` prompts of
 different adapters, L tokens each (a speculative verify pass, a burst of short prompts), over all
@@ -116,8 +118,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     for v in versions:
         registry.release(v)
 
-    report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype, "gemm": args.gemm,
-              "threads": torch.get_num_threads(), "batch": args.batch, "adapter_bytes_per_step": nbytes,
+    report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype,
+              "adapter_dtype": args.adapter_dtype, "gemm": args.gemm, "threads": torch.get_num_threads(), "batch": args.batch, "adapter_bytes_per_step": nbytes,
               "step_ms": {k: round(v, 2) for k, v in step.items()},
               "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
               "mixed_vs_base": {k: round(step["base"] / v, 3) for k, v in step.items() if k != "base"},
@@ -151,7 +153,8 @@ def time_rows(layers, ops, row_slots: torch.Tensor, length: int, repeats: int) -
         token_slots = row_slots.repeat_interleave(length, dim=0)
         for layer, op, x in zip(layers, ops, xs):
             s = layer.slots
-            op(torch.zeros(P * length, layer.out_features, dtype=x.dtype), x.view(P * length, -1), s.table, token_slots, s.ks, s.cols)
+            y = torch.zeros(P * length, layer.out_features, dtype=x.dtype)
+            op(y, x.view(P * length, -1), s.table, token_slots, s.ks, s.cols)
 
     def torch_pass():
         for layer, x in zip(layers, xs):
