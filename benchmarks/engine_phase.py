@@ -38,14 +38,10 @@ def add_random_adapters(engine, count: int, heads: int = 1, channels: int = 40,
     """Add `count` random adapters `s0, s1, ...` (seeds 0, 1, ...; `heads` + `channels` per layer,
     the default is the trainer's default budget on SmolLM2-135M; deltas in `dtype`, as a file saved in
     that dtype holds them) to `engine`; return their names."""
-    from s2ft_serve.adapters.format import ModuleDelta
-
     names = [f"s{i}" for i in range(count)]
     for i, name in enumerate(names):
-        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=heads, channels=channels,
-                                 scale=0.01)
-        adapter.modules = {n: ModuleDelta(md.index, md.delta.to(dtype)) for n, md in adapter.modules.items()}
-        engine.add_adapter(name, adapter)
+        engine.add_adapter(name, random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=heads,
+                                                channels=channels, scale=0.01, dtype=dtype))
     return names
 
 

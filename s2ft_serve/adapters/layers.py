@@ -114,8 +114,8 @@ class S2FTLinear(nn.Module):
             with torch.no_grad():
                 base.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        # a bfloat16 table where deltas allow it: only the compiled kernel reads one in mixed steps
-        self.compact = self.native is not None
+        # a float32 module keeps a bfloat16 table where deltas allow it: the compiled kernel reads one
+        self.compact = self.native is not None and w.dtype == torch.float32
         self.slots = self._empty(capacity=0, k_cap=1, dtype=torch.bfloat16 if self.compact else w.dtype)
         # without oneDNN: the base matmul in MKL's order, compiled where verified
         self.exact = None if self.onednn else ExactLinear(base, verdicts=verdicts)
@@ -224,8 +224,7 @@ class S2FTLinear(nn.Module):
         columns = self.slots.columns(slot)
         if not columns:
             return None
-        index, delta_t = columns
-        return self.exact.merged(x, index, delta_t.to(self.weight.dtype))
+        return self.exact.merged(x, *columns)  # the GEMM widens bfloat16 delta rows itself
 
     def _add_segment(self, y2: torch.Tensor, x2: torch.Tensor, slots: tuple[int, ...]) -> None:
         """y2 += every slot's correction, for tokens x2 [T, in] that all use `slots`."""

@@ -185,8 +185,8 @@ def resolve(kernel: str, weight: torch.Tensor):
     if kernel == "auto" and not fits:
         return None
     if not fits:
-        raise ValueError(f"adapter_kernel 'native' serves CPU float32 and bfloat16 models only, not {weight.device.type} "
-                         f"{str(weight.dtype).removeprefix('torch.')}")
+        raise ValueError(f"adapter_kernel 'native' serves CPU float32 and bfloat16 models only, not "
+                         f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}")
     op = slot_delta_op()
     if op is None and kernel == "native":
         raise RuntimeError("adapter_kernel 'native': the compiled kernel could not be built or loaded (see the "

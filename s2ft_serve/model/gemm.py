@@ -85,8 +85,8 @@ class DenseGemm(nn.Module):
         self.linears = list(linears)  # a plain list: they stay registered in the model only
         self.packed = onednn and all(onednn_usable(lin.weight) for lin in linears)
         if not self.packed:  # the Linears' bits, faster where verified: as one GEMM, else each alone
-            self.fused = FusedExact.of(linears, verdicts)
             self.exact = [ExactLinear(lin, verdicts=verdicts) for lin in linears]
+            self.fused = FusedExact.of(self.exact, verdicts)
             return
         weight = torch.cat([lin.weight.detach() for lin in linears])
         self.splits = [lin.out_features for lin in linears]
@@ -231,9 +231,9 @@ class ExactLinear:
         merging stores it, without building W': the compiled GEMM reads those columns patched on the fly.
         So one adapter's pass gets the bits of a model with the adapter merged, wherever the kernel serves
         this row count (the same order as the base pass); None where it does not (the caller then adds
-        the correction to the base pass). cols: [k] int64, rows: [k, out] (contiguous)."""
+        the correction to the base pass). cols: [k] int64, rows: [k, out] float32 or bfloat16 (contiguous)."""
         n = x.numel() // x.shape[-1]
-        if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled():  # rows: the weight's dtype
+        if not self.eligible or n > self.MAX_ROWS or torch.is_grad_enabled():
             return None
         if n not in self.chosen:
             self._choose(n)
@@ -261,8 +261,9 @@ class FusedExact:
     that count; elsewhere the caller runs the separate `ExactLinear`s. The Linears' weights become
     views of the one tensor, so nothing is copied for good."""
 
-    def __init__(self, linears: list[nn.Linear], verdicts: dict | None = None):
-        self.linears = list(linears)
+    def __init__(self, separate: list[ExactLinear], verdicts: dict | None = None):
+        self.separate = separate  # what serves otherwise, and what the fused call must beat
+        self.linears = linears = [e.linears[0] for e in separate]
         self.splits = [lin.out_features for lin in linears]
         with torch.no_grad():
             self.weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -278,16 +279,18 @@ class FusedExact:
         self.verdicts = verdicts if verdicts is not None else {}
 
     @classmethod
-    def of(cls, linears: list[nn.Linear], verdicts: dict | None) -> "FusedExact | None":
-        """A fused form for `linears`, or None where there is nothing to fuse or no kernel to fuse with
-        (one Linear; not CPU float32; different inputs, layouts or bias-ness; no compiled kernel)."""
+    def of(cls, separate: list[ExactLinear], verdicts: dict | None) -> "FusedExact | None":
+        """A fused form of the Linears behind `separate`, or None where there is nothing to fuse or no
+        kernel to fuse with (one Linear; not CPU float32; different inputs, layouts or bias-ness; no
+        compiled kernel)."""
+        linears = [e.linears[0] for e in separate]
         w = linears[0].weight
         if len(linears) < 2 or w.device.type != "cpu" or w.dtype != torch.float32:
             return None
         if any(lin.weight.dtype != w.dtype or lin.in_features != linears[0].in_features or
                not lin.weight.is_contiguous() or (lin.bias is None) != (linears[0].bias is None) for lin in linears):
             return None
-        return cls(linears, verdicts) if native.exact_linear_op() is not None else None
+        return cls(separate, verdicts) if native.exact_linear_op() is not None else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The Linears' outputs from one GEMM, or None where the fused call does not serve this count."""
@@ -314,13 +317,12 @@ class FusedExact:
         probe = torch.randn(rows, self.weight.shape[1], generator=torch.Generator().manual_seed(rows))
         with torch.inference_mode():
             want = torch.cat([lin(probe) for lin in self.linears], dim=-1)
-            separate = [ExactLinear(lin, verdicts=self.verdicts) for lin in self.linears]  # what serves otherwise
-            for e in separate:
+            for e in self.separate:  # each chooses its own form for this count first
                 e(probe)
             for cap in ExactLinear.BLOCKS:
-                fused = functools.partial(self.op, probe, self.weight, self.bias, cap)
-                if torch.equal(fused(), want):
-                    faster = ExactLinear._faster(lambda _: fused(), lambda p: [e(p) for e in separate], probe)
+                fused = functools.partial(self.op, w=self.weight, bias=self.bias, block_cap=cap)
+                if torch.equal(fused(probe), want):
+                    faster = ExactLinear._faster(fused, lambda p: [e(p) for e in self.separate], probe)
                     return cap if faster else 0
         return 0
 

@@ -199,13 +199,15 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
   // in place of those columns, read on the fly: a merged weight's very sums, none materialised
   TORCH_CHECK(patch_cols.has_value() == patch_rows.has_value(), "exact_linear: patch_cols and patch_rows together");
   std::vector<std::pair<int64_t, int64_t>> patch;  // (column, j) sorted by column
-  const float* pp = nullptr;
+  const float* pp = nullptr;  // the delta rows in float32, or
+  const at::BFloat16* pb = nullptr;  // in bfloat16 (an adapter saved so), widened exactly as read
   if (patch_cols.has_value()) {
     const at::Tensor &pc = *patch_cols, &pr = *patch_rows;
     TORCH_CHECK(pc.device().is_cpu() && pc.scalar_type() == at::kLong && pc.dim() == 1 && pc.is_contiguous(),
                 "exact_linear: patch_cols int64 [k]");
-    TORCH_CHECK(pr.device().is_cpu() && pr.scalar_type() == at::kFloat && pr.dim() == 2 && pr.is_contiguous() &&
-                    pr.size(0) == pc.size(0) && pr.size(1) == N, "exact_linear: patch_rows float32 [k, N]");
+    TORCH_CHECK(pr.device().is_cpu() && (pr.scalar_type() == at::kFloat || pr.scalar_type() == at::kBFloat16) &&
+                    pr.dim() == 2 && pr.is_contiguous() && pr.size(0) == pc.size(0) && pr.size(1) == N,
+                "exact_linear: patch_rows float32 or bfloat16 [k, N]");
     const int64_t* cp = pc.data_ptr<int64_t>();
     std::vector<char> seen(K, 0);
     for (int64_t j = 0; j < pc.size(0); ++j) {
@@ -214,8 +216,13 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
       patch.emplace_back(cp[j], j);
     }
     std::sort(patch.begin(), patch.end());
-    pp = pr.data_ptr<float>();
+    if (pr.scalar_type() == at::kFloat)
+      pp = pr.data_ptr<float>();
+    else
+      pb = pr.data_ptr<at::BFloat16>();
   }
+  // delta row j, output n
+  auto delta = [&](int64_t j, int64_t n) { return pp ? pp[j * N + n] : static_cast<float>(pb[j * N + n]); };
   at::Tensor y = at::empty({M, N}, x.options());
   if (K == 0) return bias.has_value() ? y.copy_(bias->expand({M, N})) : y.zero_();  // an empty sum
 #ifdef S2FT_X86
@@ -240,8 +247,7 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
             for (int64_t k = 0; k < kb; ++k) std::copy(b + k * N, b + k * N + width, patched.data() + k * 32);
             for (; next != patch.end() && next->first < k0 + kb; ++next) {
               float* row = patched.data() + (next->first - k0) * 32;
-              const float* d = pp + next->second * N + j0;
-              for (int64_t c = 0; c < width; ++c) row[c] += d[c];
+              for (int64_t c = 0; c < width; ++c) row[c] += delta(next->second, j0 + c);
             }
             b = patched.data(), ldb = 32;
           }
@@ -270,7 +276,7 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
       if (!patch.empty()) {  // the group's weight rows with the patched columns
         std::copy(a, a + rows * K, patched.data());
         for (const auto& [col, j] : patch)
-          for (int64_t r = 0; r < rows; ++r) patched[r * K + col] += pp[j * N + n0 + r];
+          for (int64_t r = 0; r < rows; ++r) patched[r * K + col] += delta(j, n0 + r);
         a = patched.data();
       }
       // The next group's 12 weight rows (one contiguous 48 K bytes: 48 bytes per k) are asked for

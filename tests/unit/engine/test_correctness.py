@@ -221,14 +221,13 @@ def test_adapters_saved_in_bfloat16_are_served_from_bfloat16_tables_with_unchang
     a mixed step's logits meet the contract, and are the same bits once a float32 adapter widens the
     tables and again once it is removed."""
     from s2ft_serve.adapters import native
-    from s2ft_serve.adapters.format import ModuleDelta, load_adapter, save_adapter
+    from s2ft_serve.adapters.format import load_adapter, save_adapter
 
     if native.slot_delta_op() is None:
         pytest.skip("no compiled kernel here")
     engine = make_engine(tiny_model_dir, max_batch_size=8, adapter_kernel="native")
     try:
-        made = random_adapter(engine.loaded.model, engine.model_name, seed=21, channels=7)
-        made.modules = {n: ModuleDelta(md.index, md.delta.bfloat16()) for n, md in made.modules.items()}
+        made = random_adapter(engine.loaded.model, engine.model_name, seed=21, channels=7, dtype=torch.bfloat16)
         save_adapter(made, tmp_path / "b16")
         engine.add_adapter("b16", load_adapter(tmp_path / "b16"))
         layers = engine.runner.layers.values()

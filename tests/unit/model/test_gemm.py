@@ -276,7 +276,7 @@ def test_merged_gives_the_merged_weights_bits_without_building_it(make):
         op(x, w, None, 192, torch.tensor([0, 0]), torch.zeros(2, lin.out_features))
     with pytest.raises(RuntimeError, match="out of range or repeated"):
         op(x, w, None, 192, torch.tensor([lin.in_features]), torch.zeros(1, lin.out_features))
-    with pytest.raises(RuntimeError, match=r"patch_rows float32 \[k, N\]"):
+    with pytest.raises(RuntimeError, match=r"patch_rows float32 or bfloat16 \[k, N\]"):
         op(x, w, None, 192, torch.tensor([1]), torch.zeros(1, lin.out_features + 1))
 
 
@@ -326,10 +326,30 @@ def test_fused_exact_gives_each_linear_its_own_bits_from_one_gemm(monkeypatch, b
 
 
 def test_fused_exact_is_only_made_where_it_can_serve():
+    def of(linears):
+        return gemm.FusedExact.of([gemm.ExactLinear(lin) for lin in linears], None)
+
     mixed_bias = [nn.Linear(16, 8, bias=True), nn.Linear(16, 8, bias=False)]
-    assert gemm.FusedExact.of(mixed_bias, None) is None
-    assert gemm.FusedExact.of([nn.Linear(16, 8)], None) is None  # one Linear: nothing to fuse
-    assert gemm.FusedExact.of([nn.Linear(16, 8).bfloat16(), nn.Linear(16, 8).bfloat16()], None) is None
+    assert of(mixed_bias) is None
+    assert of([nn.Linear(16, 8)]) is None  # one Linear: nothing to fuse
+    assert of([nn.Linear(16, 8).bfloat16(), nn.Linear(16, 8).bfloat16()]) is None
     weights = [lin.weight for lin in mixed_bias]
     DenseGemm(mixed_bias, batch_hint=4, onednn=False)
     assert all(lin.weight is w for lin, w in zip(mixed_bias, weights))  # left as they were
+
+
+@torch.inference_mode()
+def test_merged_reads_bfloat16_delta_rows_as_their_float32_values():
+    """An adapter saved in bfloat16 patches the GEMM straight from its bfloat16 rows (no float32 copy per
+    pass): the same bits as the same values in float32, both layouts."""
+    if native.exact_linear_op() is None:
+        pytest.skip("no compiled kernel here")
+    op = native.exact_linear_op()
+    torch.manual_seed(2)
+    for w in (torch.randn(72, 400), torch.randn(400, 72).t()):  # row-major, column-major
+        cols = torch.randperm(400)[:19]
+        rows = (torch.randn(19, 72) * 0.05).bfloat16()
+        x = torch.randn(16, 400)
+        got = op(x, w, None, 192, cols, rows)
+        assert torch.equal(got, op(x, w, None, 192, cols, rows.float()))
+        assert not torch.equal(got, op(x, w, None, 192))
