@@ -260,10 +260,13 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
   // C = y.T [N, J] in groups of 12 rows, A = w [N, K], B = x.T [K, J] padded with zeros to a multiple of 8
   // (16 with AVX-512)
   const int64_t lanes = wide && M > 8 ? 16 : 8, J = (M + lanes - 1) / lanes * lanes;  // 8 rows: no padding to 16
-  at::Tensor xt = at::zeros({K, J}, x.options());
+  at::Tensor xt = at::empty({K, J}, x.options());  // written once: x's columns, then the zero padding
   float* xtp = xt.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xtp[k * J + m] = xp[m * K + k];
+  for (int64_t k = 0; k < K; ++k) {
+    float* row = xtp + k * J;
+    for (int64_t m = 0; m < M; ++m) row[m] = xp[m * K + k];
+    std::fill(row + M, row + J, 0.0f);
+  }
   constexpr int64_t G = 12;
   at::parallel_for(0, (N + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> scratch(G * J), patched(patch.empty() ? 0 : G * K);
