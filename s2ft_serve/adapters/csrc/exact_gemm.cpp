@@ -36,6 +36,16 @@ namespace {
 
 int64_t block_size(int64_t K, int64_t cap) { return K <= cap ? K : K < 2 * cap ? (K + 1) / 2 : cap; }
 
+// Weight rows an inner kernel call asks the caches for while it computes (a software prefetch): at each
+// k, `lines` cache lines from `p + k * step`. Row-major: the next 12-row group (48 bytes per k, one
+// line); column-major: the next 32-column tile (128 bytes of each k's row, two lines).
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t step = 48;
+  int lines = 1;
+  Prefetch from(int64_t k0) const { return p ? Prefetch{p + k0 * step, step, lines} : Prefetch{}; }
+};
+
 #ifdef S2FT_X86
 #define S2FT_AVX2 __attribute__((target("avx2,fma")))
 #define S2FT_UNROLL _Pragma("GCC unroll 16")
@@ -43,11 +53,14 @@ int64_t block_size(int64_t K, int64_t cap) { return K <= cap ? K : K < 2 * cap ?
 // C[r, 8v:8v+8] (=: first, else +=) sum over k < kb, in order, of A[r, k] * B[k, 8v:8v+8]
 template <int MR, int NV>
 S2FT_AVX2 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                            int64_t kb, bool first, const char* pf) {
+                            int64_t kb, bool first, Prefetch pf) {
   __m256 acc[MR][NV];
   S2FT_UNROLL for (int r = 0; r < MR; ++r) S2FT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
-    if (pf) _mm_prefetch(pf + k * 48, _MM_HINT_T0);
+    if (pf.p) {
+      _mm_prefetch(pf.p + k * pf.step, _MM_HINT_T0);
+      if (pf.lines > 1) _mm_prefetch(pf.p + k * pf.step + 64, _MM_HINT_T0);
+    }
     if constexpr (MR <= NV) {  // the sums, MR broadcasts and one load fit the 16 registers
       __m256 a[MR];
       S2FT_UNROLL for (int r = 0; r < MR; ++r) a[r] = _mm256_broadcast_ss(A + r * lda + k);
@@ -74,7 +87,7 @@ constexpr int rows_for(int nv) { return nv == 4 ? 3 : nv == 3 ? 4 : nv == 2 ? 6 
 
 template <int NV, int MR = rows_for(NV)>
 S2FT_AVX2 void micro_rows(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                          int64_t kb, bool first, const char* pf) {
+                          int64_t kb, bool first, Prefetch pf) {
   if constexpr (MR > 0) {
     if (mr == MR) return micro<MR, NV>(A, lda, B, ldb, C, ldc, kb, first, pf);
     return micro_rows<NV, MR - 1>(mr, A, lda, B, ldb, C, ldc, kb, first, pf);
@@ -83,7 +96,7 @@ S2FT_AVX2 void micro_rows(int mr, const float* A, int64_t lda, const float* B, i
 
 // C[i0:i1, j0:j1] (=: set, else +=) the sums over k < kb of A[i, k] * B[k, j]; j1 - j0 a multiple of 8.
 S2FT_AVX2 void block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
-                     int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, const char* pf) {
+                     int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, Prefetch pf) {
   for (int64_t j = j0; j < j1;) {
     const int nv = (int)std::min<int64_t>(4, (j1 - j) / 8);
     const int mr = rows_for(nv);
@@ -98,7 +111,7 @@ S2FT_AVX2 void block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float
         case 2: micro_rows<2>(m, a, lda, b, ldb, c, ldc, kb, set, pf); break;
         default: micro_rows<1>(m, a, lda, b, ldb, c, ldc, kb, set, pf); break;
       }
-      pf = nullptr;  // once per block
+      pf = {};  // once per block
     }
     j += nv * 8;
   }
@@ -110,11 +123,14 @@ S2FT_AVX2 void block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float
 
 template <int MR, int NV>
 S2FT_AVX512 inline void micro512(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                                 int64_t kb, bool first, const char* pf) {
+                                 int64_t kb, bool first, Prefetch pf) {
   __m512 acc[MR][NV];
   S2FT_UNROLL for (int r = 0; r < MR; ++r) S2FT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kb; ++k) {
-    if (pf) _mm_prefetch(pf + k * 48, _MM_HINT_T0);
+    if (pf.p) {
+      _mm_prefetch(pf.p + k * pf.step, _MM_HINT_T0);
+      if (pf.lines > 1) _mm_prefetch(pf.p + k * pf.step + 64, _MM_HINT_T0);
+    }
     __m512 b[NV];
     S2FT_UNROLL for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
     S2FT_UNROLL for (int r = 0; r < MR; ++r) {
@@ -130,7 +146,7 @@ S2FT_AVX512 inline void micro512(const float* A, int64_t lda, const float* B, in
 
 template <int NV, int MR = 12>
 S2FT_AVX512 void micro512_rows(int mr, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                               int64_t ldc, int64_t kb, bool first, const char* pf) {
+                               int64_t ldc, int64_t kb, bool first, Prefetch pf) {
   if constexpr (MR > 0) {
     if (mr == MR) return micro512<MR, NV>(A, lda, B, ldb, C, ldc, kb, first, pf);
     return micro512_rows<NV, MR - 1>(mr, A, lda, B, ldb, C, ldc, kb, first, pf);
@@ -139,14 +155,14 @@ S2FT_AVX512 void micro512_rows(int mr, const float* A, int64_t lda, const float*
 
 // as `block`, j1 - j0 a multiple of 16
 S2FT_AVX512 void block512(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda,
-                          const float* B, int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, const char* pf) {
+                          const float* B, int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, Prefetch pf) {
   for (int64_t j = j0; j < j1;) {
     const int nv = (int)std::min<int64_t>(2, (j1 - j) / 16);
     for (int64_t i = i0; i < i1; i += 12) {
       const int m = (int)std::min<int64_t>(12, i1 - i);
       if (nv == 2) micro512_rows<2>(m, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, kb, set, pf);
       else micro512_rows<1>(m, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, kb, set, pf);
-      pf = nullptr;  // once per block
+      pf = {};  // once per block
     }
     j += nv * 16;
   }
@@ -156,18 +172,18 @@ bool avx512_ok() { return __builtin_cpu_supports("avx512f"); }
 
 // either width: 16-float vectors where the CPU has them and the columns come in 16s
 void any_block(bool wide, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda,
-               const float* B, int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, const char* pf = nullptr) {
+               const float* B, int64_t ldb, float* C, int64_t ldc, int64_t kb, bool set, Prefetch pf = {}) {
   if (wide && (j1 - j0) % 16 == 0) return block512(i0, i1, j0, j1, A, lda, B, ldb, C, ldc, kb, set, pf);
   block(i0, i1, j0, j1, A, lda, B, ldb, C, ldc, kb, set, pf);
 }
 
 // C[i0:i1, j0:j1] over all of K in blocks of block_size(K, cap). `first`: the first block sets C.
 void tile(bool wide, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, int64_t K, int64_t cap, bool first, const char* pf = nullptr) {
+          int64_t ldb, float* C, int64_t ldc, int64_t K, int64_t cap, bool first, Prefetch pf = {}) {
   const int64_t kc = block_size(K, cap);
   for (int64_t k0 = 0; k0 < K; k0 += kc)
     any_block(wide, i0, i1, j0, j1, A + k0, lda, B + k0 * ldb, ldb, C, ldc, std::min(kc, K - k0), first && k0 == 0,
-              pf ? pf + k0 * 48 : nullptr);
+              pf.from(k0));
 }
 
 bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -251,7 +267,12 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
             }
             b = patched.data(), ldb = 32;
           }
-          any_block(wide, 0, M, 0, width, xp + k0, K, b, ldb, yp + j0, N, kb, bp == nullptr && k0 == 0);
+          // the next block of w.T this thread computes ([kc, 32] at stride N: the hardware prefetcher
+          // does not follow it), asked for while this one computes; AVX-512 only, as the row-major path's
+          const int64_t nk = k0 + kc < K ? k0 + kc : 0, nt = k0 + kc < K ? t : t + 1;
+          const Prefetch pf = wide && nt < t1 ? Prefetch{reinterpret_cast<const char*>(wp + nk * N + nt * 32), N * 4, 2}
+                                              : Prefetch{};
+          any_block(wide, 0, M, 0, width, xp + k0, K, b, ldb, yp + j0, N, kb, bp == nullptr && k0 == 0, pf);
         }
       }
     });
@@ -286,7 +307,7 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
       // while this group computes, a software prefetch: 12 interleaved row streams leave the hardware
       // prefetcher behind, and on the Intel Xeon (AVX-512) this made the decode step's GEMMs 1.2-1.6x
       // faster (benchmarks/exact_gemm.py). Not on AVX2-only CPUs, where it was not measured.
-      const char* pf = wide && n0 + 2 * G <= N ? reinterpret_cast<const char*>(wp + (n0 + G) * K) : nullptr;
+      const Prefetch pf = wide && n0 + 2 * G <= N ? Prefetch{reinterpret_cast<const char*>(wp + (n0 + G) * K)} : Prefetch{};
       tile(wide, 0, rows, 0, J, a, K, xtp, J, scratch.data(), J, K, block_cap, bp == nullptr, pf);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = scratch[r * J + m];
