@@ -19,6 +19,8 @@ exactly what transformers computes; only attention and caching are ours:
   `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
   are released.
+- On CPU float32 the rotary embedding of a layer's q and k is one compiled call
+  (`adapters/csrc/rotary.cpp`) with transformers' bits, in place of ~14 small ops.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from s2ft_serve.adapters import native
 from s2ft_serve.errors import InsufficientMemoryError
 from s2ft_serve.model.gemm import DenseGemm, ExactLinear, Released, release
 from s2ft_serve.model.loading import head_dim_of
@@ -105,6 +108,8 @@ class Transformer(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.max_len = max_len
         w = hf_model.model.embed_tokens.weight
+        # the rotary embedding as one compiled call where it can run (CPU float32), else transformers' ops
+        self.rotary = native.rotary_op() if w.device.type == "cpu" and w.dtype == torch.float32 else None
         self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
         self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
         for layer in self.layers:
@@ -177,7 +182,10 @@ class Transformer(nn.Module):
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.rotary is not None and q.dtype == torch.float32 and not torch.is_grad_enabled():
+            q, k = self.rotary(q, k, cos, sin)  # one compiled call, the same bits
+        else:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if slots is not None:  # continuing the cache (decode, ...): write at the positions, attend over it
             ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))

@@ -220,7 +220,8 @@ def test_the_kernel_source_ships_in_the_wheel(tmp_path):
                            "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("*.whl")
-    assert "s2ft_serve/adapters/csrc/slot_delta.cpp" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert all(f"s2ft_serve/adapters/csrc/{source.name}" in names for source in native.SOURCES)
 
 
 def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_dir):
@@ -458,3 +459,59 @@ def test_kernel_on_a_bfloat16_model_sums_in_float32_and_rounds_once(op):
     assert torch.equal(y, (y0.float() + correction).bfloat16()) and not torch.equal(y, y0)
     with pytest.raises(RuntimeError, match="bfloat16 y, x and table"):
         op(y, x, table.float(), token_slots, ks, cols)
+
+
+def rotary_inputs(g, B: int, L: int, heads: int = 9, kv_heads: int = 3, D: int = 64):
+    """q and k as the serving forward has them (views of one fused projection output, transposed to
+    [B, H, L, D]) and cos/sin as a Llama rotary embedding makes them, at positions up to 4k."""
+    qkv = torch.randn(B, L, (heads + 2 * kv_heads) * D, generator=g) * 3
+    q, k, _ = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    q, k = (t.reshape(B, L, -1, D).transpose(1, 2) for t in (q, k))
+    positions = torch.randint(0, 4096, (B, L), generator=g).float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat([positions[..., None] * inv_freq] * 2, dim=-1)
+    return q, k, emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("B,L", [(32, 1), (3, 37), (2, 700)])  # a decode step, a prefill, a long one (in parallel)
+def test_rotary_gives_transformers_bits(op, B, L):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin = rotary_inputs(torch.Generator().manual_seed(B), B, L)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = native.rotary_op()(q, k, cos, sin)
+    assert got_q.shape == want_q.shape and got_k.shape == want_k.shape
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)  # no fused multiply-add: each product rounded
+
+
+@pytest.mark.parametrize("bad", ["float64", "odd_dim", "batch", "length", "cos_layout"])
+def test_rotary_refuses_bad_input(op, bad):
+    q, k, cos, sin = rotary_inputs(torch.Generator().manual_seed(0), 2, 3)
+    if bad == "float64":
+        q = q.double()
+    elif bad == "odd_dim":
+        q, k, cos, sin = q[..., :63], k[..., :63], cos[..., :63].contiguous(), sin[..., :63].contiguous()
+    elif bad == "batch":
+        q = q[:1]
+    elif bad == "length":
+        k = k[:, :, :2]
+    else:
+        cos = cos.transpose(0, 1)
+    with pytest.raises(RuntimeError, match="rotary"):
+        native.rotary_op()(q, k, cos, sin)
+
+
+def test_the_serving_forward_rotates_with_the_compiled_call_on_cpu_float32(tiny_llama_dir):
+    from s2ft_serve.config import EngineConfig
+    from s2ft_serve.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32"))
+    try:
+        assert engine.runner.model.rotary is native.rotary_op()
+    finally:
+        engine.shutdown()
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))
+    try:
+        assert engine.runner.model.rotary is None  # transformers' ops there
+    finally:
+        engine.shutdown()
