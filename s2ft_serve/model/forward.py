@@ -146,6 +146,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
+        if self.rotary is not None:  # the compiled call reads them as [B, L, D] rows (a no-op when so made)
+            cos, sin = cos.contiguous(), sin.contiguous()
         mask = slots = None
         if cached:  # each token attends over its row's cache up to its own position
             span = int(positions.max()) + 1
@@ -182,7 +184,7 @@ class Transformer(nn.Module):
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
-        if self.rotary is not None and q.dtype == torch.float32 and not torch.is_grad_enabled():
+        if self.rotary is not None and q.dtype == torch.float32 and cos.dim() == 3 and not torch.is_grad_enabled():
             q, k = self.rotary(q, k, cos, sin)  # one compiled call, the same bits
         else:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
