@@ -1,4 +1,5 @@
-"""The compiled CPU kernels, built once on first use: the mixed-adapter correction and the exact GEMM.
+"""The compiled CPU kernels, built once on first use: the mixed-adapter correction, the exact GEMM and
+the rotary call.
 
 `csrc/rotary.cpp` (`rotary_op`) applies the rotary position embedding to a layer's q and k in one call
 with transformers' bits, where the eager form takes ~14 small ops (the serving forward, CPU float32).
@@ -85,8 +86,8 @@ def _library() -> bool:
     except Exception as e:  # no compiler, no ninja, a read-only cache, an unsupported platform...
         lines = str(e).strip().splitlines() or [""]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # a compiler's first error
-        log.warning("the compiled S²FT kernels are unavailable (%s: %s); mixed-adapter steps use embedding_bag "
-                    "and GEMMs MKL's F.linear", type(e).__name__, reason.strip())
+        log.warning("the compiled S²FT kernels are unavailable (%s: %s); mixed-adapter steps use embedding_bag, "
+                    "GEMMs MKL's F.linear, rotary transformers' ops", type(e).__name__, reason.strip())
         return False
 
 
