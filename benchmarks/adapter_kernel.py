@@ -119,7 +119,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
         registry.release(v)
 
     report = {"benchmark": "adapter_kernel", "model": engine.model_name, "dtype": args.dtype,
-              "adapter_dtype": args.adapter_dtype, "gemm": args.gemm, "threads": torch.get_num_threads(), "batch": args.batch, "adapter_bytes_per_step": nbytes,
+              "adapter_dtype": args.adapter_dtype, "gemm": args.gemm, "threads": torch.get_num_threads(),
+              "batch": args.batch, "adapter_bytes_per_step": nbytes,
               "step_ms": {k: round(v, 2) for k, v in step.items()},
               "kernel_alone_ms": {k: round(v, 2) for k, v in kernel.items()},
               "mixed_vs_base": {k: round(step["base"] / v, 3) for k, v in step.items() if k != "base"},
@@ -136,8 +137,8 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     if narrow:
         print(f"the same values in float32 tables: native step {step['native_f32']:.1f} ms "
               f"(+{step['native_f32'] - step['base']:.1f}, mixed/base {report['mixed_vs_base']['native_f32']}x), "
-              f"kernel alone {kernel['native_f32']:.2f} ms; bfloat16 tables' step {step['native_f32'] / step['native']:.3f}x "
-              f"faster")
+              f"kernel alone {kernel['native_f32']:.2f} ms; bfloat16 tables' step "
+              f"{step['native_f32'] / step['native']:.3f}x faster")
     for length, r in rows.items():
         print(f"rows pass, {prompts} prompts x {length} tokens: native {r['native']:.2f} ms, row_delta "
               f"{r['torch']:.2f} ms ({r['torch'] / r['native']:.2f}x)")

@@ -146,8 +146,11 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
-        if self.rotary is not None:  # the compiled call reads them as [B, L, D] rows (a no-op when so made)
-            cos, sin = cos.contiguous(), sin.contiguous()
+        # q/k rotation for every layer of this pass: the compiled call where it serves ([B, L, D] rows,
+        # outside autograd), else transformers' function
+        rotate = apply_rotary_pos_emb
+        if self.rotary is not None and cos.dim() == 3 and not torch.is_grad_enabled():
+            rotate, cos, sin = self.rotary, cos.contiguous(), sin.contiguous()  # a no-op when so made
         mask = slots = None
         if cached:  # each token attends over its row's cache up to its own position
             span = int(positions.max()) + 1
@@ -156,7 +159,7 @@ class Transformer(nn.Module):
             slots = self._cache_slots(rows, positions)
         for i, layer in enumerate(self.layers):
             r = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, r, cos, sin, rows, mask, slots)
+            h = h + self._attention(i, layer.self_attn, r, rotate, cos, sin, rows, mask, slots)
             h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
         h = h.reshape(-1, h.shape[-1])
         if keep is not None:
@@ -177,17 +180,14 @@ class Transformer(nn.Module):
         flat = (row_ids[:, None, None] * self.num_kv_heads + heads[None, :, None]) * self.max_len + pos[:, None, :]
         return flat.reshape(-1)
 
-    def _attention(self, i, attn, x, cos, sin, rows, mask, slots):
+    def _attention(self, i, attn, x, rotate, cos, sin, rows, mask, slots):
         B, L, _ = x.shape
         shape = (B, L, -1, self.head_dim)
         q, k, v = (t.reshape(shape) for t in self.qkv[i](x))
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
-        if self.rotary is not None and q.dtype == torch.float32 and cos.dim() == 3 and not torch.is_grad_enabled():
-            q, k = self.rotary(q, k, cos, sin)  # one compiled call, the same bits
-        else:
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = rotate(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if slots is not None:  # continuing the cache (decode, ...): write at the positions, attend over it
             ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))

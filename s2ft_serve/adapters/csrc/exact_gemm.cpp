@@ -307,7 +307,8 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
       // while this group computes, a software prefetch: 12 interleaved row streams leave the hardware
       // prefetcher behind, and on the Intel Xeon (AVX-512) this made the decode step's GEMMs 1.2-1.6x
       // faster (benchmarks/exact_gemm.py). Not on AVX2-only CPUs, where it was not measured.
-      const Prefetch pf = wide && n0 + 2 * G <= N ? Prefetch{reinterpret_cast<const char*>(wp + (n0 + G) * K)} : Prefetch{};
+      const Prefetch pf =
+          wide && n0 + 2 * G <= N ? Prefetch{reinterpret_cast<const char*>(wp + (n0 + G) * K)} : Prefetch{};
       tile(wide, 0, rows, 0, J, a, K, xtp, J, scratch.data(), J, K, block_cap, bp == nullptr, pf);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = scratch[r * J + m];

@@ -501,17 +501,24 @@ def test_rotary_refuses_bad_input(op, bad):
         native.rotary_op()(q, k, cos, sin)
 
 
-def test_the_serving_forward_rotates_with_the_compiled_call_on_cpu_float32(tiny_llama_dir):
+def test_the_serving_forward_rotates_with_the_compiled_call_on_cpu_float32(op, tiny_llama_dir):
+    """Every layer of a float32 pass rotates q/k through the compiled call (the same bits as transformers'
+    function, so only a count of calls tells them apart); a bfloat16 engine never calls it."""
     from s2ft_serve.config import EngineConfig
     from s2ft_serve.engine.engine import Engine
+    from s2ft_serve.engine.request import SamplingParams
 
-    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32"))
-    try:
-        assert engine.runner.model.rotary is native.rotary_op()
-    finally:
-        engine.shutdown()
-    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))
-    try:
-        assert engine.runner.model.rotary is None  # transformers' ops there
-    finally:
-        engine.shutdown()
+    for dtype, compiled in (("float32", True), ("bfloat16", False)):
+        engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype=dtype)).start()
+        try:
+            model = engine.runner.model
+            assert (model.rotary is not None) == compiled
+            calls = []
+            if compiled:
+                real = model.rotary
+                model.rotary = lambda *a: calls.append(1) or real(*a)
+            engine.submit("Hello world", None, SamplingParams(max_tokens=3, temperature=0)).result()
+            # a prefill and two decode steps, each through every layer
+            assert len(calls) == (3 * len(model.layers) if compiled else 0)
+        finally:
+            engine.shutdown()
