@@ -39,7 +39,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp",
+                                                                         "rms_norm.cpp")]
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
@@ -70,6 +71,12 @@ def columns_ops():
 def exact_linear_op():
     """`torch.ops.s2ft_serve.exact_linear`, building the kernels if needed; None (logged) where that fails."""
     return torch.ops.s2ft_serve.exact_linear if _library() else None
+
+
+def add_rms_norm_op():
+    """`torch.ops.s2ft_serve.add_rms_norm` (h, delta or None, weight, eps -> h + delta, its RMSNorm with
+    transformers' bits, CPU float32), building the kernels if needed; None where that fails."""
+    return torch.ops.s2ft_serve.add_rms_norm if _library() else None
 
 
 def rotary_op():

@@ -20,7 +20,8 @@ exactly what transformers computes; only attention and caching are ours:
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
   are released.
 - On CPU float32 the rotary embedding of a layer's q and k is one compiled call
-  (`adapters/csrc/rotary.cpp`) with transformers' bits, in place of ~14 small ops.
+  (`adapters/csrc/rotary.cpp`) with transformers' bits, in place of ~14 small ops; so is each residual
+  add with the RMSNorm after it (`adapters/csrc/rms_norm.cpp`, ~7 ops), where a probe shows its bits.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class Transformer(nn.Module):
         w = hf_model.model.embed_tokens.weight
         # the rotary embedding as one compiled call where it can run (CPU float32), else transformers' ops
         self.rotary = native.rotary_op() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+        # each residual add and the RMSNorm after it as one compiled call where a probe shows transformers'
+        # bits (CPU float32), else the model's own modules
+        self.norm_lanes = self._norm_lanes()
+        self.add_rms_norm = native.add_rms_norm_op() if self.norm_lanes is not None else None
         self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
         self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
         for layer in self.layers:
@@ -157,15 +162,57 @@ class Transformer(nn.Module):
             mask = torch.arange(span, device=h.device)[None, None, :] <= positions[:, :, None]  # [B, L, span]
             mask = mask[:, None]  # [B, 1, L, span]
             slots = self._cache_slots(rows, positions)
+        compiled = self.add_rms_norm is not None and not torch.is_grad_enabled()
+        add_norm = self._add_norm_compiled if compiled else self._add_norm
+        out = None  # the last block's output, added to h by the next norm's call
         for i, layer in enumerate(self.layers):
-            r = layer.input_layernorm(h)
-            h = h + self._attention(i, layer.self_attn, r, rotate, cos, sin, rows, mask, slots)
-            h = h + self._mlp(i, layer.mlp, layer.post_attention_layernorm(h))
-        h = h.reshape(-1, h.shape[-1])
+            h, r = add_norm(h, out, layer.input_layernorm)
+            h, r = add_norm(h, self._attention(i, layer.self_attn, r, rotate, cos, sin, rows, mask, slots),
+                            layer.post_attention_layernorm)
+            out = self._mlp(i, layer.mlp, r)
+        h = (h + out).reshape(-1, h.shape[-1])
         if keep is not None:
             h = h.index_select(0, keep)
-        h = self.hf.model.norm(h)
+        _, h = add_norm(h, None, self.hf.model.norm)
         return self.lm_head(h).float()
+
+    @staticmethod
+    def _add_norm(h: torch.Tensor, out: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + out, its norm); `out` None: (h, its norm)."""
+        if out is not None:
+            h = h + out
+        return h, norm(h)
+
+    def _add_norm_compiled(self, h, out, norm):
+        """`_add_norm` as one compiled call, with its bits (see `_norm_lanes`)."""
+        return self.add_rms_norm(h.contiguous(), None if out is None else out.contiguous(), norm.weight,
+                                 norm.variance_epsilon, self.norm_lanes)
+
+    def _norm_lanes(self) -> int | None:
+        """How the compiled add + RMSNorm (`adapters/csrc/rms_norm.cpp`) sums a row so that every norm of
+        this model gets transformers' very bits: ATen's order for vectors of 8 or 16 lanes (the width ATen
+        dispatches to on this CPU), else (0) ATen's own `mean` called from it; None where none of them
+        does, or the call cannot serve (not CPU float32, no kernel, norms other than LlamaRMSNorm's kind)."""
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms.append(self.hf.model.norm)
+        w = norms[0].weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or native.add_rms_norm_op() is None:
+            return None
+        if any(type(n) is not type(norms[0]) or not isinstance(getattr(n, "variance_epsilon", None), float) or
+               getattr(n, "weight", None) is None or n.weight.shape != w.shape for n in norms):
+            return None
+        op = native.add_rms_norm_op()
+        g = torch.Generator().manual_seed(0)
+        # a decode step's rows, a prefill, one long enough to run in parallel; every norm on a small one
+        shapes = [(norms[0], (32, 1)), (norms[0], (3, 37)), (norms[0], (2, 700))] + [(n, (2, 3)) for n in norms]
+        probes = [(n, torch.randn(*shape, w.shape[0], generator=g) * 4, torch.randn(*shape, w.shape[0], generator=g))
+                  for n, shape in shapes]
+        with torch.inference_mode():
+            for lanes in (8, 16, 0):
+                if all(torch.equal(got, want) for n, h, d in probes
+                       for got, want in zip(op(h, d, n.weight, n.variance_epsilon, lanes), (h + d, n(h + d)))):
+                    return lanes
+        return None
 
     def _mlp(self, i, mlp, x):
         gate, up = self.gate_up[i](x)

@@ -501,9 +501,10 @@ def test_rotary_refuses_bad_input(op, bad):
         native.rotary_op()(q, k, cos, sin)
 
 
-def test_the_serving_forward_rotates_with_the_compiled_call_on_cpu_float32(op, tiny_llama_dir):
-    """Every layer of a float32 pass rotates q/k through the compiled call (the same bits as transformers'
-    function, so only a count of calls tells them apart); a bfloat16 engine never calls it."""
+def test_the_serving_forward_rotates_and_norms_with_the_compiled_calls_on_cpu_float32(op, tiny_llama_dir):
+    """Every layer of a float32 pass rotates q/k through the compiled call and takes each residual add
+    with its RMSNorm through the other (the same bits as transformers' ops, so only a count of calls
+    tells them apart); a bfloat16 engine calls neither."""
     from s2ft_serve.config import EngineConfig
     from s2ft_serve.engine.engine import Engine
     from s2ft_serve.engine.request import SamplingParams
@@ -512,13 +513,90 @@ def test_the_serving_forward_rotates_with_the_compiled_call_on_cpu_float32(op, t
         engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype=dtype)).start()
         try:
             model = engine.runner.model
-            assert (model.rotary is not None) == compiled
-            calls = []
+            assert (model.rotary is not None) == compiled and (model.add_rms_norm is not None) == compiled
+            calls, norms = [], []
             if compiled:
-                real = model.rotary
+                real, real_norm = model.rotary, model.add_rms_norm
                 model.rotary = lambda *a: calls.append(1) or real(*a)
+                model.add_rms_norm = lambda *a: norms.append(1) or real_norm(*a)
             engine.submit("Hello world", None, SamplingParams(max_tokens=3, temperature=0)).result()
-            # a prefill and two decode steps, each through every layer
+            # a prefill and two decode steps, each through every layer (two norms each) and the final norm
             assert len(calls) == (3 * len(model.layers) if compiled else 0)
+            assert len(norms) == (3 * (2 * len(model.layers) + 1) if compiled else 0)
         finally:
             engine.shutdown()
+
+
+@pytest.mark.parametrize("H", [576, 64, 100, 7])  # SmolLM2's hidden size, the tiny models', odd ones
+@pytest.mark.parametrize("B,L", [(32, 1), (3, 37), (2, 700)])  # a decode step, a prefill, a long one (in parallel)
+def test_add_rms_norm_gives_transformers_bits(op, H, B, L):
+    """h + delta and LlamaRMSNorm(h + delta) bit for bit: with ATen's own mean (lanes 0) everywhere, and
+    summed in ATen's order for the vector width ATen uses on this CPU (8 or 16 lanes)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(H * B)
+    norm = LlamaRMSNorm(H, eps=1e-5)
+    norm.weight.data = torch.randn(H, generator=g)
+    h, d = torch.randn(B, L, H, generator=g) * 4, torch.randn(B, L, H, generator=g)
+    add_rms_norm = native.add_rms_norm_op()
+    with torch.inference_mode():
+        want = norm(h + d)
+        exact = []
+        for lanes in (0, 8, 16):
+            total, got = add_rms_norm(h, d, norm.weight, norm.variance_epsilon, lanes)
+            assert torch.equal(total, h + d)
+            exact.append(torch.equal(got, want))
+            same, alone = add_rms_norm(h, None, norm.weight, norm.variance_epsilon, lanes)  # no residual
+            assert same.data_ptr() == h.data_ptr() and torch.equal(alone, norm(h)) == exact[-1]
+    assert exact[0] and (exact[1] or exact[2])
+    assert not (exact[1] and exact[2]) or H < 8  # the two orders differ: the test can tell them apart
+
+
+@pytest.mark.parametrize("bad", ["float64", "delta_shape", "strided", "weight", "lanes"])
+def test_add_rms_norm_refuses_bad_input(op, bad):
+    h, d, w = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(8)
+    lanes = 8
+    if bad == "float64":
+        h = h.double()
+    elif bad == "delta_shape":
+        d = d[:1]
+    elif bad == "strided":
+        h = torch.randn(2, 8, 3).transpose(1, 2)
+    elif bad == "weight":
+        w = torch.randn(9)
+    else:
+        lanes = 4
+    with pytest.raises(RuntimeError, match="add_rms_norm"):
+        native.add_rms_norm_op()(h, d, w, 1e-5, lanes)
+
+
+def test_norms_the_compiled_call_does_not_reproduce_stay_the_models_own(op, tiny_llama_dir):
+    """A model whose norms compute something else (here each adds 1, as Gemma-style norms differ) fails
+    the probe: the forward then calls the modules, and its logits stay the model's own."""
+    from s2ft_serve.model.forward import Transformer
+    from s2ft_serve.model.loading import load_model
+
+    def shifted(model):
+        base = type(model.model.norm)
+
+        class Shifted(base):
+            def forward(self, x):
+                return super().forward(x) + 1.0
+
+        for layer in model.model.layers:
+            layer.input_layernorm.__class__ = layer.post_attention_layernorm.__class__ = Shifted
+        model.model.norm.__class__ = Shifted
+        return model
+
+    plain = Transformer(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model, 2, 32)
+    assert plain.norm_lanes in (8, 16)  # this CPU's ATen order, found by the probe
+    reference = shifted(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model)
+    model = Transformer(shifted(load_model(str(tiny_llama_dir), dtype="float32", device="cpu").model), 2, 32)
+    assert model.norm_lanes is None and model.add_rms_norm is None
+    tokens = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 1, 4]])
+    positions = torch.arange(5).expand(2, 5)
+    with torch.inference_mode():
+        got = model(tokens, positions, slice(0, 2), cached=False)
+        want = reference(tokens).logits.reshape(-1, got.shape[-1])
+        unshifted = plain(tokens, positions, slice(0, 2), cached=False)
+    assert (got - want).abs().max().item() <= 1e-4 and not torch.allclose(got, unshifted, atol=1e-2)
