@@ -40,7 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp",
-                                                                         "rms_norm.cpp")]
+                                                                         "rms_norm.cpp", "kv_write.cpp")]
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
@@ -77,6 +77,12 @@ def add_rms_norm_op():
     """`torch.ops.s2ft_serve.add_rms_norm` (h, delta or None, weight, eps -> h + delta, its RMSNorm with
     transformers' bits, CPU float32), building the kernels if needed; None where that fails."""
     return torch.ops.s2ft_serve.add_rms_norm if _library() else None
+
+
+def kv_write_op():
+    """`torch.ops.s2ft_serve.kv_write` (k cache, v cache, slots, k, v: a pass's keys and values into one
+    layer's cache, CPU, any dtype), building the kernels if needed; None where that fails."""
+    return torch.ops.s2ft_serve.kv_write if _library() else None
 
 
 def rotary_op():

@@ -115,6 +115,8 @@ class Transformer(nn.Module):
         # bits (CPU float32), else the model's own modules
         self.norm_lanes = self._norm_lanes()
         self.add_rms_norm = native.add_rms_norm_op() if self.norm_lanes is not None else None
+        # a pass's keys and values into a layer's cache in one compiled call (CPU), else two index_copy_
+        self.kv_write = native.kv_write_op() if w.device.type == "cpu" else None
         self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
         self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
         for layer in self.layers:
@@ -160,7 +162,9 @@ class Transformer(nn.Module):
         if cached:  # each token attends over its row's cache up to its own position
             span = int(positions.max()) + 1
             mask = torch.arange(span, device=h.device)[None, None, :] <= positions[:, :, None]  # [B, L, span]
-            mask = mask[:, None]  # [B, 1, L, span]
+            # [B, 1, L, span], additive: what scaled_dot_product_attention makes of a boolean mask (0 where
+            # True, -inf elsewhere, in the query's dtype), once per pass instead of once per layer
+            mask = torch.where(mask, 0.0, float("-inf")).to(h.dtype)[:, None]
             slots = self._cache_slots(rows, positions)
         compiled = self.add_rms_norm is not None and not torch.is_grad_enabled()
         add_norm = self._add_norm_compiled if compiled else self._add_norm
@@ -237,8 +241,11 @@ class Transformer(nn.Module):
         q, k = rotate(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if slots is not None:  # continuing the cache (decode, ...): write at the positions, attend over it
-            ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))
-            cv.view(-1, self.head_dim).index_copy_(0, slots, v.reshape(-1, self.head_dim))
+            if self.kv_write is not None and not torch.is_grad_enabled():
+                self.kv_write(ck, cv, slots, k, v)
+            else:
+                ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))
+                cv.view(-1, self.head_dim).index_copy_(0, slots, v.reshape(-1, self.head_dim))
             span = mask.shape[-1]
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)

@@ -504,7 +504,8 @@ def test_rotary_refuses_bad_input(op, bad):
 def test_the_serving_forward_rotates_and_norms_with_the_compiled_calls_on_cpu_float32(op, tiny_llama_dir):
     """Every layer of a float32 pass rotates q/k through the compiled call and takes each residual add
     with its RMSNorm through the other (the same bits as transformers' ops, so only a count of calls
-    tells them apart); a bfloat16 engine calls neither."""
+    tells them apart); a bfloat16 engine calls neither. Both write each decode step's keys and values
+    into the cache with one compiled call per layer."""
     from s2ft_serve.config import EngineConfig
     from s2ft_serve.engine.engine import Engine
     from s2ft_serve.engine.request import SamplingParams
@@ -514,15 +515,18 @@ def test_the_serving_forward_rotates_and_norms_with_the_compiled_calls_on_cpu_fl
         try:
             model = engine.runner.model
             assert (model.rotary is not None) == compiled and (model.add_rms_norm is not None) == compiled
-            calls, norms = [], []
+            calls, norms, writes = [], [], []
             if compiled:
                 real, real_norm = model.rotary, model.add_rms_norm
                 model.rotary = lambda *a: calls.append(1) or real(*a)
                 model.add_rms_norm = lambda *a: norms.append(1) or real_norm(*a)
+            real_write = model.kv_write
+            model.kv_write = lambda *a: writes.append(1) or real_write(*a)
             engine.submit("Hello world", None, SamplingParams(max_tokens=3, temperature=0)).result()
             # a prefill and two decode steps, each through every layer (two norms each) and the final norm
             assert len(calls) == (3 * len(model.layers) if compiled else 0)
             assert len(norms) == (3 * (2 * len(model.layers) + 1) if compiled else 0)
+            assert len(writes) == 2 * len(model.layers)  # the decode steps (a fresh prefill writes its rows whole)
         finally:
             engine.shutdown()
 
@@ -600,3 +604,48 @@ def test_norms_the_compiled_call_does_not_reproduce_stay_the_models_own(op, tiny
         want = reference(tokens).logits.reshape(-1, got.shape[-1])
         unshifted = plain(tokens, positions, slice(0, 2), cached=False)
     assert (got - want).abs().max().item() <= 1e-4 and not torch.allclose(got, unshifted, atol=1e-2)
+
+
+def kv_inputs(g, dtype, B: int = 4, L: int = 3, heads: int = 3, D: int = 16, rows: int = 6, max_len: int = 20):
+    """A layer's caches [rows, heads, max_len, D], k contiguous and v a transposed view (as the forward
+    has them), and distinct slots of (row, head, position) in (b, h, l) order."""
+    ck, cv = torch.randn(rows, heads, max_len, D, generator=g).to(dtype), torch.randn(rows, heads, max_len, D, generator=g).to(dtype)
+    k = torch.randn(B, heads, L, D, generator=g).to(dtype)
+    v = torch.randn(B, L, heads, D, generator=g).to(dtype).transpose(1, 2)
+    row_ids, pos = torch.randperm(rows, generator=g)[:B], torch.randint(0, max_len - L, (B,), generator=g)
+    slots = ((row_ids[:, None, None] * heads + torch.arange(heads)[None, :, None]) * max_len
+             + pos[:, None, None] + torch.arange(L)[None, None, :])
+    return ck, cv, slots.reshape(-1), k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [1, 3])  # a decode step, a chunk continuing the cache
+def test_kv_write_equals_index_copy(op, dtype, L):
+    ck, cv, slots, k, v = kv_inputs(torch.Generator().manual_seed(L), dtype, L=L)
+    want_k, want_v = ck.clone(), cv.clone()
+    want_k.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
+    want_v.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
+    native.kv_write_op()(ck, cv, slots, k, v)
+    assert torch.equal(ck, want_k) and torch.equal(cv, want_v)
+
+
+@pytest.mark.parametrize("bad", ["slot", "negative", "dtype", "shape", "head_dim", "overlap"])
+def test_kv_write_refuses_bad_input_before_writing(op, bad):
+    ck, cv, slots, k, v = kv_inputs(torch.Generator().manual_seed(0), torch.float32)
+    if bad == "slot":
+        slots[-1] = ck.numel() // ck.shape[-1]
+    elif bad == "negative":
+        slots[3] = -1
+    elif bad == "dtype":
+        v = v.double()
+    elif bad == "shape":
+        v = v[:, :, :2]
+    elif bad == "head_dim":
+        k, v = k[..., :8], v[..., :8]
+    else:  # k is the cache it would write (every slot valid)
+        k, v = ck, torch.randn(ck.shape)
+        slots = torch.arange(ck.numel() // ck.shape[-1])
+    before = ck.clone(), cv.clone()
+    with pytest.raises(RuntimeError, match="kv_write|unsupported operation"):
+        native.kv_write_op()(ck, cv, slots, k, v)
+    assert torch.equal(ck, before[0]) and torch.equal(cv, before[1])
