@@ -1,8 +1,11 @@
 """The compiled CPU kernels, built once on first use: the mixed-adapter correction, the exact GEMM and
-the rotary call.
+three calls of the serving forward that replace groups of small tensor ops.
 
 `csrc/rotary.cpp` (`rotary_op`) applies the rotary position embedding to a layer's q and k in one call
-with transformers' bits, where the eager form takes ~14 small ops (the serving forward, CPU float32).
+with transformers' bits, where the eager form takes ~14 small ops (CPU float32). `csrc/rms_norm.cpp`
+(`add_rms_norm_op`) adds a block's output to the residual stream and applies the RMSNorm after it with
+transformers' bits (~7 ops; the forward probes which row-sum order gives them). `csrc/kv_write.cpp`
+(`kv_write_op`) writes a pass's keys and values into a layer's cache (two `index_copy_` calls).
 
 `csrc/exact_gemm.cpp` (`exact_linear_op`) computes `F.linear` in MKL's own summation order, for
 `model.gemm.ExactLinear`, which uses it only where a probe showed the very same bits.
@@ -100,7 +103,8 @@ def _library() -> bool:
         lines = str(e).strip().splitlines() or [""]
         reason = next((line for line in lines if "error" in line.lower()), lines[-1])  # a compiler's first error
         log.warning("the compiled S²FT kernels are unavailable (%s: %s); mixed-adapter steps use embedding_bag, "
-                    "GEMMs MKL's F.linear, rotary transformers' ops", type(e).__name__, reason.strip())
+                    "GEMMs MKL's F.linear, rotary, norms and cache writes the eager ops", type(e).__name__,
+                    reason.strip())
         return False
 
 

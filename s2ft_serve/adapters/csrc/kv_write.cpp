@@ -16,7 +16,8 @@
 namespace {
 
 void kv_write(at::Tensor ck, at::Tensor cv, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&ck, &cv, &slots, &k, &v}) TORCH_CHECK(t->device().is_cpu(), "kv_write: CPU tensors");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&ck, &cv, &slots, &k, &v})
+    TORCH_CHECK(t->device().is_cpu(), "kv_write: CPU tensors");
   TORCH_CHECK(ck.is_contiguous() && cv.is_contiguous() && ck.sizes() == cv.sizes() && ck.dim() >= 1,
               "kv_write: contiguous caches of one shape [..., D]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
@@ -25,8 +26,8 @@ void kv_write(at::Tensor ck, at::Tensor cv, const at::Tensor& slots, const at::T
                   cv.scalar_type() == ck.scalar_type(), "kv_write: k, v and the caches of one dtype");
   const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3);
   TORCH_CHECK(ck.size(-1) == D, "kv_write: the caches' last dimension is not k's");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous() && slots.numel() == B * H * L,
-              "kv_write: int64 slots [B * H * L]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous() &&
+                  slots.numel() == B * H * L, "kv_write: int64 slots [B * H * L]");
   for (const at::Tensor* t : {&slots, &k, &v}) {
     at::assert_no_overlap(ck, *t);  // the caches are written while these are read
     at::assert_no_overlap(cv, *t);

@@ -609,7 +609,7 @@ def test_norms_the_compiled_call_does_not_reproduce_stay_the_models_own(op, tiny
 def kv_inputs(g, dtype, B: int = 4, L: int = 3, heads: int = 3, D: int = 16, rows: int = 6, max_len: int = 20):
     """A layer's caches [rows, heads, max_len, D], k contiguous and v a transposed view (as the forward
     has them), and distinct slots of (row, head, position) in (b, h, l) order."""
-    ck, cv = torch.randn(rows, heads, max_len, D, generator=g).to(dtype), torch.randn(rows, heads, max_len, D, generator=g).to(dtype)
+    ck, cv = (torch.randn(rows, heads, max_len, D, generator=g).to(dtype) for _ in range(2))
     k = torch.randn(B, heads, L, D, generator=g).to(dtype)
     v = torch.randn(B, L, heads, D, generator=g).to(dtype).transpose(1, 2)
     row_ids, pos = torch.randperm(rows, generator=g)[:B], torch.randint(0, max_len - L, (B,), generator=g)
