@@ -6,6 +6,7 @@ with transformers' bits, where the eager form takes ~14 small ops (CPU float32).
 (`add_rms_norm_op`) adds a block's output to the residual stream and applies the RMSNorm after it with
 transformers' bits (~7 ops; the forward probes which row-sum order gives them). `csrc/kv_write.cpp`
 (`kv_write_op`) writes a pass's keys and values into a layer's cache (two `index_copy_` calls).
+`csrc/argmax.cpp` (`argmax_op`) is greedy sampling's argmax, vectorised (ATen's walks each row).
 
 `csrc/exact_gemm.cpp` (`exact_linear_op`) computes `F.linear` in MKL's own summation order, for
 `model.gemm.ExactLinear`, which uses it only where a probe showed the very same bits.
@@ -43,7 +44,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp",
-                                                                         "rms_norm.cpp", "kv_write.cpp")]
+                                                                         "rms_norm.cpp", "kv_write.cpp", "argmax.cpp")]
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
@@ -86,6 +87,12 @@ def kv_write_op():
     """`torch.ops.s2ft_serve.kv_write` (k cache, v cache, slots, k, v: a pass's keys and values into one
     layer's cache, CPU, any dtype), building the kernels if needed; None where that fails."""
     return torch.ops.s2ft_serve.kv_write if _library() else None
+
+
+def argmax_op():
+    """`torch.ops.s2ft_serve.argmax_rows` (float32 [R, V] -> int64 [R], torch.argmax's answer per row, CPU),
+    building the kernels if needed; None where that fails."""
+    return torch.ops.s2ft_serve.argmax_rows if _library() else None
 
 
 def rotary_op():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from s2ft_serve.adapters import native
 from s2ft_serve.engine.request import SamplingParams, TokenLogprob
 
 
@@ -16,7 +17,7 @@ def sample(
     token. Speculative decoding keeps a draft token when the draw is that token (probability p(draft);
     otherwise the draw is distributed as p without it: speculative sampling with a one-token
     proposal), so a seeded request draws the same tokens whether or not a step drafted for it."""
-    greedy = logits.argmax(dim=-1).tolist()
+    greedy = greedy_tokens(logits)
     out = []
     for i, p in enumerate(params):
         if p.temperature == 0:
@@ -28,6 +29,16 @@ def sample(
             probs = probs.to(gen.device)
         out.append(int(torch.multinomial(probs, 1, generator=gen)))
     return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:  # [B, vocab] float32
+    """Each row's argmax, as torch.argmax answers it (the first largest value; a NaN counts as largest):
+    on CPU the compiled call (`adapters/csrc/argmax.cpp`: ~2 ms -> ~0.2 ms for 32 rows of a 49k
+    vocabulary), elsewhere torch's."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0
+            and native.argmax_op() is not None):
+        return native.argmax_op()(logits.contiguous()).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # [vocab], not normalised after top-p

@@ -649,3 +649,44 @@ def test_kv_write_refuses_bad_input_before_writing(op, bad):
     with pytest.raises(RuntimeError, match="kv_write|unsupported operation"):
         native.kv_write_op()(ck, cv, slots, k, v)
     assert torch.equal(ck, before[0]) and torch.equal(cv, before[1])
+
+
+def test_argmax_rows_is_torch_argmax(op):
+    """The first largest value of each row, a NaN counting as largest, as torch.argmax answers: on a
+    vocabulary-sized batch, on ties, NaNs, infinities, signed zeros and one-value rows."""
+    g = torch.Generator().manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.randn(32, 49152, generator=g), torch.randn(7, 1000, generator=g).round(),  # many ties
+             torch.randn(1, 1, generator=g), torch.full((2, 70), -inf),
+             torch.tensor([[1.0, nan, 3.0, nan], [0.0, -0.0, 0.0, 1.0], [-0.0, 0.0, -1.0, -2.0], [inf, 1.0, inf, nan],
+                           [-inf, -inf, 5.0, 5.0]])]
+    late = torch.zeros(5, 600)  # around the 256-value chunks the call scans
+    late[0, 599], late[1, 256], late[2, 255] = 1.0, nan, 2.0
+    late[3, 300] = late[3, 10] = 3.0  # a tie across chunks: the first
+    late[4, 3], late[4, 500] = 4.0, nan  # a NaN after the maximum still wins
+    cases.append(late)
+    for x in cases:
+        assert torch.equal(native.argmax_op()(x), x.argmax(dim=-1)), x
+
+
+@pytest.mark.parametrize("bad", ["float64", "one_dim", "empty_rows", "strided"])
+def test_argmax_rows_refuses_bad_input(op, bad):
+    x = {"float64": torch.randn(2, 5, dtype=torch.float64), "one_dim": torch.randn(5),
+         "empty_rows": torch.randn(2, 0), "strided": torch.randn(5, 2).t()}[bad]
+    with pytest.raises(RuntimeError, match="argmax_rows"):
+        native.argmax_op()(x)
+
+
+def test_greedy_sampling_takes_the_compiled_argmax(op, monkeypatch):
+    from s2ft_serve.engine.request import SamplingParams
+    from s2ft_serve.engine.sampler import sample
+
+    calls = []
+    real = native.argmax_op()
+    monkeypatch.setattr(native, "argmax_op", lambda: lambda x: calls.append(x.shape) or real(x))
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=0)]
+    out = sample(logits, params, [None, torch.Generator().manual_seed(3), None, None])
+    assert calls == [(4, 300)]
+    assert [out[i] for i in (0, 2, 3)] == logits.argmax(dim=-1)[[0, 2, 3]].tolist()
