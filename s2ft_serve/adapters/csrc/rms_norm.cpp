@@ -1,12 +1,13 @@
 // A residual add and the Llama RMSNorm after it on CPU, float32, with transformers' very bits:
 //   h = h + delta                                                (when delta is given)
 //   out = weight * (h * rsqrt(mean(h * h, -1) + eps))
-// as LlamaRMSNorm's eager ops round: h * h, then ATen's own `mean` over the last dimension (called
-// here, so its summation order is ATen's), then + eps rounded to float32, 1 / sqrt (rsqrt's float32
-// result), h * that, weight * that: no fused multiply-add (contraction off for these loops). One call
-// where the eager form takes ~7 small tensor ops (add, pow, mean, add, rsqrt, mul, mul), which at
-// decode sizes cost far more in dispatch than in arithmetic. h, delta: [..., H] contiguous; weight [H].
-// Returns (h + delta, or h itself; out).
+// rounded as LlamaRMSNorm's eager ops round: h * h, its row mean (the sum in ATen's own order, then
+// / H), + eps rounded to float32, 1 / sqrt (rsqrt's float32 result), h * that, weight * that; no fused
+// multiply-add (contraction off for these loops). ATen's order depends on the vector width it
+// dispatches to, so the caller says which (`lanes` 8 or 16, found by a probe), or 0: ATen's `mean`
+// called from here. One call where the eager form takes ~7 small tensor ops (add, pow, mean, add,
+// rsqrt, mul, mul), which at decode sizes cost far more in dispatch than in arithmetic.
+// h, delta: [..., H] contiguous; weight [H]. Returns (h + delta, or h itself; out).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -31,9 +33,9 @@ namespace {
 #endif
 #define S2FT_EXACT __attribute__((optimize("fp-contract=off")))
 
-S2FT_CLONES S2FT_EXACT void add_square(float* __restrict__ sum, float* __restrict__ sq,
-                                                              const float* __restrict__ h,
-                                                              const float* __restrict__ d, int64_t n) {
+// sum = h + d and sq = sum * sum where d is given; else sq = h * h (sum untouched)
+S2FT_CLONES S2FT_EXACT void add_square(float* __restrict__ sum, float* __restrict__ sq, const float* __restrict__ h,
+                                       const float* __restrict__ d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = d ? h[i] + d[i] : h[i];
     if (d) sum[i] = v;
@@ -96,8 +98,7 @@ S2FT_CLONES S2FT_EXACT float aten_row_sum16(const float* x, int64_t n) {
 
 // out[r] = w * (h[r] * (1 / sqrt(var[r] + eps))), each product rounded (the eager ops' roundings)
 S2FT_CLONES S2FT_EXACT void scale_row(float* __restrict__ out, const float* __restrict__ h,
-                                                             const float* __restrict__ w, float var, float eps,
-                                                             int64_t H) {
+                                      const float* __restrict__ w, float var, float eps, int64_t H) {
   const float s = 1.0f / std::sqrt(var + eps);
   for (int64_t j = 0; j < H; ++j) {
     const float t = h[j] * s;
@@ -119,18 +120,18 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const std::
   TORCH_CHECK(lanes == 0 || lanes == 8 || lanes == 16, "add_rms_norm: lanes 0, 8 or 16");
   const int64_t H = h.size(-1), rows = H ? h.numel() / H : 0;
   at::Tensor sum = delta.has_value() ? at::empty_like(h) : h;
-  at::Tensor sq = at::empty_like(h);
   at::Tensor out = at::empty_like(h);
   const float* hp = h.data_ptr<float>();
   const float* dp = delta.has_value() ? delta->data_ptr<float>() : nullptr;
   float* up = sum.data_ptr<float>();
-  float* qp = sq.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float e = static_cast<float>(eps);  // `variance + eps` adds eps rounded to float32
   const float count = static_cast<float>(H);  // mean = sum / H
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(H, 1));
   if (lanes == 0) {
+    at::Tensor sq = at::empty_like(h);
+    float* qp = sq.data_ptr<float>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       add_square(up + r0 * H, qp + r0 * H, hp + r0 * H, dp ? dp + r0 * H : nullptr, (r1 - r0) * H);
     });
@@ -142,9 +143,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const std::
     return {sum, out};
   }
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sq(H);  // one row's squares at a time
     for (int64_t r = r0; r < r1; ++r) {
-      add_square(up + r * H, qp + r * H, hp + r * H, dp ? dp + r * H : nullptr, H);
-      const float total = lanes == 16 ? aten_row_sum16(qp + r * H, H) : aten_row_sum8(qp + r * H, H);
+      add_square(up + r * H, sq.data(), hp + r * H, dp ? dp + r * H : nullptr, H);
+      const float total = lanes == 16 ? aten_row_sum16(sq.data(), H) : aten_row_sum8(sq.data(), H);
       scale_row(op + r * H, up + r * H, wp, total / count, e, H);
     }
   });
