@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
 
-from engine_phase import add_random_adapters, engine_phase, interleaved_ms, prefill_rows
+from engine_phase import interleaved_ms, measure_with_adapters, prefill_rows
 from s2ft_serve.adapters.ops import mixed_delta, row_delta
-from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 
 
@@ -47,15 +45,7 @@ def main() -> None:
     ap.add_argument("--rows-prompts", type=int, default=8, help="prompts in a timed rows pass (<= --batch)")
     ap.add_argument("--rows-lengths", default="", help="tokens per prompt of the rows passes timed, e.g. 2,4,8,16,32")
     args = ap.parse_args()
-    threads = args.threads or torch.get_num_threads()
-    with engine_phase(threads):
-        engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
-                                     max_resident_adapters=args.batch, gemm=args.gemm, threads=threads,
-                                     adapter_kernel="native"))
-        names = add_random_adapters(engine, args.batch, dtype=getattr(torch, args.adapter_dtype))
-        report = engine.call(measure, engine, names, args)
-        engine.shutdown()
-    print(json.dumps(report))
+    measure_with_adapters(args, measure, getattr(torch, args.adapter_dtype), gemm=args.gemm, adapter_kernel="native")
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ interleaved with the engine, in the engine's own thread through `Engine.call` (e
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from contextlib import contextmanager
@@ -43,6 +44,23 @@ def add_random_adapters(engine, count: int, heads: int = 1, channels: int = 40,
         engine.add_adapter(name, random_adapter(engine.loaded.model, engine.model_name, seed=i, heads=heads,
                                                 channels=channels, scale=0.01, dtype=dtype))
     return names
+
+
+def measure_with_adapters(args, measure: Callable, adapter_dtype: torch.dtype = torch.float32, **config) -> None:
+    """An engine on CPU (`args.dtype`, `args.batch` rows, `args.threads` or torch's threads, and `config`)
+    holding `args.batch` random adapters (`add_random_adapters`); `measure(engine, names, args)` runs in
+    the engine's thread and its report is printed as JSON."""
+    from s2ft_serve.config import EngineConfig
+    from s2ft_serve.engine.engine import Engine
+
+    threads = args.threads or torch.get_num_threads()
+    with engine_phase(threads):
+        engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
+                                     max_resident_adapters=args.batch, threads=threads, **config))
+        names = add_random_adapters(engine, args.batch, dtype=adapter_dtype)
+        report = engine.call(measure, engine, names, args)
+        engine.shutdown()
+    print(json.dumps(report))
 
 
 def interleaved_ms(cases: dict[str, Callable[[], object]], repeats: int, warm_up: bool = False) -> dict[str, float]:

@@ -17,15 +17,13 @@ For each it prints the median over rounds of (step time with it off) / (step tim
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from engine_phase import add_random_adapters, engine_phase, prefill_rows
+from engine_phase import interleaved_ms, measure_with_adapters, prefill_rows
 from s2ft_serve.adapters import native
-from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
 
 CALLS = ("norm", "kv_write", "rotary")
@@ -39,15 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    threads = args.threads or torch.get_num_threads()
-    with engine_phase(threads):
-        engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
-                                     max_resident_adapters=args.batch, threads=threads))
-        names = add_random_adapters(engine, args.batch)
-        report = engine.call(measure, engine, names, args)
-        engine.shutdown()
-    print(json.dumps(report))
+    measure_with_adapters(ap.parse_args(), measure)
 
 
 @torch.inference_mode()
@@ -58,11 +48,12 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     missing = [call for call, op in compiled.items() if op is None]
     if missing:
         raise SystemExit(f"not compiled here (CPU float32 with the kernels built): {', '.join(missing)}")
-    mixed = [registry.slots_for(registry.acquire(registry.get(n))) for n in names]
+    versions = [registry.acquire(registry.get(n)) for n in names]
+    mixed = [registry.slots_for(v) for v in versions]
     last, positions = prefill_rows(engine, mixed)
     steps = {"base": [()] * args.batch, "mixed": mixed}
     ratios: dict[str, dict[str, list[float]]] = {kind: {call: [] for call in CALLS} for kind in steps}
-    for kind, slots in steps.items():
+    for slots in steps.values():
         runner.decode(last, positions, slots)  # warm: the first pass at a row count probes the GEMM forms
     for _ in range(args.repeats):
         for kind, slots in steps.items():
@@ -79,17 +70,15 @@ def measure(engine: Engine, names: list[str], args) -> dict:
     for call in CALLS:
         setattr(model, ATTRS[call], compiled[call])
     logits = runner.decode(last, positions, mixed)
-    argmax = {"torch": [], "compiled": []}
-    for _ in range(50):
-        for name, fn in (("torch", lambda: logits.argmax(dim=-1)), ("compiled", lambda: native.argmax_op()(logits))):
-            start = time.perf_counter()
-            fn()
-            argmax[name].append((time.perf_counter() - start) * 1e3)
+    argmax = interleaved_ms({"torch": lambda: logits.argmax(dim=-1), "compiled": lambda: native.argmax_op()(logits)},
+                            repeats=50)
+    for v in versions:
+        registry.release(v)
     report = {"benchmark": "small_ops", "model": engine.model_name, "dtype": args.dtype, "batch": args.batch,
               "threads": torch.get_num_threads(), "rounds": args.repeats,
               "off_over_on": {kind: {call: round(statistics.median(r), 3) for call, r in per.items()}
                               for kind, per in ratios.items()},
-              "argmax_ms": {name: round(statistics.median(t), 3) for name, t in argmax.items()}}
+              "argmax_ms": {name: round(t, 3) for name, t in argmax.items()}}
     for kind, per in report["off_over_on"].items():
         print(f"{kind} step, each call off / all on: " + ", ".join(f"{c} {r}x" for c, r in per.items()))
     print(f"argmax over [{args.batch}, {logits.shape[-1]}] logits: torch {report['argmax_ms']['torch']} ms, "

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels, built once on first use: the mixed-adapter correction, the exact GEMM and
-three calls of the serving forward that replace groups of small tensor ops.
+"""The compiled CPU kernels, built once on first use: the mixed-adapter correction, the exact GEMM, three
+calls of the serving forward that replace groups of small tensor ops, and greedy sampling's argmax.
 
 `csrc/rotary.cpp` (`rotary_op`) applies the rotary position embedding to a layer's q and k in one call
 with transformers' bits, where the eager form takes ~14 small ops (CPU float32). `csrc/rms_norm.cpp`
@@ -43,8 +43,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp",
-                                                                         "rms_norm.cpp", "kv_write.cpp", "argmax.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("slot_delta.cpp", "exact_gemm.cpp", "rotary.cpp", "rms_norm.cpp", "kv_write.cpp",
+                                    "argmax.cpp")]
+HEADERS = [CSRC / "cpu.h"]  # included by the sources: part of what a build is keyed on
 NAME = "s2ft_serve_kernels"
 CFLAGS = ["-O3", "-fopenmp"]  # no -march=native: the source picks its CPU-specific version at run time
 KERNELS = ("auto", "native", "torch")  # EngineConfig.adapter_kernel
@@ -56,8 +58,8 @@ def build_dir() -> Path:
     from s2ft_serve.model.loading import cache_dir
 
     root = Path(os.environ["S2FT_KERNEL_DIR"]) if os.environ.get("S2FT_KERNEL_DIR") else cache_dir() / "kernels"
-    key = [*(source.read_bytes() for source in SOURCES), *CFLAGS, torch.__version__, torch.version.git_version or "",
-           platform.machine()]
+    key = [*(source.read_bytes() for source in SOURCES + HEADERS), *CFLAGS, torch.__version__,
+           torch.version.git_version or "", platform.machine()]
     return root / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 

@@ -168,12 +168,14 @@ class Transformer(nn.Module):
             # True, -inf elsewhere, in the query's dtype), once per pass instead of once per layer
             mask = torch.where(mask, 0.0, float("-inf")).to(h.dtype)[:, None]
             slots = self._cache_slots(rows, positions)
-        compiled = self.add_rms_norm is not None and not torch.is_grad_enabled()
-        add_norm = self._add_norm_compiled if compiled else self._add_norm
+        # the compiled norm and cache write where they serve (outside autograd), decided once per pass
+        grad = torch.is_grad_enabled()
+        add_norm = self._add_norm_compiled if self.add_rms_norm is not None and not grad else self._add_norm
+        write = self.kv_write if self.kv_write is not None and not grad else self._write_kv
         out = None  # the last block's output, added to h by the next norm's call
         for i, layer in enumerate(self.layers):
             h, r = add_norm(h, out, layer.input_layernorm)
-            h, r = add_norm(h, self._attention(i, layer.self_attn, r, rotate, cos, sin, rows, mask, slots),
+            h, r = add_norm(h, self._attention(i, layer.self_attn, r, rotate, write, cos, sin, rows, mask, slots),
                             layer.post_attention_layernorm)
             out = self._mlp(i, layer.mlp, r)
         h = (h + out).reshape(-1, h.shape[-1])
@@ -201,11 +203,11 @@ class Transformer(nn.Module):
         does, or the call cannot serve (not CPU float32, no kernel, norms other than LlamaRMSNorm's kind)."""
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms.append(self.hf.model.norm)
+        if any(type(n) is not type(norms[0]) or not isinstance(getattr(n, "variance_epsilon", None), float) or
+               getattr(n, "weight", None) is None or n.weight.shape != norms[0].weight.shape for n in norms):
+            return None
         w = norms[0].weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
-            return None
-        if any(type(n) is not type(norms[0]) or not isinstance(getattr(n, "variance_epsilon", None), float) or
-               getattr(n, "weight", None) is None or n.weight.shape != w.shape for n in norms):
             return None
         op = native.add_rms_norm_op()
         if op is None:
@@ -235,7 +237,13 @@ class Transformer(nn.Module):
         flat = (row_ids[:, None, None] * self.num_kv_heads + heads[None, :, None]) * self.max_len + pos[:, None, :]
         return flat.reshape(-1)
 
-    def _attention(self, i, attn, x, rotate, cos, sin, rows, mask, slots):
+    @staticmethod
+    def _write_kv(ck: torch.Tensor, cv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`kv_write` as eager ops: the rows of k and v [B, H, L, D] into the caches viewed as [-1, D]."""
+        ck.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
+        cv.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
+
+    def _attention(self, i, attn, x, rotate, write, cos, sin, rows, mask, slots):
         B, L, _ = x.shape
         shape = (B, L, -1, self.head_dim)
         q, k, v = (t.reshape(shape) for t in self.qkv[i](x))
@@ -245,11 +253,7 @@ class Transformer(nn.Module):
         q, k = rotate(q, k, cos, sin)
         ck, cv = self.cache.k[i], self.cache.v[i]  # [rows, kv_heads, max_len, D]
         if slots is not None:  # continuing the cache (decode, ...): write at the positions, attend over it
-            if self.kv_write is not None and not torch.is_grad_enabled():
-                self.kv_write(ck, cv, slots, k, v)
-            else:
-                ck.view(-1, self.head_dim).index_copy_(0, slots, k.reshape(-1, self.head_dim))
-                cv.view(-1, self.head_dim).index_copy_(0, slots, v.reshape(-1, self.head_dim))
+            write(ck, cv, slots, k, v)
             span = mask.shape[-1]
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)

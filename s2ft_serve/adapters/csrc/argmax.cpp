@@ -13,13 +13,9 @@
 #include <cstdint>
 #include <limits>
 
-namespace {
+#include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define S2FT_CLONES
-#endif
+namespace {
 
 // One pass over the row in chunks: each chunk's maximum (vectorised), kept where it beats the best so
 // far (strictly: the first chunk holding the row's maximum); a chunk with a NaN answers with its first

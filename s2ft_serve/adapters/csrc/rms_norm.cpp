@@ -22,16 +22,9 @@
 #include <tuple>
 #include <vector>
 
-namespace {
+#include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-// an AVX-512, an AVX2 and a baseline clone of each loop, the best the CPU has (as slot_delta.cpp); every
-// clone does the same roundings (no contraction into fused multiply-adds), so they give the same bits
-#define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define S2FT_CLONES
-#endif
-#define S2FT_EXACT __attribute__((optimize("fp-contract=off")))
+namespace {
 
 // sum = h + d and sq = sum * sum where d is given; else sq = h * h (sum untouched)
 S2FT_CLONES S2FT_EXACT void add_square(float* __restrict__ sum, float* __restrict__ sq, const float* __restrict__ h,

@@ -13,11 +13,12 @@
 
 #include <tuple>
 
+#include "cpu.h"
+
 namespace {
 
-__attribute__((optimize("fp-contract=off"))) void rotate_rows(float* __restrict__ out, const float* __restrict__ q,
-                                                               const float* __restrict__ c, const float* __restrict__ s,
-                                                               int64_t half) {
+S2FT_EXACT void rotate_rows(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ c,
+                            const float* __restrict__ s, int64_t half) {
   for (int64_t d = 0; d < half; ++d) {
     const float a = q[d] * c[d], b = -q[d + half] * s[d];
     out[d] = a + b;

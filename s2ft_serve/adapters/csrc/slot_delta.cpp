@@ -22,16 +22,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu.h"
+
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-// Run-time dispatch: an AVX-512 clone, an AVX2+FMA clone, a baseline clone, the best the CPU has (the
-// build may be copied to another machine, so no -march=native). Each output is one chain of the same
-// FMAs in every clone, so they give the same bits.
-#define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define S2FT_CLONES
-#endif
+// S2FT_CLONES (cpu.h): each output is one chain of the same FMAs in every clone, so they give the same bits.
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {  // bfloat16 -> float32, exact: its bits are a float32's upper half

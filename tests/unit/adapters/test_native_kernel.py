@@ -221,7 +221,7 @@ def test_the_kernel_source_ships_in_the_wheel(tmp_path):
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert all(f"s2ft_serve/adapters/csrc/{source.name}" in names for source in native.SOURCES)
+    assert all(f"s2ft_serve/adapters/csrc/{source.name}" in names for source in native.SOURCES + native.HEADERS)
 
 
 def test_the_engine_refuses_an_unknown_or_unservable_kernel_at_start(tiny_llama_dir):
@@ -690,3 +690,33 @@ def test_greedy_sampling_takes_the_compiled_argmax(op, monkeypatch):
     out = sample(logits, params, [None, torch.Generator().manual_seed(3), None, None])
     assert calls == [(4, 300)]
     assert [out[i] for i in (0, 2, 3)] == logits.argmax(dim=-1)[[0, 2, 3]].tolist()
+
+
+def test_decode_logits_are_the_same_with_each_compiled_call_off(op, tiny_llama_dir):
+    """Switching a compiled call off (the forward then runs the eager ops it replaces, as on other
+    devices or under autograd) gives the very same decode logits: each call is exact, and so is each
+    fallback path (the cache is cleared between runs, so a fallback that wrote nothing would show)."""
+    from s2ft_serve.config import EngineConfig
+    from s2ft_serve.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", dtype="float32"))
+    try:
+        runner, model = engine.runner, engine.runner.model
+        ids = engine.tokenize("Hello world, how are you")
+        compiled = {name: getattr(model, name) for name in ("rotary", "add_rms_norm", "kv_write")}
+        assert all(op is not None for op in compiled.values())
+
+        def decode(off: str | None) -> torch.Tensor:
+            for name, call in compiled.items():
+                setattr(model, name, None if name == off else call)
+            model.cache.k.zero_()
+            model.cache.v.zero_()
+            runner.prefill_batch([ids] * 3, 0, [()] * 3, [False] * 3)
+            first = runner.decode([7] * 3, [len(ids)] * 3, [()] * 3)
+            return torch.cat([first, runner.decode([9] * 3, [len(ids) + 1] * 3, [()] * 3)])
+
+        want = engine.call(decode, None)
+        for off in compiled:
+            assert torch.equal(engine.call(decode, off), want), off
+    finally:
+        engine.shutdown(timeout=5)
