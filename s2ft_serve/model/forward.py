@@ -198,9 +198,9 @@ class Transformer(nn.Module):
 
     def _norm_lanes(self) -> int | None:
         """How the compiled add + RMSNorm (`adapters/csrc/rms_norm.cpp`) sums a row so that every norm of
-        this model gets transformers' very bits: ATen's order for vectors of 8 or 16 lanes (the width ATen
-        dispatches to on this CPU), else (0) ATen's own `mean` called from it; None where none of them
-        does, or the call cannot serve (not CPU float32, no kernel, norms other than LlamaRMSNorm's kind)."""
+        this model gets transformers' very bits: ATen's order for vectors of 8 lanes (torch 2.13's on x86,
+        under every CPU capability), else (0) ATen's own `mean` called from it (another CPU or torch); None
+        where neither does, or the call cannot serve (not CPU float32, no kernel, norms of another kind)."""
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         norms.append(self.hf.model.norm)
         if any(type(n) is not type(norms[0]) or not isinstance(getattr(n, "variance_epsilon", None), float) or
@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         probes = [(n, torch.randn(*shape, w.shape[0], generator=g) * 4, torch.randn(*shape, w.shape[0], generator=g))
                   for n, shape in shapes]
         with torch.inference_mode():
-            for lanes in (8, 16, 0):
+            for lanes in (8, 0):
                 if all(torch.equal(got, want) for n, h, d in probes
                        for got, want in zip(op(h, d, n.weight, n.variance_epsilon, lanes), (h + d, n(h + d)))):
                     return lanes

@@ -3,9 +3,9 @@
 //   out = weight * (h * rsqrt(mean(h * h, -1) + eps))
 // rounded as LlamaRMSNorm's eager ops round: h * h, its row mean (the sum in ATen's own order, then
 // / H), + eps rounded to float32, 1 / sqrt (rsqrt's float32 result), h * that, weight * that; no fused
-// multiply-add (contraction off for these loops). ATen's order depends on the vector width it
-// dispatches to, so the caller says which (`lanes` 8 or 16, found by a probe), or 0: ATen's `mean`
-// called from here. One call where the eager form takes ~7 small tensor ops (add, pow, mean, add,
+// multiply-add (contraction off for these loops). The caller says how to sum (`lanes`, found by a
+// probe): 8, ATen's order for vectors of 8 lanes, which torch 2.13 uses on x86 under every CPU
+// capability (DEFAULT, AVX2 and AVX512 give the same sums), or 0: ATen's `mean` called from here. One call where the eager form takes ~7 small tensor ops (add, pow, mean, add,
 // rsqrt, mul, mul), which at decode sizes cost far more in dispatch than in arithmetic.
 // h, delta: [..., H] contiguous; weight [H]. Returns (h + delta, or h itself; out).
 #include <ATen/Parallel.h>
@@ -37,7 +37,7 @@ S2FT_CLONES S2FT_EXACT void add_square(float* __restrict__ sum, float* __restric
 }
 
 // ATen's float32 sum of one contiguous row of n values as its vectorized inner reduction orders it, with
-// vectors of `V` lanes (16 where ATen dispatches to AVX-512, 8 with AVX2): the row as n / V vectors,
+// vectors of `V` lanes (8; 1 for rows shorter than a vector): the row as n / V vectors,
 // read as a [-1, 4] array whose 4 columns are summed apart (a cascade of levels of 2^p vectors each,
 // p = max(4, ceil(log2(count)) / 4)) and then together; the leftover vectors added to the first
 // column; then the values past the last whole vector, then each lane in turn, from zero.
@@ -85,9 +85,6 @@ inline __attribute__((always_inline)) float aten_row_sum(const float* x, int64_t
 S2FT_CLONES S2FT_EXACT float aten_row_sum8(const float* x, int64_t n) {
   return n < 8 ? aten_row_sum<1>(x, n) : aten_row_sum<8>(x, n);  // ATen sums fewer values unvectorized
 }
-S2FT_CLONES S2FT_EXACT float aten_row_sum16(const float* x, int64_t n) {
-  return n < 16 ? aten_row_sum<1>(x, n) : aten_row_sum<16>(x, n);
-}
 
 // out[r] = w * (h[r] * (1 / sqrt(var[r] + eps))), each product rounded (the eager ops' roundings)
 S2FT_CLONES S2FT_EXACT void scale_row(float* __restrict__ out, const float* __restrict__ h,
@@ -99,8 +96,8 @@ S2FT_CLONES S2FT_EXACT void scale_row(float* __restrict__ out, const float* __re
   }
 }
 
-// lanes 0: the mean from ATen's `mean` (any CPU); 8 or 16: summed here in ATen's order for vectors of
-// that many lanes (the caller checked which one gives ATen's bits), without a call back into ATen
+// lanes 0: the mean from ATen's `mean` (any CPU); 8: summed here in ATen's order for vectors of 8 lanes
+// (the caller checked that it gives ATen's bits), without a call back into ATen
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const std::optional<at::Tensor>& delta,
                                                 const at::Tensor& weight, double eps, int64_t lanes) {
   TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() >= 1,
@@ -110,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const std::
   if (delta.has_value())
     TORCH_CHECK(delta->device().is_cpu() && delta->scalar_type() == at::kFloat && delta->is_contiguous() &&
                     delta->sizes() == h.sizes(), "add_rms_norm: delta shaped as h, CPU float32 contiguous");
-  TORCH_CHECK(lanes == 0 || lanes == 8 || lanes == 16, "add_rms_norm: lanes 0, 8 or 16");
+  TORCH_CHECK(lanes == 0 || lanes == 8, "add_rms_norm: lanes 0 or 8");
   const int64_t H = h.size(-1), rows = H ? h.numel() / H : 0;
   at::Tensor sum = delta.has_value() ? at::empty_like(h) : h;
   at::Tensor out = at::empty_like(h);
@@ -139,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& h, const std::
     std::vector<float> sq(H);  // one row's squares at a time
     for (int64_t r = r0; r < r1; ++r) {
       add_square(up + r * H, sq.data(), hp + r * H, dp ? dp + r * H : nullptr, H);
-      const float total = lanes == 16 ? aten_row_sum16(sq.data(), H) : aten_row_sum8(sq.data(), H);
+      const float total = aten_row_sum8(sq.data(), H);
       scale_row(op + r * H, up + r * H, wp, total / count, e, H);
     }
   });
