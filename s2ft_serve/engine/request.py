@@ -28,10 +28,13 @@ class Guide:
             raise InvalidRequestError("choice must be a non-empty list of strings", param="guide")
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0 disables)
@@ -50,6 +53,12 @@ class SamplingParams:
     guide: Guide | None = None  # structured output (see engine.guided); None: free text
     skip_special_tokens: bool = True  # False: special tokens (tags some models write) appear in the text
     include_stop_str_in_output: bool = False  # True: the stop string (or stop token) that ended it stays in the text
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below GREEDY_BELOW pick the most likely token, as 0 does (vLLM's rule): dividing
+        logits by them would overflow."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:

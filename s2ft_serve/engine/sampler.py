@@ -12,18 +12,23 @@ def sample(
     logits: torch.Tensor,  # [B, vocab] float32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
+) -> list[int | None]:
     """Greedy rows in one argmax; sampled rows each with their own (seeded) generator, one draw per
     token. Speculative decoding keeps a draft token when the draw is that token (probability p(draft);
     otherwise the draw is distributed as p without it: speculative sampling with a one-token
-    proposal), so a seeded request draws the same tokens whether or not a step drafted for it."""
+    proposal), so a seeded request draws the same tokens whether or not a step drafted for it.
+    A sampled row whose logits give no distribution (NaN, or every token at -inf) gets None: the
+    caller ends that request alone."""
     greedy = greedy_tokens(logits)
-    out = []
+    out: list[int | None] = []
     for i, p in enumerate(params):
-        if p.temperature == 0:
+        if p.greedy:
             out.append(greedy[i])
             continue
         probs = probabilities(logits[i], p)
+        if probs is None:
+            out.append(None)
+            continue
         gen = generators[i]
         if gen is not None and gen.device != probs.device:
             probs = probs.to(gen.device)
@@ -40,16 +45,24 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:  # [B, vocab] float32
     return (op(logits.contiguous()) if op is not None else logits.argmax(dim=-1)).tolist()
 
 
-def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:  # [vocab], not normalised after top-p
-    """The distribution a sampled row draws from: temperature, then top-k, top-p and min-p."""
+def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor | None:  # [vocab], not normalised
+    """The distribution a sampled row draws from: temperature, then top-k, top-p and min-p; None where
+    there is none (NaN logits, or every token at -inf). Logits at +inf (a positive logit divided by a
+    tiny repetition penalty) share the draw evenly, the limit of the softmax."""
     row = row / p.temperature
+    top = torch.isposinf(row)
+    if top.any():
+        row = torch.zeros_like(row).masked_fill_(~top, float("-inf"))
     if p.top_k:
         kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs = torch.softmax(row, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return None
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+        keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+        keep[0] = True  # the most likely token always stays (a top_p that rounds to 0 keeps it alone)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     if p.min_p > 0:  # relative to the most likely token, which always stays
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)

@@ -315,7 +315,7 @@ class Stepper:
         if guided:
             self.engine.guided.mask(adjusted, logits, guided, [seqs[i].matcher for i in guided])
         chosen = sample(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and chosen[i] is not None]
         lps = {}
         if want:
             top = max(seqs[i].params.logprobs for i in want)
@@ -324,6 +324,11 @@ class Stepper:
                 lps[i] = lp
         done = []
         for i, (seq, token) in enumerate(zip(seqs, chosen)):
+            if token is None:  # its logits gave nothing to sample from: this request ends, the rest go on
+                log.error("request %s: no distribution to sample from (NaN logits, or every token at -inf)",
+                          seq.request_id)
+                done.append((seq, "error"))
+                continue
             seq.output_ids.append(token)
             if seq.matcher is not None and not seq.matcher.consume_token(token):
                 log.error("structured output of %s refused token %d: %s", seq.request_id, token,

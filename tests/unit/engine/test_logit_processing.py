@@ -154,3 +154,28 @@ def test_min_p_keeps_only_tokens_near_the_most_likely():
     free = [sample(logits, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(400)]
     assert 40 < free.count(2) < 120
 
+
+
+def test_extreme_accepted_values_still_give_a_distribution():
+    """Values the API accepts but that overflow float32 arithmetic: a temperature below 1e-5 samples
+    greedily (vLLM's rule; dividing by 1e-300 gives inf and NaN), a top_p that rounds to 0 keeps the
+    most likely token, and +inf logits (a tiny repetition penalty divides positive logits into +inf)
+    share the draw evenly instead of making NaN."""
+    logits = torch.tensor([[0.1, 2.0, 1.9, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    for extreme in (dict(temperature=1e-300), dict(temperature=9e-6), dict(top_p=1e-300), dict(top_p=1e-50)):
+        assert {sample(logits, [SamplingParams(**extreme)], [gen])[0] for _ in range(50)} == {1}
+    assert {sample(logits, [SamplingParams(temperature=2e-5)], [gen])[0] for _ in range(50)} == {1}  # sampled, sharp
+    boosted = adjust_logits_batch(logits, [SamplingParams(repetition_penalty=1e-300)], [[0, 2, 3]], [[]], set())
+    assert boosted[0, 0] == boosted[0, 2] == float("inf")
+    drawn = [sample(boosted, [SamplingParams(temperature=1.0)], [gen])[0] for _ in range(200)]
+    assert set(drawn) == {0, 2} and 60 < drawn.count(0) < 140
+
+
+def test_a_row_with_no_distribution_gets_none_and_the_others_are_sampled():
+    """NaN logits (a broken model) or every token at -inf give no distribution: that row gets None, which
+    the engine turns into an error for that request alone; greedy rows still take their argmax."""
+    logits = torch.tensor([[0.0, 1.0, 0.5], [float("nan"), 1.0, 0.0], [float("-inf")] * 3, [0.0, 0.0, 9.0]])
+    params = [SamplingParams(temperature=1.0, top_k=1)] * 3 + [SamplingParams(temperature=0)]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert sample(logits, params, gens) == [1, None, None, 2]

@@ -119,3 +119,40 @@ def test_cancelled_waiting_requests_free_their_queue_places(tiny_llama_dir):
     engine.start()
     assert third.result(timeout=30).num_generated_tokens == 2
     engine.shutdown()
+
+
+def test_extreme_sampling_values_run_beside_other_requests(engine, adapters):
+    """A temperature, top_p or repetition penalty so small that float32 arithmetic overflows is served
+    (greedy, the top token, an even draw among +inf logits), and the requests batched with it are not
+    disturbed."""
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.start()
+    alone = engine.generate("fox", "a1", greedy)
+    extremes = [SamplingParams(max_tokens=8, ignore_eos=True, seed=1, **kw)
+                for kw in (dict(temperature=1e-300), dict(top_p=1e-300), dict(repetition_penalty=1e-300))]
+    handles = engine.submit_many([("fox", "a1", greedy)] + [("Hello there", "a0", p) for p in extremes])
+    outs = [h.result(timeout=60) for h in handles]
+    assert [o.finish_reason for o in outs] == ["length"] * 4
+    assert outs[0].token_ids == alone.token_ids
+    assert outs[1].token_ids == outs[2].token_ids == engine.generate("Hello there", "a0", greedy).token_ids
+
+
+def test_a_row_that_cannot_be_sampled_ends_alone(engine, adapters, monkeypatch):
+    """Should a row's logits give no distribution (the sampler's None), that request ends with
+    finish_reason "error" and every other request in the batch goes on to the same tokens as alone."""
+    from s2ft_serve.engine import stepper
+
+    real = stepper.sample
+
+    def broken_for_seed_13(logits, params, generators):
+        return [None if p.seed == 13 else t for p, t in zip(params, real(logits, params, generators))]
+
+    engine.start()
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = [engine.generate(prompt, name, greedy).token_ids for prompt, name in (("fox", "a1"), ("cat", None))]
+    monkeypatch.setattr(stepper, "sample", broken_for_seed_13)
+    handles = engine.submit_many([("fox", "a1", greedy), ("dog", "a2", SamplingParams(max_tokens=6, seed=13)),
+                                  ("cat", None, greedy)])
+    outs = [h.result(timeout=60) for h in handles]
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert outs[1].token_ids == [] and [outs[0].token_ids, outs[2].token_ids] == alone
