@@ -187,8 +187,9 @@ def read_adapter_file(path: str | Path, base_fingerprint: str | None = None,
     return AdapterFile(path, config, data)
 
 
-def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | None = None) -> Adapter:
-    """Parse and fully validate what `read_adapter_file` read."""
+def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | None = None,
+                  dtype: torch.dtype | None = None) -> Adapter:
+    """Parse and fully validate what `read_adapter_file` read (`dtype`: see `validate_tensors`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -197,7 +198,7 @@ def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | Non
         tensors = load(raw.data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from None
-    modules = validate_tensors(tensors, linears, source=str(weights))
+    modules = validate_tensors(tensors, linears, source=str(weights), dtype=dtype)
     return Adapter(config=raw.config, modules=modules, path=raw.path, nbytes=len(raw.data))
 
 
@@ -224,19 +225,35 @@ def _values(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _all_finite(delta: torch.Tensor) -> bool:
+def _all_finite(delta: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Every value finite, and still finite once rounded to `dtype` (the dtype the engine serves the
+    delta in) where that is given and narrower: a float64 1e39 is finite, but inf in float32."""
     values = _values(delta)
     if delta.dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN
-        return not bool(np.any((values & 0x7F80) == 0x7F80))
-    return bool(np.isfinite(values).all())
+        if np.any((values & 0x7F80) == 0x7F80):
+            return False
+        return dtype != torch.float16 or _all_finite(delta.float(), dtype)
+    if not np.isfinite(values).all():
+        return False
+    if dtype is None or torch.finfo(dtype).max >= torch.finfo(delta.dtype).max:
+        return True
+    with np.errstate(over="ignore"):
+        if dtype == torch.float16:
+            return bool(np.isfinite(values.astype(np.float16)).all())
+        narrow = values.astype(np.float32)
+        if dtype == torch.bfloat16:  # rounds to inf from 0x7F7F8000 (bfloat16's largest + half a step) on
+            return not bool(np.any((narrow.view(np.uint32) & 0x7FFFFFFF) >= 0x7F7F8000))
+        return bool(np.isfinite(narrow).all())
 
 
 def validate_tensors(
     tensors: Mapping[str, torch.Tensor],
     linears: Mapping[str, tuple[int, int]] | None = None,
     source: str = "adapter",
+    dtype: torch.dtype | None = None,
 ) -> dict[str, ModuleDelta]:
-    """Pair `.s2ft_index` / `.s2ft_delta` tensors per module and check every invariant."""
+    """Pair `.s2ft_index` / `.s2ft_delta` tensors per module and check every invariant; with `dtype`
+    (the serving dtype), the deltas must also stay finite once rounded to it."""
 
     def fail(tensor: str, reason: str):
         raise AdapterValidationError(f"{source}: tensor '{tensor}': {reason}")
@@ -285,6 +302,9 @@ def validate_tensors(
             fail(ikey, "indices must be distinct")
         if not _all_finite(delta):
             fail(dkey, "values must be finite (found NaN or inf)")
+        if dtype is not None and not _all_finite(delta, dtype):
+            fail(dkey, f"values must be finite in {str(dtype).replace('torch.', '')}, the dtype the model is "
+                       f"served in (found a value beyond its range, {torch.finfo(dtype).max:.4g})")
         modules[name] = ModuleDelta(index=index.contiguous(), delta=delta.contiguous())
     return modules
 

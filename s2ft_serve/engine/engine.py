@@ -364,7 +364,8 @@ class Engine:
     def _read(self, path: Path) -> Adapter:
         """A load's file reading, parsing and validation, in the calling thread: a slow disk or a large
         adapter never stalls the engine's steps (the checks run in numpy: no torch parallel region)."""
-        return parse_adapter(read_adapter_file(path, self.fingerprint, self.config.max_adapter_bytes), self._shapes)
+        return parse_adapter(read_adapter_file(path, self.fingerprint, self.config.max_adapter_bytes), self._shapes,
+                             self.dtype)
 
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
         """Validate an adapter folder, then make it visible under `name` (atomically). The files are
@@ -386,7 +387,7 @@ class Engine:
         modules = validate_tensors(
             {**{f"{m}.s2ft_index": d.index for m, d in adapter.modules.items()},
              **{f"{m}.s2ft_delta": d.delta for m, d in adapter.modules.items()}},
-            self._shapes, source=f"adapter '{name}'")
+            self._shapes, source=f"adapter '{name}'", dtype=self.dtype)
         fp = adapter.config.get("base_model_fingerprint")
         if fp and fp != self.fingerprint:
             raise AdapterValidationError(f"adapter '{name}': base_model_fingerprint {fp} does not match the base model")

@@ -89,6 +89,41 @@ def test_delta_values_are_checked_in_every_float_dtype(folder, base, dtype, bad)
         load_adapter(folder, shapes(base))
 
 
+F32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("stored, served, value", [
+    (torch.float64, torch.float32, 1e39), (torch.float64, torch.float32, F32_MAX),
+    (torch.float64, torch.float32, 3.4028235e38 * (1 + 2 ** -25)),  # rounds to float32's largest, or past it
+    (torch.float32, torch.float16, 65519.0), (torch.float32, torch.float16, 65520.0),  # the tie goes to inf
+    (torch.float64, torch.float16, 70000.0), (torch.bfloat16, torch.float16, 70000.0),
+    (torch.float32, torch.bfloat16, float.fromhex("0x1.fefffep+127")),  # rounds down to bfloat16's largest
+    (torch.float32, torch.bfloat16, float.fromhex("0x1.ffp+127")),  # half a step past it: the tie goes to inf
+    (torch.float64, torch.bfloat16, 1e39),
+    (torch.float16, torch.float32, 65504.0), (torch.bfloat16, torch.float32, 3.3895e38),
+])
+def test_deltas_must_stay_finite_in_the_serving_dtype(folder, base, stored, served, value):
+    """A value finite as stored but past the range of the dtype the model is served in (a float64 1e39
+    under a float32 model) would serve as inf: it is refused exactly when the engine's own conversion
+    gives inf, with the tensor and the dtype named."""
+    from s2ft_serve.adapters.format import parse_adapter, read_adapter_file
+
+    def mutate(t):
+        delta = t[f"{D}.s2ft_delta"].to(stored)
+        delta[0, -1] = value
+        t[f"{D}.s2ft_delta"] = delta
+    rewrite(folder, mutate)
+    assert load_adapter(folder, shapes(base)).modules[D].delta.dtype == stored  # finite as stored
+    served_value = torch.tensor([value], dtype=torch.float64).to(stored).to(served)
+    if bool(torch.isfinite(served_value).all()):
+        assert parse_adapter(read_adapter_file(folder), shapes(base), served).modules[D].delta[0, -1] == \
+            torch.tensor(value, dtype=torch.float64).to(stored)
+    else:
+        name = str(served).replace("torch.", "")
+        with pytest.raises(AdapterValidationError, match=f"{D}.s2ft_delta.*finite in {name}"):
+            parse_adapter(read_adapter_file(folder), shapes(base), served)
+
+
 def test_negative_indices_are_refused(folder, base):
     rewrite(folder, lambda t: t[f"{O}.s2ft_index"].__setitem__(0, -1))
     with pytest.raises(AdapterValidationError, match=r"indices must lie in \[0, \d+\), found -1"):

@@ -53,6 +53,26 @@ def test_bad_adapter_leaves_the_engine_unchanged(engine, adapters, root, tiny_mo
     assert engine.generate("fox", "a0", GREEDY).token_ids == before
 
 
+def test_a_delta_beyond_the_serving_dtype_is_refused(engine, adapters, root):
+    """A float64 delta of 1e39 is finite as stored but inf in the float32 model: refused by name,
+    and the engine serves what it served before."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    before = engine.generate("fox", "a0", GREEDY).token_ids
+    weights = root / "r2" / "adapter_model.safetensors"
+    tensors = {k: v.double() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    key = next(k for k in tensors if k.endswith(".s2ft_delta"))
+    tensors[key][0, 0] = 1e39
+    save_file(tensors, weights)
+    with pytest.raises(AdapterValidationError, match=f"{key}.*finite in float32"):
+        engine.load_adapter("a0", str(root / "r2"), replace=True)
+    assert engine.generate("fox", "a0", GREEDY).token_ids == before
+    tensors[key][0, 0] = 1e38
+    save_file(tensors, weights)
+    engine.load_adapter("r2", str(root / "r2"))  # within float32's range: served
+
+
 def test_fingerprint_mismatch_is_refused(engine, root):
     import json
     cfg = root / "r0" / "adapter_config.json"
