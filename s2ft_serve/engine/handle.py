@@ -57,10 +57,18 @@ class RequestHandle:
             self.finished = True
 
     def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
-        while not self.finished:
-            event = self._queue.get(timeout=timeout)
-            self._record(event)
-            yield event
+        """The request's events as they come. Leaving the iteration early (a `break` out of
+        `Engine.stream`, or `close()`) cancels the request, as leaving `aevents` does; a timeout
+        (`queue.Empty`) does not: the caller may wait again."""
+        try:
+            while not self.finished:
+                event = self._queue.get(timeout=timeout)
+                self._record(event)
+                yield event
+        except GeneratorExit:
+            if not self.finished:
+                self.cancel()
+            raise
 
     async def aevents(self) -> AsyncIterator[StreamEvent]:
         assert self._aqueue is not None, "use Engine.asubmit for asyncio"

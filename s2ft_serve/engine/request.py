@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from s2ft_serve.errors import InvalidRequestError
@@ -72,8 +73,8 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise InvalidRequestError("max_tokens must be a non-negative integer", param="max_tokens")
-        if self.temperature < 0:
-            raise InvalidRequestError("temperature must be >= 0", param="temperature")
+        if not 0 <= self.temperature < math.inf:  # NaN too
+            raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
         if self.top_k < 0:

@@ -80,6 +80,15 @@ def test_the_batched_rules_equal_the_one_row_rules_bit_for_bit(seed):
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(logit_bias={3: 101}), "logit_bias"),
     (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=math.nan), "top_p"),
+    (dict(min_p=math.nan), "min_p"),
+    (dict(presence_penalty=math.nan), "presence_penalty"),
+    (dict(frequency_penalty=math.nan), "frequency_penalty"),
+    (dict(repetition_penalty=math.nan), "repetition_penalty"),
+    (dict(logit_bias={3: math.nan}), "logit_bias"),
 ])
 def test_out_of_range_values_are_refused(params, param):
     with pytest.raises(InvalidRequestError) as err:

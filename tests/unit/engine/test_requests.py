@@ -156,3 +156,25 @@ def test_a_row_that_cannot_be_sampled_ends_alone(engine, adapters, monkeypatch):
     outs = [h.result(timeout=60) for h in handles]
     assert [o.finish_reason for o in outs] == ["length", "error", "length"]
     assert outs[1].token_ids == [] and [outs[0].token_ids, outs[2].token_ids] == alone
+
+
+def test_leaving_a_sync_stream_early_cancels_the_request(engine):
+    """A `break` out of `Engine.stream` (the iterator then closed) ends the request in the engine, as
+    leaving `astream` does; a timeout while waiting does not, so the caller may wait again."""
+    import queue
+
+    engine.start()
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    handle = engine.submit("fox", None, long)
+    stream = handle.events()
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    out = handle.result(timeout=30)
+    assert out.finish_reason == "abort" and out.num_generated_tokens < 400
+    waiting = engine.submit("fox", None, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    with pytest.raises(queue.Empty):
+        for _ in waiting.events(timeout=1e-6):
+            pass
+    assert waiting.result(timeout=30).finish_reason == "length"
