@@ -196,9 +196,16 @@ class AdapterRegistry:
     def acquire(self, entry: Entry) -> AdapterVersion:
         assert entry.version is not None
         entry.version.refs += 1
-        entry.requests_served += 1
         entry.last_used = time.monotonic()
         return entry.version
+
+    @_locked
+    def count_served(self, version: AdapterVersion) -> None:
+        """One more request served by `version`'s adapter: counted once it is queued (or has run), so
+        a request refused after pinning (queue full, another request of its group refused) is not."""
+        entry = self.entries.get(version.name)
+        if entry is not None:
+            entry.requests_served += 1
 
     @_locked
     def release(self, version: AdapterVersion) -> None:

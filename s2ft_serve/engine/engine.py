@@ -221,6 +221,9 @@ class Engine:
                     if seq.version is not None:
                         self.registry.release(seq.version)
             raise
+        for seq, _ in prepared:
+            if seq.version is not None:
+                self.registry.count_served(seq.version)
         if self.autofuse is not None:
             for _, adapter, _ in requests:
                 self.autofuse.record(adapter)
@@ -295,7 +298,10 @@ class Engine:
         try:
             with self.lock:
                 row = len(self.scheduler.running)  # a free row; the next admitted request overwrites it
-                return self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True).clone()
+                logits = self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True).clone()
+            if version is not None:
+                self.registry.count_served(version)
+            return logits
         finally:
             if version is not None:
                 with self.lock:

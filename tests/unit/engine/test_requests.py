@@ -178,3 +178,26 @@ def test_leaving_a_sync_stream_early_cancels_the_request(engine):
         for _ in waiting.events(timeout=1e-6):
             pass
     assert waiting.result(timeout=30).finish_reason == "length"
+
+
+def test_requests_served_counts_only_requests_taken(tiny_llama_dir):
+    """An adapter's `requests_served` counts requests queued (and scoring calls run), not requests refused
+    after their adapter was pinned: a group with an unknown adapter, or one the queue has no room for."""
+    from s2ft_serve.model.testing import random_adapter
+
+    engine = make_engine(tiny_llama_dir, max_queue=3)  # not started: nothing leaves the queue
+    engine.add_adapter("a0", random_adapter(engine.loaded.model, engine.model_name, seed=1))
+    g = SamplingParams(max_tokens=2, temperature=0)
+    engine.submit_many([("Hi", "a0", g), ("Hi", None, g)])
+    assert engine.get_adapter("a0").requests_served == 1
+    with pytest.raises(AdapterNotFoundError):
+        engine.submit_many([("Hi", "a0", g), ("Hi", "nope", g)])
+    with pytest.raises(QueueFullError):
+        engine.submit_many([("Hi", "a0", g), ("Hi", "a0", g)])
+    assert engine.get_adapter("a0").requests_served == 1
+    engine.submit("Hi", "a0", g)
+    assert engine.get_adapter("a0").requests_served == 2
+    engine.start()
+    engine.logits(engine.tokenize("Hi"), "a0")
+    assert engine.get_adapter("a0").requests_served == 3
+    engine.shutdown()
