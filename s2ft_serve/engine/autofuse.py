@@ -1,7 +1,8 @@
 """Automatic fusion policy (no torch): fuse the adapter that dominates recent traffic, unfuse when it fades.
 
 With hysteresis (fuse above `fuse_share`, unfuse below `unfuse_share`) and a minimum number of
-requests in the window, so a short burst does not make the engine flap.
+requests in the window for either decision, so a short burst (or a quiet spell) does not make the
+engine flap.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ class AutoFusePolicy:
                 self._events.popleft()
             total = len(self._events)
             counts = Counter(name for _, name in self._events)
+        if total < self.min_requests:  # too little traffic to judge, either way (an idle window included)
+            return None
         for name in fused:  # unfuse first: a fading adapter frees the fusion for the next one
-            share = counts.get(name, 0) / total if total else 0.0
+            share = counts.get(name, 0) / total
             if share < self.unfuse_share:
                 return AutoFuseDecision("unfuse", name, share, total)
-        if total < self.min_requests or fused:
+        if fused:
             return None
         top = max((n for n in counts if n is not None), key=counts.__getitem__, default=None)
         if top is not None and counts[top] / total >= self.fuse_share:

@@ -20,6 +20,9 @@ def test_policy_fuses_the_dominant_adapter_and_unfuses_when_it_fades():
     decision = policy.decide([], now=1.0)
     assert (decision.action, decision.adapter, decision.requests) == ("fuse", "hot", 10)
     assert policy.decide(["hot"], now=1.0) is None  # still hot: nothing to do
+    assert policy.decide(["hot"], now=11.0) is None  # a quiet window: too few requests to unfuse on
+    policy.record(None, now=11.5)
+    assert policy.decide(["hot"], now=11.5) is None  # one request elsewhere is no reason either
     for i in range(20):
         policy.record(None, now=2.0)
     decision = policy.decide(["hot"], now=2.0)
