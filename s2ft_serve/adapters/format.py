@@ -124,9 +124,13 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
 
 def read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
-    if not path.is_dir():
+    try:
+        is_dir, has_config = path.is_dir(), cfg_path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise AdapterValidationError(f"{path}: not a usable path ({exc})") from None
+    if not is_dir:
         raise AdapterValidationError(f"{path}: not an adapter folder (no such directory)")
-    if not cfg_path.is_file():
+    if not has_config:
         raise AdapterValidationError(f"{cfg_path}: missing; an adapter folder needs {CONFIG_FILE}")
     try:
         config = json.loads(cfg_path.read_text())

@@ -161,7 +161,12 @@ class Engine:
         self._thread.stop(final=self.stepper.abort_all)
 
     # ---- requests ------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, param: str = "prompt") -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): no tokenizer takes it
+            raise InvalidRequestError(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}",
+                                      param=param) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
@@ -189,7 +194,7 @@ class Engine:
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise InvalidRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
-        return self.tokenize(text)
+        return self.tokenize(text, param="messages")
 
     def submit(self, prompt: str | list[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> RequestHandle:
@@ -404,7 +409,7 @@ class Engine:
 
     def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise InvalidRequestError("adapter name must be a non-empty string", param="name")
+            raise InvalidRequestError("adapter name must be a non-empty string of at most 256 characters", param="name")
         if name == self.model_name:
             raise ConflictError(f"'{name}' is the base model's name", param="name")
 
@@ -446,7 +451,11 @@ class Engine:
         if not self.config.lazy_load or root is None or "/" in name or name in (".", ".."):
             raise AdapterNotFoundError(name)
         path = Path(root) / name
-        if not (path / "adapter_config.json").is_file():
+        try:
+            found = (path / "adapter_config.json").is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            found = False
+        if not found:
             raise AdapterNotFoundError(name)
         return self._check_path(path)
 

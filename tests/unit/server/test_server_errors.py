@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from server_helpers import client_for
@@ -76,6 +77,36 @@ async def test_unknown_adapter_is_404_with_openai_message(client):
 async def test_model_and_adapter_naming_different_adapters_is_400(client):
     error = error_of(await client.post("/v1/completions", json={"prompt": "hi", "model": "a0", "adapter": "a1"}), 400)
     assert error["param"] == "adapter"
+
+
+async def test_lone_surrogates_are_400(client):
+    """Text with a lone surrogate (valid JSON, `"\\ud800"`, but no Unicode string a tokenizer takes) is a
+    400 naming the field, not a 500."""
+    bad = "a \ud800 b"
+
+    def post(route, body):  # json.dumps escapes the surrogate as JSON allows; httpx's encoder would refuse it
+        return client.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+
+    assert error_of(await post("/v1/completions", {"prompt": bad, "max_tokens": 2}), 400)["param"] == "prompt"
+    chat = {"messages": [{"role": "user", "content": bad}], "max_tokens": 2}
+    assert error_of(await post("/v1/chat/completions", chat), 400)["param"] == "messages"
+    assert error_of(await post("/tokenize", {"prompt": bad}), 400)["param"] == "prompt"
+    assert (await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2})).status_code == 200
+
+
+async def test_names_and_paths_too_long_for_the_file_system_are_not_500(client):
+    """A 300-character adapter name or path (the file system's limit is 255 per name): an unknown model
+    is 404, an unusable adapter path 422 or 400, never a 500."""
+    long = "x" * 300
+    error = error_of(await client.post("/v1/completions", json={"prompt": "hi", "model": long}), 404)
+    assert error["code"] == "model_not_found"
+    chat = {"messages": [{"role": "user", "content": "x"}], "model": long}
+    error_of(await client.post("/v1/chat/completions", json=chat), 404)
+    error_of(await client.post("/tokenize", json={"prompt": "hi", "model": long}), 404)
+    error_of(await client.post(f"/v1/adapters/{long}/fuse"), 404)
+    r = await client.post("/v1/adapters", json={"name": "long-path", "path": long})
+    assert r.status_code in (400, 422) and "not a usable path" in r.json()["error"]["message"], r.text
+    error_of(await client.post("/v1/adapters", json={"name": long, "path": "a0"}), 400)
 
 
 async def test_unknown_route_is_404_in_openai_shape(client):
