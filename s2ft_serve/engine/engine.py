@@ -209,6 +209,9 @@ class Engine:
         one HTTP request)."""
         if not self._accepting:
             raise EngineNotReadyError("the engine is shutting down")
+        if len(requests) > self.config.max_queue:  # would be refused as "queue full" however long one waited
+            raise InvalidRequestError(f"{len(requests)} sequences at once (prompts x n) is more than the request "
+                                      f"queue holds ({self.config.max_queue})")
         prepared: list[tuple[Sequence, RequestHandle]] = []
         try:
             for prompt, adapter, params in requests:

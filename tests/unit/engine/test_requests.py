@@ -90,6 +90,18 @@ def test_queue_full_raises(tiny_llama_dir):
         engine.submit("c", None, params)
 
 
+def test_a_group_larger_than_the_queue_is_invalid_not_queue_full(tiny_llama_dir):
+    """More sequences in one group than the queue can ever hold is a bad request (400), not a 429
+    that no retry could satisfy; a group that fits waits for room as before."""
+    engine = make_engine(tiny_llama_dir, max_queue=2)
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(InvalidRequestError, match=r"3 sequences at once .* more than the request queue holds \(2\)"):
+        engine.submit_many([("a", None, params)] * 3)
+    engine.submit_many([("a", None, params)] * 2)
+    with pytest.raises(QueueFullError):
+        engine.submit("b", None, params)
+
+
 def test_invalid_requests_are_refused(engine):
     with pytest.raises(InvalidRequestError, match="maximum context length"):
         engine.submit([1] * engine.max_model_len, None, SamplingParams(max_tokens=1))

@@ -136,18 +136,23 @@ async def test_not_ready_is_503_but_health_answers(settings):
 
 
 async def test_queue_full_is_429_with_retry_after(settings, tiny_llama_dir, adapter_root):
-    """Queue of 1 and an engine not stepping yet: a request's first choice fills the queue, its second is
-    refused, so the request gets 429; once the engine runs, the queue drains."""
+    """Queue of 2 and an engine not stepping yet, one sequence waiting: a request with n = 2 does not fit
+    now, so it gets 429; one with n = 3 never could (400); once the engine runs, the queue drains."""
+    from s2ft_serve.engine.request import SamplingParams
+
     engine = Engine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", device="cpu",
-                                 adapter_root=str(adapter_root), max_batch_size=1, max_queue=1))
+                                 adapter_root=str(adapter_root), max_batch_size=1, max_queue=2))
     try:
         async with client_for(create_app(settings, engine)) as c:
+            waiting = engine.submit("hi", None, SamplingParams(max_tokens=2))
             body = {"prompt": "hi", "n": 2, "max_tokens": 200, "ignore_eos": True}
             r = await c.post("/v1/completions", json=body)
             error = error_of(r, 429)
             assert error["type"] == "rate_limit_error"
             assert int(r.headers["retry-after"]) >= 1
+            assert "queue holds (2)" in error_of(await c.post("/v1/completions", json={**body, "n": 3}), 400)["message"]
             engine.start()
+            assert waiting.result(timeout=30).finish_reason == "length"
             for _ in range(100):  # the cancelled choices leave the queue at the engine's next step
                 ok = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
                 if ok.status_code != 429:
