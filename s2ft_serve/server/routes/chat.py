@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import partial
 from typing import AsyncIterator
@@ -48,7 +49,7 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
     """Validate and submit the n choices."""
     logprobs = check_request(body)
     tools = tool_mode(body, settings.tool_call_parser)
-    prompt = chat_prompt(engine, body, body.messages, template_tools(body.tools))
+    prompt = await asyncio.to_thread(chat_prompt, engine, body, body.messages, template_tools(body.tools))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide

@@ -6,6 +6,7 @@ how lm-evaluation-harness's `local-completions` client scores continuations.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -57,7 +58,7 @@ def check_request(body: CompletionRequest) -> None:
 async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> list[list[int]]:
     check_request(body)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    prompts = prompt_token_ids(engine, body.prompt)
+    prompts = await asyncio.to_thread(prompt_token_ids, engine, body.prompt)  # a long prompt never stalls the loop
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     guide = await request_guide(engine, body)
     params = [sampling_params(body, max_tokens, body.logprobs, prompt_logprobs, i, guide) for i in range(body.n)]

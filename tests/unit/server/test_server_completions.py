@@ -205,3 +205,25 @@ async def test_continuous_usage_stats_in_every_chunk(client):
                                               "stream_options": {"include_usage": True}})
         plain_chunks = [json.loads(line[6:]) for line in plain.text.splitlines() if line.startswith("data: {")]
         assert [c.get("usage") is not None for c in plain_chunks].count(True) == 1  # only the last one
+
+
+async def test_prompts_are_tokenized_off_the_event_loop(client, engine, monkeypatch):
+    """Tokenizing (and rendering a chat) runs in a worker thread: a long prompt keeps every other
+    request and stream of the server waiting otherwise (QA: an 18 MB prompt held /health for 9 s)."""
+    import threading
+
+    loop_thread = threading.get_ident()
+    seen = []
+    tokenize = engine.tokenize
+
+    def recording(text, *args, **kwargs):
+        seen.append(threading.get_ident())
+        return tokenize(text, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "tokenize", recording)
+    r = await client.post("/v1/completions", json={"prompt": ["Hello", "there"], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert len(seen) == 3 and loop_thread not in seen
