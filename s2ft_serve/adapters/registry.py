@@ -168,7 +168,8 @@ class AdapterRegistry:
             self._free_slot(version.slot)
 
     def _evict(self, extra_count: int, extra_bytes: int, keep: str) -> None:
-        """Evict least-recently-used idle, unfused adapters until the new one fits."""
+        """Evict least-recently-used idle, unfused adapters until the new one fits (or, with no new one,
+        until the resident ones are within the limits again)."""
         def over() -> bool:
             resident = [e for e in self.entries.values() if e.version is not None]
             return (len(resident) + extra_count > self.max_resident
@@ -210,8 +211,11 @@ class AdapterRegistry:
     @_locked
     def release(self, version: AdapterVersion) -> None:
         version.refs -= 1
-        if version.retired and version.refs == 0:
-            self._free_slot(version.slot)
+        if version.refs == 0:
+            if version.retired:
+                self._free_slot(version.slot)
+            else:  # a burst of busy adapters may have overshot the limits: back under them once idle
+                self._evict(extra_count=0, extra_bytes=0, keep="")
 
     def slots_for(self, version: AdapterVersion | None) -> tuple[int, ...]:
         """The slots a token of `version` (None: the base) needs, given what is fused."""

@@ -144,6 +144,25 @@ def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     engine.shutdown()
 
 
+def test_a_burst_over_the_resident_limit_is_evicted_once_idle(engine, tiny_model_dir, root):
+    """Requests in flight pin their adapters, so a burst over more adapters than `max_resident_adapters`
+    overshoots the limit; as they finish, the least recently used idle ones are evicted until the limit
+    holds again (not only at the next load), and every answer was right."""
+    for i in range(3, 6):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=40 + i), root / f"r{i}")
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    names = [f"r{i}" for i in range(6)]
+    handles = engine.submit_many([("fox", name, GREEDY) for name in names])  # lazily loaded, all pinned at once
+    assert sum(a.resident for a in engine.list_adapters()) == 6
+    engine.start()
+    outs = [h.result(timeout=60) for h in handles]
+    assert sum(a.resident for a in engine.list_adapters()) == 2
+    from s2ft_serve.adapters.format import load_adapter
+    for name, out in zip(names, outs):
+        assert out.token_ids == greedy(tiny_model_dir, load_adapter(root / name), engine)
+    engine.shutdown()
+
+
 def test_the_base_models_name_is_not_an_adapter_name(engine, adapters):
     with pytest.raises(ConflictError, match="base model's name"):
         engine.add_adapter(engine.model_name, adapters["a0"])
