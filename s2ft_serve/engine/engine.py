@@ -161,21 +161,26 @@ class Engine:
         self._thread.stop(final=self.stepper.abort_all)
 
     # ---- requests ------------------------------------------------------------------------
-    def tokenize(self, text: str, param: str = "prompt") -> list[int]:
+    def tokenize(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """Text as token ids, with the tokenizer's special tokens (the BOS of Llama 3's or Mistral's
+        tokenizers; SmolLM2's adds none) as `tokenizer(text)`, transformers' generate and vLLM's
+        completions add them, unless `add_special_tokens` is false (a rendered chat has them already)."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): no tokenizer takes it
             raise InvalidRequestError(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}",
                                       param=param) from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,
-                            template_kwargs: dict | None = None) -> list[int]:
+                            template_kwargs: dict | None = None, add_special_tokens: bool = False) -> list[int]:
         """The token ids of a chat (with the tools, for templates that show them), ready for the answer:
         after the template's opening of the assistant's turn (`add_generation_prompt`), or inside the
         final assistant message, left open (`continue_final_message`). `template_kwargs` are more
-        variables for the template. A chat the template refuses raises InvalidRequestError."""
+        variables for the template; `add_special_tokens` adds the tokenizer's special tokens on top of
+        what the template writes (vLLM's option; off by default, as there). A chat the template refuses
+        raises InvalidRequestError."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("the base model's tokenizer has no chat template", param="messages")
         if add_generation_prompt and continue_final_message:
@@ -194,7 +199,7 @@ class Engine:
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise InvalidRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
-        return self.tokenize(text, param="messages")
+        return self.tokenize(text, param="messages", add_special_tokens=add_special_tokens)
 
     def submit(self, prompt: str | list[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> RequestHandle:
@@ -418,8 +423,14 @@ class Engine:
 
     @_on_engine_thread
     def remove_adapter(self, name: str) -> None:
+        self._not_the_base(name, "unloaded")
         with self.lock:
             self.registry.remove(name)
+
+    def _not_the_base(self, name: str, done: str) -> None:
+        """An admin action naming the base model gets a clear refusal, not "does not exist"."""
+        if name == self.model_name:
+            raise InvalidRequestError(f"'{name}' is the base model, not an adapter: it cannot be {done}", param="name")
 
     def _pin(self, name: str | None):
         """Resolve a request's adapter to a resident, pinned version (loading it if needed)."""
@@ -476,6 +487,7 @@ class Engine:
     @_on_engine_thread
     def fuse(self, name: str) -> AdapterInfo:
         """Add the adapter into the base columns in place; other requests stay exact."""
+        self._not_the_base(name, "fused")
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:
             entry = self.registry.get(name)
@@ -487,6 +499,7 @@ class Engine:
 
     @_on_engine_thread
     def unfuse(self, name: str) -> AdapterInfo:
+        self._not_the_base(name, "unfused")
         with self.lock:
             entry = self.registry.get(name)
             self.registry.unfuse(name)

@@ -100,7 +100,8 @@ def chat_prompt(engine: Engine, body: ChatTemplateFields, messages: list[ChatMes
                 tools: list[dict] | None = None) -> list[int]:
     """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
     return engine.apply_chat_template([template_message(m) for m in messages], tools, body.add_generation_prompt,
-                                      body.continue_final_message, body.chat_template_kwargs)
+                                      body.continue_final_message, body.chat_template_kwargs,
+                                      bool(body.add_special_tokens))
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

@@ -128,6 +128,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=64, description="only equal to n is supported")
     suffix: str | None = Field(None, description="not supported")
+    add_special_tokens: bool = Field(True, description="vLLM extension: add the tokenizer's special tokens (e.g. "
+                                     "BOS) to text prompts, as the tokenizer itself does")
 
 
 class CompletionLogprobs(ResponseModel):
@@ -224,6 +226,8 @@ class ChatTemplateFields(RequestModel):
                                          "answer continues it; needs add_generation_prompt false")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="more variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3")
+    add_special_tokens: bool = Field(False, description="add the tokenizer's special tokens (e.g. BOS) on top of "
+                                     "what the chat template writes")
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):

@@ -24,6 +24,8 @@ class TokenizeRequest(ChatTemplateFields):
                                                description="a chat, rendered as /v1/chat/completions does")
     tools: list[Tool] | None = Field(None, max_length=128, description="with messages: the tools, as chat "
                                      "completions passes them to the chat template")
+    add_special_tokens: bool | None = Field(None, description="add the tokenizer's special tokens (e.g. BOS): by "
+                                            "default yes for a prompt, no for messages (vLLM's defaults)")
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
@@ -63,7 +65,7 @@ def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) ->
     if body.messages is not None:
         tokens = chat_prompt(engine, body, body.messages, template_tools(body.tools))
     else:
-        tokens = engine.tokenize(body.prompt)
+        tokens = engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
 

@@ -103,12 +103,13 @@ def test_submit_many_queues_all_or_none(tiny_llama_dir):
     try:
         engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=5, channels=4))
         greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        first = engine.submit(PROMPT, "a", greedy)
         with pytest.raises(QueueFullError):
-            engine.submit_many([(PROMPT, "a", greedy)] * 4)
+            engine.submit_many([(PROMPT, "a", greedy)] * 3)  # 1 + 3 waiting > 3
         with pytest.raises(InvalidRequestError):
             engine.submit_many([(PROMPT, "a", greedy), (PROMPT, "a", SamplingParams(max_tokens=-1))])
-        assert not engine.scheduler.waiting and engine.registry.get("a").version.refs == 0  # nothing kept, no pin
-        handles = engine.submit_many([(PROMPT, "a", greedy)] * 3)
+        assert len(engine.scheduler.waiting) == 1 and engine.registry.get("a").version.refs == 1  # nothing kept
+        handles = [first] + engine.submit_many([(PROMPT, "a", greedy)] * 2)
         engine.start()
         outs = [h.result() for h in handles]
         assert len(outs) == 3 and len({tuple(o.token_ids) for o in outs}) == 1

@@ -121,3 +121,15 @@ async def test_unusable_paths_are_400_not_500(client):
     for path in ("a0\x00evil", "~nosuchuser/x"):
         r = await client.post("/v1/adapters", json={"name": "weird", "path": path})
         assert r.status_code in (400, 403), r.text
+
+
+async def test_admin_actions_on_the_base_models_name_say_so(client, engine, monkeypatch):
+    """Unloading, fusing or unfusing the base model by its name is a 400 that says it is the base model,
+    not a 404 claiming it does not exist. (The tiny model's name is its folder's path, which no route
+    takes; the default model's is "SmolLM2-135M-Instruct": this one is named so.)"""
+    monkeypatch.setattr(engine, "model_name", "tiny-base")
+    for r in (await client.delete("/v1/adapters/tiny-base"), await client.post("/v1/adapters/tiny-base/fuse"),
+              await client.post("/v1/adapters/tiny-base/unfuse"),
+              await client.post("/v1/unload_lora_adapter", json={"lora_name": "tiny-base"})):
+        assert r.status_code == 400 and "is the base model, not an adapter" in r.json()["error"]["message"], r.text
+    assert "tiny-base" in [m["id"] for m in (await client.get("/v1/models")).json()["data"]]

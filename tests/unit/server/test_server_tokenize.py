@@ -122,3 +122,58 @@ async def test_a_chat_the_template_refuses_is_400(client, engine, monkeypatch):
         assert error["param"] == "messages" and "the first message must be the user's" in error["message"]
     ok = await client.post("/tokenize", json={"messages": MESSAGES[1:]})
     assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a tokenizer that adds BOS to what it encodes, as Llama 3's and Mistral's do."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos-model")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                             special_tokens=[(bos, tok.bos_token_id)])
+    tok.save_pretrained(path)
+    return path
+
+
+async def test_special_tokens_are_added_as_the_tokenizer_and_vllm_add_them(bos_model_dir, tmp_path):
+    """Text prompts get the tokenizer's BOS (as `tokenizer(text)`, transformers' generate and vLLM's
+    completions do), unless `add_special_tokens` is false; a rendered chat does not get another (vLLM's
+    default), unless asked; /tokenize follows the same defaults for a prompt and for messages."""
+    from server_helpers import client_for, make_server_engine
+
+    from s2ft_serve.server.app import create_app
+    from s2ft_serve.server.settings import ServerSettings
+
+    engine = make_server_engine(bos_model_dir, tmp_path)
+    bos = engine.tokenizer.bos_token_id
+    try:
+        settings = ServerSettings(model=str(bos_model_dir), dtype="float32", device="cpu")
+        async with client_for(create_app(settings, engine)) as client:
+            plain = engine.tokenize("The quick fox", add_special_tokens=False)
+            assert engine.tokenize("The quick fox") == [bos] + plain
+            r = (await client.post("/tokenize", json={"prompt": "The quick fox"})).json()
+            assert r["tokens"] == [bos] + plain
+            r = (await client.post("/tokenize", json={"prompt": "The quick fox", "add_special_tokens": False})).json()
+            assert r["tokens"] == plain
+            body = {"prompt": "The quick fox", "max_tokens": 1, "echo": True, "logprobs": 0}
+            usage = (await client.post("/v1/completions", json=body)).json()["usage"]
+            assert usage["prompt_tokens"] == len(plain) + 1
+            usage = (await client.post("/v1/completions", json={**body, "add_special_tokens": False})).json()["usage"]
+            assert usage["prompt_tokens"] == len(plain)
+            chat = engine.apply_chat_template(MESSAGES)
+            assert chat.count(bos) == engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False).count(
+                engine.tokenizer.bos_token)  # only what the template writes
+            assert (await client.post("/tokenize", json={"messages": MESSAGES})).json()["tokens"] == chat
+            extra = (await client.post("/tokenize", json={"messages": MESSAGES, "add_special_tokens": True})).json()
+            assert extra["tokens"] == [bos] + chat
+            reply = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1})
+            assert reply.json()["usage"]["prompt_tokens"] == len(chat)
+    finally:
+        engine.shutdown(timeout=5)
