@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding `state.safetensors` (for each
 adapted module its index, delta and AdamW moments) and `state.json` (step, optimizer scalars,
-train-loss history). `state.json` is written last, so a folder without it is incomplete and
-is ignored on resume.
+train-loss history, the sha256 of the data files). `state.json` is written last, so a folder
+without it is incomplete and is ignored on resume. One checkpoints folder holds one run only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.errors import ConflictError, InvalidRequestError
 from s2ft_serve.train.sparse_linear import S2FTLinear
 
 STATE_TENSORS = "state.safetensors"
@@ -32,7 +32,7 @@ class Progress:
 
 
 def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
-                    progress: Progress, keep: int) -> Path:
+                    progress: Progress, keep: int, data_hashes: dict[str, str | None]) -> Path:
     from safetensors.torch import save_file
 
     target = folder / f"step-{progress.step}"
@@ -48,7 +48,8 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
             tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             steps[name] = float(state["step"])
     save_file(tensors, str(target / STATE_TENSORS))
-    meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps}
+    meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps,
+            "data_sha256": data_hashes}
     (target / STATE_JSON).write_text(json.dumps(meta))
     _prune(folder, keep)
     return target
@@ -70,17 +71,42 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / STATE_JSON).is_file()]
 
 
+def refuse_earlier_run(folder: Path) -> None:
+    """A fresh run must not share `folder` with an earlier run's checkpoints: pruning by step number
+    would delete the new run's checkpoints in favour of the old ones, and a later --resume would
+    silently continue the old run."""
+    done = sorted(complete_checkpoints(folder), key=_step_of)
+    if done:
+        raise ConflictError(
+            f"{folder} already holds checkpoints of an earlier run ({', '.join(p.name for p in done)}); pass "
+            "--resume to continue that run, or choose another --output")
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     done = complete_checkpoints(folder)
     return max(done, key=_step_of) if done else None
 
 
-def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer) -> Progress:
-    """Restore deltas and AdamW moments into `layers` / `optimizer`; the selection must match."""
+def _check_same_data(path: Path, meta: dict, data_hashes: dict[str, str | None]) -> None:
+    """Refuse to continue a run on other data: the data order would no longer be the one it began."""
+    recorded = meta.get("data_sha256")
+    if recorded is None:  # written before checkpoints recorded their data: stays resumable
+        return
+    for key, flag in (("data", "--data"), ("val_data", "--val-data")):
+        if recorded.get(key) != data_hashes.get(key):
+            raise InvalidRequestError(
+                f"{path}: checkpoint was trained with a different {flag} file (sha256 differs); resume with "
+                "the same data, or start a fresh run with another --output")
+
+
+def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
+                    data_hashes: dict[str, str | None]) -> Progress:
+    """Restore deltas and AdamW moments into `layers` / `optimizer`; the data and selection must match."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / STATE_TENSORS))
     meta = json.loads((path / STATE_JSON).read_text())
+    _check_same_data(path, meta, data_hashes)
+    tensors = load_file(str(path / STATE_TENSORS))
     with torch.no_grad():
         for name, layer in layers.items():
             index = tensors.get(f"{name}.index")

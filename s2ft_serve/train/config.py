@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, fields
 from s2ft_serve.errors import InvalidRequestError
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}  # accepted on input, never recorded
+
+
 def opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -67,6 +70,10 @@ class TrainConfig:
     resume: bool = opt(False, "resume from the latest checkpoint in OUTPUT/checkpoints")
     eval_every: int = opt(0, "compute the validation loss every N steps (0: only at the end)")
     progress: bool = opt(True, "show a progress bar (step, loss, tokens per second)")
+
+    def __post_init__(self) -> None:
+        # one spelling downstream: the adapter's config records "bfloat16", never "bf16"
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
 
     def validate(self) -> None:
         """Refuse inconsistent options before anything is loaded."""

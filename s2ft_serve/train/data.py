@@ -128,6 +128,24 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> l
     return list(out)
 
 
+def _opening_prompt_ids(tokenizer, first: dict) -> list[int]:
+    """What the template renders before the content of an assistant turn that opens the conversation.
+
+    Chat libraries refuse to render an empty history, and templates such as SmolLM2's inject their
+    default system prompt only while rendering the first message, so the prompt is read off the
+    rendering of that first turn itself: the text before a sentinel put in place of its content.
+    """
+    sentinel = "[[s2ft-train: assistant content]]"  # text no template emits on its own
+    text = tokenizer.apply_chat_template([{**first, "content": sentinel}], tokenize=False,
+                                         add_generation_prompt=False)
+    if not isinstance(text, str) or sentinel not in text:
+        raise DataValidationError(
+            "the tokenizer's chat template does not render an opening assistant message's content verbatim, so "
+            "its tokens cannot be masked exactly; start the conversation with a user turn or use the "
+            "prompt/completion format instead")
+    return list(tokenizer(text[: text.index(sentinel)], add_special_tokens=False)["input_ids"])
+
+
 def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     """Apply the chat template; label the tokens each assistant turn adds after its prompt."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -136,7 +154,10 @@ def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prefix = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True) if i else []
+        if i:
+            prefix = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True)
+        else:
+            prefix = _opening_prompt_ids(tokenizer, m)
         upto = _chat_ids(tokenizer, msgs[: i + 1], add_generation_prompt=False)
         if ids[: len(upto)] != upto or upto[: len(prefix)] != prefix:
             raise DataValidationError(
@@ -149,8 +170,14 @@ def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list
 
 def load_examples(path: str | Path, tokenizer, max_length: int) -> list[Example]:
     """Validate the whole file, then tokenize it; examples with no loss token are refused."""
+    return tokenize_records(path, read_records(path), tokenizer, max_length)
+
+
+def tokenize_records(path: str | Path, records: list[tuple[int, dict]], tokenizer, max_length: int) -> list[Example]:
+    """Tokenize the `(line number, record)` pairs `read_records(path)` returned; examples with no loss
+    token are refused. Apart from `load_examples` so that a file is checked once, before the model loads."""
     examples = []
-    for lineno, record in read_records(path):
+    for lineno, record in records:
         try:
             ex = tokenize_record(record, tokenizer, max_length)
         except DataValidationError as exc:

@@ -87,8 +87,12 @@ def evaluate(model: torch.nn.Module, rows: list[D.Example], cfg: TrainConfig, wo
 
 
 def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLinear], rows: list[D.Example],
-             val_rows: list[D.Example] | None, world: World, device: torch.device, pad_id: int) -> tuple[int, list[float]]:
-    """Run the optimizer steps (resuming when asked); return the step count and recent losses."""
+             val_rows: list[D.Example] | None, world: World, device: torch.device, pad_id: int,
+             data_hashes: dict[str, str | None]) -> tuple[int, list[float]]:
+    """Run the optimizer steps (resuming when asked); return the step count and recent losses.
+
+    `data_hashes` (`{"data": sha256, "val_data": sha256 or None}`) goes into each checkpoint, so that
+    a resume on other data is refused."""
     from tqdm.auto import tqdm
 
     params = [layer.delta for layer in layers.values()]
@@ -105,7 +109,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
     progress = Progress(step=0, losses=[])
     found = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if found is not None:
-        progress = load_checkpoint(found, layers, optimizer)
+        progress = load_checkpoint(found, layers, optimizer, data_hashes)
     bar = tqdm(total=total, initial=progress.step, disable=not (cfg.progress and world.main),
                desc="s2ft-train", unit="step", dynamic_ncols=True)
     started, seen_tokens = time.perf_counter(), 0
@@ -142,7 +146,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
                 bar.write(f"step {progress.step}: val_loss {val:.4f}")
         if cfg.save_every and progress.step % cfg.save_every == 0:
             if world.main:
-                save_checkpoint(ckpt_dir, layers, optimizer, progress, cfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, layers, optimizer, progress, cfg.keep_checkpoints, data_hashes)
             if world.size > 1:
                 dist.barrier()
     bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from s2ft_serve.adapters.format import Adapter, ModuleDelta, make_config, save_adapter
+from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.model.loading import LoadedModel, load_model, resolve_device
 from s2ft_serve.train import data as D
+from s2ft_serve.train.checkpoint import refuse_earlier_run
 from s2ft_serve.train.config import TrainConfig
 from s2ft_serve.train.loop import World, evaluate, run_loop
 from s2ft_serve.train.selection import Budget, Selection, budget_from_ratio, select
@@ -61,8 +64,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_rows(cfg: TrainConfig, tokenizer, path: str) -> list[D.Example]:
-    examples = D.load_examples(path, tokenizer, cfg.max_length)
+def prepare_output(cfg: TrainConfig) -> None:
+    """Create `--output` and check it can be written, before the model loads: a bad path should cost
+    seconds, not a whole training run. A fresh run into a folder holding an earlier run's
+    checkpoints is refused, since mixing the two runs' checkpoints would lose the new ones."""
+    out = Path(cfg.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise InvalidRequestError(f"--output {out}: cannot create or write this folder ({exc.strerror or exc})",
+                                  param="output") from None
+    if not cfg.resume:
+        refuse_earlier_run(out / "checkpoints")
+
+
+def data_hashes(cfg: TrainConfig) -> dict[str, str | None]:
+    """The sha256 of the data files: recorded in checkpoints (a resume must see the same data) and the adapter."""
+    return {"data": D.file_sha256(cfg.data), "val_data": D.file_sha256(cfg.val_data) if cfg.val_data else None}
+
+
+def build_rows(cfg: TrainConfig, tokenizer, path: str, records: list[tuple[int, dict]]) -> list[D.Example]:
+    examples = D.tokenize_records(path, records, tokenizer, cfg.max_length)
     return D.pack(examples, cfg.max_length) if cfg.packing else examples
 
 
@@ -118,23 +142,27 @@ def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train an S²FT adapter as `cfg` says and write it to `cfg.output`."""
     cfg.validate()
+    train_records = D.read_records(cfg.data)  # malformed data is refused before anything is written
+    val_records = D.read_records(cfg.val_data) if cfg.val_data else None
+    hashes = data_hashes(cfg)
+    prepare_output(cfg)
     world, device = init_world(cfg.device)
     seed_everything(cfg.seed)
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device))
     tok = loaded.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    rows = build_rows(cfg, tok, cfg.data)
-    val_rows = build_rows(cfg, tok, cfg.val_data) if cfg.val_data else None
+    rows = build_rows(cfg, tok, cfg.data, train_records)
+    val_rows = build_rows(cfg, tok, cfg.val_data, val_records) if val_records else None
     model = loaded.model
     selection = choose_columns(cfg, model, rows, pad_id, world)
     layers = wrap_linears(model, selection.indices)
     model.train()
-    steps, losses = run_loop(cfg, model, layers, rows, val_rows, world, device, pad_id)
+    steps, losses = run_loop(cfg, model, layers, rows, val_rows, world, device, pad_id, hashes)
     final_train = sum(losses) / len(losses) if losses else None
     final_val = evaluate(model, val_rows, cfg, world, pad_id, device) if val_rows else None
     stats = {"steps": steps, "final_train_loss": final_train, "final_val_loss": final_val,
              "train_rows": len(rows), "world_size": world.size}
-    adapter = make_adapter(loaded, layers, selection, cfg, D.file_sha256(cfg.data), stats)
+    adapter = make_adapter(loaded, layers, selection, cfg, hashes["data"], stats)
     path = Path(cfg.output)
     if world.main:
         save_adapter(adapter, path)

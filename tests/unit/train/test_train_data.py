@@ -42,6 +42,43 @@ def test_messages_loss_only_on_assistant_turns(tok):
     assert "hello" in tok.decode(ex.input_ids) and "hello" not in text
 
 
+SYSTEM_INJECTING_TEMPLATE = (  # SmolLM2's: a default system prompt before a first message that is not one
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def injecting_tok():
+    tok = make_tokenizer()
+    tok.chat_template = SYSTEM_INJECTING_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("tokenizer", ["tok", "injecting_tok"])
+def test_conversation_opened_by_assistant_learns_only_its_turns(tokenizer, request):
+    """No loss on the turn header, nor on a system prompt the template injects before it."""
+    tok = request.getfixturevalue(tokenizer)
+    opened = tokenize_record({"messages": [{"role": "assistant", "content": "Hello world"}]}, tok, 512)
+    assert _labelled_text(tok, opened) == "Hello world<|im_end|>\n"
+    assert tok.decode(opened.input_ids).endswith("<|im_start|>assistant\nHello world<|im_end|>\n")
+    longer = {"messages": [{"role": "assistant", "content": "Hello world"}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "fox"}]}
+    assert _labelled_text(tok, tokenize_record(longer, tok, 512)) == "Hello world<|im_end|>\nfox<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_default_tokenizer_skips_its_injected_system_prompt(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    ex = tokenize_record({"messages": [{"role": "assistant", "content": "Hello there"}]}, tok, 512)
+    assert "You are a helpful AI assistant" in tok.decode(ex.input_ids)
+    assert _labelled_text(tok, ex) == "Hello there<|im_end|>\n"
+
+
 def test_text_loss_on_every_token_and_truncation(tok):
     ex = tokenize_record({"text": "The quick brown fox jumps over the lazy dog."}, tok, 512)
     assert ex.labels == ex.input_ids

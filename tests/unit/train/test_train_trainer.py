@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from s2ft_serve.adapters.format import load_adapter, merge_into
-from s2ft_serve.errors import DataValidationError, InvalidRequestError
+from s2ft_serve.errors import ConflictError, DataValidationError, InvalidRequestError
 from s2ft_serve.model.loading import load_model
 from s2ft_serve.train.config import TrainConfig
 from s2ft_serve.train.trainer import train
@@ -77,6 +77,59 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_dir, task_fi
     resumed = train(cut)
     for name, layer in full.layers.items():
         torch.testing.assert_close(resumed.layers[name].delta, layer.delta, rtol=0, atol=1e-6)
+
+
+def test_fresh_run_into_an_earlier_runs_checkpoints_is_refused_and_loses_nothing(tiny_llama_dir, task_file,
+                                                                                   tmp_path):
+    train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2))
+    ckpts = tmp_path / "out" / "checkpoints"
+    before = {p.relative_to(ckpts): p.read_bytes() for p in ckpts.rglob("*") if p.is_file()}
+    with pytest.raises(ConflictError, match=r"earlier run \(step-2, step-4\); pass --resume .* another --output"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=2, save_every=1))
+    assert {p.relative_to(ckpts): p.read_bytes() for p in ckpts.rglob("*") if p.is_file()} == before
+
+
+def test_resume_on_other_data_refused_but_old_checkpoints_stay_resumable(tiny_llama_dir, task_file, tmp_path):
+    cfg = _cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2, keep_checkpoints=1)
+    train(cfg)
+    step4 = tmp_path / "out" / "checkpoints" / "step-4"
+    assert json.loads((step4 / "state.json").read_text())["data_sha256"]["data"].startswith("sha256:")
+    other = tmp_path / "other.jsonl"
+    other.write_text(task_file.read_text() + json.dumps({"prompt": "fox ->", "completion": " test"}) + "\n")
+    with pytest.raises(InvalidRequestError, match="different --data file"):
+        train(_cfg(tiny_llama_dir, other, tmp_path / "out", max_steps=6, resume=True))
+    with pytest.raises(InvalidRequestError, match="different --val-data file"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=6, resume=True, val_data=str(other)))
+    meta = json.loads((step4 / "state.json").read_text())
+    del meta["data_sha256"]  # as written before checkpoints recorded their data
+    (step4 / "state.json").write_text(json.dumps(meta))
+    cfg.resume, cfg.max_steps = True, 6
+    assert train(cfg).steps == 6
+
+
+def test_unwritable_output_refused_cleanly_before_the_model_loads(tiny_llama_dir, task_file, tmp_path, capsys,
+                                                                 monkeypatch):
+    from s2ft_serve.train import trainer
+    from s2ft_serve.train.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(trainer, "load_model", no_loading)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for output in (afile / "x", afile):
+        code = main(["--model", str(tiny_llama_dir), "--data", str(task_file), "--output", str(output),
+                     "--max-steps", "2", "--device", "cpu", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert err.startswith(f"s2ft-train: error: --output {output}: cannot create or write") and "\n" not in err
+
+
+def test_dtype_aliases_are_recorded_in_one_spelling(tiny_llama_dir, task_file, tmp_path):
+    assert TrainConfig(dtype="fp32").dtype == "float32"
+    res = train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=1, dtype="bf16"))
+    assert load_adapter(res.path).config["training"]["dtype"] == "bfloat16"
 
 
 def test_malformed_data_refused_before_anything_is_written(tiny_llama_dir, tmp_path):
