@@ -293,8 +293,11 @@ class ToolCallDelta(ResponseModel):
 
 
 class ChatDelta(ResponseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    """What a streamed chunk adds; fields it does not set are left out, as OpenAI's and vLLM's chunks do
+    (a client that reads `"role" in delta` as "the opening chunk" then counts every later one)."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
     reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 

@@ -432,25 +432,29 @@ def small_server(tiny_llama_dir, adapter_root, tmp_path_factory):
 
 
 def test_queue_full_is_429_with_retry_after(small_server, base):
-    """Batch size 1 and queue 1: while a long stream runs, a request's first choice fills the queue and
-    its second is refused, so the whole request gets 429."""
+    """Batch size 1 and queue 1: while a long stream runs and a second stream waits in the queue, a third
+    request is refused with 429 (a request of n = 2 could never fit: 400)."""
     client = openai.OpenAI(base_url=f"{small_server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="more than the request queue holds"):
+        client.completions.create(model=base, prompt="hi", n=2, max_tokens=2)
     refused = None
     for _ in range(10):  # the tiny model may finish a 500-token stream before the next request lands: retry
-        stream = client.completions.create(model=base, prompt="hi", max_tokens=500, stream=True,
-                                           extra_body={"ignore_eos": True})
-        assert next(iter(stream)).choices  # the stream holds the batch's only place
+        running = client.completions.create(model=base, prompt="hi", max_tokens=500, stream=True,
+                                            extra_body={"ignore_eos": True})
+        assert next(iter(running)).choices  # the stream holds the batch's only place
+        waiting = client.completions.create(model=base, prompt="hi", max_tokens=2, stream=True)  # queued
         try:
-            client.completions.create(model=base, prompt="hi", n=2, max_tokens=2)
+            client.completions.create(model=base, prompt="hi", max_tokens=2)
         except openai.RateLimitError as exc:
             refused = exc
         finally:
-            stream.close()  # hang up: the engine drops the stream
+            running.close()  # hang up: the engine drops both streams
+            waiting.close()
         if refused is not None:
             break
-    assert refused is not None, "a request whose choices overflow the queue was never refused"
+    assert refused is not None, "a request beyond the queue was never refused"
     assert int(refused.response.headers["retry-after"]) >= 1
-    for _ in range(100):  # the refused request's other choices leave the queue at the engine's next step
+    for _ in range(100):  # the cancelled streams leave the batch and the queue at the engine's next steps
         try:
             assert client.completions.create(model=base, prompt="hi", max_tokens=2).choices
             break

@@ -45,7 +45,9 @@ async def test_chat_stream_role_first_then_content_then_done(client):
     chunks = [json.loads(line) for line in lines[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "a1" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    content = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks[1:] if c["choices"])  # only the first
+    assert chunks[-2]["choices"][0]["delta"] == {}  # the finish chunk adds nothing, as OpenAI's
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert content == whole["message"]["content"]
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finishes == [whole["finish_reason"]]
