@@ -140,7 +140,8 @@ def read_config(path: Path) -> dict:
         raise AdapterValidationError(f"{cfg_path}: must hold a JSON object")
     if config.get("adapter_type") != "s2ft":
         raise AdapterValidationError(f"{cfg_path}: adapter_type must be \"s2ft\", got {config.get('adapter_type')!r}")
-    if config.get("format_version") != FORMAT_VERSION:
+    version = config.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise AdapterValidationError(
             f"{cfg_path}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r}"
         )
@@ -203,6 +204,12 @@ def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | Non
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from None
     modules = validate_tensors(tensors, linears, source=str(weights), dtype=dtype)
+    targets = set(raw.config["target_modules"])
+    for name in modules:
+        if name.rsplit(".", 1)[-1] not in targets and name not in targets:
+            raise AdapterValidationError(
+                f"{weights}: tensor '{name}{DELTA_SUFFIX}': module '{name}' is not among the config's "
+                f"target_modules {sorted(targets)} ({raw.path / CONFIG_FILE})")
     return Adapter(config=raw.config, modules=modules, path=raw.path, nbytes=len(raw.data))
 
 

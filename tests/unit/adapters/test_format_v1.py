@@ -158,3 +158,23 @@ def test_missing_files_pickle_size_and_fingerprint(folder, base):
         load_adapter(folder, shapes(base))
     with pytest.raises(AdapterValidationError, match="no such directory"):
         load_adapter(folder / "nope", shapes(base))
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_format_version_must_be_the_integer_1(folder, base, version):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "format_version": version}))
+    with pytest.raises(AdapterValidationError, match="format_version must be 1"):
+        load_adapter(folder, shapes(base))
+
+
+def test_tensors_must_belong_to_the_configs_target_modules(folder, base):
+    """An adapter whose config lists only o_proj but whose file holds down_proj tensors contradicts
+    itself: refused, naming the module; listing full module names works as well as kinds."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["o_proj"]}))
+    with pytest.raises(AdapterValidationError, match=r"down_proj.s2ft_delta.*not among the config.s target_modules"):
+        load_adapter(folder, shapes(base))
+    full = [O, D, "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": full}))
+    assert set(load_adapter(folder, shapes(base)).modules) <= set(full)
