@@ -59,6 +59,13 @@ class ChaosReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     reference_failures: int = 0  # solo re-sends that did not answer 200
     distinguishing: int = 0  # adapter answers whose versions give different solo text (the check has teeth)
+    empty: int = 0  # answers with no text: equal to any other empty answer, so they check nothing
+
+    @property
+    def compared_nothing(self) -> bool:
+        """Every answer came back empty (e.g. a client that reads no text from the server's chunks): the
+        comparison could not fail, so it must not pass."""
+        return self.verified > 0 and self.empty == self.verified
 
     @property
     def server_errors(self) -> int:
@@ -67,11 +74,12 @@ class ChaosReport:
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches and self.server_errors == 0 and self.reference_failures == 0
+        return (not self.mismatches and self.server_errors == 0 and self.reference_failures == 0
+                and not self.compared_nothing)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update(server_errors=self.server_errors, passed=self.passed)
+        out.update(server_errors=self.server_errors, passed=self.passed, compared_nothing=self.compared_nothing)
         return out
 
 
@@ -139,6 +147,7 @@ async def _verify(results: list[RequestResult], requests: dict[int, RequestSpec]
     """Re-send each answered request alone under every version of its adapter and compare."""
     answered = {r.index: r for r in results if r.ok}
     report.verified = len(answered)
+    report.empty = sum(1 for r in answered.values() if not r.text)
     expected: dict[int, dict[str, str]] = {i: {} for i in answered}
     base = [requests[i] for i, r in answered.items() if r.adapter is None]
     await _collect(base, "base", expected, target, report)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -185,7 +186,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     summary = summarize(run.results, run.wall_s, labels)
     summary.extra.update(extra)
     print(render_summary(summary))
-    _write_json(args.json_path, summary.to_dict())
+    _write_json(args, summary.to_dict())
     return 0
 
 
@@ -202,7 +203,7 @@ async def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         await http.aclose()
     print(sweep_table(points))
-    _write_json(args.json_path, {"points": [{"count": p.count, "rounds_tok_s": p.rounds_tok_s,
+    _write_json(args, {"points": [{"count": p.count, "rounds_tok_s": p.rounds_tok_s,
                                              "summary": p.summary.to_dict()} for p in points]})
     return 0
 
@@ -231,9 +232,11 @@ async def cmd_chaos(args: argparse.Namespace) -> int:
     print(f"chaos {verdict}: {report.verified} answers checked, {len(report.mismatches)} mismatches, "
           f"{report.server_errors} 5xx, {report.reference_failures} failed re-sends; "
           f"{report.distinguishing} adapter answers differ between the adapter's two versions")
+    if report.compared_nothing:
+        print(f"  every answer was empty ({report.empty}): nothing was compared")
     for m in report.mismatches[:5]:
         print(f"  mismatch #{m.index} ({m.adapter}): got {m.got!r}, solo {m.expected!r}")
-    _write_json(args.json_path, report.to_dict())
+    _write_json(args, report.to_dict())
     return 0 if report.passed else 1
 
 
@@ -253,12 +256,14 @@ def _mb(value: float | None) -> float | None:
     return None if value is None else round(value / 2**20, 1)
 
 
-def _write_json(path: str | None, payload: dict) -> None:
+def _write_json(args: argparse.Namespace, payload: dict) -> None:
+    """The JSON report to `--json` (a file, or '-': the command's real stdout, the tables being on stderr)."""
+    path = args.json_path
     if not path:
         return
     text = json.dumps(payload, sort_keys=True, indent=None)
     if path == "-":
-        print(text)
+        print(text, file=args.json_out)
     else:
         Path(path).write_text(text + "\n")
 
@@ -269,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-adapters":
             return cmd_make_adapters(args)
         command = {"run": cmd_run, "sweep": cmd_sweep, "chaos": cmd_chaos}[args.command]
+        args.json_out = sys.stdout
+        if args.json_path == "-":  # stdout holds the JSON report alone, so that it parses; tables go to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                return asyncio.run(command(args))
         return asyncio.run(command(args))
     except LoadtestConfigError as exc:
         print(f"s2ft-loadtest: error: {exc.message}", file=sys.stderr)

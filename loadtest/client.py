@@ -161,11 +161,14 @@ async def _send_streaming(
 
 def is_token_chunk(choice: dict) -> bool:
     """Whether a streamed choice carries a generated token (its text may be empty, e.g. a special
-    token or half a character); chat's opening role chunk and a bare finish chunk do not."""
+    token or half a character); chat's opening role chunk (a role, no text) and a bare finish chunk do
+    not. Servers differ in what else a delta holds (`"role": null` in every chunk, or the role repeated),
+    so only an empty delta content beside a role marks the opening chunk."""
     if "text" in choice:
         return bool(choice["text"]) or not choice.get("finish_reason")
     delta = choice.get("delta") or {}
-    return "content" in delta and delta["content"] is not None and "role" not in delta
+    content = delta.get("content")
+    return content is not None and not (content == "" and delta.get("role"))
 
 
 def choice_text(choice: dict) -> str:

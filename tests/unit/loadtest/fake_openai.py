@@ -24,6 +24,7 @@ class FakeState:
     fused: set[str] = field(default_factory=set)
     max_in_flight: int = 1000  # beyond this, answer 429
     corrupt_when_batched: bool = False  # the bug chaos mode must catch: answers depend on the batch
+    answer_nothing: bool = False  # every answer empty: a comparison of them could not fail
     in_flight: int = 0
     bodies: list[dict] = field(default_factory=list)
     seen: dict[str, list[list[str]]] = field(default_factory=dict)  # model -> earlier prompts, as words
@@ -72,7 +73,7 @@ def make_app(state: FakeState):
             return error(429, "queue full")
         path = state.adapters.get(model, "")
         prompt = body.get("prompt") or body["messages"][-1]["content"]
-        pieces = _tokens(model, path, prompt, body["max_tokens"])
+        pieces = [] if state.answer_nothing else _tokens(model, path, prompt, body["max_tokens"])
         earlier = state.seen.setdefault(model, [])
         cached = _cached_words(earlier, prompt.split())
         earlier.append(prompt.split())
@@ -91,8 +92,10 @@ def make_app(state: FakeState):
             return {"model": model, "choices": [choice], "usage": usage}
 
         def chunks():
+            if chat:  # the opening chunk, then deltas that write the unset role as null (as some servers do)
+                yield f"data: {json.dumps({'choices': [{'delta': {'role': 'assistant', 'content': ''}}]})}\n\n"
             for piece in pieces:
-                choice = {"delta": {"content": piece}} if chat else {"text": piece}
+                choice = {"delta": {"role": None, "content": piece}} if chat else {"text": piece}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"

@@ -118,6 +118,9 @@ def test_error_messages(body, expected):
     ({"text": "b", "finish_reason": "stop"}, True),
     ({"delta": {"role": "assistant", "content": ""}}, False),
     ({"delta": {"content": "x"}}, True),
+    ({"delta": {"role": None, "content": "x"}}, True),  # servers that write every field, unset ones as null
+    ({"delta": {"role": "assistant", "content": "x"}}, True),  # or repeat the role
+    ({"delta": {"role": None, "content": None}, "finish_reason": "stop"}, False),
     ({"delta": {}, "finish_reason": "stop"}, False),
 ])
 def test_token_chunks(choice, expected):

@@ -99,6 +99,27 @@ def test_chaos_catches_answers_that_depend_on_the_batch(fake_server):
     assert json.loads(json.dumps(report.to_dict()))["passed"] is False
 
 
+def test_cli_json_to_stdout_leaves_stdout_parseable(fake_server, capsys):
+    """`--json -`: stdout holds the JSON report alone (the tables go to stderr)."""
+    url, _ = fake_server
+    rc = main(["run", "--url", url, "--requests", "4", "--concurrency", "2", "--json", "-", "--cooldown", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["requests"] == 4
+    assert "requests" in err and err.strip()
+
+
+def test_chaos_that_compared_only_empty_answers_does_not_pass(fake_server):
+    """Empty answers equal each other whatever the weights: a run whose every answer is empty (QA: a
+    client that read no text from a server's chunks) checked nothing and must not pass."""
+    url, state = fake_server
+    state.answer_nothing = True
+    target = Target(base_url=url, base_model=BASE)
+    workload = spec(adapters=["lt-0000", "lt-0001", None], num_requests=20)
+    report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
+    assert not report.mismatches and report.verified == report.empty > 0
+    assert report.compared_nothing and not report.passed
+
+
 def test_cli_run_writes_json(fake_server, tmp_path):
     url, _ = fake_server
     out = tmp_path / "run.json"
@@ -114,9 +135,9 @@ def test_cli_chaos_exit_status(fake_server, tmp_path, capsys):
     url, _ = fake_server
     rc = main(["chaos", "--url", url, "--adapter-dir", str(tmp_path), "--requests", "20", "--interval", "0.01",
                "--num-adapters", "2", "--json", "-"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "chaos PASS" in out
-    assert json.loads(out.strip().splitlines()[-1])["passed"] is True
+    out, err = capsys.readouterr()
+    assert rc == 0 and "chaos PASS" in err
+    assert json.loads(out)["passed"] is True
 
 
 @pytest.mark.parametrize("argv", [
