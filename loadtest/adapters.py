@@ -23,8 +23,8 @@ class AdapterBudget:
     dtype: str = "float32"  # storage dtype of the deltas
 
     def validate(self) -> None:
-        if self.heads < 1 or self.channels < 1:
-            raise LoadtestConfigError("an adapter needs at least one head and one channel per layer")
+        if self.heads < 0 or self.channels < 0 or self.heads + self.channels == 0:
+            raise LoadtestConfigError("an adapter needs heads or channels per layer (neither negative, not both 0)")
         if not self.scale > 0:
             raise LoadtestConfigError("the delta scale must be positive")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -64,10 +64,18 @@ def _write(missing: list[tuple[int, Path]], names: list[str], model: str | None,
     from s2ft_serve.model.loading import load_model, resolve_dtype
     from s2ft_serve.model.testing import random_adapter
 
-    loaded = load_model(model, dtype="float32", device="cpu")
+    from s2ft_serve.errors import S2FTError
+
+    try:
+        loaded = load_model(model, dtype="float32", device="cpu")
+    except S2FTError as exc:
+        raise LoadtestConfigError(exc.message) from None
     heads_available = loaded.model.config.num_attention_heads
     if budget.heads > heads_available:
         raise LoadtestConfigError(f"{budget.heads} heads per layer: the base model has {heads_available}")
+    channels_available = loaded.model.config.intermediate_size
+    if budget.channels > channels_available:
+        raise LoadtestConfigError(f"{budget.channels} channels per layer: the base model has {channels_available}")
     dtype = resolve_dtype(budget.dtype)
     for i, folder in missing:
         seed = _seed_of(names[i]) + seed_offset

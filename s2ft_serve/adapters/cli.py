@@ -23,6 +23,13 @@ from s2ft_serve.errors import S2FTError
 EXIT_ERROR = 2
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2ft-adapter",
                                      description="Inspect, merge, fuse and extract S²FT adapters.")
@@ -31,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an adapter's config, modules, heads/channels per layer, size")
     p.add_argument("dir", help="adapter folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--head-dim", type=int, default=None,
+    p.add_argument("--head-dim", type=positive_int, default=None,
                    help="attention head size, to count heads (default: read from the base model's config if found)")
 
     p = sub.add_parser("merge", help="weighted sum of adapters over the union of their indices")
@@ -60,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except S2FTError as exc:
         print(f"s2ft-adapter {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # the file system refused a read or write the checks could not foresee
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"s2ft-adapter {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
 
 

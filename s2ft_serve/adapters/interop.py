@@ -71,9 +71,17 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to write over anything: the output folder must be new or empty."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder", param="out")
+    """Refuse to write over anything: the output folder must be new or empty; and its parent must be a
+    folder we can create and write in (checked before the slow part, e.g. loading a model)."""
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder",
+                                      param="out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:  # a parent that is a file, no permission, a name too long
+        raise InvalidRequestError(f"{out}: cannot be created there ({exc.strerror or exc})", param="out") from None
 
 
 @contextmanager

@@ -103,7 +103,7 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 2):
 def random_adapter(model: torch.nn.Module, base_model: str, seed: int, heads: int = 1, channels: int = 8,
                    scale: float = 0.05, fingerprint: str | None = None, dtype: torch.dtype = torch.float32):
     """A random adapter: `heads` o_proj heads and `channels` down_proj columns per layer, deltas in
-    `dtype` (as a file saved in that dtype holds them)."""
+    `dtype` (as a file saved in that dtype holds them); a module given 0 columns has no entry."""
     from s2ft_serve.adapters.format import Adapter, ModuleDelta, make_config
     from s2ft_serve.model.loading import head_dim_of, target_linears
 
@@ -117,6 +117,8 @@ def random_adapter(model: torch.nn.Module, base_model: str, seed: int, heads: in
             index = (chosen[:, None] * head_dim + torch.arange(head_dim)[None]).reshape(-1)
         else:
             index = torch.randperm(lin.in_features, generator=g)[:channels]
+        if index.numel() == 0:
+            continue
         delta = (torch.randn(lin.out_features, index.numel(), generator=g) * scale).to(dtype)
         modules[name] = ModuleDelta(index=index.to(torch.int64), delta=delta)
     config = make_config(base_model, fingerprint, selection={"strategy": "random", "seed": seed})

@@ -79,6 +79,37 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("s2ft-adapter inspect: error:") and "no such directory" in err
 
 
+@pytest.mark.parametrize("command", ["merge", "fuse", "extract"])
+def test_an_output_that_cannot_be_created_is_one_line_exit_2_before_any_work(adapters, tmp_path, capsys,
+                                                                              monkeypatch, command):
+    """An --out under a file (QA: a FileExistsError traceback, exit 1, after loading the model) is refused
+    as one line, exit 2, before any model is loaded."""
+    import s2ft_serve.adapters.extract as extract
+    import s2ft_serve.adapters.interop as interop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(interop, "load_model", no_loading)
+    monkeypatch.setattr(extract, "load_model", no_loading)
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "afile" / "sub")
+    _, (a1, _) = adapters
+    argv = {"merge": ["merge", "--out", out, str(a1)], "fuse": ["fuse", "--adapter", str(a1), "--out", out],
+            "extract": ["extract", "--tuned", str(a1), "--out", out]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"s2ft-adapter {command}: error:") and "cannot be created there" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_inspect_refuses_a_non_positive_head_dim(adapters, capsys):
+    _, (a1, _) = adapters
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", str(a1), "--head-dim", "-5"])
+    assert exit_.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("spec, expected", [("a/b:0.5", ("a/b", 0.5)), ("a/b", ("a/b", 1.0)),
                                             ("c:/x", ("c:/x", 1.0)), ("d:-2", ("d", -2.0))])
 def test_parse_source(spec, expected):

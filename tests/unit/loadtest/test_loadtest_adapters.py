@@ -48,9 +48,25 @@ def test_make_adapters_cli_in_bfloat16(tiny_llama_dir, tmp_path):
     assert {m.delta.dtype for m in adapter.modules.values()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("budget", [AdapterBudget(heads=0), AdapterBudget(channels=0), AdapterBudget(scale=0.0),
-                                    AdapterBudget(dtype="int8"), AdapterBudget(heads=99)])
+@pytest.mark.parametrize("budget", [AdapterBudget(heads=0, channels=0), AdapterBudget(heads=-1),
+                                    AdapterBudget(channels=-2), AdapterBudget(scale=0.0), AdapterBudget(dtype="int8"),
+                                    AdapterBudget(heads=99), AdapterBudget(channels=100_000)])
 def test_bad_budgets_are_refused(tiny_llama_dir, tmp_path, budget):
     with pytest.raises(LoadtestConfigError):
         create_adapters(tmp_path, ["x"], str(tiny_llama_dir), budget)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("heads, channels, kinds", [(0, 4, {"down_proj"}), (1, 0, {"o_proj"})])
+def test_one_kind_of_column_only(tiny_llama_dir, tmp_path, heads, channels, kinds):
+    """Channels only (as the S²FT authors' Llama 3 scripts train) or heads only: a valid adapter without
+    the other kind's modules."""
+    (folder,) = create_adapters(tmp_path, ["x"], str(tiny_llama_dir), AdapterBudget(heads=heads, channels=channels))
+    assert {name.rsplit(".", 1)[-1] for name in load_adapter(folder).modules} == kinds
+
+
+def test_make_adapters_with_a_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["make-adapters", "--adapter-dir", str(tmp_path), "--model", str(tmp_path / "nope"),
+                 "--count", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2ft-loadtest: error:") and "nope" in err and len(err.strip().splitlines()) == 1
