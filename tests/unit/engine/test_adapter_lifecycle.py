@@ -56,7 +56,6 @@ def test_bad_adapter_leaves_the_engine_unchanged(engine, adapters, root, tiny_mo
 def test_a_delta_beyond_the_serving_dtype_is_refused(engine, adapters, root):
     """A float64 delta of 1e39 is finite as stored but inf in the float32 model: refused by name,
     and the engine serves what it served before."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     before = engine.generate("fox", "a0", GREEDY).token_ids
