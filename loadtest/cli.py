@@ -233,7 +233,10 @@ async def cmd_chaos(args: argparse.Namespace) -> int:
           f"{report.server_errors} 5xx, {report.reference_failures} failed re-sends; "
           f"{report.distinguishing} adapter answers differ between the adapter's two versions")
     if report.compared_nothing:
-        print(f"  every answer was empty ({report.empty}): nothing was compared")
+        why = f"every answer was empty ({report.empty})" if report.verified else "no request was answered"
+        print(f"  {why}: nothing was compared")
+    elif report.empty:
+        print(f"  {report.empty} of the answers were empty (equal to any other empty answer: not a check)")
     for m in report.mismatches[:5]:
         print(f"  mismatch #{m.index} ({m.adapter}): got {m.got!r}, solo {m.expected!r}")
     _write_json(args, report.to_dict())

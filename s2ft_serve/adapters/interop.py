@@ -71,16 +71,21 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to write over anything: the output folder must be new or empty; and its parent must be a
-    folder we can create and write in (checked before the slow part, e.g. loading a model)."""
+    """Refuse to write over anything: the output folder must be new or empty; and the nearest existing
+    folder above it must be one we can write in (checked before the slow part, e.g. loading a model,
+    and without creating anything)."""
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder",
                                       param="out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
+        above = out.absolute().parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise InvalidRequestError(f"{out}: cannot be created there ({above} is not a folder)", param="out")
+        with tempfile.TemporaryFile(dir=above):
             pass
-    except OSError as exc:  # a parent that is a file, no permission, a name too long
+    except OSError as exc:  # no permission, a read-only file system, a name too long
         raise InvalidRequestError(f"{out}: cannot be created there ({exc.strerror or exc})", param="out") from None
 
 

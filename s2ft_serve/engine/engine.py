@@ -464,14 +464,13 @@ class Engine:
         root = self.config.adapter_root
         if not self.config.lazy_load or root is None or "/" in name or name in (".", ".."):
             raise AdapterNotFoundError(name)
-        path = Path(root) / name
         try:
-            found = (path / "adapter_config.json").is_file()
+            found = (Path(root).expanduser() / name / "adapter_config.json").is_file()
         except (OSError, ValueError):  # a name too long for the file system, a NUL byte
             found = False
         if not found:
             raise AdapterNotFoundError(name)
-        return self._check_path(path)
+        return self._check_path(name)  # taken under the root (a relative root too: not joined twice)
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self.lock:

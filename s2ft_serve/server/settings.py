@@ -7,6 +7,7 @@ environment after that.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -46,7 +47,7 @@ class ServerSettings(BaseSettings):
         "exact", description="exact: MKL's summation order (transformers' bits), compiled where verified; onednn: "
         "oneDNN's packed GEMMs on CPU float32, logits differ by rounding")
     adapter_kernel: Literal["auto", "native", "torch"] = Field(
-        "auto", description="mixed-adapter steps: auto = the compiled CPU float32 kernel where it builds, else "
+        "auto", description="mixed-adapter steps: auto = the compiled CPU float32/bfloat16 kernel where it builds, else "
         "torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
@@ -103,8 +104,15 @@ class ServerSettings(BaseSettings):
         return value
 
     def adapter_specs(self) -> dict[str, str]:
-        """The preloaded adapters, name -> path."""
-        return {name.strip(): path.strip() for name, _, path in (s.partition("=") for s in self.adapter)}
+        """The preloaded adapters, name -> path. A relative path names a folder from the working folder
+        where one is there (`--adapter math=./adapters/math`), else one under the adapter root, as the
+        admin API's paths are (`--adapter math=math`); either must lie inside the root."""
+        specs = {}
+        for name, _, path in (s.partition("=") for s in self.adapter):
+            path = path.strip()
+            here = Path(path).expanduser()
+            specs[name.strip()] = str(here.absolute()) if not here.is_absolute() and here.is_dir() else path
+        return specs
 
     @property
     def is_loopback(self) -> bool:

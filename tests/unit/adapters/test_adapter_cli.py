@@ -100,7 +100,35 @@ def test_an_output_that_cannot_be_created_is_one_line_exit_2_before_any_work(ada
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"s2ft-adapter {command}: error:") and "cannot be created there" in err
+    assert "afile is not a folder" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_checking_the_output_creates_nothing(tmp_path, capsys):
+    """The output check runs first, and a command that then fails leaves no folder behind."""
+    out = tmp_path / "new" / "deeper" / "merged"
+    assert main(["merge", "--out", str(out), str(tmp_path / "missing-adapter")]) == 2
+    assert "s2ft-adapter merge: error:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_file_system_error_while_writing_is_one_line_exit_2(adapters, tmp_path, capsys, monkeypatch):
+    """An OSError the checks could not foresee (here a full disk while saving) is one line, exit 2, not a
+    traceback, and leaves nothing half-written."""
+    import errno
+
+    import s2ft_serve.adapters.format as adapter_format
+
+    def disk_full(adapter, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(adapter_format, "save_adapter", disk_full)
+    _, (a1, _) = adapters
+    assert main(["merge", "--out", str(tmp_path / "m"), str(a1)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2ft-adapter merge: error:") and os.strerror(errno.ENOSPC) in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m-")]
 
 
 def test_inspect_refuses_a_non_positive_head_dim(adapters, capsys):

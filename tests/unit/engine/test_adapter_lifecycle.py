@@ -128,6 +128,18 @@ def test_lazy_load_and_root_confinement(tiny_model_dir, root, tmp_path_factory):
     engine.shutdown()
 
 
+def test_lazy_load_under_a_relative_root(tiny_model_dir, root, monkeypatch):
+    """`--adapter-root ./adapters` (as the README writes it): a request naming a folder under it loads
+    it (QA: the root was joined twice, adapters/adapters/NAME, and every lazy load failed with 422)."""
+    monkeypatch.chdir(root.parent)
+    engine = make_engine(tiny_model_dir, adapter_root=f"./{root.name}")
+    engine.start()
+    out = engine.generate("fox", "r1", GREEDY)
+    assert engine.has_adapter("r1") and out.num_generated_tokens == 8
+    assert engine.get_adapter("r1").path == str((root / "r1").resolve())
+    engine.shutdown()
+
+
 def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
     engine.start()

@@ -74,13 +74,18 @@ def chaos_plan() -> ChaosPlan:
     return ChaosPlan(names=["lt-0000", "lt-0001"], server_dir="/srv", churn_name="lt-0002", interval_s=0.01)
 
 
-def test_chaos_passes_on_a_correct_server(fake_server):
+@pytest.mark.parametrize("endpoint, stream", [("completions", False), ("chat", True)])
+def test_chaos_passes_on_a_correct_server(fake_server, endpoint, stream):
+    """Streamed chat included: the fake writes the unset role as null in every delta after the first
+    (QA: the client read no token from such chunks, so chaos compared empty strings)."""
     url, state = fake_server
-    target = Target(base_url=url, base_model=BASE)
+    target = Target(base_url=url, base_model=BASE, endpoint=endpoint, stream=stream)
     workload = spec(adapters=["lt-0000", "lt-0001", None], num_requests=60)
     report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
     assert report.passed, report.mismatches
-    assert report.verified == report.traffic.ok > 0
+    assert report.verified == report.traffic.ok > 0 and report.empty == 0
+    if stream:
+        assert report.traffic.ttft_ms.count == report.traffic.ok
     assert report.distinguishing > 0  # the fake's versions answer differently: the check has teeth
     ops = {key.split()[0] for key in report.admin_ops}
     assert ops and ops <= {"replace", "unload", "reload", "fuse", "unfuse", "churn-load", "churn-unload"}
@@ -118,6 +123,27 @@ def test_chaos_that_compared_only_empty_answers_does_not_pass(fake_server):
     report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
     assert not report.mismatches and report.verified == report.empty > 0
     assert report.compared_nothing and not report.passed
+
+
+def test_chaos_that_got_no_answer_does_not_pass(fake_server):
+    """Every request refused (429): no answer was compared, so the run cannot pass either."""
+    url, state = fake_server
+    state.max_in_flight = 0
+    target = Target(base_url=url, base_model=BASE)
+    workload = spec(adapters=["lt-0000", "lt-0001"], num_requests=8)
+    report = asyncio.run(with_admin(url, lambda admin: run_chaos(workload, target, admin, chaos_plan())))
+    assert report.traffic.ok == report.verified == 0 and report.server_errors == 0 and not report.mismatches
+    assert report.compared_nothing and not report.passed
+
+
+def test_cli_chaos_says_when_nothing_was_compared(fake_server, tmp_path, capsys):
+    url, state = fake_server
+    state.answer_nothing = True
+    rc = main(["chaos", "--url", url, "--adapter-dir", str(tmp_path), "--requests", "8", "--interval", "0.01",
+               "--num-adapters", "2", "--endpoint", "chat", "--stream", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "chaos FAIL" in err and "every answer was empty (8): nothing was compared" in err
+    assert json.loads(out)["compared_nothing"] is True
 
 
 def test_cli_run_writes_json(fake_server, tmp_path):

@@ -29,6 +29,16 @@ def test_flags_override_environment(monkeypatch):
     assert not s.is_loopback and s.url == "http://0.0.0.0:9002"
 
 
+def test_relative_preload_paths_are_taken_from_the_working_folder_where_they_are(tmp_path, monkeypatch):
+    """`--adapter-root ./adapters --adapter math=./adapters/math` (the README's example; QA: it became
+    adapters/adapters/math and the server exited 1) and `--adapter code=code` (a folder under the root)
+    both name the folder meant."""
+    (tmp_path / "adapters" / "math").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    s = ServerSettings(adapter_root="./adapters", adapter=["math=./adapters/math", "code=code", "abs=/x/y"])
+    assert s.adapter_specs() == {"math": str(tmp_path / "adapters" / "math"), "code": "code", "abs": "/x/y"}
+
+
 def test_every_setting_is_a_flag():
     flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert flags == set(ServerSettings.model_fields)
