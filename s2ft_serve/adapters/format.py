@@ -143,7 +143,7 @@ def read_config(path: Path) -> dict:
     version = config.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise AdapterValidationError(
-            f"{cfg_path}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r}"
+            f"{cfg_path}: format_version must be {FORMAT_VERSION}, got {version!r}"
         )
     if not isinstance(config.get("base_model"), str):
         raise AdapterValidationError(f"{cfg_path}: base_model must be a string")
@@ -236,18 +236,21 @@ def _values(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _all_finite(delta: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Every value finite, and still finite once rounded to `dtype` (the dtype the engine serves the
-    delta in) where that is given and narrower: a float64 1e39 is finite, but inf in float32."""
+def _all_finite(delta: torch.Tensor) -> bool:
     values = _values(delta)
     if delta.dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN
-        if np.any((values & 0x7F80) == 0x7F80):
-            return False
-        return dtype != torch.float16 or _all_finite(delta.float(), dtype)
-    if not np.isfinite(values).all():
-        return False
-    if dtype is None or torch.finfo(dtype).max >= torch.finfo(delta.dtype).max:
+        return not bool(np.any((values & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(values).all())
+
+
+def _fits(delta: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The (finite) values stay finite once rounded to `dtype`, the dtype the engine serves the delta
+    in: a float64 1e39 is finite, but inf in float32. Numpy only, as the other checks."""
+    if torch.finfo(dtype).max >= torch.finfo(delta.dtype).max:
         return True
+    values = _values(delta)
+    if delta.dtype == torch.bfloat16:  # its bits are a float32's upper half
+        values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     with np.errstate(over="ignore"):
         if dtype == torch.float16:
             return bool(np.isfinite(values.astype(np.float16)).all())
@@ -313,7 +316,7 @@ def validate_tensors(
             fail(ikey, "indices must be distinct")
         if not _all_finite(delta):
             fail(dkey, "values must be finite (found NaN or inf)")
-        if dtype is not None and not _all_finite(delta, dtype):
+        if dtype is not None and not _fits(delta, dtype):
             fail(dkey, f"values must be finite in {str(dtype).replace('torch.', '')}, the dtype the model is "
                        f"served in (found a value beyond its range, {torch.finfo(dtype).max:.4g})")
         modules[name] = ModuleDelta(index=index.contiguous(), delta=delta.contiguous())

@@ -166,11 +166,14 @@ class Engine:
         tokenizers; SmolLM2's adds none) as `tokenizer(text)`, transformers' generate and vLLM's
         completions add them, unless `add_special_tokens` is false (a rendered chat has them already)."""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): no tokenizer takes it
-            raise InvalidRequestError(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}",
-                                      param=param) from None
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except TypeError:  # the tokenizer's answer to a lone surrogate ("\ud800"); say what is wrong
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(f"{param} is not valid Unicode text: {exc.reason} at position "
+                                          f"{exc.start}", param=param) from None
+            raise
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,

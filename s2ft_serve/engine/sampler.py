@@ -49,16 +49,19 @@ def probabilities(row: torch.Tensor, p: SamplingParams) -> torch.Tensor | None: 
     """The distribution a sampled row draws from: temperature, then top-k, top-p and min-p; None where
     there is none (NaN logits, or every token at -inf). Logits at +inf (a positive logit divided by a
     tiny repetition penalty) share the draw evenly, the limit of the softmax."""
+    def softmax_top_k(row: torch.Tensor) -> torch.Tensor:
+        if p.top_k:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        return torch.softmax(row, dim=-1)
+
     row = row / p.temperature
-    top = torch.isposinf(row)
-    if top.any():
-        row = torch.zeros_like(row).masked_fill_(~top, float("-inf"))
-    if p.top_k:
-        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        return None
+    probs = softmax_top_k(row)
+    if not bool(torch.isfinite(probs).all()):  # rare: checked only then, off the common path
+        top = torch.isposinf(row)
+        if not bool(top.any()):
+            return None
+        probs = softmax_top_k(torch.zeros_like(row).masked_fill_(~top, float("-inf")))
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
