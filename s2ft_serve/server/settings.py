@@ -96,6 +96,16 @@ class ServerSettings(BaseSettings):
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
         return self
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _no_empty_key(cls, value: str | None, info) -> str | None:
+        # An empty key (S2FT_API_KEY= in an .env file) would match no token and lock every route; a
+        # key read from a file keeps its newline, which no bearer token (stripped) could match.
+        if value is not None and not value.strip():
+            raise ValueError(f"{info.field_name} is empty; unset S2FT_{info.field_name.upper()} (or drop "
+                             f"--{info.field_name.replace('_', '-')}) to serve without one")
+        return value.strip() if value is not None else None
+
     @field_validator("dtype")
     @classmethod
     def _check_dtype(cls, value: str) -> str:

@@ -131,8 +131,8 @@ def test_docker_compose_config_accepts_the_file():
 # --- Dockerfile ----------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+def dockerfile_instructions(name: str = "Dockerfile") -> list[tuple[str, str]]:
+    text = (DEPLOY / name).read_text().replace("\\\n", " ")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
 
@@ -163,9 +163,34 @@ def test_dockerfile_order_and_contents():
     assert any(k == "USER" and v != "root" for k, v in steps)
 
 
-def test_dockerignore_keeps_the_context_small():
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("**") + 1:].count("!s2ft_serve/") == 1 and "!.venv" not in ignore
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "ray/Dockerfile"])
+def test_dockerignore_keeps_the_context_small(dockerfile):
+    """Each Dockerfile has its own ignore file (BuildKit reads `<Dockerfile>.dockerignore`; QA: the Ray
+    image had none and sent the whole checkout, .venv included) that keeps exactly what it copies."""
+    ignore = (DEPLOY / f"{dockerfile}.dockerignore").read_text().split()
+    kept = [line[1:].rstrip("/") for line in ignore[ignore.index("**") + 1:] if line.startswith("!")]
+    assert not any(k.startswith((".venv", ".git", "build")) for k in kept)
+    steps = dockerfile_instructions(dockerfile)
+    for _, value in (s for s in steps if s[0] == "COPY"):
+        for source in (v for v in value.split()[:-1] if not v.startswith("--")):
+            assert any(source == k or source.startswith(k + "/") for k in kept), (dockerfile, source)
+
+
+def test_the_rayservice_has_room_for_every_deployment():
+    """QA: the head had 0 CPUs and each 4-CPU worker took one 4-CPU engine replica, so the ingress
+    replicas had nowhere to go (a third worker was started for them, or the service never got ready)."""
+    docs = list(yaml.safe_load_all((DEPLOY / "ray" / "rayservice.yaml").read_text()))
+    service = docs[-1]["spec"]
+    deployments = {d["name"]: d for d in yaml.safe_load(service["serveConfigV2"])["applications"][0]["deployments"]}
+    cluster = service["rayClusterConfig"]
+    head_cpus = float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"])
+    ingress = deployments["FleetIngress"]
+    assert ingress["num_replicas"] * ingress["ray_actor_options"]["num_cpus"] <= head_cpus
+    engine_cpus = deployments["EngineReplica"]["ray_actor_options"]["num_cpus"]
+    workers = cluster["workerGroupSpecs"][0]
+    worker_cpus = float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert engine_cpus <= worker_cpus < 2 * engine_cpus and engine_cpus > head_cpus
+    assert workers["maxReplicas"] >= deployments["EngineReplica"]["autoscaling_config"]["max_replicas"]
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -159,6 +160,27 @@ def test_same_adapter_lands_on_the_replica_holding_it_and_matches_single_process
         assert missing.json()["error"]["message"] == "The model 'nope' does not exist."
 
 
+def test_reads_about_an_adapter_reach_a_replica_that_has_it_and_load_nothing(fleet, adapter_root):
+    """QA: `GET /v1/models/{name}` and `/tokenize` went to any replica (200 or 404 by chance, always 404
+    for a preloaded adapter no replica held yet), and `GET /v1/adapters/{name}` loaded the adapter."""
+    with httpx.Client(base_url=fleet) as client:
+        for _ in range(6):  # `preloaded` is a catalog record: any replica can answer for it
+            card = client.get("/v1/models/preloaded")
+            assert card.status_code == 200, card.text
+            assert card.json()["id"] == "preloaded"
+            tokens = client.post("/tokenize", json={"model": "preloaded", "prompt": "hello"})
+            assert tokens.status_code == 200, tokens.text
+        shutil.copytree(adapter_root / "a0", adapter_root / "unread")  # loadable by name, loaded nowhere
+        for _ in range(3):
+            assert client.get("/v1/adapters/unread").status_code == 404
+            assert client.get("/v1/models/unread").status_code == 404
+            assert client.post("/tokenize", json={"model": "unread", "prompt": "hi"}).status_code == 200
+        assert client.get("/v1/models/nope").status_code == 404
+        assert client.post("/tokenize", json={"model": "nope", "prompt": "hi"}).status_code == 404
+        time.sleep(1.0)
+        assert not any("unread" in r["held"] for r in fleet_view(client)["replicas"].values())
+
+
 def test_streaming_passes_through_the_fleet(fleet, reference):
     with httpx.Client(base_url=fleet) as client:
         with client.stream("POST", "/v1/completions", json={
@@ -295,8 +317,115 @@ def test_routing_reads_the_adapter_and_the_admin_change_like_the_server():
     assert route("POST", "/v1/unload_lora_adapter", body(lora_name="a"), base).admin.needs == ["a"]
     assert route("POST", "/v1/adapters/a/fuse", b"", base).admin.kind == "fuse"
     detail = route("GET", "/v1/adapters/a", b"", base)
-    assert (detail.adapter, detail.admin) == ("a", None)
+    assert (detail.adapter, detail.admin, detail.read) == ("a", None, True)
     assert route("GET", "/v1/adapters", b"", base).adapter is None
+    assert (route("GET", "/v1/models/a", b"", base).adapter, route("GET", "/v1/models/base-model", b"", base).adapter) \
+        == ("a", None)
+    tokenize = route("POST", "/tokenize", body(model="a", prompt="x"), base)
+    assert (tokenize.adapter, tokenize.read) == ("a", True)
+    assert route("POST", "/detokenize", body(model="base-model", tokens=[1]), base).adapter is None
+    assert not route("POST", "/v1/completions", body(model="x"), base).read  # generation holds its adapter
+
+
+def _ray_module(name: str):
+    if str(DEPLOY_DIR) not in sys.path:
+        sys.path.insert(0, str(DEPLOY_DIR))
+    return __import__(f"s2ft_ray.{name}", fromlist=["_"])
+
+
+def _ingress(args: dict, replicas=None, catalog=None):
+    """The ingress class itself (under Ray's ASGI wrapper, whose constructor needs a running Serve)."""
+    cls = _ray_module("ingress").FleetIngress.func_or_class
+    return cls.__mro__[1](args, replicas, catalog)
+
+
+def test_the_fleet_view_follows_the_servers_admin_rule():
+    """QA: `GET /fleet` answered without the API key on a loopback fleet with no admin key."""
+    from starlette.requests import Request
+
+    class Catalog:
+        class view:
+            @staticmethod
+            async def remote():
+                return {"epoch": 7}
+
+    def ask(args: dict, token: str | None) -> tuple[int, dict]:
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        request = Request({"type": "http", "method": "GET", "path": "/fleet", "headers": headers, "query_string": b""})
+        response = asyncio.run(_ingress(args, catalog=Catalog).fleet_view(request))
+        return response.status_code, json.loads(response.body)
+
+    assert ask({"host": "127.0.0.1"}, None) == (200, {"epoch": 7})
+    status, body = ask({"host": "127.0.0.1", "api_key": "sk-u"}, None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert ask({"host": "127.0.0.1", "api_key": "sk-u"}, "sk-u")[0] == 200
+    assert ask({"host": "0.0.0.0"}, None)[0] == 403
+    assert ask({"host": "0.0.0.0", "admin_key": "sk-a", "api_key": "sk-u"}, "sk-u")[0] == 403
+    assert ask({"host": "0.0.0.0", "admin_key": "sk-a"}, "sk-a")[0] == 200
+
+
+def test_a_replica_failure_outside_the_app_is_an_openai_error_not_rays_text():
+    """QA: an exception from the replica (an unwritable catalog file) reached Ray's text/plain 500."""
+    class Stream:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise RuntimeError("disk gone")
+
+    class Replicas:
+        def options(self, **_):
+            return self
+
+        @property
+        def forward(self):
+            return self
+
+        def remote(self, *_):
+            return Stream()
+
+    routing, bridge = _ray_module("routing"), _ray_module("bridge")
+    req = bridge.ForwardedRequest(method="POST", path="/v1/adapters", query=b"", headers=[], body=b"{}", client=None)
+    start, chunks = asyncio.run(_ingress({}, replicas=Replicas())._open(req, routing.Route()))
+
+    async def body() -> bytes:
+        return b"".join([c async for c in chunks])
+
+    assert start.status == 500 and start.header("content-type") == "application/json"
+    assert json.loads(asyncio.run(body()))["error"]["message"] == "the replica failed: RuntimeError"
+
+
+def test_an_unwritable_catalog_state_fails_at_start_and_a_later_write_failure_keeps_the_change(tmp_path, caplog):
+    """QA: a missing folder for `catalog_state_path` answered admin calls with a 500 after applying
+    them, and crashed replicas at deploy (their preloads went missing)."""
+    catalog = _ray_module("catalog")
+    with pytest.raises(RuntimeError, match="catalog_state_path .*no-such-dir.*cannot write"):
+        catalog.AdapterCatalog(state_path=str(tmp_path / "no-such-dir" / "cat.json"))
+    folder = tmp_path / "state"
+    folder.mkdir()
+    cat = catalog.AdapterCatalog(state_path=str(folder / "cat.json"))
+    assert json.loads((folder / "cat.json").read_text()) == {}
+    shutil.rmtree(folder)  # the volume goes away while serving
+    epoch = asyncio.run(cat.commit("load", "x", catalog.AdapterRecord("x", 0, path="/a/x"), None))
+    assert epoch == 1 and "x" in cat.records
+    assert "could not be written" in caplog.text
+
+
+def test_a_merge_built_from_its_recipe_keeps_only_the_merge(tiny_llama_dir, adapter_root):
+    """QA: sources loaded to build a merged adapter stayed, outside Ray's multiplex LRU: a replica with
+    a bound of 2 held 3 adapters."""
+    holdings_mod, catalog = _ray_module("holdings"), _ray_module("catalog")
+    settings = ServerSettings(model=str(tiny_llama_dir), adapter_root=str(adapter_root))
+    engine = Engine(settings.engine_config()).start()
+    try:
+        holdings = holdings_mod.AdapterHoldings(engine, settings)
+        holdings.records["mix"] = catalog.AdapterRecord("mix", 3, sources=[("a2", 0.5), ("a3", 0.5), ("a2", 1.0)])
+        engine.load_adapter("a3", str(adapter_root / "a3"))  # already held: stays
+        holdings.materialise("mix")
+        assert holdings.held() == ["a3", "mix"]
+        assert engine.get_adapter("mix").config["merged_from"][0] == {"name": "a2", "weight": 0.5}
+    finally:
+        engine.shutdown(timeout=5)
 
 
 def test_catalog_delivers_changes_and_tracks_acknowledgements():

@@ -86,6 +86,12 @@ class AdapterCatalog:
         self.liveness_s = replica_liveness_s
         self.state_path = Path(state_path) if state_path else None
         self.records: dict[str, AdapterRecord] = self._restore()
+        if self.state_path is not None:  # an unwritable state file fails the deploy, not a later admin call
+            try:
+                self._write_state()
+            except OSError as exc:
+                raise RuntimeError(f"catalog_state_path {self.state_path}: cannot write the catalog's state "
+                                   f"({exc.strerror or exc}); give a writable file on shared storage, or none") from exc
         self.epoch = max((r.generation for r in self.records.values()), default=0)  # stays monotonic
         self.changes: list[Change] = []
         self.replicas: dict[str, ReplicaView] = {}
@@ -174,8 +180,16 @@ class AdapterCatalog:
 
     # ---- persistence ---------------------------------------------------------------------
     def _persist(self) -> None:
+        """Keep the records on disk; a failed write (disk full, volume gone) is logged, the change stands."""
         if self.state_path is None:
             return
+        try:
+            self._write_state()
+        except OSError as exc:
+            log.error("catalog state %s could not be written (%s); the change holds in memory only",
+                      self.state_path, exc)
+
+    def _write_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({n: asdict(r) for n, r in self.records.items()}, indent=1))
         os.replace(tmp, self.state_path)

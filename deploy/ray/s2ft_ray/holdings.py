@@ -58,11 +58,18 @@ class AdapterHoldings:
 
     def _build(self, record: AdapterRecord, replace: bool = False) -> None:
         if record.sources is not None:
-            for source, _ in record.sources:
-                self.materialise(source)
-            if replace and self.engine.has_adapter(record.name):
-                self.engine.remove_adapter(record.name)
-            self.engine.merge(record.name, list(record.sources))
+            # Sources loaded only to build the merge leave again: Ray's multiplex LRU never leased them,
+            # so nothing else would free them and the replica would hold more than its bound.
+            transient = [s for s in dict.fromkeys(n for n, _ in record.sources) if not self.engine.has_adapter(s)]
+            try:
+                for source, _ in record.sources:
+                    self.materialise(source)
+                if replace and self.engine.has_adapter(record.name):
+                    self.engine.remove_adapter(record.name)
+                self.engine.merge(record.name, list(record.sources))
+            finally:
+                for source in transient:
+                    self.release(source)
         else:
             self.engine.load_adapter(record.name, record.path, replace=replace)
         if record.fused:

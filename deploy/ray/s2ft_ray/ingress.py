@@ -9,7 +9,6 @@ before answering is retried on another one, so a replica crash costs latency, no
 # No `from __future__ import annotations`: Ray rebuilds these route signatures and needs real types.
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import AsyncIterator
@@ -19,6 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+
+from s2ft_serve.errors import S2FTError
+from s2ft_serve.server.deps import require_admin
+from s2ft_serve.server.errors import domain_error_response
 
 from s2ft_ray.bridge import ForwardedRequest, ResponseStart, error_start
 from s2ft_ray.options import split_args
@@ -56,18 +59,11 @@ class FleetIngress:
 
     @api.get("/fleet", summary="Catalog records, and each replica's adapters and applied epoch (admin)")
     async def fleet_view(self, request: Request) -> Response:
-        if not self._is_admin(request):
-            start, body = error_start(403, "the fleet view needs the admin key", "permission_error")
-            return Response(body, status_code=start.status, media_type="application/json")
+        try:
+            require_admin(request, self.settings)  # the server's own admin rule, keys and loopback alike
+        except S2FTError as exc:
+            return domain_error_response(exc)
         return JSONResponse(await self.catalog.view.remote())
-
-    def _is_admin(self, request: Request) -> bool:
-        """The server's admin rule: the admin key if set, else loopback deployments only."""
-        key = self.settings.admin_key
-        if key is None:
-            return self.settings.is_loopback
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
     @api.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request, path: str) -> Response:
@@ -95,7 +91,7 @@ class FleetIngress:
         handle = self.replicas.options(stream=True, multiplexed_model_id=target.adapter or "")
         attempts = 1 + (0 if target.admin is not None else self.fleet.request_retries)
         for attempt in range(attempts):
-            stream = handle.forward.remote(req, target.admin)
+            stream = handle.forward.remote(req, target.admin, target.read)
             try:
                 start = await stream.__anext__()
                 if (start.header("content-type") or "").startswith("text/event-stream"):
@@ -110,6 +106,10 @@ class FleetIngress:
             except BackPressureError:
                 start, body = error_start(429, "every replica is at capacity; retry later", "rate_limit_error")
                 start.headers.append((b"retry-after", b"1"))
+                return start, _once(body)
+            except Exception as exc:  # a replica-side failure outside the app: an OpenAI-style 500, not Ray's text
+                log.exception("replica failed on %s %s", req.method, req.path)
+                start, body = error_start(500, f"the replica failed: {type(exc).__name__}", "internal_error")
                 return start, _once(body)
         start, body = error_start(503, "no replica could answer the request; retry shortly", "service_unavailable")
         return start, _once(body)

@@ -72,14 +72,20 @@ class EngineReplica:
                  self.fleet.max_adapters_per_replica)
 
     # ---- requests ------------------------------------------------------------------------
-    async def forward(self, req: ForwardedRequest, op: AdminOp | None = None) -> AsyncIterator[ResponseStart | bytes]:
-        """Run one HTTP request through the app; yields the response start, then body chunks."""
+    async def forward(self, req: ForwardedRequest, op: AdminOp | None = None,
+                      read: bool = False) -> AsyncIterator[ResponseStart | bytes]:
+        """Run one HTTP request through the app; yields the response start, then body chunks.
+
+        A `read` (adapter details, tokenize) materialises only an adapter the catalog records (loaded
+        in the fleet, perhaps held nowhere now); anything else is answered from what this replica
+        holds, as the single server answers without loading.
+        """
         if op is not None:
             async for item in self._admin(req, op):
                 yield item
             return
         adapter = serve.get_multiplexed_model_id()
-        if adapter:
+        if adapter and (not read or adapter in self.holdings.records):
             await self._hold(adapter)
         async for item in call_app(self.app, req):
             yield self._tag(item)

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+TOKEN_PATHS = ("/tokenize", "/detokenize")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AdminOp:
 class Route:
     adapter: str | None = None  # the multiplexed model id; None: any replica
     admin: AdminOp | None = None
+    read: bool = False  # a question about the adapter: answered where it is held, never loads it on demand
 
 
 def _json(body: bytes) -> dict:
@@ -99,7 +101,11 @@ def route(method: str, path: str, body_bytes: bytes, base_names: set[str]) -> Ro
     op = admin_op(method, path, body)
     if op is not None:
         return Route(adapter=op.name if op.kind != "merge" else None, admin=op)
+    if method == "POST" and path in TOKEN_PATHS:
+        return Route(adapter=adapter_of(body, base_names), read=True)
     parts = [p for p in path.split("/") if p]
     if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "adapters"] and parts[2] != "merge":
-        return Route(adapter=parts[2])  # the holder answers with its live numbers
+        return Route(adapter=parts[2], read=True)  # the holder answers with its live numbers
+    if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "models"]:
+        return Route(adapter=None if parts[2] in base_names else parts[2], read=True)
     return Route()

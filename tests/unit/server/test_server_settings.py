@@ -19,6 +19,19 @@ def test_environment_variables_fill_settings(monkeypatch):
     assert s.adapter_specs() == {"a": "/x/a", "b": "/x/b"}
 
 
+def test_an_empty_key_is_refused_and_a_key_read_from_a_file_loses_its_newline(monkeypatch):
+    """QA: `S2FT_API_KEY=` (an .env file, an empty Secret) locked every /v1 route with 401 for good;
+    a key with the newline of a Secret made from a file matched no bearer token."""
+    for name in ("S2FT_API_KEY", "S2FT_ADMIN_KEY"):
+        monkeypatch.setenv(name, " ")
+        with pytest.raises(ValidationError, match=f"{name[5:].lower()} is empty; unset {name}"):
+            ServerSettings()
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("S2FT_API_KEY", "sk-user\n")
+    assert ServerSettings().api_key == "sk-user"
+    assert ServerSettings(admin_key=None).admin_key is None
+
+
 def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("S2FT_PORT", "9001")
     args = build_parser().parse_args(["--port", "9002", "--adapter", "a=/p", "--adapter", "b=/q",
