@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+# Fields that must be integers >= 1 (a batch of 0 admits nothing: every request would wait forever),
+# and those that may be 0.
+POSITIVE = ("max_batch_size", "max_tokens_per_step", "prefix_block_size", "max_queue", "max_resident_adapters",
+            "max_resident_bytes", "max_adapter_bytes", "max_fused_adapters", "auto_fuse_min_requests",
+            "speculative_ngram_min", "speculative_ngram_max", "speculative_max_batch")
+NON_NEGATIVE = ("prefix_cache_bytes", "speculative_tokens")
+OPTIONAL_POSITIVE = ("threads", "max_model_len")  # None: the default
 
 
 @dataclass
@@ -41,3 +49,18 @@ class EngineConfig:
     speculative_ngram_max: int = 4  # max down to min (single-token matches are mostly chance in free text)
     speculative_max_batch: int = 8  # draft only while at most this many requests run: a larger batch is
     # bound by arithmetic, where verifying drafts costs more than it saves
+
+    def __post_init__(self) -> None:
+        """Refuse values the engine cannot run with, naming the field (the server's settings check the same)."""
+        for f in fields(self):
+            value, name = getattr(self, f.name), f.name
+            if name in POSITIVE or name in NON_NEGATIVE or (name in OPTIONAL_POSITIVE and value is not None):
+                least = 0 if name in NON_NEGATIVE else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise ValueError(f"{name} must be an integer >= {least}{' or None' if name in OPTIONAL_POSITIVE else ''}, "
+                                     f"not {value!r}")
+        for name in ("auto_fuse_share", "auto_unfuse_share"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)!r}")
+        if not self.auto_fuse_window_s > 0:
+            raise ValueError(f"auto_fuse_window_s must be > 0, not {self.auto_fuse_window_s!r}")

@@ -349,7 +349,7 @@ class Engine:
                                       param=param)
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len + max(max_tokens, 1) > self.max_model_len:
+        if prompt_len + max_tokens > self.max_model_len:  # a full-length prompt with max_tokens 0 is scoring
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "

@@ -348,8 +348,11 @@ class Stepper:
             return "stop"
         if token in seq.detokenizer.end_ids:  # SamplingParams.end_ids, worked out once per request
             return "stop"
-        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
-            return "stop"  # the grammar is complete (or, never expected, broken): nothing more may follow
+        if seq.matcher is not None and seq.matcher.is_error():
+            return "error"  # the mask let through a token the grammar then refused (one spelling a special
+            # token): the text no longer matches the guide, so it must not end as a success
+        if seq.matcher is not None and seq.matcher.is_stopped():
+            return "stop"  # the grammar is complete: nothing more may follow
         if len(seq.output_ids) >= p.max_tokens or seq.length >= self.engine.max_model_len:
             return "length"
         return None

@@ -51,7 +51,7 @@ async def start(body: ChatCompletionRequest, engine: Engine, settings: ServerSet
     tools = tool_mode(body, settings.tool_call_parser)
     prompt = await asyncio.to_thread(chat_prompt, engine, body, body.messages, template_tools(body.tools))
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 0)
+    max_tokens = asked if asked is not None else max(engine.max_model_len - len(prompt), 1)  # full: 400
     guide = await request_guide(engine, body, tools.guide if tools else None)  # "auto" may take a user's guide
     reasoning = settings.reasoning_parser
     if guide is not None and reasoning is not None:  # a guided answer thinks only if its grammar writes <think>

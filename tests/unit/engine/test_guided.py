@@ -41,6 +41,16 @@ def test_every_kind_of_guide_is_followed_to_the_end(engine, seed):
     assert re.fullmatch(r"x[yz]{1,3}!", out.text) and out.finish_reason == "stop"
 
 
+def test_a_guide_broken_by_a_special_token_ends_as_an_error_not_a_stop(engine):
+    """QA: a regex spelling a special token (`<|im_start|>x`) let llguidance's mask allow that token,
+    the matcher then refused it, and the request ended "stop" with text that breaks the regex."""
+    out = run(engine, Guide(regex=r"<\|im_start\|>x"), None, skip_special_tokens=False)
+    assert not re.fullmatch(r"<\|im_start\|>x", out.text)
+    assert out.finish_reason == "error"
+    alongside = run(engine, Guide(regex=r"[a-c]{3}-[0-9]{2}"), None)  # the engine goes on serving guides
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", alongside.text) and alongside.finish_reason == "stop"
+
+
 def test_unguided_model_does_not_follow_by_itself(engine):
     """The constraint is what makes the outputs above valid: free greedy text is not JSON."""
     free = engine.generate("hello", None, SamplingParams(max_tokens=48, temperature=0)).text

@@ -113,6 +113,32 @@ def test_invalid_requests_are_refused(engine):
         engine.submit("x", "nope")
 
 
+def test_a_prompt_filling_the_context_is_scored_with_max_tokens_0(tiny_llama_dir):
+    """QA: a prompt of exactly max_model_len tokens with max_tokens 0 (lm-eval's echo scoring) was
+    refused with "maximum context length is 64 ... you requested 64"."""
+    engine = make_engine(tiny_llama_dir, max_model_len=64).start()
+    try:
+        ids = list(range(5, 69))
+        out = engine.generate(ids, None, SamplingParams(max_tokens=0, prompt_logprobs=0))
+        assert out.token_ids == [] and len(out.prompt_logprobs) == 64 and out.prompt_logprobs[0] is None
+        expected = engine.logits(ids).float().log_softmax(-1)
+        assert abs(out.prompt_logprobs[-1].logprob - expected[-2, ids[-1]].item()) < 1e-4
+        with pytest.raises(InvalidRequestError, match="you requested 65 tokens"):
+            engine.submit(ids, None, SamplingParams(max_tokens=1))
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("max_batch_size", -1), ("max_tokens_per_step", 0),
+                                          ("max_queue", 0), ("max_model_len", 0), ("prefix_cache_bytes", -1),
+                                          ("speculative_tokens", -1), ("threads", 0), ("max_batch_size", 2.5),
+                                          ("auto_fuse_share", 0.0)])
+def test_an_engine_config_it_cannot_run_with_is_refused(tiny_llama_dir, field, value):
+    """QA: max_batch_size 0 (or a prefill budget of 0) was accepted and every request waited forever."""
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        make_engine(tiny_llama_dir, **{field: value})
+
+
 def test_cancel_aborts(engine):
     engine.start()
     handle = engine.submit("fox", None, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
