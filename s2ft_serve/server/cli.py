@@ -15,6 +15,7 @@ import typing
 from types import FrameType
 
 import uvicorn
+from uvicorn.config import TRACE_LOG_LEVEL
 from pydantic import ValidationError
 
 from s2ft_serve.server.app import create_app
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"s2ft-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = TRACE_LOG_LEVEL if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     announce(settings)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

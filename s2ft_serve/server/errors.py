@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from s2ft_serve.errors import QueueFullError, S2FTError
+from s2ft_serve.server.metrics import GENERATION_PATHS, UNKNOWN_ADAPTER_LABEL
 from s2ft_serve.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,13 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, S2FTError)
+    count_refused(request, exc, exc.status_code)
     return domain_error_response(exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    count_refused(request, exc, 400)
     message, param = validation_message(exc)
     return error_response(400, message, "invalid_request_error", param)
 
@@ -68,8 +71,18 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    count_refused(request, exc, 500)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+def count_refused(request: Request, exc: BaseException, status: int) -> None:
+    """Count a generation request refused before its route could (body validation, the API key, the
+    model still loading); the route marks the errors it counted itself."""
+    if request.url.path in GENERATION_PATHS and not getattr(exc, "s2ft_counted", False):
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.observe_request(UNKNOWN_ADAPTER_LABEL, status)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,7 +24,7 @@ from s2ft_serve.engine.engine import Engine, RequestHandle
 from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
 from s2ft_serve.server.errors import domain_error_response
-from s2ft_serve.server.metrics import Metrics
+from s2ft_serve.server.metrics import UNKNOWN_ADAPTER_LABEL, Metrics
 from s2ft_serve.server.protocol import ChatMessage, ChatTemplateFields, PromptTokensDetails, SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
 
@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
 SSE_DONE = "data: [DONE]\n\n"
-UNKNOWN_ADAPTER_LABEL = "<unknown>"  # keeps unknown names out of metric labels
 CLIENT_CLOSED = 499  # nginx's status for "client closed request", used in metrics only
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request went away: its engine requests are cancelled."""
 
 
 def base_names(engine: Engine, settings: ServerSettings) -> set[str]:
@@ -58,6 +61,13 @@ def choose_adapter(engine: Engine, settings: ServerSettings, model: str | None, 
     if model is None or model in bases:
         return None
     return model
+
+
+def check_adapter(engine: Engine, adapter: str | None) -> None:
+    """404 for a name neither loaded nor loadable, before any other check: a bad request naming an
+    unknown model learns that first, and no client-made name reaches a metric label."""
+    if adapter is not None and not engine.has_adapter(adapter):
+        engine.lazy_folder(adapter)  # raises AdapterNotFoundError unless --adapter-root holds it
 
 
 def response_model(engine: Engine, adapter: str | None) -> str:
@@ -191,6 +201,7 @@ class Choice:
     handle: RequestHandle
     submitted: float
     first_token: float | None = None
+    finished: float | None = None
     generated: int = 0
 
 
@@ -204,6 +215,7 @@ class Generation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     choices: list[Choice] = field(default_factory=list)
+    accounted: bool = False
 
     async def submit_many(self, requests: list[tuple[int, list[int], SamplingParams]]) -> list[Choice]:
         """Submit engine requests (prompt index, token ids, params) together, as choices in this order:
@@ -241,10 +253,23 @@ class Generation:
             if choice.first_token is None:
                 choice.first_token = time.perf_counter()
         if event.finished:
-            now = time.perf_counter()
-            ttft = None if choice.first_token is None else choice.first_token - choice.submitted
-            self.metrics.observe_generation(self.adapter, len(choice.handle.prompt_token_ids), choice.generated,
-                                            ttft, now - choice.submitted)
+            choice.finished = time.perf_counter()
+
+    def account(self) -> None:
+        """Count the request once in the token counters and latency histograms, however it ended:
+        each prompt once (its n choices share it, as `usage` says), every token generated (also by
+        choices cancelled half-way), one time to first token and one latency per HTTP request."""
+        if self.accounted or not self.choices:
+            return
+        self.accounted = True
+        now = time.perf_counter()
+        prompts = {c.prompt_index: len(c.handle.prompt_token_ids) for c in self.choices}
+        submitted = min(c.submitted for c in self.choices)
+        firsts = [c.first_token for c in self.choices if c.first_token is not None]
+        per_token = [(c.finished - c.first_token) / (c.generated - 1) for c in self.choices
+                     if c.finished is not None and c.first_token is not None and c.generated > 1]
+        self.metrics.observe_generation(self.adapter, sum(prompts.values()), sum(c.generated for c in self.choices),
+                                        min(firsts) - submitted if firsts else None, now - submitted, per_token)
 
     async def _result(self, choice: Choice) -> RequestOutput:
         async for event in choice.handle.aevents():
@@ -258,7 +283,7 @@ class Generation:
             pending = set(tasks)
             while pending:
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientDisconnected()
                 _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
             return [t.result() for t in tasks]
         finally:
@@ -296,18 +321,23 @@ class Generation:
                 self.cancel()
 
 
-def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | None) -> None:
-    """Count one HTTP generation request by adapter and status."""
+def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | None,
+                  gen: Generation | None = None) -> None:
+    """Count one HTTP generation request by adapter and status (and its tokens and latency)."""
+    if gen is not None:
+        gen.account()
     if isinstance(exc, AdapterNotFoundError):
         adapter = UNKNOWN_ADAPTER_LABEL
     if exc is None:
         status: int | str = 200
     elif isinstance(exc, S2FTError):
         status = exc.status_code
-    elif isinstance(exc, asyncio.CancelledError):
+    elif isinstance(exc, (asyncio.CancelledError, ClientDisconnected)):
         status = CLIENT_CLOSED
     else:
         status = 500
+    if exc is not None:
+        exc.s2ft_counted = True  # type: ignore[union-attr]  # the error handlers count the others
     metrics.observe_request(adapter, status)
 
 
@@ -352,24 +382,28 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
     `start(gen)` validates and submits (returning a context for the other two), `stream` makes the
     SSE chunks, `build` the JSON body. Metrics count the request once, whatever happens.
     """
-    adapter = None
+    adapter, gen = None, None
     try:
         adapter = choose_adapter(engine, settings, fields.model, fields.adapter)
+        check_adapter(engine, adapter)
         gen = Generation(engine, metrics, adapter)
         context = await start(gen)
     except BaseException as exc:
-        record_status(metrics, adapter, exc)
+        record_status(metrics, adapter, exc, gen)
         raise
     model = response_model(engine, adapter)
     headers = {"x-adapter-id": model}
     if fields.stream:
-        events = sse_stream(stream(gen, model, context), partial(record_status, metrics, adapter))
+        events = sse_stream(stream(gen, model, context), partial(record_status, metrics, adapter, gen=gen))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     try:
         outputs = await gen.results(request)
+    except ClientDisconnected as exc:  # nobody to answer: no traceback in the log for a client's choice
+        record_status(metrics, adapter, exc, gen)
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException as exc:
-        record_status(metrics, adapter, exc)
+        record_status(metrics, adapter, exc, gen)
         raise
-    record_status(metrics, adapter, None)
+    record_status(metrics, adapter, None, gen)
     response.headers.update(headers)
     return build(gen, model, context, outputs)

@@ -22,6 +22,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192)
 OP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 BASE_LABEL = ""  # the `adapter` label of base-model requests
+UNKNOWN_ADAPTER_LABEL = "<unknown>"  # requests for unknown names, or refused before their adapter was read
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # the routes s2ft_requests_total counts
 
 
 class EngineCountsCollector(Collector):
@@ -102,16 +104,17 @@ class Metrics:
         self.requests.labels(adapter=adapter or BASE_LABEL, status=str(status)).inc()
 
     def observe_generation(self, adapter: str | None, prompt_tokens: int, output_tokens: int,
-                           ttft_s: float | None, e2e_s: float) -> None:
-        """One finished engine request (one choice)."""
+                           ttft_s: float | None, e2e_s: float, per_token_s: list[float] = ()) -> None:
+        """One HTTP generation request: its prompts and generated tokens, its time to the first token
+        of any choice, its latency, and each finished choice's time per output token."""
         label = adapter or BASE_LABEL
         self.prompt_tokens.labels(adapter=label).inc(prompt_tokens)
         self.generation_tokens.labels(adapter=label).inc(output_tokens)
         self.e2e.labels(adapter=label).observe(e2e_s)
         if ttft_s is not None:
             self.ttft.labels(adapter=label).observe(ttft_s)
-            if output_tokens > 1:
-                self.tpot.labels(adapter=label).observe((e2e_s - ttft_s) / (output_tokens - 1))
+        for seconds in per_token_s:
+            self.tpot.labels(adapter=label).observe(seconds)
 
     def refresh(self, stats: EngineStats) -> None:
         self.queue_depth.set(stats.waiting)

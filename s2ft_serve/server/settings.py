@@ -71,7 +71,7 @@ class ServerSettings(BaseSettings):
         None, description="return the model's <think> reasoning as reasoning_content, apart from the answer "
         "(qwen3: a <think> block at the start; deepseek_r1: everything up to </think>)")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"  # uvicorn's levels
     access_log: bool = Field(True, description="log every HTTP request (uvicorn's access log)")
 
     @field_validator("adapter", mode="before")
@@ -105,6 +105,11 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"{info.field_name} is empty; unset S2FT_{info.field_name.upper()} (or drop "
                              f"--{info.field_name.replace('_', '-')}) to serve without one")
         return value.strip() if value is not None else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("dtype")
     @classmethod

@@ -26,9 +26,11 @@ def list_models(request: Request, engine: EngineDep) -> ModelList:
     return ModelList(data=model_cards(engine, request.app.state.created))
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses={404: {"model": ErrorResponse}},
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}},
             summary="Describe one model (the base, or an adapter)")
 def get_model(model: str, request: Request, engine: EngineDep, settings: SettingsDep) -> ModelCard:
+    # `:path`: a base model served from a folder is named by its path, slashes and all (QA: retrieve()
+    # of the id /v1/models lists was a 404)
     cards = model_cards(engine, request.app.state.created)
     if model in base_names(engine, settings):
         return cards[0]

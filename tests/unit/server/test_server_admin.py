@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 
 from server_helpers import write_adapter
 
@@ -31,6 +32,11 @@ async def test_load_describe_list_and_delete(client, engine, adapter_root):
     models = (await client.get("/v1/models")).json()["data"]
     assert models[0]["id"] == engine.model_name and models[0]["parent"] is None
     assert {m["id"]: m["parent"] for m in models[1:]}["admin-x"] == engine.model_name
+    assert "/" in engine.model_name  # a folder's path: QA found GET /v1/models/{id} a 404 for it
+    for model in models:  # every id listed can be retrieved, as the openai client's models.retrieve does
+        for spelled in (model["id"], quote(model["id"], safe="")):
+            got = await client.get(f"/v1/models/{spelled}")
+            assert got.status_code == 200 and got.json()["id"] == model["id"], spelled
     r = await client.delete("/v1/adapters/admin-x")
     assert r.status_code == 200 and r.json() == {"id": "admin-x", "object": "adapter", "deleted": True}
     r = await client.post("/v1/completions", json={"prompt": "Hello", "model": "admin-x"})

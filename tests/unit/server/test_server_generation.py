@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.errors import InvalidRequestError
-from s2ft_serve.server.generation import Generation, choose_adapter
+from s2ft_serve.server.generation import ClientDisconnected, Generation, choose_adapter
 from s2ft_serve.server.metrics import Metrics
 
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -37,7 +36,7 @@ async def test_disconnect_while_waiting_cancels_every_choice(engine):
     gen = Generation(engine, Metrics(), "a0")
     await gen.submit_many([(0, engine.tokenize("hello"), SamplingParams(**{**LONG.__dict__, "seed": seed}))
                            for seed in range(2)])
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(ClientDisconnected):
         await gen.results(GoneClient())
     for choice in gen.choices:
         out = await choice.handle.aresult()
@@ -52,6 +51,22 @@ async def test_closing_the_stream_cancels_the_request(engine):
     await events.aclose()  # what StreamingResponse does when the client disconnects
     out = await gen.choices[0].handle.aresult()
     assert out.finish_reason == "abort" and len(out.token_ids) < LONG.max_tokens
+
+
+async def test_tokens_of_a_request_cut_short_are_counted_once(engine):
+    """QA: tokens were counted only when a choice finished, so a stream the client dropped added none."""
+    metrics = Metrics()
+    gen = Generation(engine, metrics, None)
+    await gen.submit_many([(0, engine.tokenize("hello"), LONG)] * 2)
+    events = gen.events()
+    for _ in range(5):
+        await events.__anext__()
+    await events.aclose()
+    gen.account()
+    gen.account()  # once, however many ends report it
+    counted = metrics.generation_tokens.labels(adapter="")._value.get()
+    assert counted == sum(c.generated for c in gen.choices) >= 5
+    assert metrics.prompt_tokens.labels(adapter="")._value.get() == len(engine.tokenize("hello"))
 
 
 async def test_the_n_choices_of_a_request_share_one_prefill(engine):

@@ -20,7 +20,8 @@ def value(all_samples: dict, name: str, **labels) -> float:
 
 async def test_requests_tokens_and_latencies_are_counted(client):
     body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "model": "a1", "n": 2}
-    assert (await client.post("/v1/completions", json=body)).status_code == 200
+    answer = await client.post("/v1/completions", json=body)
+    assert answer.status_code == 200
     assert (await client.post("/v1/completions", json={"prompt": "x", "model": "missing"})).status_code == 404
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -28,11 +29,44 @@ async def test_requests_tokens_and_latencies_are_counted(client):
     assert value(s, "s2ft_requests_total", adapter="a1", status="200") == 1
     assert value(s, "s2ft_requests_total", adapter="<unknown>", status="404") == 1
     assert value(s, "s2ft_generation_tokens_total", adapter="a1") == 8
-    assert value(s, "s2ft_prompt_tokens_total", adapter="a1") > 0
-    for histogram in ("s2ft_time_to_first_token_seconds", "s2ft_e2e_request_latency_seconds",
-                      "s2ft_time_per_output_token_seconds"):
-        assert value(s, f"{histogram}_count", adapter="a1") == 2
+    # QA: the prompt was counted once per choice (n x usage.prompt_tokens), and each histogram had n
+    # observations per HTTP request; the n choices share one prefill and one request
+    assert value(s, "s2ft_prompt_tokens_total", adapter="a1") == answer.json()["usage"]["prompt_tokens"] > 0
+    for histogram in ("s2ft_time_to_first_token_seconds", "s2ft_e2e_request_latency_seconds"):
+        assert value(s, f"{histogram}_count", adapter="a1") == 1
+    assert value(s, "s2ft_time_per_output_token_seconds_count", adapter="a1") == 2  # per choice
     assert value(s, "s2ft_batch_size_count") > 0
+
+
+async def test_unknown_names_and_early_refusals_are_counted_without_client_made_labels(client):
+    """QA: a request naming no model that exists but failing another check first (context length, an
+    empty stop string) got a 400 and a metric series under the client's name: unbounded labels.
+    Requests refused by body validation or the API key were not counted at all."""
+    before = samples((await client.get("/metrics")).text)
+    for name in ("made-up-1", "made-up-2"):
+        r = await client.post("/v1/completions", json={"prompt": "x", "model": name, "max_tokens": 10**6})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = await client.post("/v1/chat/completions", json={"model": name, "stop": [""],
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404
+    assert (await client.post("/v1/completions", json={"prompt": "x", "temperature": -5})).status_code == 400
+    assert (await client.post("/v1/completions", json={"prompt": "x", "model": "a1", "stop": [""]})).status_code == 400
+    s = samples((await client.get("/metrics")).text)
+    assert not any("made-up" in str(labels) for _, labels in s)
+    assert value(s, "s2ft_requests_total", adapter="<unknown>", status="404") - \
+        value(before, "s2ft_requests_total", adapter="<unknown>", status="404") == 4
+    assert value(s, "s2ft_requests_total", adapter="<unknown>", status="400") - \
+        value(before, "s2ft_requests_total", adapter="<unknown>", status="400") == 1
+    assert value(s, "s2ft_requests_total", adapter="a1", status="400") - \
+        value(before, "s2ft_requests_total", adapter="a1", status="400") == 1
+
+
+async def test_requests_refused_for_the_api_key_are_counted(settings, engine):
+    app = create_app(settings.model_copy(update={"api_key": "sk-user"}), engine)
+    async with client_for(app) as client:
+        assert (await client.post("/v1/completions", json={"prompt": "x"})).status_code == 401
+        s = samples((await client.get("/metrics")).text)
+    assert value(s, "s2ft_requests_total", adapter="<unknown>", status="401") == 1
 
 
 async def test_adapter_gauges_and_vllm_lora_info(client, engine):

@@ -32,6 +32,15 @@ def test_an_empty_key_is_refused_and_a_key_read_from_a_file_loses_its_newline(mo
     assert ServerSettings(admin_key=None).admin_key is None
 
 
+def test_the_log_level_is_one_uvicorn_knows(monkeypatch):
+    """QA: `--log-level verbose` (and uvicorn's own `trace`) crashed with a traceback, exit 1."""
+    monkeypatch.setenv("S2FT_LOG_LEVEL", "WARNING")
+    assert ServerSettings().log_level == "warning"
+    assert ServerSettings(log_level="trace").log_level == "trace"
+    with pytest.raises(ValidationError, match="log_level"):
+        ServerSettings(log_level="verbose")
+
+
 def test_flags_override_environment(monkeypatch):
     monkeypatch.setenv("S2FT_PORT", "9001")
     args = build_parser().parse_args(["--port", "9002", "--adapter", "a=/p", "--adapter", "b=/q",
