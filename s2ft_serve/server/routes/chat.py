@@ -16,7 +16,7 @@ from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_a
 from s2ft_serve.server.generation import (
     Generation, chat_prompt, request_guide, sampling_params, serve, sse,
 )
-from s2ft_serve.server.logprobs import TokenText, chat_logprobs, token_text_decoder
+from s2ft_serve.server.logprobs import TokenStrings, chat_logprobs, token_text_decoder
 from s2ft_serve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, ErrorResponse, ToolCall, ToolCallDelta,
@@ -100,7 +100,7 @@ def answer(context: Context, text: str, finish_reason: str | None) -> tuple[Chat
 
 
 def build_response(body: ChatCompletionRequest, gen: Generation, model: str, context: Context,
-                   outputs: list[RequestOutput], text: TokenText) -> ChatCompletionResponse:
+                   outputs: list[RequestOutput], text: TokenStrings) -> ChatCompletionResponse:
     choices = []
     for choice, out in zip(gen.choices, outputs):
         logprobs = None
@@ -113,7 +113,7 @@ def build_response(body: ChatCompletionRequest, gen: Generation, model: str, con
 
 
 async def stream(body: ChatCompletionRequest, gen: Generation, model: str, context: Context,
-                 text: TokenText) -> AsyncIterator[str]:
+                 text: TokenStrings) -> AsyncIterator[str]:
     """Server-sent events: the role first, then reasoning and content deltas, a finish chunk, and usage if
     asked. With tools, each call comes whole in one delta: a forced answer's at the end, an "auto"
     answer's as soon as its block closes, between the content deltas around it."""

@@ -18,7 +18,7 @@ from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_a
 from s2ft_serve.server.generation import (
     Generation, request_guide, sampling_params, serve, sse,
 )
-from s2ft_serve.server.logprobs import TokenText, completion_logprobs, extend, next_offset, token_text_decoder
+from s2ft_serve.server.logprobs import TextOffsets, TokenStrings, completion_logprobs, extend, token_text_decoder
 from s2ft_serve.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
 )
@@ -67,16 +67,16 @@ async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> lis
     return [c.handle.prompt_token_ids for c in gen.choices[::body.n]]
 
 
-def choice_logprobs(text: TokenText, out: RequestOutput, echo: bool) -> CompletionLogprobs:
-    result = CompletionLogprobs()
+def choice_logprobs(text: TokenStrings, out: RequestOutput, echo: bool) -> CompletionLogprobs:
+    result, offsets = CompletionLogprobs(), TextOffsets()
     if echo:
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        extend(result, completion_logprobs(text, out.prompt_token_ids, entries))
-    return extend(result, completion_logprobs(text, out.token_ids, out.logprobs or [], next_offset(result)))
+        extend(result, completion_logprobs(text, out.prompt_token_ids, entries, offsets))
+    return extend(result, completion_logprobs(text, out.token_ids, out.logprobs or [], offsets))
 
 
 def build_response(body: CompletionRequest, gen: Generation, model: str, outputs: list[RequestOutput],
-                   prompts: list[list[int]], texts: list[str], text: TokenText) -> CompletionResponse:
+                   prompts: list[list[int]], texts: list[str], text: TokenStrings) -> CompletionResponse:
     choices = []
     for choice, out in zip(gen.choices, outputs):
         shown = texts[choice.prompt_index] + out.text if body.echo else out.text
@@ -88,7 +88,7 @@ def build_response(body: CompletionRequest, gen: Generation, model: str, outputs
 
 
 async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: list[list[int]],
-                 texts: list[str], text: TokenText) -> AsyncIterator[str]:
+                 texts: list[str], text: TokenStrings) -> AsyncIterator[str]:
     """Server-sent events: one chunk per new text (or logprob), then usage if asked."""
 
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -99,7 +99,7 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
         return sse(CompletionResponse(id=f"cmpl-{gen.id}", created=gen.created, model=model, choices=[choice],
                                       usage=gen.usage(prompt_tokens) if every else None))
 
-    offsets = [0] * len(gen.choices)
+    offsets = [TextOffsets() for _ in gen.choices]
     if body.echo:
         for choice in gen.choices:
             yield chunk(choice.index, texts[choice.prompt_index])
@@ -107,7 +107,6 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
         logprobs = None
         if body.logprobs is not None and event.logprob is not None and event.token_id is not None:
             logprobs = completion_logprobs(text, [event.token_id], [event.logprob], offsets[choice.index])
-            offsets[choice.index] = next_offset(logprobs)
         if event.token_id is not None or event.text_delta or event.finished:  # one chunk per token, as vLLM
             yield chunk(choice.index, event.text_delta, logprobs, event.finish_reason if event.finished else None)
     if body.stream_options and body.stream_options.include_usage:
