@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
 from s2ft_serve.engine.engine import Engine
+from s2ft_serve.errors import EngineNotReadyError
 from s2ft_serve.server.errors import install_error_handlers
 from s2ft_serve.server.metrics import Metrics
 from s2ft_serve.server.routes import adapters, chat, completions, health, models, tokenize
@@ -68,10 +70,29 @@ async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
              engine.kv_cache_bytes / 2**30, engine.mixed_kernel, adapters, settings.url)
 
 
+def begin_drain(app: FastAPI) -> None:
+    """SIGTERM's deadline (the CLI calls this once, from its signal handler): requests still running
+    `drain_timeout_s` later end with a 503 error, as an error event and `data: [DONE]` on a stream,
+    before the HTTP server stops waiting for them (it waits a little longer) and would cut the
+    connections mid-response."""
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if loop is not None:
+        loop.call_soon_threadsafe(loop.call_later, app.state.settings.drain_timeout_s, end_in_flight, app)
+
+
+def end_in_flight(app: FastAPI) -> None:
+    generations = list(app.state.generations)
+    if generations:
+        log.warning("drain timeout: ending %d in-flight request(s) with an error", len(generations))
+    for gen in generations:
+        gen.stop(EngineNotReadyError("the server is shutting down; retry the request", code="shutting_down"))
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServerSettings = app.state.settings
     owned = app.state.engine is None
+    app.state.loop = asyncio.get_running_loop()
     loader = asyncio.create_task(_load_in_background(app, settings)) if owned else None
     try:
         yield
@@ -92,6 +113,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.engine = None
     app.state.startup_error = None
     app.state.created = int(time.time())
+    app.state.generations = weakref.WeakSet()  # the requests in flight (begin_drain ends them at its deadline)
+    app.state.loop = None
     if engine is not None:
         attach_engine(app, engine)
     install_error_handlers(app)

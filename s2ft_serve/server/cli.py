@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import typing
@@ -18,7 +19,7 @@ import uvicorn
 from uvicorn.config import TRACE_LOG_LEVEL
 from pydantic import ValidationError
 
-from s2ft_serve.server.app import create_app
+from s2ft_serve.server.app import begin_drain, create_app
 from s2ft_serve.server.settings import ServerSettings
 
 log = logging.getLogger("s2ft_serve.server")
@@ -61,8 +62,16 @@ def _base_type(annotation: object) -> type:
     return annotation if isinstance(annotation, type) else str
 
 
+DRAIN_MARGIN_S = 3  # uvicorn waits this much longer than the drain, for the requests ended at its deadline
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a handled SIGTERM/SIGINT ends the process with status 0 (not re-raised)."""
+    """uvicorn's server, but a handled SIGTERM/SIGINT ends the process with status 0 (not re-raised),
+    and requests still running at the drain deadline end with an error instead of a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, on_drain: typing.Callable[[], None] = lambda: None) -> None:
+        super().__init__(config)
+        self.on_drain = on_drain
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -71,6 +80,7 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit:
             log.info("%s received: refusing new connections, draining in-flight requests",
                      signal.Signals(sig).name)
+            self.on_drain()
         self.should_exit = True
 
 
@@ -99,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log,
-                            timeout_graceful_shutdown=max(int(settings.drain_timeout_s), 1), lifespan="on")
-    server = DrainingServer(config)
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_MARGIN_S,
+                            lifespan="on")
+    server = DrainingServer(config, on_drain=lambda: begin_drain(app))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
     return 1 if app.state.startup_error else 0

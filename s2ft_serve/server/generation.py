@@ -216,6 +216,15 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     choices: list[Choice] = field(default_factory=list)
     accounted: bool = False
+    stopped: S2FTError | None = None  # set by stop(): what the request ends with
+
+    def __hash__(self) -> int:  # one Generation per HTTP request; kept in the app's set of those in flight
+        return id(self)
+
+    def stop(self, exc: S2FTError) -> None:
+        """End every choice now with `exc` (the drain deadline): a stream sends it as an error event."""
+        self.stopped = exc
+        self.cancel()
 
     async def submit_many(self, requests: list[tuple[int, list[int], SamplingParams]]) -> list[Choice]:
         """Submit engine requests (prompt index, token ids, params) together, as choices in this order:
@@ -285,6 +294,8 @@ class Generation:
                 if await request.is_disconnected():
                     raise ClientDisconnected()
                 _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
+            if self.stopped is not None:
+                raise self.stopped
             return [t.result() for t in tasks]
         finally:
             for task in tasks:
@@ -312,6 +323,8 @@ class Generation:
                 if isinstance(item, BaseException):
                     raise item
                 if item[1].finished:
+                    if self.stopped is not None:
+                        raise self.stopped
                     finished += 1
                 yield item
         finally:
@@ -387,6 +400,7 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
         adapter = choose_adapter(engine, settings, fields.model, fields.adapter)
         check_adapter(engine, adapter)
         gen = Generation(engine, metrics, adapter)
+        request.app.state.generations.add(gen)
         context = await start(gen)
     except BaseException as exc:
         record_status(metrics, adapter, exc, gen)

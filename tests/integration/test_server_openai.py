@@ -8,12 +8,14 @@ requests against sequential ones, and a SIGTERM that drains and exits 0.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,6 +479,32 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(small_server, base):
     assert first.choices and "draining" in small_server.output()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{small_server.url}/health", timeout=2)
+
+
+def test_requests_still_running_at_the_drain_deadline_end_with_an_error(tiny_llama_dir, adapter_root, tmp_path):
+    """QA: at the drain timeout uvicorn cut the connections: a stream ended without an error event or
+    `data: [DONE]` (a broken chunked read) and the log had a traceback per request."""
+    server = start_server(tiny_llama_dir, adapter_root, tmp_path / "s2ft-serve.log", "--drain-timeout-s", "0",
+                          "--max-batch-size", "4")
+    body = {"model": str(tiny_llama_dir), "prompt": "hi", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+    plain: list[httpx.Response] = []
+    waiter = threading.Thread(target=lambda: plain.append(
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)))
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        waiter.start()
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    waiter.join(timeout=60)
+    assert json.loads(first[6:])["choices"]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "service_unavailable"
+    assert plain and plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "shutting_down"
+    assert server.proc.wait(timeout=30) == 0
+    assert "Exception in ASGI application" not in server.output()
 
 
 def test_unusable_model_exits_1_with_a_clear_message(tmp_path):
