@@ -109,7 +109,9 @@ def template_message(m: ChatMessage) -> dict:
 def chat_prompt(engine: Engine, body: ChatTemplateFields, messages: list[ChatMessage],
                 tools: list[dict] | None = None) -> list[int]:
     """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
-    return engine.apply_chat_template([template_message(m) for m in messages], tools, body.add_generation_prompt,
+    rendered = [template_message(m) for m in messages]
+    engine.check_text_fits(sum(len(m["content"] or "") for m in rendered), "messages")
+    return engine.apply_chat_template(rendered, tools, body.add_generation_prompt,
                                       body.continue_final_message, body.chat_template_kwargs,
                                       bool(body.add_special_tokens))
 

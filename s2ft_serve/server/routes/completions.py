@@ -29,6 +29,9 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 def prompt_token_ids(engine: Engine, prompt: str | list, add_special_tokens: bool = True) -> list[list[int]]:
     """The request's prompts as token ids (a string, strings, token ids, or lists of token ids)."""
+    for text in [prompt] if isinstance(prompt, str) else prompt:
+        if isinstance(text, str):
+            engine.check_text_fits(len(text))
     if isinstance(prompt, str):
         return [engine.tokenize(prompt, add_special_tokens=add_special_tokens)]
     if not prompt:

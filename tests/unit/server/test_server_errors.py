@@ -53,6 +53,23 @@ async def test_prompt_plus_max_tokens_beyond_context_is_400(client, engine):
                                                  400)["message"]
 
 
+async def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(client, engine, monkeypatch):
+    """QA: a 6 MB prompt was tokenized in full (8-18 s of CPU) before the context check refused it."""
+    limit = 2 * engine.max_model_len * engine.max_token_chars
+    calls = []
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: calls.append(a) or [1])
+    monkeypatch.setattr(engine, "apply_chat_template", lambda *a, **k: calls.append(a) or [1])
+    for field, body in (("prompt", {"prompt": "a" * (limit + 1)}), ("prompt", {"prompt": ["hi", "a" * (limit + 1)]}),
+                        ("messages", {"messages": [{"role": "user", "content": "a" * (limit // 2 + 1)}] * 2})):
+        route = "/v1/chat/completions" if field == "messages" else "/v1/completions"
+        error = error_of(await client.post(route, json=body), 400)
+        assert error["param"] == field and "characters long" in error["message"]
+    assert calls == []
+    # at the bound itself the text is tokenized and judged by its tokens (here: the stub's one token)
+    assert (await client.post("/v1/completions", json={"prompt": "a" * limit, "max_tokens": 1})).status_code == 200
+    assert len(calls) == 1
+
+
 async def test_invalid_json_and_chat_errors_are_400(client):
     r = await client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     error_of(r, 400)
