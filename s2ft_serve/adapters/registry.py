@@ -122,6 +122,8 @@ class AdapterRegistry:
         old = self.entries.get(name)
         if old is not None and not replace:
             raise ConflictError(f"adapter '{name}' is already loaded (use replace to swap it)", param="name")
+        if path is None:  # held only in memory: never evicted, so these alone must fit the limits
+            self._check_memory_room(name, adapter.nbytes)
         self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=name)
         slot = self._alloc_slot()
         self._write(slot, adapter)
@@ -137,6 +139,16 @@ class AdapterRegistry:
         if was_fused:
             self.fuse(name)
         return entry
+
+    def _check_memory_room(self, name: str, nbytes: int) -> None:
+        held = [e for e in self.entries.values() if e.path is None and e.name != name]
+        if len(held) + 1 > self.max_resident or sum(e.nbytes for e in held) + nbytes > self.max_resident_bytes:
+            raise ConflictError(
+                f"{len(held)} adapter(s) are held only in memory (merged, or added without a folder), using "
+                f"{sum(e.nbytes for e in held)} bytes; adding '{name}' ({nbytes} bytes) would exceed "
+                f"max_resident_adapters ({self.max_resident}) or max_resident_bytes ({self.max_resident_bytes}), "
+                "and such adapters are never evicted: unload one, or save the merge to a folder "
+                "(s2ft-adapter merge) and load that", param="name")
 
     @_locked
     def reload(self, entry: Entry, adapter: Adapter) -> None:
@@ -227,14 +239,19 @@ class AdapterRegistry:
         return any(f.version.name == name and not f.version.retired for f in self.fused)
 
     @_locked
-    def fuse(self, name: str) -> None:
-        entry = self.get(name)
+    def check_fusable(self, name: str) -> None:
+        """Raise ConflictError when fusing `name` now would be refused (it need not be loaded)."""
         if self.is_fused(name):
             raise ConflictError(f"adapter '{name}' is already fused", param="name")
         if len(self.fused) >= self.max_fused:
             raise ConflictError(
                 f"{len(self.fused)} adapter(s) already fused ({', '.join(f.version.name for f in self.fused)}); "
                 f"at most {self.max_fused} may be fused: unfuse first", param="name")
+
+    @_locked
+    def fuse(self, name: str) -> None:
+        entry = self.get(name)
+        self.check_fusable(name)
         assert entry.version is not None, "fuse needs a resident adapter"
         correction = self._correction_slot(entry.version)
         self.fused.append(Fused(entry.version, correction, self._add_columns(entry.version)))
@@ -281,10 +298,12 @@ class AdapterRegistry:
             for name, md in version.adapter.modules.items():
                 view, dim = _columns(self.layers[name].base.weight)
                 delta = md.delta.t() if dim == 0 else md.delta  # [k, out] or [out, k]
+                # below float32 the sum is taken in float32 and rounded once, as `s2ft-adapter fuse` does
+                wide = view.dtype in (torch.bfloat16, torch.float16)
                 # a row-major W: the compiled edits visit each row once (index ops walk strided columns)
-                edits = native.columns_ops() if dim == 1 and view.device.type == "cpu" else None
-                plan.append((view, dim, md.index.to(view.device), delta.to(view.device, view.dtype).contiguous(),
-                             edits))
+                edits = native.columns_ops() if dim == 1 and view.device.type == "cpu" and not wide else None
+                plan.append((view, dim, md.index.to(view.device),
+                             delta.to(view.device, torch.float32 if wide else view.dtype).contiguous(), edits))
             self._plans[version] = plan
         return plan
 
@@ -298,7 +317,7 @@ class AdapterRegistry:
                     saved.append(edits[0](view, index, delta))
                 else:
                     saved.append(view.index_select(dim, index))  # a copy of the touched columns
-                    view.index_add_(dim, index, delta)
+                    view.index_copy_(dim, index, (saved[-1].to(delta.dtype) + delta).to(view.dtype))
         return saved
 
     def _restore_columns(self, version: AdapterVersion, saved: list[torch.Tensor]) -> None:

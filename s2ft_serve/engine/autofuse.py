@@ -36,6 +36,11 @@ class AutoFusePolicy:
         with self._lock:
             self._events.append((time.monotonic() if now is None else now, adapter))
 
+    def forget(self, adapter: str) -> None:
+        """`adapter` was unloaded: its past requests no longer argue for fusing it."""
+        with self._lock:
+            self._events = deque(e for e in self._events if e[1] != adapter)
+
     def decide(self, fused: list[str], now: float | None = None) -> AutoFuseDecision | None:
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -443,6 +443,8 @@ class Engine:
         self._not_the_base(name, "unloaded")
         with self.lock:
             self.registry.remove(name)
+        if self.autofuse is not None:
+            self.autofuse.forget(name)  # else its past traffic would fuse it again (reloading it)
 
     def _not_the_base(self, name: str, done: str) -> None:
         """An admin action naming the base model gets a clear refusal, not "does not exist"."""
@@ -457,19 +459,24 @@ class Engine:
             entry = self.registry.entries.get(name)
             if entry is not None and entry.version is not None:
                 return self.registry.acquire(entry)
-        return self._load_and_pin(name, self._lazy_path(name, entry))
-
-    def _load_and_pin(self, name: str, path: Path):
-        """Load (lazily, or again after eviction) and pin: read and validate here, install on the engine thread."""
-        return self._install_and_pin(name, self._read(path), path)
+        path = self._lazy_path(name, entry)
+        return self._install_and_pin(name, self._read(path), path, entry)
 
     @_on_engine_thread
-    def _install_and_pin(self, name: str, adapter: Adapter, path: Path):
+    def _install_and_pin(self, name: str, adapter: Adapter, path: Path, was: Entry | None):
+        """Install what `_pin` read (lazily, or again after eviction) and pin it. `was` is the entry the
+        read began from: if it was unloaded or replaced meanwhile, the read is stale (QA: a DELETE
+        during the reload of an evicted adapter was undone)."""
         with self.lock:
             entry = self.registry.entries.get(name)
             if entry is None:
+                if was is not None:
+                    raise AdapterNotFoundError(name)  # unloaded while its files were read
                 entry = self.registry.install(name, adapter, path, replace=False)
             elif entry.version is None:
+                if entry.path != path:
+                    raise ConflictError(f"adapter '{name}' was replaced while this request loaded it; retry",
+                                        param="model")
                 self.registry.reload(entry, adapter)
             return self.registry.acquire(entry)
 
@@ -504,6 +511,7 @@ class Engine:
     def fuse(self, name: str) -> AdapterInfo:
         """Add the adapter into the base columns in place; other requests stay exact."""
         self._not_the_base(name, "fused")
+        self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:
             entry = self.registry.get(name)
@@ -541,8 +549,8 @@ class Engine:
     def auto_fuse_tick(self) -> None:
         """Apply the auto-fuse policy once (the step loop calls this about every second)."""
         decision = self.autofuse.decide([f.version.name for f in self.registry.fused]) if self.autofuse else None
-        if decision is None:
-            return
+        if decision is None or (decision.action == "fuse" and not self.has_adapter(decision.adapter)):
+            return  # a decision never loads an adapter: only requests and the admin do
         try:
             (self.fuse if decision.action == "fuse" else self.unfuse)(decision.adapter)
         except S2FTError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -152,6 +153,34 @@ def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     assert engine.generate("fox", "r0", GREEDY).token_ids == greedy(tiny_model_dir, r0, engine)
     resident = {a.name: a.resident for a in engine.list_adapters()}
     assert resident["r0"] and sum(resident.values()) == 2
+    engine.shutdown()
+
+
+def test_an_unload_during_the_reload_of_an_evicted_adapter_stays_unloaded(tiny_model_dir, root, monkeypatch):
+    """QA: a DELETE that landed while a request re-read an evicted adapter's files was undone: the
+    reload registered the adapter again (even with lazy loading off)."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), lazy_load=False, max_resident_adapters=1).start()
+    engine.load_adapter("a", "r0")
+    engine.load_adapter("b", "r1")  # evicts a
+    read, reading, go_on = engine._read, threading.Event(), threading.Event()
+
+    def slow_read(path):
+        reading.set()
+        go_on.wait(10)
+        return read(path)
+
+    monkeypatch.setattr(engine, "_read", slow_read)
+    failure = []
+    request = threading.Thread(target=lambda: failure.append(
+        pytest.raises(AdapterNotFoundError, engine.generate, "fox", "a", GREEDY)))
+    request.start()
+    assert reading.wait(10)
+    engine.remove_adapter("a")
+    go_on.set()
+    request.join(30)
+    assert failure and not engine.has_adapter("a")
+    with pytest.raises(AdapterNotFoundError):
+        engine.generate("fox", "a", GREEDY)
     engine.shutdown()
 
 

@@ -52,3 +52,27 @@ def test_engine_auto_fuses_and_results_stay_exact(tiny_llama_dir):
     engine.auto_fuse_tick()
     assert engine.stats().fused_adapters == [] and engine.stats().auto_fuse_decisions == 2
     engine.shutdown()
+
+
+def test_an_unloaded_adapter_is_not_fused_back(tiny_llama_dir, tmp_path):
+    """QA: with --auto-fuse, DELETE of a hot adapter was undone a second later: its past requests
+    still counted, and the fuse reloaded it from the adapter root."""
+    from s2ft_serve.adapters.format import save_adapter
+
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
+                         adapter_root=str(tmp_path))
+    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=3), tmp_path / "hot")
+    engine.load_adapter("hot", "hot")
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    for _ in range(4):
+        engine.generate("fox", "hot", params)
+    engine.remove_adapter("hot")
+    engine.auto_fuse_tick()
+    assert not engine.has_adapter("hot") and engine.stats().auto_fuse_decisions == 0
+    # a decision for a name no longer loaded (its requests were recorded after the unload) loads nothing
+    for _ in range(4):
+        engine.autofuse.record("hot")
+    engine.auto_fuse_tick()
+    assert not engine.has_adapter("hot") and engine.stats().fused_adapters == []
+    engine.shutdown()

@@ -70,6 +70,67 @@ def test_fusion_limits_and_errors(engine, adapters):
     assert [a.name for a in engine.list_adapters() if a.fused] == ["a0"]
 
 
+def test_a_refused_fuse_loads_and_evicts_nothing(tiny_llama_dir, tmp_path):
+    """QA: a fuse refused with 409 had already loaded the adapter, evicting another."""
+    from s2ft_serve.adapters.format import save_adapter
+    from s2ft_serve.model.testing import random_adapter
+
+    engine = make_engine(tiny_llama_dir, adapter_root=str(tmp_path), max_resident_adapters=2, max_fused_adapters=1)
+    for i, name in enumerate("abx"):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=60 + i), tmp_path / name)
+    engine.load_adapter("a", "a")
+    engine.load_adapter("b", "b")
+    engine.fuse("a")
+    before = [(i.name, i.resident, i.fused) for i in engine.list_adapters()]
+    for name in ("x", "b", "a"):
+        with pytest.raises(ConflictError):
+            engine.fuse(name)
+    assert [(i.name, i.resident, i.fused) for i in engine.list_adapters()] == before
+    engine.shutdown()
+
+
+def test_merged_adapters_must_fit_the_resident_limits(tiny_llama_dir, tmp_path):
+    """QA: merged adapters (memory only, never evicted) piled up past max_resident_adapters until every
+    load, merge and lazily loaded request got a 429 'retry later' that no retry could satisfy."""
+    from s2ft_serve.adapters.format import save_adapter
+    from s2ft_serve.model.testing import random_adapter
+
+    engine = make_engine(tiny_llama_dir, adapter_root=str(tmp_path), max_resident_adapters=3).start()
+    for i, name in enumerate("ab"):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=70 + i), tmp_path / name)
+    engine.load_adapter("a", "a")
+    for i in range(3):
+        engine.merge(f"m{i}", [("a", 0.5 + i)])
+    with pytest.raises(ConflictError, match=r"3 adapter\(s\) are held only in memory.*never evicted"):
+        engine.merge("m3", [("a", 2.0)])
+    assert not engine.has_adapter("m3")
+    params = SamplingParams(max_tokens=2, temperature=0)
+    assert engine.generate("fox", "b", params).finish_reason == "length"  # lazily loaded: still works
+    engine.remove_adapter("m0")
+    engine.merge("m3", [("a", 2.0)])  # room again
+    engine.shutdown()
+
+
+def test_bfloat16_fusion_sums_in_float32_and_unfuse_restores_the_base(tiny_llama_dir):
+    """The fused column is (W + delta) summed in float32 and rounded once, as `s2ft-adapter fuse`
+    writes it (QA: it was W + delta rounded to bfloat16 first, rounded twice)."""
+    from s2ft_serve.model.testing import random_adapter
+
+    engine = make_engine(tiny_llama_dir, dtype="bfloat16")
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=80, scale=0.01)
+    engine.add_adapter("a", adapter)
+    original = base_weights(engine)
+    engine.fuse("a")
+    fused = base_weights(engine)
+    for name, md in adapter.modules.items():
+        expected = original[name].clone()
+        expected[:, md.index] = (original[name][:, md.index].float() + md.delta.float()).to(torch.bfloat16)
+        assert torch.equal(fused[name], expected), name
+    engine.unfuse("a")
+    assert all(torch.equal(w, original[n]) for n, w in base_weights(engine).items())
+    engine.shutdown()
+
+
 def test_removing_a_fused_adapter_restores_the_base(engine, adapters):
     original = base_weights(engine)
     engine.fuse("a1")
