@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"inspect": cmd_inspect, "merge": cmd_merge, "fuse": cmd_fuse, "extract": cmd_extract}
     try:
         return commands[args.command](args)
+    except BrokenPipeError:  # `inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except S2FTError as exc:
         print(f"s2ft-adapter {args.command}: error: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.dir)
-    head_dim = args.head_dim or base_head_dim(adapter.config.get("base_model", ""))
+    head_dim = args.head_dim or recorded_head_dim(adapter.config) or base_head_dim(adapter.config.get("base_model", ""))
     report = inspect_report(adapter, head_dim)
     if args.json:
         print(json.dumps(report))
@@ -124,6 +128,13 @@ def format_inspect(report: dict) -> str:
         lines.append("(heads unknown: base model config not found; pass --head-dim)")
     lines += ["", "config:", json.dumps(report["config"], indent=2)]
     return "\n".join(lines)
+
+
+def recorded_head_dim(config: dict) -> int | None:
+    """The head size s2ft-train recorded with its selection (the base model's path may not resolve from here)."""
+    selection = config.get("selection")
+    value = selection.get("head_dim") if isinstance(selection, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def base_head_dim(base_model: str) -> int | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from s2ft_serve.errors import ConflictError
 from s2ft_serve.train import data as D
 from s2ft_serve.train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2ft_serve.train.config import TrainConfig
@@ -110,6 +111,9 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
     found = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if found is not None:
         progress = load_checkpoint(found, layers, optimizer, data_hashes)
+        if progress.step > total:  # nothing would run, and the adapter would claim fewer steps than it had
+            raise ConflictError(f"{found} is at step {progress.step}, beyond this run's {total} steps: raise "
+                                "--max-steps (or --epochs), or train into another --output")
     bar = tqdm(total=total, initial=progress.step, disable=not (cfg.progress and world.main),
                desc="s2ft-train", unit="step", dynamic_ncols=True)
     started, seen_tokens = time.perf_counter(), 0
@@ -150,4 +154,4 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
             if world.size > 1:
                 dist.barrier()
     bar.close()
-    return total, list(progress.losses)
+    return progress.step, list(progress.losses)

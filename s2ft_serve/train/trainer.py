@@ -152,7 +152,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     tok = loaded.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     rows = build_rows(cfg, tok, cfg.data, train_records)
-    val_rows = build_rows(cfg, tok, cfg.val_data, val_records) if val_records else None
+    # validation examples are scored each on its own, never packed: with packing, an example would be
+    # scored after the previous ones, a loss no served request reproduces
+    val_rows = D.tokenize_records(cfg.val_data, val_records, tok, cfg.max_length) if val_records else None
     model = loaded.model
     selection = choose_columns(cfg, model, rows, pad_id, world)
     layers = wrap_linears(model, selection.indices)

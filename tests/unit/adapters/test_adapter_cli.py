@@ -131,6 +131,42 @@ def test_a_file_system_error_while_writing_is_one_line_exit_2(adapters, tmp_path
     assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m-")]
 
 
+def test_inspect_counts_heads_with_the_head_dim_the_trainer_recorded(adapters, tmp_path, capsys, monkeypatch):
+    """QA: s2ft-train records the base model as typed (`--model tiny`); inspect looked that relative path
+    up from the working folder, showing heads as `?` elsewhere, though the config holds the head size."""
+    loaded, _ = adapters
+    adapter = random_adapter(loaded.model, "tiny", seed=3, heads=1, channels=4)
+    adapter.config["selection"] = {"strategy": "random", "head_dim": 16}
+    folder = save_adapter(adapter, tmp_path / "trained")
+    monkeypatch.chdir(tmp_path)  # no ./tiny here
+    assert main(["inspect", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["head_dim"] == 16 and report["per_layer"]["0"]["heads"] == 1
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(adapters, capsys, monkeypatch, tmp_path):
+    """QA: `s2ft-adapter inspect X | head -1` printed 'error: Broken pipe' and exited 2."""
+    _, (a1, _) = adapters
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return spare
+
+    spare = os.open(tmp_path / "spare", os.O_WRONLY | os.O_CREAT)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["inspect", str(a1)]) == 0
+    finally:
+        os.close(spare)
+    assert capsys.readouterr().err == ""
+
+
 def test_inspect_refuses_a_non_positive_head_dim(adapters, capsys):
     _, (a1, _) = adapters
     with pytest.raises(SystemExit) as exit_:

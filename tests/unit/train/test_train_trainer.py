@@ -79,6 +79,25 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_dir, task_fi
         torch.testing.assert_close(resumed.layers[name].delta, layer.delta, rtol=0, atol=1e-6)
 
 
+def test_resume_from_a_checkpoint_beyond_max_steps_is_refused(tiny_llama_dir, task_file, tmp_path):
+    """QA: resuming a 10-step run's checkpoint with --max-steps 7 ran nothing and recorded 7 steps on
+    the 10-step adapter."""
+    train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2))
+    with pytest.raises(ConflictError, match=r"step-4 is at step 4, beyond this run's 3 steps"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=3, resume=True))
+    again = train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, resume=True))
+    assert again.steps == 4 and load_adapter(again.path).config["training"]["steps"] == 4
+
+
+def test_validation_examples_are_scored_unpacked(tiny_llama_dir, task_file, val_file, tmp_path):
+    """QA: with --packing the validation file was packed too, so each example was scored after the
+    previous ones: a loss that serving the examples never reproduces."""
+    still = dict(max_steps=1, learning_rate=1e-12, max_length=64, val_data=str(val_file))  # the base, in effect
+    packed = train(_cfg(tiny_llama_dir, task_file, tmp_path / "p", packing=True, **still)).final_val_loss
+    plain = train(_cfg(tiny_llama_dir, task_file, tmp_path / "u", **still)).final_val_loss
+    assert packed == pytest.approx(plain, abs=1e-5)
+
+
 def test_fresh_run_into_an_earlier_runs_checkpoints_is_refused_and_loses_nothing(tiny_llama_dir, task_file,
                                                                                    tmp_path):
     train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2))
