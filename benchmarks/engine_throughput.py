@@ -63,9 +63,13 @@ def hf_time(model, tok, batch: int, tokens: int, adapter_names=None) -> float:
 
 
 def decode_tps(timer, batch: int, tokens: int) -> float:
-    """Decode throughput: (tokens - 1) * batch / (t(tokens) - t(1))."""
-    full, one = timer(tokens), timer(1)
-    return (tokens - 1) * batch / max(full - one, 1e-9)
+    """Decode throughput: (tokens - 1) * batch / (t(tokens) - t(1)), timed again (up to twice) when the
+    machine's noise makes t(tokens) come out no longer than t(1)."""
+    for _ in range(3):
+        full, one = timer(tokens), timer(1)
+        if full > one:
+            return (tokens - 1) * batch / (full - one)
+    raise SystemExit(f"timing noise exceeds the time of {tokens - 1} decode steps: raise --tokens")
 
 
 def stream_floor_ms(nbytes: int, dtype: torch.dtype, repeats: int = 20) -> float:
@@ -158,6 +162,8 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     args = ap.parse_args()
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2: decode throughput is timed as t(tokens) - t(1)")
     torch.manual_seed(0)
     args.threads = args.threads or torch.get_num_threads()
     engines, others = {}, None

@@ -59,7 +59,8 @@ def main() -> None:
         def prompts(prefix: list[int]) -> list[list[int]]:
             return [prefix + torch.randint(100, 20000, (args.tail,), generator=g).tolist() for _ in names]
 
-        engine.generate(list(range(100, 164)), None, SamplingParams(max_tokens=1))  # warm-up
+        warm = min(64, max(prefixes) + args.tail + 7)  # a short --prefixes makes a short context
+        engine.generate(list(range(100, 100 + warm)), None, SamplingParams(max_tokens=1))  # warm-up
         rows = []
         for n in prefixes:
             prefix = torch.randint(100, 20000, (n,), generator=g).tolist()

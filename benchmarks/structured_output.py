@@ -73,6 +73,8 @@ def main() -> None:
             times["free"] += step_times(engine, prompts, free, args.batch)
             times["guided"] += step_times(engine, prompts, guided, args.batch)
         engine.shutdown()
+    if not all(times.values()):
+        raise SystemExit("no decode step of the full batch was timed: raise --tokens (at least 3)")
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     ratio = med["free"] / med["guided"]
     print(f"decode step, batch {args.batch} ({args.dtype}): free {med['free']:.1f} ms, JSON schema "

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import itertools
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -101,6 +102,10 @@ async def run_chaos(spec: WorkloadSpec, target: Target, admin: AdminClient, plan
     requests = {r.index: r for r in itertools.islice(generate_requests(spec), last + 1)}
     report = ChaosReport(traffic=summarize(run.results, run.wall_s, {"mode": "chaos"}),
                          admin_ops=dict(sorted(Counter(f"{o.op} {o.status}" for o in ops).items())), verified=0)
+    answered = sum(1 for r in run.results if r.ok)
+    print(f"chaos: traffic done ({answered} answers in {run.wall_s:.0f} s); checking each alone under each "
+          f"adapter version, one at a time (up to {answered * len(plan.version_suffixes)} requests)",
+          file=sys.stderr, flush=True)  # the check can take longer than the traffic: say what it is doing
     await _verify(run.results, requests, greedy, admin, plan, report)
     return report
 

@@ -465,12 +465,14 @@ class Engine:
     @_on_engine_thread
     def _install_and_pin(self, name: str, adapter: Adapter, path: Path, was: Entry | None):
         """Install what `_pin` read (lazily, or again after eviction) and pin it. `was` is the entry the
-        read began from: if it was unloaded or replaced meanwhile, the read is stale (QA: a DELETE
-        during the reload of an evicted adapter was undone)."""
+        read began from. If it was unloaded meanwhile, the request gets 404 (QA: a DELETE during the
+        reload of an evicted adapter was undone, even without lazy loading) unless lazy loading would
+        load the same folder for a request arriving now (QA: such requests got a 404 that a retry
+        did not); if it was replaced by one evicted since, the request is asked to retry."""
         with self.lock:
             entry = self.registry.entries.get(name)
             if entry is None:
-                if was is not None:
+                if was is not None and not self._lazily_from(name, path):
                     raise AdapterNotFoundError(name)  # unloaded while its files were read
                 entry = self.registry.install(name, adapter, path, replace=False)
             elif entry.version is None:
@@ -479,6 +481,13 @@ class Engine:
                                         param="model")
                 self.registry.reload(entry, adapter)
             return self.registry.acquire(entry)
+
+    def _lazily_from(self, name: str, path: Path) -> bool:
+        """Whether a request naming `name` now would lazily load it from `path` (as it was read)."""
+        try:
+            return self.lazy_folder(name) == path
+        except AdapterNotFoundError:
+            return False
 
     def _lazy_path(self, name: str, entry: Entry | None) -> Path:
         return entry.path if entry is not None else self.lazy_folder(name)
