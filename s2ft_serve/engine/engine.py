@@ -50,7 +50,7 @@ from s2ft_serve.errors import (
     QueueFullError,
     S2FTError,
 )
-from s2ft_serve.model.loading import LoadedModel, head_dim_of, load_model, target_linears
+from s2ft_serve.model.loading import LoadedModel, exact_context_limit, head_dim_of, load_model, target_linears
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,12 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
         hf_config = loaded.model.config
-        self.max_model_len = config.max_model_len or min(getattr(hf_config, "max_position_embeddings", 2048), 2048)
+        limit, why = exact_context_limit(hf_config)
+        if config.max_model_len and limit and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} is beyond what this engine serves exactly for "
+                             f"this model: it uses {why}, which the engine does not implement; at most {limit}")
+        default = min(getattr(hf_config, "max_position_embeddings", 2048), 2048, limit or 2048)
+        self.max_model_len = config.max_model_len or default
         self.vocab_size = hf_config.vocab_size
         self.head_dim = head_dim_of(hf_config)
         self._shapes = linear_shapes(target_linears(loaded.model))

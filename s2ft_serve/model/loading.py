@@ -185,6 +185,30 @@ def fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def exact_context_limit(config) -> tuple[int | None, str]:
+    """The longest context this engine serves exactly as transformers computes it, and why (None: no
+    limit beyond the model's own). The engine attends over the whole context and computes rotary
+    angles once per forward pass, so it is exact only while sliding-window attention still sees the
+    whole context and while length-dependent rotary scaling (dynamic NTK, LongRoPE) has not switched
+    to its long form (that switch would depend on the other requests in a pass)."""
+    limits = []
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window and (("sliding_attention" in types) if types else getattr(config, "use_sliding_window", True)):
+        limits.append((int(window), f"sliding-window attention (window {window})"))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
+    original = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
+        or getattr(config, "original_max_position_embeddings", None)
+    if rope_type == "longrope" and original:
+        limits.append((int(original), f"LongRoPE scaling (long factors beyond {original} positions)"))
+    if rope_type == "dynamic":
+        start = original or getattr(config, "max_position_embeddings", None)
+        if start:
+            limits.append((int(start), f"dynamic NTK rotary scaling (rescaled beyond {start} positions)"))
+    return min(limits) if limits else (None, "")
+
+
 def head_dim_of(config) -> int:
     """Columns of `o_proj` per attention head (an explicit `head_dim`, else hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
