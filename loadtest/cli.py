@@ -199,7 +199,7 @@ async def cmd_sweep(args: argparse.Namespace) -> int:
     target, admin, http = await target_from_args(args)
     try:
         preload = Preload(mode=args.preload, server_dir=server, warmup_requests=args.warmup_requests)
-        points = await run_sweep(counts, spec, target, admin, preload, args.prefix, args.rounds)
+        points = await run_sweep(counts, spec, target, admin, preload, args.prefix, args.rounds, args.include_base)
     finally:
         await http.aclose()
     print(sweep_table(points))

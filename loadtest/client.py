@@ -8,6 +8,7 @@ network failure: those become results with an `outcome` such as "429", "timeout"
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -100,11 +101,12 @@ async def send(client: httpx.AsyncClient, spec: RequestSpec, target: Target, t0:
     result = RequestResult(index=spec.index, adapter=spec.adapter, status=0, start_s=start - t0, e2e_s=0.0)
     body = request_body(spec, target)
     try:
-        if target.stream:
-            await _send_streaming(client, body, target, result, start)
-        else:
-            await _send_plain(client, body, target, result)
-    except httpx.TimeoutException as exc:
+        async with asyncio.timeout(target.timeout_s):  # the whole request: httpx's timeout is per read
+            if target.stream:
+                await _send_streaming(client, body, target, result, start)
+            else:
+                await _send_plain(client, body, target, result)
+    except (httpx.TimeoutException, TimeoutError) as exc:
         result.error, result.error_kind = f"timeout after {target.timeout_s:g} s ({type(exc).__name__})", "timeout"
     except httpx.HTTPError as exc:
         result.error, result.error_kind = f"{type(exc).__name__}: {exc}", "transport"
@@ -137,11 +139,13 @@ async def _send_streaming(
         if response.status_code != 200:
             result.error = error_message((await response.aread()).decode(errors="replace"))
             return
+        done = False
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                done = True
                 break
             payload = json.loads(data)
             if "error" in payload:
@@ -154,6 +158,8 @@ async def _send_streaming(
                     if result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - start
                     chunks.append(choice_text(choice))
+        if not done:  # the server closed the stream early: whatever came is not a whole answer
+            result.error, result.error_kind = "the stream ended before data: [DONE]", "protocol"
     result.text = "".join(chunks)
     result.output_tokens = len(chunks)  # one chunk per token unless usage says otherwise
     _take_usage(usage, result)

@@ -10,6 +10,7 @@ waits for the requests in flight.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,6 +21,7 @@ from loadtest.client import RequestResult, Target, make_http_client, send
 from loadtest.workload import RequestSpec, WorkloadSpec, generate_requests, poisson_gaps
 
 OPEN_LOOP_MAX_CONNECTIONS = 1024  # an open loop must not be throttled by the client's own pool
+LAG_WARNING_S = 0.25  # an open loop further behind its Poisson schedule than this says so
 
 
 @dataclass
@@ -80,7 +82,7 @@ async def _open_loop(
 ) -> list[RequestResult]:
     assert spec.rate is not None  # validated by WorkloadSpec.validate
     tasks: list[asyncio.Task[RequestResult]] = []
-    next_at = t0
+    next_at, lag = t0, 0.0
     for request, gap in zip(requests, poisson_gaps(spec.rate, spec.seed)):
         next_at += gap
         if deadline is not None and next_at >= deadline:
@@ -88,7 +90,15 @@ async def _open_loop(
         delay = next_at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break  # a client running behind its schedule stops at the deadline too
+        lag = max(lag, time.perf_counter() - next_at)
         tasks.append(asyncio.create_task(send(client, request, target, t0)))
+    if lag > LAG_WARNING_S:  # the arrivals were not the ones asked for: say so beside the figures
+        sent_for = max(time.perf_counter() - t0, 1e-9)
+        print(f"open loop: this client fell behind its schedule by up to {lag:.2f} s; it sent {len(tasks)} "
+              f"requests in {sent_for:.1f} s ({len(tasks) / sent_for:.1f}/s against --rate {spec.rate:g})",
+              file=sys.stderr, flush=True)
     return list(await asyncio.gather(*tasks))
 
 

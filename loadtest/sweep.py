@@ -58,7 +58,7 @@ def parse_counts(text: str) -> list[int]:
 
 async def run_sweep(
     counts: list[int], spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload,
-    prefix: str = "lt-", rounds: int = 1,
+    prefix: str = "lt-", rounds: int = 1, include_base: bool = False,
 ) -> list[SweepPoint]:
     """Measure every count, `rounds` times interleaved (1, 8, 64, 1, 8, 64, ...) so that slow drift
     of a shared machine spreads over all counts instead of biasing the last ones."""
@@ -68,7 +68,7 @@ async def run_sweep(
     measured: dict[int, list[Summary]] = {count: [] for count in counts}
     for _ in range(rounds):
         for count in counts:
-            measured[count].append(await _measure(count, spec, target, admin, preload, prefix))
+            measured[count].append(await _measure(count, spec, target, admin, preload, prefix, include_base))
     points = []
     for count in counts:
         ordered = sorted(measured[count], key=lambda s: s.output_token_throughput)
@@ -78,8 +78,10 @@ async def run_sweep(
 
 
 async def _measure(count: int, spec: WorkloadSpec, target: Target, admin: AdminClient, preload: Preload,
-                   prefix: str) -> Summary:
+                   prefix: str, include_base: bool = False) -> Summary:
     names: list[str | None] = list(adapter_names(count, prefix)) if count else [None]
+    if include_base and count:  # --include-base: the base model takes its share beside the adapters
+        names.append(None)
     await _make_resident([n for n in names if n], target, admin, preload, spec.concurrency or 4)
     point_spec = dataclasses.replace(spec, adapters=names)
     if preload.warmup_requests:

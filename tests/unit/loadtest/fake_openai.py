@@ -25,6 +25,8 @@ class FakeState:
     max_in_flight: int = 1000  # beyond this, answer 429
     corrupt_when_batched: bool = False  # the bug chaos mode must catch: answers depend on the batch
     answer_nothing: bool = False  # every answer empty: a comparison of them could not fail
+    piece_delay_s: float = 0.0  # between streamed pieces: a slow stream
+    drop_done: bool = False  # streams end without data: [DONE] (a server that closed early)
     in_flight: int = 0
     bodies: list[dict] = field(default_factory=list)
     seen: dict[str, list[list[str]]] = field(default_factory=dict)  # model -> earlier prompts, as words
@@ -91,15 +93,17 @@ def make_app(state: FakeState):
             choice = {"message": {"role": "assistant", "content": "".join(pieces)}} if chat else {"text": "".join(pieces)}
             return {"model": model, "choices": [choice], "usage": usage}
 
-        def chunks():
+        async def chunks():
             if chat:  # the opening chunk, then deltas that write the unset role as null (as some servers do)
                 yield f"data: {json.dumps({'choices': [{'delta': {'role': 'assistant', 'content': ''}}]})}\n\n"
             for piece in pieces:
+                await asyncio.sleep(state.piece_delay_s)
                 choice = {"delta": {"role": None, "content": piece}} if chat else {"text": piece}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             if (body.get("stream_options") or {}).get("include_usage"):
                 yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
+            if not state.drop_done:
+                yield "data: [DONE]\n\n"
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 

@@ -84,6 +84,46 @@ def test_open_loop_and_duration(fake_server):
     assert [r.index for r in run.results] == list(range(len(run.results)))
 
 
+def test_the_timeout_bounds_a_whole_stream_and_a_stream_must_end_with_done(fake_server):
+    """QA: --timeout bounded each read, so a stream of slow tokens ran past it and counted as ok; a
+    stream the server closed before data: [DONE] counted as ok too."""
+    url, state = fake_server
+    state.piece_delay_s = 0.15  # six pieces: about 0.9 s, each read well within the timeout
+    slow = Target(base_url=url, base_model=BASE, stream=True, timeout_s=0.5)
+    result = asyncio.run(run_workload(spec(num_requests=1, concurrency=1), slow)).results[0]
+    assert result.error_kind == "timeout" and not result.ok and result.e2e_s < 0.8
+    state.piece_delay_s, state.drop_done = 0.0, True
+    cut = asyncio.run(run_workload(spec(num_requests=1, concurrency=1), Target(base_url=url, base_model=BASE,
+                                                                               stream=True))).results[0]
+    assert cut.error_kind == "protocol" and "before data: [DONE]" in cut.error
+
+
+def test_an_open_loop_behind_its_schedule_says_so_and_stops_at_the_deadline(fake_server, monkeypatch, capsys):
+    """QA: at a rate the client could not keep, it sent requests seconds late, past --duration, and the
+    report still said the rate asked for."""
+    import time
+
+    import loadtest.runner as runner
+
+    real_send, sent_at = runner.send, []
+
+    async def busy(*args):
+        time.sleep(0.05)  # a client too busy to keep a 100/s schedule
+        return await real_send(*args)
+
+    def recording_send(*args):  # called when the open loop sends (creates the request's task)
+        sent_at.append(time.perf_counter())
+        return busy(*args)
+
+    monkeypatch.setattr(runner, "send", recording_send)
+    url, _ = fake_server
+    started = time.perf_counter()
+    asyncio.run(run_workload(spec(num_requests=None, duration_s=0.6, concurrency=None, rate=100.0),
+                             Target(base_url=url, base_model=BASE)))
+    assert sent_at and max(sent_at) - started < 0.6 + 0.1  # nothing sent after the deadline
+    assert "fell behind its schedule" in capsys.readouterr().err
+
+
 def test_errors_are_counted_not_raised(fake_server):
     url, state = fake_server
     state.max_in_flight = 0
