@@ -38,7 +38,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from s2ft_serve.adapters import native
 from s2ft_serve.errors import InsufficientMemoryError
 from s2ft_serve.model.gemm import DenseGemm, ExactLinear, Released, release
-from s2ft_serve.model.loading import head_dim_of
+from s2ft_serve.model.loading import head_dim_of, sliding_windows
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -110,6 +110,7 @@ class Transformer(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.max_len = max_len
+        self.windows = sliding_windows(cfg, len(self.layers))  # per layer: None, or the sliding window
         w = hf_model.model.embed_tokens.weight
         # the rotary embedding as one compiled call where it can run (CPU float32), else transformers' ops
         self.rotary = native.rotary_op() if w.device.type == "cpu" and w.dtype == torch.float32 else None
@@ -160,14 +161,26 @@ class Transformer(nn.Module):
         rotate = apply_rotary_pos_emb
         if self.rotary is not None and cos.dim() == 3 and not torch.is_grad_enabled():
             rotate, cos, sin = self.rotary, cos.contiguous(), sin.contiguous()  # a no-op when so made
-        mask = slots = None
+        slots = None
         if cached:  # each token attends over its row's cache up to its own position
             span = int(positions.max()) + 1
             mask = torch.arange(span, device=h.device)[None, None, :] <= positions[:, :, None]  # [B, L, span]
             # [B, 1, L, span], additive: what scaled_dot_product_attention makes of a boolean mask (0 where
             # True, -inf elsewhere, in the query's dtype), once per pass instead of once per layer
-            mask = torch.where(mask, 0.0, float("-inf")).to(h.dtype)[:, None]
+            masks = {None: torch.where(mask, 0.0, float("-inf")).to(h.dtype)[:, None]}
+            for window in set(self.windows) - {None}:  # sliding layers: also only keys < window back
+                near = mask & (torch.arange(span, device=h.device)[None, None, :] > positions[:, :, None] - window)
+                masks[window] = torch.where(near, 0.0, float("-inf")).to(h.dtype)[:, None]
             slots = self._cache_slots(rows, positions)
+        else:  # fresh prompts: causal, and for sliding layers shorter than the prompt a banded mask
+            L = tokens.shape[1]
+            masks = {None: None}
+            for window in set(self.windows) - {None}:
+                if window < L:
+                    q, k = torch.arange(L, device=h.device)[:, None], torch.arange(L, device=h.device)[None, :]
+                    masks[window] = torch.where((k <= q) & (k > q - window), 0.0, float("-inf")).to(h.dtype)
+                else:
+                    masks[window] = None
         # the compiled norm and cache write where they serve (outside autograd), decided once per pass
         grad = torch.is_grad_enabled()
         add_norm = self._add_norm_compiled if self.add_rms_norm is not None and not grad else self._add_norm
@@ -175,8 +188,8 @@ class Transformer(nn.Module):
         out = None  # the last block's output, added to h by the next norm's call
         for i, layer in enumerate(self.layers):
             h, r = add_norm(h, out, layer.input_layernorm)
-            h, r = add_norm(h, self._attention(i, layer.self_attn, r, rotate, write, cos, sin, rows, mask, slots),
-                            layer.post_attention_layernorm)
+            h, r = add_norm(h, self._attention(i, layer.self_attn, r, rotate, write, cos, sin, rows,
+                                               masks[self.windows[i]], slots), layer.post_attention_layernorm)
             out = self._mlp(i, layer.mlp, r)
         h = (h + out).reshape(-1, h.shape[-1])
         if keep is not None:
@@ -260,6 +273,7 @@ class Transformer(nn.Module):
         else:  # fresh prompts: the new requests' rows from position 0, padding included
             ck[rows, :, :L] = k
             cv[rows, :, :L] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
+                                                 enable_gqa=True)  # mask: a sliding window shorter than L
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, heads * D]
         return attn.o_proj(out)

@@ -187,15 +187,10 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def exact_context_limit(config) -> tuple[int | None, str]:
     """The longest context this engine serves exactly as transformers computes it, and why (None: no
-    limit beyond the model's own). The engine attends over the whole context and computes rotary
-    angles once per forward pass, so it is exact only while sliding-window attention still sees the
-    whole context and while length-dependent rotary scaling (dynamic NTK, LongRoPE) has not switched
-    to its long form (that switch would depend on the other requests in a pass)."""
+    limit beyond the model's own). The engine computes rotary angles once per forward pass, so it is
+    exact only while length-dependent rotary scaling (dynamic NTK, LongRoPE) has not switched to its
+    long form (that switch would depend on the other requests in a pass)."""
     limits = []
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if window and (("sliding_attention" in types) if types else getattr(config, "use_sliding_window", True)):
-        limits.append((int(window), f"sliding-window attention (window {window})"))
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
     original = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
@@ -207,6 +202,19 @@ def exact_context_limit(config) -> tuple[int | None, str]:
         if start:
             limits.append((int(start), f"dynamic NTK rotary scaling (rescaled beyond {start} positions)"))
     return min(limits) if limits else (None, "")
+
+
+def sliding_windows(config, layers: int) -> list[int | None]:
+    """Each layer's attention window (None: full attention), as transformers reads the config: a token
+    sees the keys less than `sliding_window` positions back. Mistral's `sliding_window` covers every
+    layer; Qwen2/Qwen3 name the windowed layers in `layer_types` (from `use_sliding_window`)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * layers
+    if types:
+        return [int(window) if kind == "sliding_attention" else None for kind in types[:layers]]
+    return [int(window) if getattr(config, "use_sliding_window", True) else None] * layers
 
 
 def head_dim_of(config) -> int:
