@@ -156,14 +156,8 @@ def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     engine.shutdown()
 
 
-@pytest.mark.parametrize("lazy", [False, True])
-def test_an_unload_during_the_reload_of_an_evicted_adapter_stays_unloaded(tiny_model_dir, root, monkeypatch, lazy):
-    """QA: a DELETE that landed while a request re-read an evicted adapter's files was undone: the
-    reload registered the adapter again (even with lazy loading off). Lazy loading from another
-    folder under the name (there is no <root>/a) does not bring it back either."""
-    engine = make_engine(tiny_model_dir, adapter_root=str(root), lazy_load=lazy, max_resident_adapters=1).start()
-    engine.load_adapter("a", "r0")
-    engine.load_adapter("b", "r1")  # evicts a
+def unload_during_reload(engine, monkeypatch, name: str, request) -> threading.Thread:
+    """Run `request` in a thread; unload `name` while it re-reads the adapter's files; return the thread."""
     read, reading, go_on = engine._read, threading.Event(), threading.Event()
 
     def slow_read(path):
@@ -172,14 +166,26 @@ def test_an_unload_during_the_reload_of_an_evicted_adapter_stays_unloaded(tiny_m
         return read(path)
 
     monkeypatch.setattr(engine, "_read", slow_read)
-    failure = []
-    request = threading.Thread(target=lambda: failure.append(
-        pytest.raises(AdapterNotFoundError, engine.generate, "fox", "a", GREEDY)))
-    request.start()
+    thread = threading.Thread(target=request)
+    thread.start()
     assert reading.wait(10)
-    engine.remove_adapter("a")
+    engine.remove_adapter(name)
     go_on.set()
-    request.join(30)
+    thread.join(30)
+    return thread
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_unload_during_the_reload_of_an_evicted_adapter_stays_unloaded(tiny_model_dir, root, monkeypatch, lazy):
+    """QA: a DELETE that landed while a request re-read an evicted adapter's files was undone: the
+    reload registered the adapter again (even with lazy loading off). Lazy loading from another
+    folder under the name (there is no <root>/a) does not bring it back either."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), lazy_load=lazy, max_resident_adapters=1).start()
+    engine.load_adapter("a", "r0")
+    engine.load_adapter("b", "r1")  # evicts a
+    failure = []
+    unload_during_reload(engine, monkeypatch, "a", lambda: failure.append(
+        pytest.raises(AdapterNotFoundError, engine.generate, "fox", "a", GREEDY)))
     assert failure and not engine.has_adapter("a")
     with pytest.raises(AdapterNotFoundError):
         engine.generate("fox", "a", GREEDY)
@@ -193,21 +199,8 @@ def test_an_unload_during_a_reload_that_lazy_loading_would_redo_serves_the_reque
     engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=1).start()
     engine.load_adapter("r0", "r0")
     engine.load_adapter("r1", "r1")  # evicts r0
-    read, reading, go_on = engine._read, threading.Event(), threading.Event()
-
-    def slow_read(path):
-        reading.set()
-        go_on.wait(10)
-        return read(path)
-
-    monkeypatch.setattr(engine, "_read", slow_read)
     out = []
-    request = threading.Thread(target=lambda: out.append(engine.generate("fox", "r0", GREEDY)))
-    request.start()
-    assert reading.wait(10)
-    engine.remove_adapter("r0")
-    go_on.set()
-    request.join(30)
+    unload_during_reload(engine, monkeypatch, "r0", lambda: out.append(engine.generate("fox", "r0", GREEDY)))
     assert out and out[0].finish_reason == "length" and engine.has_adapter("r0")
     engine.shutdown()
 
