@@ -102,11 +102,7 @@ async def run_chaos(spec: WorkloadSpec, target: Target, admin: AdminClient, plan
     requests = {r.index: r for r in itertools.islice(generate_requests(spec), last + 1)}
     report = ChaosReport(traffic=summarize(run.results, run.wall_s, {"mode": "chaos"}),
                          admin_ops=dict(sorted(Counter(f"{o.op} {o.status}" for o in ops).items())), verified=0)
-    answered = sum(1 for r in run.results if r.ok)
-    print(f"chaos: traffic done ({answered} answers in {run.wall_s:.0f} s); checking each alone under each "
-          f"adapter version, one at a time (up to {answered * len(plan.version_suffixes)} requests)",
-          file=sys.stderr, flush=True)  # the check can take longer than the traffic: say what it is doing
-    await _verify(run.results, requests, greedy, admin, plan, report)
+    await _verify(run.results, requests, greedy, admin, plan, report, run.wall_s)
     return report
 
 
@@ -149,9 +145,12 @@ async def _settle(admin: AdminClient, plan: ChaosPlan) -> None:
 
 
 async def _verify(results: list[RequestResult], requests: dict[int, RequestSpec], target: Target,
-                  admin: AdminClient, plan: ChaosPlan, report: ChaosReport) -> None:
+                  admin: AdminClient, plan: ChaosPlan, report: ChaosReport, traffic_s: float) -> None:
     """Re-send each answered request alone under every version of its adapter and compare."""
     answered = {r.index: r for r in results if r.ok}
+    print(f"chaos: traffic done ({len(answered)} answers in {traffic_s:.0f} s); checking each alone under each "
+          f"adapter version, one at a time (up to {len(answered) * len(plan.version_suffixes)} requests)",
+          file=sys.stderr, flush=True)  # the check can take longer than the traffic: say what it is doing
     report.verified = len(answered)
     report.empty = sum(1 for r in answered.values() if not r.text)  # every request asks for >= 1 token
     expected: dict[int, dict[str, str]] = {i: {} for i in answered}

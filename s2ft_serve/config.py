@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 # Fields that must be integers >= 1 (a batch of 0 admits nothing: every request would wait forever),
 # and those that may be 0.
@@ -52,13 +52,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Refuse values the engine cannot run with, naming the field (the server's settings check the same)."""
-        for f in fields(self):
-            value, name = getattr(self, f.name), f.name
-            if name in POSITIVE or name in NON_NEGATIVE or (name in OPTIONAL_POSITIVE and value is not None):
-                least = 0 if name in NON_NEGATIVE else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                    raise ValueError(f"{name} must be an integer >= {least}{' or None' if name in OPTIONAL_POSITIVE else ''}, "
-                                     f"not {value!r}")
+        for names, least, none in ((POSITIVE, 1, False), (NON_NEGATIVE, 0, False), (OPTIONAL_POSITIVE, 1, True)):
+            for name in names:
+                value = getattr(self, name)
+                if not (none and value is None) and (isinstance(value, bool) or not isinstance(value, int)
+                                                     or value < least):
+                    raise ValueError(f"{name} must be an integer >= {least}{' or None' if none else ''}, not {value!r}")
         for name in ("auto_fuse_share", "auto_unfuse_share"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)!r}")

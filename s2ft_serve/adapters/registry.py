@@ -142,10 +142,11 @@ class AdapterRegistry:
 
     def _check_memory_room(self, name: str, nbytes: int) -> None:
         held = [e for e in self.entries.values() if e.path is None and e.name != name]
-        if len(held) + 1 > self.max_resident or sum(e.nbytes for e in held) + nbytes > self.max_resident_bytes:
+        held_bytes = sum(e.nbytes for e in held)
+        if len(held) + 1 > self.max_resident or held_bytes + nbytes > self.max_resident_bytes:
             raise ConflictError(
                 f"{len(held)} adapter(s) are held only in memory (merged, or added without a folder), using "
-                f"{sum(e.nbytes for e in held)} bytes; adding '{name}' ({nbytes} bytes) would exceed "
+                f"{held_bytes} bytes; adding '{name}' ({nbytes} bytes) would exceed "
                 f"max_resident_adapters ({self.max_resident}) or max_resident_bytes ({self.max_resident_bytes}), "
                 "and such adapters are never evicted: unload one, or save the merge to a folder "
                 "(s2ft-adapter merge) and load that", param="name")

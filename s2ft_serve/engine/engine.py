@@ -523,7 +523,8 @@ class Engine:
 
     @_on_engine_thread
     def fuse(self, name: str) -> AdapterInfo:
-        """Add the adapter into the base columns in place; other requests stay exact."""
+        """Add the adapter into the base columns in place; other requests stay exact (float32; below it
+        they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
         self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
         self._pin(name)  # makes it resident; the pin is released below

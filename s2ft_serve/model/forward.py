@@ -41,6 +41,18 @@ from s2ft_serve.model.gemm import DenseGemm, ExactLinear, Released, release
 from s2ft_serve.model.loading import head_dim_of, sliding_windows
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)
+
+
+def _band(window: int | None, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The [L, L] mask of a fresh prompt under a sliding window; None (plain causal) where it sees it whole."""
+    if window is None or window >= length:
+        return None
+    keys, at = torch.arange(length, device=device)[None, :], torch.arange(length, device=device)[:, None]
+    return _additive((keys <= at) & (keys > at - window), dtype)
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation can take on `device`, or None where unknown. CPU: the kernel's
     MemAvailable, or less if the process's cgroup (a container's memory limit) allows less; CUDA: the
@@ -111,6 +123,7 @@ class Transformer(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.max_len = max_len
         self.windows = sliding_windows(cfg, len(self.layers))  # per layer: None, or the sliding window
+        self.window_sizes = sorted({w for w in self.windows if w})  # each needs its own mask per pass
         w = hf_model.model.embed_tokens.weight
         # the rotary embedding as one compiled call where it can run (CPU float32), else transformers' ops
         self.rotary = native.rotary_op() if w.device.type == "cpu" and w.dtype == torch.float32 else None
@@ -161,26 +174,18 @@ class Transformer(nn.Module):
         rotate = apply_rotary_pos_emb
         if self.rotary is not None and cos.dim() == 3 and not torch.is_grad_enabled():
             rotate, cos, sin = self.rotary, cos.contiguous(), sin.contiguous()  # a no-op when so made
+        # the attention masks of this pass, by window (None: full attention), additive: what
+        # scaled_dot_product_attention makes of a boolean mask (0 where True, -inf elsewhere, in the
+        # query's dtype), built once per pass instead of once per layer
         slots = None
         if cached:  # each token attends over its row's cache up to its own position
-            span = int(positions.max()) + 1
-            mask = torch.arange(span, device=h.device)[None, None, :] <= positions[:, :, None]  # [B, L, span]
-            # [B, 1, L, span], additive: what scaled_dot_product_attention makes of a boolean mask (0 where
-            # True, -inf elsewhere, in the query's dtype), once per pass instead of once per layer
-            masks = {None: torch.where(mask, 0.0, float("-inf")).to(h.dtype)[:, None]}
-            for window in set(self.windows) - {None}:  # sliding layers: also only keys < window back
-                near = mask & (torch.arange(span, device=h.device)[None, None, :] > positions[:, :, None] - window)
-                masks[window] = torch.where(near, 0.0, float("-inf")).to(h.dtype)[:, None]
+            keys, at = torch.arange(int(positions.max()) + 1, device=h.device)[None, None, :], positions[:, :, None]
+            seen = keys <= at  # [B, L, span]
+            masks = {w: _additive(seen if w is None else seen & (keys > at - w), h.dtype)[:, None]  # [B, 1, L, span]
+                     for w in (None, *self.window_sizes)}
             slots = self._cache_slots(rows, positions)
-        else:  # fresh prompts: causal, and for sliding layers shorter than the prompt a banded mask
-            L = tokens.shape[1]
-            masks = {None: None}
-            for window in set(self.windows) - {None}:
-                if window < L:
-                    q, k = torch.arange(L, device=h.device)[:, None], torch.arange(L, device=h.device)[None, :]
-                    masks[window] = torch.where((k <= q) & (k > q - window), 0.0, float("-inf")).to(h.dtype)
-                else:
-                    masks[window] = None
+        else:  # fresh prompts from position 0: causal, banded for a window shorter than the prompt
+            masks = {w: _band(w, tokens.shape[1], h.device, h.dtype) for w in (None, *self.window_sizes)}
         # the compiled norm and cache write where they serve (outside autograd), decided once per pass
         grad = torch.is_grad_enabled()
         add_norm = self._add_norm_compiled if self.add_rms_norm is not None and not grad else self._add_norm

@@ -191,10 +191,10 @@ def exact_context_limit(config) -> tuple[int | None, str]:
     exact only while length-dependent rotary scaling (dynamic NTK, LongRoPE) has not switched to its
     long form (that switch would depend on the other requests in a pass)."""
     limits = []
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
-    original = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
-        or getattr(config, "original_max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    rope = rope if isinstance(rope, dict) else {}
+    rope_type = rope.get("rope_type") or rope.get("type")
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     if rope_type == "longrope" and original:
         limits.append((int(original), f"LongRoPE scaling (long factors beyond {original} positions)"))
     if rope_type == "dynamic":

@@ -53,13 +53,13 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, S2FTError)
-    count_refused(request, exc, exc.status_code)
+    count_refused(request, exc.status_code)
     return domain_error_response(exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    count_refused(request, exc, 400)
+    count_refused(request, 400)
     message, param = validation_message(exc)
     return error_response(400, message, "invalid_request_error", param)
 
@@ -71,15 +71,15 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    count_refused(request, exc, 500)
+    count_refused(request, 500)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
-def count_refused(request: Request, exc: BaseException, status: int) -> None:
+def count_refused(request: Request, status: int) -> None:
     """Count a generation request refused before its route could (body validation, the API key, the
-    model still loading); the route marks the errors it counted itself."""
-    if request.url.path in GENERATION_PATHS and not getattr(exc, "s2ft_counted", False):
+    model still loading); a request that reached `generation.serve` is counted there."""
+    if request.url.path in GENERATION_PATHS and not getattr(request.state, "counted", False):
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.observe_request(UNKNOWN_ADAPTER_LABEL, status)

@@ -207,7 +207,7 @@ class Choice:
     generated: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # one per HTTP request, hashed by identity: the app keeps those in flight in a WeakSet
 class Generation:
     """The engine requests behind one HTTP request, their metrics, and their cancellation."""
 
@@ -219,9 +219,6 @@ class Generation:
     choices: list[Choice] = field(default_factory=list)
     accounted: bool = False
     stopped: S2FTError | None = None  # set by stop(): what the request ends with
-
-    def __hash__(self) -> int:  # one Generation per HTTP request; kept in the app's set of those in flight
-        return id(self)
 
     def stop(self, exc: S2FTError) -> None:
         """End every choice now with `exc` (the drain deadline): a stream sends it as an error event."""
@@ -351,8 +348,6 @@ def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | No
         status = CLIENT_CLOSED
     else:
         status = 500
-    if exc is not None:
-        exc.s2ft_counted = True  # type: ignore[union-attr]  # the error handlers count the others
     metrics.observe_request(adapter, status)
 
 
@@ -398,6 +393,7 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
     SSE chunks, `build` the JSON body. Metrics count the request once, whatever happens.
     """
     adapter, gen = None, None
+    request.state.counted = True  # below, whatever happens; the error handlers count what never got here
     try:
         adapter = choose_adapter(engine, settings, fields.model, fields.adapter)
         check_adapter(engine, adapter)

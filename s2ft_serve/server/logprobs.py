@@ -71,7 +71,7 @@ class TokenStrings:
 
 
 @lru_cache(maxsize=4)
-def token_text_decoder(tokenizer: object) -> TokenStrings:
+def token_strings(tokenizer: object) -> TokenStrings:
     """The token strings of `tokenizer` (one per engine: the tokenizer is read once)."""
     return TokenStrings(tokenizer)
 

@@ -21,11 +21,15 @@ import jsonschema
 import pytest
 import yaml
 
+from s2ft_serve.server.cli import DRAIN_MARGIN_S
+from s2ft_serve.server.settings import ServerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = DEPLOY / "k8s"
-DRAIN_TIMEOUT_S = 30  # the server's default --drain-timeout-s
+# the server's default --drain-timeout-s, and the wait for the answers ended at it
+DRAIN_TIMEOUT_S = ServerSettings.model_fields["drain_timeout_s"].default + DRAIN_MARGIN_S
 
 
 def schema(name: str) -> jsonschema.Draft202012Validator:

@@ -16,7 +16,7 @@ from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_a
 from s2ft_serve.server.generation import (
     Generation, chat_prompt, request_guide, sampling_params, serve, sse,
 )
-from s2ft_serve.server.logprobs import TokenStrings, chat_logprobs, token_text_decoder
+from s2ft_serve.server.logprobs import TokenStrings, chat_logprobs, token_strings
 from s2ft_serve.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, ErrorResponse, ToolCall, ToolCallDelta,
@@ -160,7 +160,7 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, conte
              summary="Create a chat completion (OpenAI); `stream: true` answers with server-sent events")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
                                  engine: EngineDep, settings: SettingsDep, metrics: MetricsDep):
-    text = token_text_decoder(engine.tokenizer)
+    text = token_strings(engine.tokenizer)
     return await serve(
         request, response, engine, settings, metrics, body,
         start=partial(start, body, engine, settings),

@@ -18,7 +18,7 @@ from s2ft_serve.server.deps import EngineDep, MetricsDep, SettingsDep, require_a
 from s2ft_serve.server.generation import (
     Generation, request_guide, sampling_params, serve, sse,
 )
-from s2ft_serve.server.logprobs import TextOffsets, TokenStrings, completion_logprobs, extend, token_text_decoder
+from s2ft_serve.server.logprobs import TextOffsets, TokenStrings, completion_logprobs, extend, token_strings
 from s2ft_serve.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
 )
@@ -29,9 +29,9 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 
 def prompt_token_ids(engine: Engine, prompt: str | list, add_special_tokens: bool = True) -> list[list[int]]:
     """The request's prompts as token ids (a string, strings, token ids, or lists of token ids)."""
-    for text in [prompt] if isinstance(prompt, str) else prompt:
-        if isinstance(text, str):
-            engine.check_text_fits(len(text))
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+    for text in texts:  # every text checked before any is tokenized
+        engine.check_text_fits(len(text))
     if isinstance(prompt, str):
         return [engine.tokenize(prompt, add_special_tokens=add_special_tokens)]
     if not prompt:
@@ -121,7 +121,7 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
              summary="Create a completion (OpenAI); `stream: true` answers with server-sent events")
 async def create_completion(body: CompletionRequest, request: Request, response: Response,
                             engine: EngineDep, settings: SettingsDep, metrics: MetricsDep):
-    text = token_text_decoder(engine.tokenizer)
+    text = token_strings(engine.tokenizer)
 
     async def begin(gen: Generation) -> tuple[list[list[int]], list[str]]:
         prompts = await start(body, engine, gen)

@@ -91,3 +91,9 @@ def test_a_window_off_or_wider_than_the_context_changes_nothing(tmp_path):
     engine = make_engine(save(tmp_path / "q", Qwen2Config(sliding_window=8, use_sliding_window=False, **COMMON)))
     assert engine.runner.model.windows == [None, None] and engine.max_model_len == 512
     engine.shutdown()
+    wide = save(tmp_path / "m", MistralConfig(head_dim=16, sliding_window=4096, **COMMON))
+    engine = make_engine(wide)  # Mistral-7B-v0.1's window: wider than any context served here
+    assert engine.runner.model.windows == [4096, 4096] and engine.max_model_len == 512
+    ids = list(range(5, 45))
+    assert (engine.logits(ids).float() - reference_logits(reference(wide), ids)).abs().max().item() <= 1e-4
+    engine.shutdown()
