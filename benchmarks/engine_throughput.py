@@ -25,6 +25,11 @@ base GEMMs.
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact,onednn
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact \
         --adapter-dtype float32,bfloat16
+
+On a GPU (`--device cuda`): the engine's GEMM and mixed step are torch's there (`--gemm`/`--kernel`
+name the CPU paths only), and `--model` can name any folder, e.g. one with the default model's
+architecture and random weights (`benchmarks/random_model.py`): decode speed does not depend on the
+weights' values.
 """
 
 from __future__ import annotations
@@ -51,14 +56,20 @@ def engine_time(engine: Engine, adapters: list[str | None], tokens: int) -> floa
     return time.perf_counter() - start
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def hf_time(model, tok, batch: int, tokens: int, adapter_names=None) -> float:
     tok.padding_side = "left"
-    enc = tok([PROMPT] * batch, return_tensors="pt", padding=True)
+    enc = tok([PROMPT] * batch, return_tensors="pt", padding=True).to(model.device)
     kwargs = {"adapter_names": adapter_names} if adapter_names else {}
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                        pad_token_id=tok.pad_token_id or 0, **kwargs)
+    sync(model.device)
     return time.perf_counter() - start
 
 
@@ -72,22 +83,24 @@ def decode_tps(timer, batch: int, tokens: int) -> float:
     raise SystemExit(f"timing noise exceeds the time of {tokens - 1} decode steps: raise --tokens")
 
 
-def stream_floor_ms(nbytes: int, dtype: torch.dtype, repeats: int = 20) -> float:
+def stream_floor_ms(nbytes: int, dtype: torch.dtype, device: torch.device, repeats: int = 20) -> float:
     """Median time (ms) for `torch.sum` to read `nbytes` of `dtype` that are not in any cache."""
-    buffers = [torch.ones(nbytes // dtype.itemsize, dtype=dtype) for _ in range(2)]
+    buffers = [torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device) for _ in range(2)]
     times = []
     for i in range(repeats):  # alternate two buffers, so the previous read leaves nothing useful cached
+        sync(device)
         start = time.perf_counter()
         buffers[i % 2].sum()
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def lora_model(base_dir, dtype, n: int, rank: int):
+def lora_model(base_dir, dtype, device, n: int, rank: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["o_proj", "down_proj"], init_lora_weights=False)
     model = get_peft_model(model, config, adapter_name="l0")
     for i in range(1, n):
@@ -106,12 +119,13 @@ def load_others(args, engine: Engine) -> tuple[dict, dict]:
     params = engine.get_adapter("s0").parameters
     per_rank = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size + cfg.hidden_size)
     rank = max(1, round(params / per_rank))
-    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(engine.device).eval()
     others = {"transformers": lambda eng, n: eng.call(hf_time, hf, tok, args.batch, n)}
     if not args.skip_peft:
-        lora, lora_names = lora_model(base_dir, dtype, args.batch, rank), [f"l{i}" for i in range(args.batch)]
+        lora, lora_names = lora_model(base_dir, dtype, engine.device, args.batch, rank), [f"l{i}" for i in range(args.batch)]
         others["peft"] = lambda eng, n: eng.call(hf_time, lora, tok, args.batch, n, lora_names)
-    return others, {"adapter_params": params, "lora_rank": rank, "dtype": dtype}
+    return others, {"adapter_params": params, "lora_rank": rank, "dtype": dtype,
+                    "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 
 
 def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
@@ -121,11 +135,13 @@ def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
     round by round. Returns every system's figure per round, the other systems for the next engine, and
     the dtype the engine holds the adapters' deltas in (bfloat16 ones stay bfloat16 for the compiled
     kernel of a float32 engine, see adapters/layers.py)."""
-    engine = Engine(EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=args.batch, max_model_len=256,
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.batch,
+                                 max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
                                  threads=args.threads)).start()
     names = add_random_adapters(engine, args.batch, args.heads, args.channels, adapter_dtype)
-    engine_time(engine, names[:2], 4)  # warm up
+    for batch in ([None] * args.batch, names):  # warm up (on a GPU: the GEMMs' plans, the allocator, the kernels)
+        engine_time(engine, batch, 4)
     others = others or load_others(args, engine)
     timers = {"base": lambda n: engine_time(engine, [None] * args.batch, n),
               "mixed": lambda n: engine_time(engine, names, n),
@@ -161,6 +177,8 @@ def main() -> None:
                     help="dtypes the random adapters' deltas are saved in, comma-separated (float32, bfloat16)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--model", default=None, help="a local Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
     args = ap.parse_args()
     if args.tokens < 2:
         ap.error("--tokens must be at least 2: decode throughput is timed as t(tokens) - t(1)")
@@ -176,18 +194,19 @@ def main() -> None:
                     engines[name] = (rounds, held)
     info = others[1]
     report = {
-        "benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
+        "benchmark": "engine_throughput", "model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,
+        "device": info["device"],
         "threads": args.threads, "batch": args.batch, "new_tokens": args.tokens, "rounds": args.repeats,
         "adapter_params": info["adapter_params"], "lora_rank": info["lora_rank"], "engines": {},
     }
-    print(f"decode tok/s, {args.dtype}, batch {args.batch}, {args.threads} threads, best of {args.repeats} "
+    print(f"decode tok/s, {args.dtype}, {info['device']}, batch {args.batch}, {args.threads} threads, best of {args.repeats} "
           f"interleaved rounds; ratios: median over rounds of each round's pair")
     floors = {}
     for name, (rounds, held) in engines.items():
         # the bytes a mixed step must read: the deltas as the engine holds them
         extra_bytes = args.batch * info["adapter_params"] * held.itemsize
         if held not in floors:
-            floors[held] = stream_floor_ms(extra_bytes, held)
+            floors[held] = stream_floor_ms(extra_bytes, held, torch.device(args.device))
             print(f"{args.batch} adapters' deltas held in {str(held).removeprefix('torch.')}: {extra_bytes / 1e6:.0f} "
                   f"MB per decode step, which torch.sum streams in {floors[held]:.2f} ms "
                   f"({extra_bytes / floors[held] / 1e6:.1f} GB/s)")

@@ -24,7 +24,8 @@ class EngineConfig:
     # | onednn: fused, prepacked oneDNN GEMMs on CPU float32 (about as fast here), logits differ by float rounding
     # (~2e-4 on SmolLM2)
     adapter_kernel: str = "auto"  # mixed-adapter decode steps: auto = the compiled CPU kernel for CPU
-    # float32 and bfloat16 where it builds (a C++ compiler, once), else embedding_bag | native (required) | torch
+    # float32 and bfloat16 where it builds (a C++ compiler, once), on CUDA its Triton twin, else embedding_bag
+    # | native (required) | torch
     max_batch_size: int = 32  # requests decoded together per step
     max_tokens_per_step: int = 512  # prefill token budget per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)

@@ -217,12 +217,20 @@ def resolve(kernel: str, weight: torch.Tensor):
         raise ValueError(f"adapter_kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
     if kernel == "torch":
         return None
+    if weight.device.type == "cuda":  # the same kernel in Triton (adapters/gpu.py), any floating dtype
+        from s2ft_serve.adapters import gpu
+
+        op = gpu.slot_delta_op()
+        if op is None and kernel == "native":
+            raise RuntimeError("adapter_kernel 'native' on a GPU needs Triton (see the warning above); use 'auto' "
+                               "or 'torch'")
+        return op
     fits = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
     if kernel == "auto" and not fits:
         return None
     if not fits:
-        raise ValueError(f"adapter_kernel 'native' serves CPU float32 and bfloat16 models only, not "
-                         f"{weight.device.type} {str(weight.dtype).removeprefix('torch.')}")
+        raise ValueError(f"adapter_kernel 'native' serves CPU float32 and bfloat16 models only (and CUDA models), "
+                         f"not {weight.device.type} {str(weight.dtype).removeprefix('torch.')}")
     op = slot_delta_op()
     if op is None and kernel == "native":
         raise RuntimeError("adapter_kernel 'native': the compiled kernel could not be built or loaded (see the "

@@ -132,8 +132,8 @@ class Engine:
 
     @property
     def mixed_kernel(self) -> str:
-        """What computes mixed-adapter steps: "compiled" (the C++ kernel) or "embedding_bag" (where the
-        kernel does not serve this model, was not asked for, or could not be built)."""
+        """What computes mixed-adapter steps: "compiled" (the C++ kernel; on a GPU, its Triton twin) or
+        "embedding_bag" (where the kernel does not serve this model, was not asked for, or could not be built)."""
         return "compiled" if any(layer.native is not None for layer in self.runner.layers.values()) else "embedding_bag"
 
     @property
@@ -312,14 +312,15 @@ class Engine:
 
     @_on_engine_thread
     def logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
-        """Full-sequence logits [len, vocab] float32 through the serving path (tests, scoring)."""
+        """Full-sequence logits [len, vocab] float32, on the CPU, through the serving path (tests, scoring)."""
         ids = self._prompt_ids(list(token_ids))
         self._check_length(len(ids), 0)
         version = self._pin(adapter)
         try:
             with self.lock:
                 row = len(self.scheduler.running)  # a free row; the next admitted request overwrites it
-                logits = self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True).clone()
+                logits = self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True)
+                logits = logits.float().cpu() if logits.is_cuda else logits.float().clone()
             if version is not None:
                 self.registry.count_served(version)
             return logits

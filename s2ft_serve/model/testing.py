@@ -6,6 +6,7 @@ code path that loads a real model can run in seconds without any download.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,12 @@ _CORPUS = [
     "Structured sparse fine-tuning updates a few columns of o_proj and down_proj.",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 ]
+
+
+def device_under_test() -> str:
+    """Where tests run the engines and trainers they build: `S2FT_TEST_DEVICE` (default cpu; `cuda`
+    runs them on the GPU, their references staying on the CPU)."""
+    return os.environ.get("S2FT_TEST_DEVICE", "cpu")
 
 
 def make_tokenizer(vocab_size: int = 384):

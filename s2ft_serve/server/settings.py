@@ -47,8 +47,8 @@ class ServerSettings(BaseSettings):
         "exact", description="exact: MKL's summation order (transformers' bits), compiled where verified; onednn: "
         "oneDNN's packed GEMMs on CPU float32, logits differ by rounding")
     adapter_kernel: Literal["auto", "native", "torch"] = Field(
-        "auto", description="mixed-adapter steps: auto = the compiled CPU float32/bfloat16 kernel where it builds, else "
-        "torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
+        "auto", description="mixed-adapter steps: auto = the compiled CPU float32/bfloat16 kernel where it builds (on CUDA "
+        "its Triton twin), else torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
     auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")

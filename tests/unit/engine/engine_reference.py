@@ -8,10 +8,11 @@ from transformers import AutoModelForCausalLM
 from s2ft_serve.adapters.format import merge_into
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
+from s2ft_serve.model.testing import device_under_test
 
 
 def make_engine(path, **overrides) -> Engine:
-    config = EngineConfig(**{"model": str(path), "dtype": "float32", "device": "cpu", **overrides})
+    config = EngineConfig(**{"model": str(path), "dtype": "float32", "device": device_under_test(), **overrides})
     return Engine(config)
 
 

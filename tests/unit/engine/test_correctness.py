@@ -7,7 +7,7 @@ import torch
 
 from s2ft_serve.adapters.format import merge_into
 from s2ft_serve.engine.request import SamplingParams
-from s2ft_serve.model.testing import make_tiny_model, random_adapter
+from s2ft_serve.model.testing import device_under_test, make_tiny_model, random_adapter
 
 from engine_reference import make_engine, reference, reference_greedy, reference_logits
 
@@ -49,7 +49,7 @@ def test_mixed_decode_batch_logits_match_reference_in_any_position(engine, adapt
     versions = [registry.acquire(registry.get(n)) if n else None for n in names]
     for row, (ids, v) in enumerate(zip(prompts, versions)):
         runner.prefill(ids, row, registry.slots_for(v), all_logits=False)
-    logits = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions])
+    logits = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions]).cpu()
     for row, (name, ids) in enumerate(zip(names, prompts)):
         ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
         expected = reference_logits(ref, ids + [nxt[row]])[-1]
@@ -111,9 +111,9 @@ def test_batched_prefill_matches_reference_per_prompt_then_decodes(engine, adapt
     assert len({len(p) for p in prompts}) > 1  # the padding is exercised
     versions = [registry.acquire(registry.get(n)) if n else None for n in names]
     all_logits = [True, False, True, False]
-    got = runner.prefill_batch(prompts, 0, [registry.slots_for(v) for v in versions], all_logits)
+    got = [g.cpu() for g in runner.prefill_batch(prompts, 0, [registry.slots_for(v) for v in versions], all_logits)]
     nxt = [5, 9, 3, 21]
-    step = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions])
+    step = runner.decode(nxt, [len(p) for p in prompts], [registry.slots_for(v) for v in versions]).cpu()
     for row, (name, ids) in enumerate(zip(names, prompts)):
         ref = reference(tiny_model_dir, *([(adapters[name], 1.0)] if name else []))
         expected = reference_logits(ref, ids + [nxt[row]])
@@ -161,7 +161,7 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
         ids = engine.tokenize(PROMPTS[3])
         runner = engine.runner
         engine.call(lambda: runner.prefill_batch([ids] * rows, 0, [()] * rows, [False] * rows))
-        ours = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [()] * rows))
+        ours = engine.call(lambda: runner.decode([7] * rows, [len(ids)] * rows, [()] * rows)).cpu()
     finally:
         engine.shutdown(timeout=5)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -169,7 +169,7 @@ def test_exact_decode_equals_transformers_cached_decode(tiny_model_dir, rows):
         prefix = hf(torch.tensor([ids] * rows), use_cache=True)
         cache = {"cache": prefix.cache} if "cache" in prefix else {"past_key_values": prefix.past_key_values}
         theirs = hf(torch.tensor([[7]] * rows), **cache).logits[:, -1]  # transformers 5.x renamed it
-    if rows in (4, 8) or rows >= 12:
+    if device_under_test() == "cpu" and (rows in (4, 8) or rows >= 12):  # bits: MKL's order, on the CPU
         assert torch.equal(ours, theirs)
     else:
         assert (ours - theirs).abs().max().item() <= 1e-4
@@ -185,8 +185,8 @@ def test_one_adapters_passes_give_the_merged_models_bits(tiny_model_dir):
 
     from s2ft_serve.adapters import native
 
-    if native.exact_linear_op() is None:
-        pytest.skip("no compiled kernel here")
+    if native.exact_linear_op() is None or device_under_test() != "cpu":
+        pytest.skip("no compiled kernel here (the CPU's)")
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     engine = make_engine(tiny_model_dir, max_batch_size=32)
     identical = 0
@@ -220,12 +220,12 @@ def test_adapters_saved_in_bfloat16_are_served_from_bfloat16_tables_with_unchang
     """A float32 engine keeps an adapter saved in bfloat16 (read back from its file) in bfloat16 tables;
     a mixed step's logits meet the contract, and are the same bits once a float32 adapter widens the
     tables and again once it is removed."""
-    from s2ft_serve.adapters import native
     from s2ft_serve.adapters.format import load_adapter, save_adapter
 
-    if native.slot_delta_op() is None:
+    engine = make_engine(tiny_model_dir, max_batch_size=8)
+    if engine.mixed_kernel != "compiled":
+        engine.shutdown()
         pytest.skip("no compiled kernel here")
-    engine = make_engine(tiny_model_dir, max_batch_size=8, adapter_kernel="native")
     try:
         made = random_adapter(engine.loaded.model, engine.model_name, seed=21, channels=7, dtype=torch.bfloat16)
         save_adapter(made, tmp_path / "b16")
@@ -244,7 +244,7 @@ def test_adapters_saved_in_bfloat16_are_served_from_bfloat16_tables_with_unchang
             for v in versions:
                 if v is not None:
                     registry.release(v)
-            return logits
+            return logits.cpu()
 
         assert all(layer.slots.table.dtype == torch.bfloat16 for layer in layers)
         narrow = engine.call(step)
@@ -254,9 +254,11 @@ def test_adapters_saved_in_bfloat16_are_served_from_bfloat16_tables_with_unchang
             assert (narrow[row] - expected).abs().max().item() <= 1e-4, row
         engine.add_adapter("f32", random_adapter(engine.loaded.model, engine.model_name, seed=22, channels=7))
         assert all(layer.slots.table.dtype == torch.float32 for layer in layers)
-        assert torch.equal(engine.call(step), narrow)
+        # the CPU kernel sums in one order whatever the table's dtype; Triton's reductions (a GPU) may not
+        same = torch.equal if device_under_test() == "cpu" else lambda a, b: (a - b).abs().max().item() <= 1e-5
+        assert same(engine.call(step), narrow)
         engine.remove_adapter("f32")
         assert all(layer.slots.table.dtype == torch.bfloat16 for layer in layers)
-        assert torch.equal(engine.call(step), narrow)
+        assert same(engine.call(step), narrow)
     finally:
         engine.shutdown(timeout=5)

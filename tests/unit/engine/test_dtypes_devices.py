@@ -50,7 +50,7 @@ def test_bfloat16_mixed_steps_through_the_compiled_kernel_track_float32(tiny_lla
                 slots = [registry.slots_for(v) for v in versions]
                 for row, ids in enumerate(prompts):
                     runner.prefill(ids, row, slots[row], all_logits=False)
-                return runner.decode([7, 11, 13], [len(p) for p in prompts], slots)
+                return runner.decode([7, 11, 13], [len(p) for p in prompts], slots).cpu()
 
             steps[kernel] = engine.call(step)
         finally:

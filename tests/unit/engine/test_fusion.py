@@ -16,7 +16,7 @@ PROMPTS = ["Hello world! The quick", "What is 2 + 2?", "fox", "Structured sparse
 
 
 def base_weights(engine):
-    return {n: l.base.weight.detach().clone() for n, l in engine.runner.layers.items()}
+    return {n: l.base.weight.detach().cpu().clone() for n, l in engine.runner.layers.items()}
 
 
 def mixed_batch_logits(engine, names, prompts, nxt):
@@ -28,7 +28,7 @@ def mixed_batch_logits(engine, names, prompts, nxt):
     for v in versions:
         if v is not None:
             registry.release(v)
-    return logits
+    return logits.cpu()
 
 
 @pytest.mark.parametrize("gemm", ["exact", "onednn"])

@@ -12,12 +12,13 @@ import torch
 from s2ft_serve.adapters.format import load_adapter, merge_into
 from s2ft_serve.errors import ConflictError, DataValidationError, InvalidRequestError
 from s2ft_serve.model.loading import load_model
+from s2ft_serve.model.testing import device_under_test
 from s2ft_serve.train.config import TrainConfig
 from s2ft_serve.train.trainer import train
 
 
 def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    base = dict(model=str(model_dir), data=str(data), output=str(out), device="cpu", max_steps=12,
+    base = dict(model=str(model_dir), data=str(data), output=str(out), device=device_under_test(), max_steps=12,
                 batch_size=8, learning_rate=2e-2, heads_per_layer=1, channels_per_layer=8, progress=False)
     base.update(kw)
     return TrainConfig(**base)
@@ -25,7 +26,7 @@ def _cfg(model_dir, data, out, **kw) -> TrainConfig:
 
 @torch.no_grad()
 def _logits(model, ids):
-    return model(input_ids=ids).logits[0].float()
+    return model(input_ids=ids.to(model.device)).logits[0].float().cpu()
 
 
 def test_training_lowers_loss_and_writes_a_recorded_adapter(tiny_model_dir, task_file, val_file, tmp_path):
@@ -46,12 +47,13 @@ def test_training_lowers_loss_and_writes_a_recorded_adapter(tiny_model_dir, task
 def test_only_selected_columns_change_and_merged_adapter_reproduces_logits(tiny_model_dir, task_file, tmp_path):
     res = train(_cfg(tiny_model_dir, task_file, tmp_path / "out", strategy="activation"))
     fresh = load_model(tiny_model_dir).model
-    trained_base = {n.replace(".base.", "."): p for n, p in res.model.named_parameters() if not n.endswith("delta")}
+    trained_base = {n.replace(".base.", "."): p.cpu() for n, p in res.model.named_parameters()
+                    if not n.endswith("delta")}
     for name, p in fresh.named_parameters():  # every base weight bit-identical after training
         assert torch.equal(p, trained_base[name]), name
     adapter = load_adapter(res.path)
     for name, md in adapter.modules.items():
-        assert torch.equal(md.index, res.layers[name].index)
+        assert torch.equal(md.index, res.layers[name].index.cpu())
         assert bool((md.delta != 0).any())
     before = {n: p.clone() for n, p in fresh.named_parameters()}
     merge_into(fresh, adapter)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one run on a machine with a GPU, PyTorch, Triton, transformers and peft (no network):
+#   1. the engine and trainer tests with every engine and trainer they build on the GPU
+#      (S2FT_TEST_DEVICE=cuda; their transformers references stay on the CPU), and the GPU kernel's tests;
+#   2. decode throughput (benchmarks/engine_throughput.py: 32 distinct adapters vs none, vs PEFT LoRA, vs
+#      transformers) and, with PROFILE=1, where a step's time goes (benchmarks/step_profile.py), on the
+#      default model's architecture with random weights.
+# Needs the default model's config and tokenizer files in .gpu/smol (copied from the converted model in
+# ~/.cache/s2ft_serve/models/SmolLM2-135M-Instruct, without model.safetensors) and, where the machine lacks
+# pytest-asyncio, its wheel in .whl/. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+# Knobs: DTYPES ("bfloat16 float32"), KERNELS (auto,torch: the GPU kernel and embedding_bag), PEFT (1),
+# PROFILE (0), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (150 s per dtype).
+set -u
+out=${1:-/tmp/gpu-check}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__,
+      'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+S2FT_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE --timeout 120 \
+    tests/unit/engine tests/unit/train/test_train_engine.py tests/unit/train/test_train_trainer.py \
+    tests/unit/adapters/test_gpu_kernel.py --ignore tests/unit/engine/test_guided.py > "$out/tests.log" 2>&1
+echo "tests: rc=$?"; tail -n 30 "$out/tests.log"
+
+python3 benchmarks/random_model.py --source .gpu/smol --out /tmp/smol-random > /dev/null 2>&1 || exit 1
+for dtype in ${DTYPES:-bfloat16 float32}; do
+    if [ "${PROFILE:-0}" = 1 ]; then
+        timeout 120 python3 benchmarks/step_profile.py --device cuda --model /tmp/smol-random --dtype $dtype \
+            --batch 32 --top 15 > "$out/profile-$dtype.log" 2>&1
+        grep -E "^== |mixed/base" "$out/profile-$dtype.log"
+    fi
+    timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/engine_throughput.py --device cuda --model /tmp/smol-random \
+        --dtype $dtype --batch 32 --tokens 32 --repeats 3 --gemm exact --kernel "${KERNELS:-auto,torch}" \
+        $([ "${PEFT:-1}" = 1 ] || echo --skip-peft) > "$out/throughput-$dtype.log" 2>&1
+    grep -E "^engine |^decode" "$out/throughput-$dtype.log"
+done
