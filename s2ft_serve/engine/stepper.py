@@ -337,6 +337,8 @@ class Stepper:
                 seq.logprobs.append(lps[i])
             delta = seq.detokenizer.add(seq.output_ids)
             reason = self._finish_reason(seq, token)
+            if reason:  # the text held back (half a character, a stop string's possible start) is this token's:
+                delta += seq.detokenizer.flush()  # the final event then carries none, so one chunk per token
             seq.sink.put(StreamEvent(seq.request_id, token, delta, lps.get(i)))
             if reason:
                 done.append((seq, reason))

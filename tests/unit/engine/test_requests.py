@@ -60,6 +60,23 @@ def test_streaming_events_add_up_to_the_result(engine, adapters):
     assert tokens == out.token_ids and "".join(e.text_delta for e in events) == out.text
 
 
+def test_text_held_back_at_the_end_comes_with_the_last_token(engine):
+    """An answer ending inside a character (or a stop string's possible start) releases the held text
+    with its last token, not in a final event of its own (QA: a client counting one streamed chunk per
+    token counted one too many)."""
+    engine.start()
+    tok = engine.tokenizer
+    partial = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd")  # one byte of a longer character
+    for max_tokens, stop in ((2, []), (1, [tok.decode([5]) + "never"])):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, stop=stop,
+                                logit_bias={partial if not stop else 5: 100.0})
+        events = list(engine.stream("What is", None, params))
+        out = engine.generate("What is", None, params)
+        assert [e.token_id for e in events if e.token_id is not None] == out.token_ids and len(out.token_ids) == max_tokens
+        assert out.text and events[-1].finished and events[-1].token_id is None and events[-1].text_delta == ""
+        assert "".join(e.text_delta for e in events) == out.text
+
+
 async def test_async_api(engine, adapters):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     sync = engine.generate("fox", "a1", params)
