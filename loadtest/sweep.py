@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import statistics
 from dataclasses import dataclass, field
 
 import httpx
@@ -123,7 +122,8 @@ async def _touch_each(names: list[str], target: Target, concurrency: int) -> Non
 
 
 def sweep_table(points: list[SweepPoint]) -> str:
-    """Throughput against the number of adapters: median over rounds, relative to the first point."""
+    """Throughput against the number of adapters: each count's median round (every figure of a row from
+    that one round), relative to the first point."""
     if not points:
         return "no sweep points"
     first = median_tok_s(points[0]) or 1e-9
@@ -136,8 +136,10 @@ def sweep_table(points: list[SweepPoint]) -> str:
         rows.append([str(p.count), f"{s.request_throughput:.3f}", f"{median_tok_s(p):.1f}",
                      f"{median_tok_s(p) / first:.3f}", e2e, errors, spread])
     header = ["adapters", "req/s", "out tok/s", "vs first", "e2e ms p50 / p99", "errors", "tok/s per round"]
-    return render_table("throughput vs number of adapters (out tok/s: median over rounds)", header, rows)
+    return render_table("throughput vs number of adapters (each row: the median round by out tok/s)", header, rows)
 
 
 def median_tok_s(point: SweepPoint) -> float:
-    return statistics.median(point.rounds_tok_s) if point.rounds_tok_s else point.summary.output_token_throughput
+    """The (lower) median round's output tok/s: the round `point.summary` is, so a row's req/s, tok/s and
+    latencies all come from one round."""
+    return point.summary.output_token_throughput

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import json
 
@@ -15,7 +16,7 @@ from loadtest.chaos import ChaosPlan, run_chaos
 from loadtest.cli import main
 from loadtest.client import Target
 from loadtest.errors import LoadtestConfigError
-from loadtest.sweep import Preload, parse_counts, run_sweep, sweep_table
+from loadtest.sweep import Preload, SweepPoint, parse_counts, run_sweep, sweep_table
 from loadtest.workload import LengthDist, WorkloadSpec
 
 
@@ -63,6 +64,11 @@ def test_sweep_rounds_report_the_median_round(fake_server):
     for point in points:
         assert len(point.rounds_tok_s) == 3
         assert point.summary.output_token_throughput == sorted(point.rounds_tok_s)[1]
+    # four rounds: the row is the lower middle round (20), all its figures from it, not a mean of two (25)
+    even = SweepPoint(count=0, summary=dataclasses.replace(points[0].summary, output_token_throughput=20.0),
+                      rounds_tok_s=[40.0, 10.0, 20.0, 30.0])
+    row = sweep_table([even]).splitlines()[-1]
+    assert " 20.0 " in row and " 25.0 " not in row
     assert points[0].summary.labels["adapters"] == 0
     with pytest.raises(LoadtestConfigError, match="round"):
         asyncio.run(with_admin(url, lambda admin: run_sweep([1], spec(), target, admin, preload, rounds=0)))
