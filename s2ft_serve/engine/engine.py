@@ -121,6 +121,8 @@ class Engine:
         self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len, config.gemm,
                                   config.adapter_kernel)
         self.device = self.runner.device
+        if self.device.type == "cuda":  # this thread's current GPU is the model's: the Triton kernel launches there
+            torch.cuda.set_device(self.device)
         self.dtype = loaded.model.dtype
         self.registry = AdapterRegistry(
             self.runner.layers, config.max_resident_adapters, config.max_resident_bytes, self.head_dim,
