@@ -26,10 +26,10 @@ base GEMMs.
     python benchmarks/engine_throughput.py --dtype float32 --batch 32 --tokens 32 --repeats 5 --gemm exact \
         --adapter-dtype float32,bfloat16
 
-On a GPU (`--device cuda`): the engine's GEMM and mixed step are torch's there (`--gemm`/`--kernel`
-name the CPU paths only), and `--model` can name any folder, e.g. one with the default model's
-architecture and random weights (`benchmarks/random_model.py`): decode speed does not depend on the
-weights' values.
+On a GPU (`--device cuda`): the GEMMs are torch's there (`--gemm` names a CPU path), `--kernel auto`
+or `native` is the Triton kernel and `torch` embedding_bag, and `--model` can name any folder, e.g. one
+with the default model's architecture and random weights (`benchmarks/random_model.py`): decode speed
+does not depend on the weights' values. `benchmarks/gpu_check.sh` runs it so.
 """
 
 from __future__ import annotations

@@ -322,7 +322,7 @@ class Engine:
             with self.lock:
                 row = len(self.scheduler.running)  # a free row; the next admitted request overwrites it
                 logits = self.runner.prefill(ids, row, self.registry.slots_for(version), all_logits=True)
-                logits = logits.float().cpu() if logits.is_cuda else logits.float().clone()
+                logits = logits.to("cpu", torch.float32, copy=True)  # a copy of its own, on the CPU
             if version is not None:
                 self.registry.count_served(version)
             return logits
