@@ -32,7 +32,10 @@ class Progress:
 
 
 def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
-                    progress: Progress, keep: int, data_hashes: dict[str, str | None]) -> Path:
+                    progress: Progress, keep: int, data_hashes: dict[str, str | None],
+                    batching: dict[str, int] | None = None) -> Path:
+    """`batching` ({"global_batch": rows per micro-batch over all processes, "grad_accum": ...}) is
+    recorded so that a resume with another layout, which would not continue the same data order, is refused."""
     from safetensors.torch import save_file
 
     target = folder / f"step-{progress.step}"
@@ -49,7 +52,7 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
             steps[name] = float(state["step"])
     save_file(tensors, str(target / STATE_TENSORS))
     meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps,
-            "data_sha256": data_hashes}
+            "data_sha256": data_hashes, "batching": batching}
     (target / STATE_JSON).write_text(json.dumps(meta))
     _prune(folder, keep)
     return target
@@ -99,14 +102,34 @@ def _check_same_data(path: Path, meta: dict, data_hashes: dict[str, str | None])
                 "the same data, or start a fresh run with another --output")
 
 
+def _check_same_batching(path: Path, meta: dict, batching: dict[str, int] | None) -> None:
+    recorded = meta.get("batching")
+    if recorded is None or batching is None:  # written before checkpoints recorded it: stays resumable
+        return
+    if recorded != batching:
+        said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recorded.items())
+        now = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in batching.items())
+        raise InvalidRequestError(
+            f"{path}: checkpoint was trained with {said} (--batch-size x processes, --grad-accum), this run has "
+            f"{now}: the data order would not continue; resume with the same layout, or start a fresh run")
+
+
 def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
-                    data_hashes: dict[str, str | None]) -> Progress:
-    """Restore deltas and AdamW moments into `layers` / `optimizer`; the data and selection must match."""
+                    data_hashes: dict[str, str | None], batching: dict[str, int] | None = None) -> Progress:
+    """Restore deltas and AdamW moments into `layers` / `optimizer`; the data, batching and selection
+    (every module's columns, and no module more or less) must match."""
     from safetensors.torch import load_file
 
     meta = json.loads((path / STATE_JSON).read_text())
     _check_same_data(path, meta, data_hashes)
+    _check_same_batching(path, meta, batching)
     tensors = load_file(str(path / STATE_TENSORS))
+    trained = {key.removesuffix(".index") for key in tensors if key.endswith(".index")}
+    if trained != set(layers):
+        differ = sorted(trained ^ set(layers))
+        raise InvalidRequestError(
+            f"{path}: checkpoint trained other modules than this run would ({', '.join(differ[:4])}"
+            f"{', ...' if len(differ) > 4 else ''}); resume with the same model, selection options and seed")
     with torch.no_grad():
         for name, layer in layers.items():
             index = tensors.get(f"{name}.index")

@@ -6,6 +6,7 @@ fields, so the command line and the Python API always take the same options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from s2ft_serve.errors import InvalidRequestError
@@ -87,10 +88,27 @@ class TrainConfig:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InvalidRequestError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise InvalidRequestError(f"--epochs must be positive, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise InvalidRequestError(f"--learning-rate must be positive, got {self.learning_rate}")
+        # (field, lowest, highest, lowest allowed, highest allowed); NaN fails every comparison
+        ranges = [("learning_rate", 0, math.inf, False, False), ("weight_decay", 0, math.inf, True, False),
+                  ("adam_beta1", 0, 1, True, False), ("adam_beta2", 0, 1, True, False),
+                  ("adam_eps", 0, math.inf, True, False), ("warmup_ratio", 0, 1, True, True),
+                  ("max_grad_norm", 0, math.inf, True, False)]
+        if self.warmup_steps is not None:
+            ranges.append(("warmup_steps", 0, math.inf, True, False))
+        if self.max_steps is None:  # --epochs counts only then
+            ranges.append(("epochs", 0, math.inf, False, False))
+        for name, low, high, with_low, with_high in ranges:
+            value = getattr(self, name)
+            if not ((low <= value if with_low else low < value) and (value <= high if with_high else value < high)):
+                span = f"{'[' if with_low else '('}{low}, {high}{']' if with_high else ')'}"
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must lie in {span}, got {value}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got "
+                                          f"{getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise InvalidRequestError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        self._check_device()
         if not 0 <= self.attention_share <= 1:
             raise InvalidRequestError(f"--attention-share must lie in [0, 1], got {self.attention_share}")
         if not 0 < self.calibration_fraction <= 1:
@@ -100,3 +118,20 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise InvalidRequestError(
                     f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def _check_device(self) -> None:
+        """A device this machine has, before the model loads (torch's own errors come only after)."""
+        import torch
+
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise InvalidRequestError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidRequestError(f"--device {self.device}: no CUDA device is available here")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"--device {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if device.type not in ("cpu", "cuda"):
+            raise InvalidRequestError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")

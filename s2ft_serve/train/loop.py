@@ -8,6 +8,7 @@ model is wrapped in DistributedDataParallel, which averages the delta gradients 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from s2ft_serve.train import data as D
 from s2ft_serve.train.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from s2ft_serve.train.config import TrainConfig
 from s2ft_serve.train.sparse_linear import S2FTLinear
+
+log = logging.getLogger(__name__)
 
 LOSS_HISTORY = 10  # losses kept in checkpoints: the final training loss is their mean
 
@@ -109,8 +112,11 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
     ckpt_dir = Path(cfg.output) / "checkpoints"
     progress = Progress(step=0, losses=[])
     found = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    batching = {"global_batch": cfg.batch_size * world.size, "grad_accum": cfg.grad_accum}
+    if cfg.resume and found is None and world.main:
+        log.warning("--resume: no checkpoint in %s yet, so training starts at step 0", ckpt_dir)
     if found is not None:
-        progress = load_checkpoint(found, layers, optimizer, data_hashes)
+        progress = load_checkpoint(found, layers, optimizer, data_hashes, batching)
         if progress.step > total:  # nothing would run, and the adapter would claim fewer steps than it had
             raise ConflictError(f"{found} is at step {progress.step}, beyond this run's {total} steps: raise "
                                 "--max-steps (or --epochs), or train into another --output")
@@ -121,22 +127,30 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
         lr = cfg.learning_rate * lr_factor(step, total, warmup, cfg.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        batches = [rank_batch(rows, cfg, world, step * cfg.grad_accum + j, pad_id, device)
+                   for j in range(cfg.grad_accum)]
+        labelled = [int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches]
+        # the step's loss is the mean over all its label tokens, on every process and micro-batch: each
+        # micro-batch's mean loss weighs by its share of them (DDP then averages the processes' gradients,
+        # hence the factor world.size), so accumulation and processes equal one batch of the same rows
+        step_tokens = torch.tensor(float(sum(labelled)), dtype=torch.float64, device=device)
+        if world.size > 1:
+            dist.all_reduce(step_tokens)
+        weight = world.size / max(1.0, float(step_tokens))
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # [loss, tokens]
-        for j in range(cfg.grad_accum):
-            batch = rank_batch(rows, cfg, world, step * cfg.grad_accum + j, pad_id, device)
+        for j, (batch, n) in enumerate(zip(batches, labelled)):
             sync = world.size == 1 or j == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else net.no_sync():
                 out = net(**batch)
-                (out.loss / cfg.grad_accum).backward()
-            stats += torch.tensor([float(out.loss.detach()) / cfg.grad_accum, float(batch["attention_mask"].sum())],
-                                  dtype=torch.float64, device=device)
+                (out.loss * (n * weight)).backward()
+            stats += torch.tensor([float(out.loss.detach()) * n / max(1.0, float(step_tokens)),
+                                   float(batch["attention_mask"].sum())], dtype=torch.float64, device=device)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if world.size > 1:
-            dist.all_reduce(stats)
-            stats[0] /= world.size
+            dist.all_reduce(stats)  # the loss parts are shares of the step's tokens: their sum is the mean
         progress.step, loss = step + 1, float(stats[0])
         progress.losses = (progress.losses + [loss])[-LOSS_HISTORY:]
         progress.tokens += int(stats[1])
@@ -150,7 +164,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
                 bar.write(f"step {progress.step}: val_loss {val:.4f}")
         if cfg.save_every and progress.step % cfg.save_every == 0:
             if world.main:
-                save_checkpoint(ckpt_dir, layers, optimizer, progress, cfg.keep_checkpoints, data_hashes)
+                save_checkpoint(ckpt_dir, layers, optimizer, progress, cfg.keep_checkpoints, data_hashes, batching)
             if world.size > 1:
                 dist.barrier()
     bar.close()

@@ -21,6 +21,7 @@ import torch
 
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.model.loading import head_dim_of, target_linears
+from s2ft_serve.train.data import IGNORE
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 ORDERS = ("largest", "smallest")
@@ -157,22 +158,28 @@ def _random_scores(linears: dict[str, torch.nn.Linear], seed: int) -> dict[str, 
 
 def _activation_scores(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                        calibration: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """Mean |input feature| of each target Linear over the calibration tokens."""
+    """Mean |input feature| of each target Linear over the calibration tokens (padding left out, so the
+    scores do not depend on how the sample is batched)."""
     sums = {name: torch.zeros(m.in_features) for name, m in linears.items()}
     counts = {"tokens": 0}
+    real: dict[str, torch.Tensor | None] = {"mask": None}  # the batch's real tokens, flat
 
     def hook_for(name: str) -> Callable:
         def hook(_module, inputs, _output):
-            x = inputs[0].detach().float()
-            sums[name] += x.abs().reshape(-1, x.shape[-1]).sum(dim=0).cpu()
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            if real["mask"] is not None:
+                x = x[real["mask"]]
+            sums[name] += x.abs().sum(dim=0).cpu()
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in linears.items()]
     try:
         with torch.no_grad():
             for batch in calibration:
-                model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-                counts["tokens"] += batch["input_ids"].numel()
+                mask = batch.get("attention_mask")
+                real["mask"] = None if mask is None else mask.reshape(-1).bool()
+                model(input_ids=batch["input_ids"], attention_mask=mask)
+                counts["tokens"] += batch["input_ids"].numel() if mask is None else int(real["mask"].sum())
     finally:
         for h in handles:
             h.remove()
@@ -181,18 +188,23 @@ def _activation_scores(model: torch.nn.Module, linears: dict[str, torch.nn.Linea
 
 def _gradient_scores(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                      calibration: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """Column norms of the weight gradient of the training loss on the calibration sample."""
+    """Column norms of the weight gradient of the training loss on the calibration sample: the mean over
+    its label tokens, each batch's mean loss weighted by its share of them (so not how it is batched)."""
     was = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for m in linears.values():
         m.weight.requires_grad_(True)
         m.weight.grad = None
+    calibration = list(calibration)
+    labelled = [int((batch["labels"][:, 1:] != IGNORE).sum()) for batch in calibration]
     try:
-        for batch in calibration:
+        for batch, n in zip(calibration, labelled):
+            if not n:
+                continue
             out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                         labels=batch["labels"])
-            out.loss.backward()
+            (out.loss * (n / sum(labelled))).backward()
         scores = {name: (m.weight.grad.float().norm(dim=0) if m.weight.grad is not None
                          else torch.zeros(m.in_features)) for name, m in linears.items()}
     finally:

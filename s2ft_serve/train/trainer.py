@@ -91,10 +91,10 @@ def build_rows(cfg: TrainConfig, tokenizer, path: str, records: list[tuple[int, 
 
 
 def calibration_batches(rows: list[D.Example], pad_id: int, fraction: float, batch_size: int, seed: int,
-                        device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
-    """The activation / gradient strategies' sample: a seeded random `fraction` of `rows` (at least one
-    batch), collated into batches of `batch_size` on `device`."""
-    n = min(len(rows), max(batch_size, math.ceil(fraction * len(rows))))
+                        device: torch.device | str = "cpu", least: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The activation / gradient strategies' sample: a seeded random `fraction` of `rows` (at least
+    `least` rows, by default one batch), collated into batches of `batch_size` on `device`."""
+    n = min(len(rows), max(least or batch_size, math.ceil(fraction * len(rows))))
     pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     return [{k: v.to(device) for k, v in D.collate([rows[i] for i in pick[j: j + batch_size]], pad_id).items()}
             for j in range(0, n, batch_size)]
@@ -109,8 +109,9 @@ def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Exampl
     )
     calibration = None
     if cfg.strategy in ("activation", "gradient"):
+        # at least one global batch: the same sample as one process with the processes' batches together
         calibration = calibration_batches(rows, pad_id, cfg.calibration_fraction, cfg.batch_size, cfg.seed,
-                                          next(model.parameters()).device)
+                                          next(model.parameters()).device, least=cfg.batch_size * world.size)
     selection = select(model, budget, cfg.strategy, cfg.order, cfg.seed, calibration)
     if world.size > 1:  # every process must train the same columns
         for name in sorted(selection.indices):

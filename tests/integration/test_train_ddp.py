@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from s2ft_serve.adapters.format import linear_shapes, load_adapter
 from s2ft_serve.model.loading import load_model, target_linears
+from s2ft_serve.train.config import TrainConfig
+from s2ft_serve.train.trainer import train
 
 
 def test_two_process_torchrun_produces_a_valid_adapter(tiny_llama_dir, tmp_path):
@@ -30,3 +34,10 @@ def test_two_process_torchrun_produces_a_valid_adapter(tiny_llama_dir, tmp_path)
     assert adapter.config["training"]["world_size"] == 2
     assert all(bool((md.delta != 0).any()) for md in adapter.modules.values())
     assert (out / "checkpoints" / "step-4" / "state.json").is_file()
+    # the same global batches in one process: the same adapter (every label token weighs the same, on
+    # whichever process; QA: rows of different lengths gave another adapter when each process's mean did)
+    one = train(TrainConfig(model=str(tiny_llama_dir), data=str(data), output=str(tmp_path / "one"), max_steps=4,
+                            batch_size=8, device="cpu", progress=False))
+    for name, md in load_adapter(one.path).modules.items():
+        assert torch.equal(md.index, adapter.modules[name].index)
+        torch.testing.assert_close(md.delta, adapter.modules[name].delta, rtol=0, atol=1e-6)

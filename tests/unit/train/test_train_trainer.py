@@ -168,7 +168,70 @@ def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
         train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", strategy="best"))
     with pytest.raises(InvalidRequestError, match="--attention-share"):
         train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", attention_share=-0.1))
+    # QA: these crashed with torch's tracebacks after the model had loaded, or were taken silently
+    for field, value in (("learning_rate", float("nan")), ("adam_beta1", 2.0), ("adam_eps", -1.0),
+                         ("weight_decay", -1.0), ("warmup_steps", -2), ("warmup_ratio", 3.0), ("save_every", -1),
+                         ("eval_every", -1), ("keep_checkpoints", 0), ("max_grad_norm", -1.0), ("device", "bogus")):
+        with pytest.raises(InvalidRequestError, match="--" + field.replace("_", "-")):
+            train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", **{field: value}))
     assert not (tmp_path / "o").exists()
+
+
+def _uneven_task(path, n: int = 24):
+    """Prompt/completion rows of 2 to 12 words each side: micro-batches hold different label counts."""
+    import random
+
+    words = ["fox", "dog", "world", "answer", "tiny", "test", "sparse", "column"]
+    r = random.Random(5)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(r.choice(words) for _ in range(r.randint(2, 12)))
+            f.write(json.dumps({"prompt": prompt + " ->",
+                                "completion": " " + " ".join(r.choice(words) for _ in range(r.randint(1, 12)))}) + "\n")
+    return path
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_their_rows(tiny_llama_dir, tmp_path):
+    """QA: each micro-batch's mean loss weighed the same, so on rows of different lengths two micro-batches
+    of 2 accumulated gave another gradient (7.5 % off) than one batch of 4: now every label token weighs
+    the same (DDP the same way, see tests/integration/test_train_ddp.py)."""
+    data = _uneven_task(tmp_path / "uneven.jsonl")
+    one = train(_cfg(tiny_llama_dir, data, tmp_path / "one", batch_size=4, grad_accum=1, max_steps=3))
+    acc = train(_cfg(tiny_llama_dir, data, tmp_path / "acc", batch_size=2, grad_accum=2, max_steps=3))
+    for name, layer in one.layers.items():
+        assert torch.equal(acc.layers[name].index, layer.index)
+        torch.testing.assert_close(acc.layers[name].delta, layer.delta, rtol=0, atol=1e-6)
+    assert abs(acc.final_train_loss - one.final_train_loss) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["activation", "gradient"])
+def test_scored_selections_do_not_depend_on_the_batch_size(tiny_llama_dir, tmp_path, strategy):
+    """QA: the activation scores counted padding as data (and the gradient scores weighed batches, not
+    tokens), so the columns chosen changed with --batch-size (450 of 2,340 channels on SmolLM2)."""
+    data = _uneven_task(tmp_path / "uneven.jsonl")
+    chosen = []
+    for batch in (1, 8):
+        res = train(_cfg(tiny_llama_dir, data, tmp_path / f"b{batch}", batch_size=batch, max_steps=1,
+                         strategy=strategy, calibration_fraction=1.0, learning_rate=1e-9))
+        chosen.append({name: layer.index.tolist() for name, layer in res.layers.items()})
+    assert chosen[0] == chosen[1]
+
+
+def test_resume_with_other_modules_or_another_batch_layout_is_refused(tiny_llama_dir, task_file, tmp_path, caplog):
+    """QA: a resume whose selection trained fewer modules dropped the checkpoint's other deltas and
+    recorded every step; one with another global batch continued another data order; --resume with no
+    checkpoint started from scratch without a word."""
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="s2ft_serve.train.loop"):
+        train(_cfg(tiny_llama_dir, task_file, out, max_steps=4, save_every=2, resume=True))
+    assert "no checkpoint" in caplog.text
+    with pytest.raises(InvalidRequestError, match="other modules"):
+        train(_cfg(tiny_llama_dir, task_file, out, max_steps=6, heads_per_layer=0, resume=True))
+    with pytest.raises(InvalidRequestError, match="global batch 8, grad accum 1.*global batch 4, grad accum 1"):
+        train(_cfg(tiny_llama_dir, task_file, out, max_steps=6, batch_size=4, resume=True))
+    with pytest.raises(InvalidRequestError, match="grad accum 2"):
+        train(_cfg(tiny_llama_dir, task_file, out, max_steps=6, grad_accum=2, resume=True))
+    assert train(_cfg(tiny_llama_dir, task_file, out, max_steps=6, resume=True)).steps == 6
 
 
 def test_attention_share_zero_trains_down_proj_channels_only(tiny_llama_dir, task_file, tmp_path):
