@@ -3,7 +3,10 @@ strings or a context-free grammar, through llguidance (the library vLLM's `guida
 
 A request's `Guide` is compiled once into an llguidance grammar (cached by its text), checked
 against the engine's tokenizer before the request is queued, and turned into one `LLMatcher` per
-sequence. Each step, before sampling, every guided row's disallowed tokens get `-inf`; after it, the
+sequence. The check also runs a first step of the grammar (its first mask, one token, the next mask)
+under bounded lexer work (`LIMITS`), off the engine thread: a grammar whose lexer blows up (QA: a
+100-byte regex `(a{1000}){997}` cost ~1 s per sequence on the engine thread, stalling every user) is
+a 400 there, and the sequences start from copies of that first step's matcher, its lexer work done. Each step, before sampling, every guided row's disallowed tokens get `-inf`; after it, the
 matcher consumes the sampled token; when the grammar can go no further, the sequence stops.
 Unguided rows of the same batch are untouched.
 """
@@ -13,11 +16,26 @@ from __future__ import annotations
 import json
 import threading
 from functools import lru_cache
+from typing import Any
 
 import torch
 
 from s2ft_serve.engine.request import Guide
 from s2ft_serve.errors import InvalidRequestError
+
+
+# llguidance's parser limits, tighter than its defaults where a lexer can blow up: building the regex
+# ASTs (1,000,000 fuel by default took ~0.8 s on a 2-core VM for one pathological regex; 200,000 bounds
+# it near 0.1 s and compiles every real schema, choice and grammar the tests use)
+LIMITS = {"initial_lexer_fuel": 200_000}
+ERROR_CHARS = 300  # llguidance's errors dump its whole state, the grammar included: the first line, cut
+
+
+def short_error(error: str) -> str:
+    """llguidance's error message without its state dump, on one line, at most ERROR_CHARS characters
+    (for logs and answers)."""
+    line = " ".join((error or "").split("<state>")[0].split()) or "unknown error"
+    return line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS] + "..."
 
 
 def grammar_text(guide: Guide) -> tuple[str, str]:
@@ -44,36 +62,50 @@ class GuidedDecoding:
         # n_vocab = the logits' width: ids the tokenizer lacks (padding rows of the embedding) are never allowed
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
+        # a first step's token is an ordinary one: llguidance's masks may allow a special token whose
+        # spelling the grammar holds, which it then refuses (engine/stepper.py ends such a sequence "error")
+        self.special_ids = set(eos_ids) | set(hf_tokenizer.all_special_ids) | set(
+            getattr(hf_tokenizer, "added_tokens_decoder", {}))
+        self.limits = llguidance.LLParserLimits(**LIMITS)
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
         self._bits = 1 << torch.arange(32, dtype=torch.int32)  # bit j of each 32-token word of the bitmask
 
-    def _compile_uncached(self, fmt: str, text: str) -> str:
+    def _compile_uncached(self, fmt: str, text: str) -> Any:
+        """A matcher at the start of the grammar, its first mask computed (the sequences' matchers are
+        its copies); InvalidRequestError if the grammar does not compile or fails its first step."""
         import llguidance
 
+        what = fmt.replace("_", " ")
         try:
             grammar = llguidance.grammar_from(fmt, text)
         except ValueError as exc:  # not JSON, a choice that is not a list of strings, ...
-            raise InvalidRequestError(f"invalid {fmt.replace('_', ' ')}: {exc}") from None
+            raise InvalidRequestError(f"invalid {what}: {exc}") from None
         error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if error:
-            raise InvalidRequestError(f"invalid {fmt.replace('_', ' ')}: {messages[0].strip()}")
-        return grammar
+            raise InvalidRequestError(f"invalid {what}: {short_error(messages[0])}")
+        start = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=self.limits)
+        first = self.allowed([start])[0]
+        probe = start.deep_copy()  # one step further on a copy: some lexers blow up only then
+        token = next((t for t in first.nonzero().flatten().tolist() if t not in self.special_ids), None)
+        if token is not None and probe.consume_token(token):
+            self.allowed([probe])
+        for m in (start, probe):
+            if m.is_error():
+                raise InvalidRequestError(f"{what} cannot be served: {short_error(m.get_error())}")
+        return start
 
-    def check(self, guide: Guide, param: str | None = None) -> str:
-        """The guide's compiled grammar; InvalidRequestError (naming `param`) if it does not compile."""
+    def check(self, guide: Guide, param: str | None = None) -> Any:
+        """The guide's start matcher (see `_compile_uncached`); InvalidRequestError (naming `param`) if the
+        guide does not compile or fails its first step. Slow for a new guide: call it off the engine thread."""
         try:
             return self._compile(*grammar_text(guide))
         except InvalidRequestError as exc:
             raise InvalidRequestError(str(exc), param=param) from None
 
     def matcher(self, guide: Guide):
-        """A fresh matcher (one per sequence) at the start of the guide's grammar."""
-        import llguidance
-
-        matcher = llguidance.LLMatcher(self.tokenizer, self.check(guide), log_level=0)
-        if matcher.is_error():
-            raise InvalidRequestError(f"structured output: {matcher.get_error()}")
-        return matcher
+        """A fresh matcher (one per sequence) at the start of the guide's grammar: a copy of the checked
+        start matcher, whose first mask is computed."""
+        return self.check(guide).deep_copy()
 
     def allowed(self, matchers: list) -> torch.Tensor:  # [len(matchers), vocab] bool, on the CPU
         """Each matcher's next allowed tokens."""

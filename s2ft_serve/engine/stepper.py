@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from s2ft_serve.engine.guided import short_error
 from s2ft_serve.engine.request import StreamEvent
 from s2ft_serve.engine.sampler import adjust_logits_batch, sample, token_logprobs
 from s2ft_serve.engine.scheduler import Sequence
@@ -332,7 +333,7 @@ class Stepper:
             seq.output_ids.append(token)
             if seq.matcher is not None and not seq.matcher.consume_token(token):
                 log.error("structured output of %s refused token %d: %s", seq.request_id, token,
-                          seq.matcher.get_error())
+                          short_error(seq.matcher.get_error()))  # not llguidance's whole state dump
             if i in lps:
                 seq.logprobs.append(lps[i])
             delta = seq.detokenizer.add(seq.output_ids)

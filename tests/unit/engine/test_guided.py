@@ -41,12 +41,16 @@ def test_every_kind_of_guide_is_followed_to_the_end(engine, seed):
     assert re.fullmatch(r"x[yz]{1,3}!", out.text) and out.finish_reason == "stop"
 
 
-def test_a_guide_broken_by_a_special_token_ends_as_an_error_not_a_stop(engine):
+def test_a_guide_broken_by_a_special_token_ends_as_an_error_not_a_stop(engine, caplog):
     """QA: a regex spelling a special token (`<|im_start|>x`) let llguidance's mask allow that token,
     the matcher then refused it, and the request ended "stop" with text that breaks the regex."""
-    out = run(engine, Guide(regex=r"<\|im_start\|>x"), None, skip_special_tokens=False)
+    with caplog.at_level("ERROR", logger="s2ft_serve.engine.stepper"):
+        out = run(engine, Guide(regex=r"<\|im_start\|>x"), None, skip_special_tokens=False)
     assert not re.fullmatch(r"<\|im_start\|>x", out.text)
     assert out.finish_reason == "error"
+    refusals = [r.getMessage() for r in caplog.records if "refused token" in r.getMessage()]
+    # QA: each such sequence logged llguidance's whole state, the grammar with its newlines included
+    assert refusals and all("<state>" not in m and "\n" not in m and len(m) < 500 for m in refusals)
     alongside = run(engine, Guide(regex=r"[a-c]{3}-[0-9]{2}"), None)  # the engine goes on serving guides
     assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", alongside.text) and alongside.finish_reason == "stop"
 
@@ -136,10 +140,13 @@ def test_choice_with_min_tokens_banning_its_only_token(engine):
     (Guide(choice=[]), "non-empty list of strings"),
     (Guide(regex="a", choice=["a"]), "exactly one of"),
     (Guide(), "exactly one of"),
+    # QA: compiled, then each sequence's lexer blew up on the engine thread (~1 s each, every user waited)
+    (Guide(regex="(a{1000}){997}"), "regex cannot be served: lexer error: too many expressions"),
 ])
 def test_bad_guides_are_refused_before_anything_is_queued(engine, guide, match):
-    with pytest.raises(InvalidRequestError, match="(?s)" + match):
+    with pytest.raises(InvalidRequestError, match="(?s)" + match) as refused:
         engine.submit("x", None, SamplingParams(guide=guide))
+    assert "<state>" not in str(refused.value) and len(str(refused.value)) < 400  # not llguidance's whole dump
     assert engine.stats().waiting == 0 and engine.stats().running == 0
     # the engine goes on serving
     assert run(engine, Guide(choice=["ok"]), None).text == "ok"
