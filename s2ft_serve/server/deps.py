@@ -7,14 +7,16 @@ another app (the Ray Serve deployment) that puts its own engine there.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.errors import AuthenticationError, EngineNotReadyError, PermissionDeniedError
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.settings import ServerSettings
+from s2ft_serve.server.settings import LOOPBACK_NAMES, ServerSettings
 
 
 def get_settings(request: Request) -> ServerSettings:
@@ -54,13 +56,44 @@ def require_api_key(request: Request, settings: Annotated[ServerSettings, Depend
                                   code="invalid_api_key")
 
 
+def _loopback_name(host: str | None) -> bool:
+    if host is None:
+        return False
+    host = host.strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_browsers(request: Request, settings: ServerSettings) -> None:
+    """Keyless admin routes on loopback answer programs on this machine, not web pages its browser shows:
+    a request through another host name (DNS rebinding) or sent from another site's page (its `Origin`)
+    is refused (QA: a page could fuse, unfuse and reset the cache with a plain form, and after rebinding
+    load adapters from any folder)."""
+    host = request.headers.get("host")
+    if host is not None:
+        name = urlsplit(f"//{host}").hostname
+        if not (_loopback_name(name) or name == settings.host):
+            raise PermissionDeniedError(f"admin routes without --admin-key answer loopback clients only, not a "
+                                        f"request addressed to host {host!r}; set --admin-key", code="foreign_host")
+    origin = request.headers.get("origin")
+    if origin is not None and not _loopback_name(urlsplit(origin).hostname):
+        raise PermissionDeniedError(f"admin routes without --admin-key do not answer web pages (origin {origin!r}); "
+                                    "set --admin-key", code="foreign_origin")
+
+
 def require_admin(request: Request, settings: Annotated[ServerSettings, Depends(get_settings)]) -> None:
-    """Admin routes need the admin key; with none set they are open on loopback only (403 elsewhere)."""
+    """Admin routes need the admin key; with none set they are open on loopback only (403 elsewhere), to
+    programs, not web pages (`_refuse_browsers`)."""
     token = _bearer_token(request)
     if settings.admin_key is None:
         if not settings.is_loopback:
             raise PermissionDeniedError(
                 "admin routes are disabled: the server listens on a non-loopback address without --admin-key")
+        _refuse_browsers(request, settings)
         require_api_key(request, settings)
         return
     if _matches(token, settings.admin_key):

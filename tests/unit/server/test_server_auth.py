@@ -50,3 +50,21 @@ async def test_admin_routes_closed_off_loopback_without_admin_key(settings, engi
 
 async def test_admin_open_on_loopback_without_keys(client):
     assert (await client.get("/v1/adapters")).status_code == 200
+
+
+async def test_keyless_admin_routes_refuse_web_pages_and_other_host_names(client):
+    """QA: with no admin key (loopback), another site's page fused, unfused and reset the prefix cache
+    with a plain form POST, and through DNS rebinding (its own host name pointing at 127.0.0.1) loaded
+    adapters from any folder."""
+    for headers, code in (({"Origin": "http://evil.example"}, "foreign_origin"), ({"Origin": "null"}, "foreign_origin"),
+                          ({"Host": "attacker.example:8000"}, "foreign_host"),
+                          ({"Host": "attacker.example", "Origin": "http://attacker.example"}, "foreign_host")):
+        for method, path in (("post", "/v1/adapters/a0/fuse"), ("post", "/reset_prefix_cache"), ("get", "/v1/adapters")):
+            r = await getattr(client, method)(path, headers={"Content-Type": "text/plain", **headers})
+            assert r.status_code == 403 and r.json()["error"]["code"] == code, (headers, path, r.text)
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):  # programs on this machine, pages it serves itself
+        r = await client.get("/v1/adapters", headers={"Host": host, "Origin": f"http://{host}"})
+        assert r.status_code == 200, host
+    # user routes are unaffected (a page may call a keyless inference API, as with any local server)
+    r = await client.post("/v1/completions", json=COMPLETION, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200
