@@ -72,6 +72,13 @@ class InsufficientMemoryError(S2FTError):
     error_type = "service_unavailable"
 
 
+class RequestTooLargeError(S2FTError):
+    """A request body beyond the server's `max_request_bytes`."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
 class QueueFullError(S2FTError):
     status_code = 429
     error_type = "rate_limit_error"

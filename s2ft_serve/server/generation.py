@@ -109,6 +109,9 @@ def template_message(m: ChatMessage) -> dict:
 def chat_prompt(engine: Engine, body: ChatTemplateFields, messages: list[ChatMessage],
                 tools: list[dict] | None = None) -> list[int]:
     """The token ids of a chat through the tokenizer's chat template (chat completions, /tokenize)."""
+    if len(messages) > engine.max_model_len:  # QA: 300,000 empty messages rendered 1.5 M tokens to be refused
+        raise InvalidRequestError(f"{len(messages)} messages: more than this model's maximum context length of "
+                                  f"{engine.max_model_len} tokens can hold", param="messages")
     rendered = [template_message(m) for m in messages]
     engine.check_text_fits(sum(len(m["content"] or "") for m in rendered), "messages")
     return engine.apply_chat_template(rendered, tools, body.add_generation_prompt,

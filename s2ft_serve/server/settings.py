@@ -34,6 +34,8 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_tokens_per_step: int = Field(512, ge=1, description="prefill token budget per engine step (longer prompts: in chunks)")
     max_queue: int = Field(256, ge=1)
+    max_request_bytes: int = Field(16 << 20, ge=0, description="largest request body accepted, in bytes (413 "
+                                   "beyond; 0: no limit)")
     prefix_cache_bytes: int = Field(256 << 20, ge=0, description="bytes of cached prompt-prefix keys/values (0: off)")
     prefix_block_size: int = Field(16, ge=1, description="prefixes are cached and matched in blocks of this many tokens")
     max_resident_adapters: int = Field(64, ge=1)

@@ -65,6 +65,7 @@ def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) ->
     if body.messages is not None:
         tokens = chat_prompt(engine, body, body.messages, template_tools(body.tools))
     else:
+        engine.check_text_fits(len(body.prompt))  # QA: a 10 MB prompt was tokenized (2 GB) to be answered
         tokens = engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
 
