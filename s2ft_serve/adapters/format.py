@@ -25,6 +25,7 @@ from s2ft_serve.errors import AdapterValidationError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
+MAX_CONFIG_BYTES = 16 << 20  # the trainer's configs, selection included, are tens of kilobytes
 WEIGHTS_FILE = "adapter_model.safetensors"
 INDEX_SUFFIX = ".s2ft_index"
 DELTA_SUFFIX = ".s2ft_delta"
@@ -132,6 +133,8 @@ def read_config(path: Path) -> dict:
         raise AdapterValidationError(f"{path}: not an adapter folder (no such directory)")
     if not has_config:
         raise AdapterValidationError(f"{cfg_path}: missing; an adapter folder needs {CONFIG_FILE}")
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterValidationError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes; a config holds a few keys")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from s2ft_serve.adapters.format import (
-    Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
+    CONFIG_FILE, WEIGHTS_FILE, Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
 )
 from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
@@ -404,6 +404,14 @@ class Engine:
         if not resolved.is_relative_to(root_resolved):
             raise PermissionDeniedError(f"adapter path {str(path)!r} is outside the adapter root", param="path",
                                         code="path_outside_root")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):  # QA: a file linked out of the root was read
+            try:
+                inside = (resolved / name).resolve().is_relative_to(root_resolved)
+            except (OSError, RuntimeError):  # a link loop: the read reports the file
+                continue
+            if not inside:
+                raise PermissionDeniedError(f"adapter path {str(path)!r}: {name} links outside the adapter root",
+                                            param="path", code="path_outside_root")
         return resolved
 
     def _read(self, path: Path) -> Adapter:

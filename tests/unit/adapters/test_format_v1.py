@@ -160,6 +160,20 @@ def test_missing_files_pickle_size_and_fingerprint(folder, base):
         load_adapter(folder / "nope", shapes(base))
 
 
+def test_a_config_file_beyond_its_size_limit_is_refused_unread(folder, base, monkeypatch):
+    """QA: adapter_config.json was read whole whatever its size (a 500 MB file, or a link to /dev/zero)."""
+    from s2ft_serve.adapters import format as fmt
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "notes": "x" * 200}))
+    assert load_adapter(folder, shapes(base)).config["notes"] == "x" * 200
+    monkeypatch.setattr(fmt, "MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr(type(folder / "adapter_config.json"), "read_text",
+                        lambda self, *a, **k: pytest.fail("the oversized config was read"))
+    with pytest.raises(AdapterValidationError, match="larger than 100 bytes"):
+        load_adapter(folder, shapes(base))
+
+
 @pytest.mark.parametrize("version", [True, 1.0, "1"])
 def test_format_version_must_be_the_integer_1(folder, base, version):
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -123,6 +123,21 @@ def test_lazy_load_and_root_confinement(tiny_model_dir, root, tmp_path_factory):
         engine.generate("fox", "link", GREEDY)
     with pytest.raises(AdapterNotFoundError):
         engine.generate("fox", "../x", GREEDY)
+    # QA: a folder inside the root whose files link out of it was read (only the folder was checked)
+    for linked in ("adapter_model.safetensors", "adapter_config.json"):
+        inner = root / f"inner-{linked.split('.')[0]}"
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=2), inner)
+        (inner / linked).unlink()
+        os.symlink(outside / "x" / linked, inner / linked)
+        with pytest.raises(PermissionDeniedError, match=f"{linked} links outside"):
+            engine.load_adapter("inner", str(inner))
+        with pytest.raises(PermissionDeniedError):
+            engine.generate("fox", inner.name, GREEDY)
+    inner = root / "inner-ok"  # a file linked to another inside the root is fine
+    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=2), inner)
+    (inner / "adapter_model.safetensors").rename(root / "weights.safetensors")
+    os.symlink(root / "weights.safetensors", inner / "adapter_model.safetensors")
+    assert engine.load_adapter("inner", str(inner)).name == "inner"
     lazy_off = make_engine(tiny_model_dir, adapter_root=str(root), lazy_load=False)
     with pytest.raises(AdapterNotFoundError):
         lazy_off.submit("fox", "r2")
