@@ -477,7 +477,12 @@ class Engine:
             if entry is not None and entry.version is not None:
                 return self.registry.acquire(entry)
         path = self._lazy_path(name, entry)
-        return self._install_and_pin(name, self._read(path), path, entry)
+        try:
+            adapter = self._read(path)
+        except AdapterValidationError as exc:  # a request's answer names the adapter, not the server's folders
+            raise AdapterValidationError(str(exc).replace(str(path), f"adapter '{name}'"), param="model",
+                                         code=exc.code) from None
+        return self._install_and_pin(name, adapter, path, entry)
 
     @_on_engine_thread
     def _install_and_pin(self, name: str, adapter: Adapter, path: Path, was: Entry | None):

@@ -144,6 +144,20 @@ def test_lazy_load_and_root_confinement(tiny_model_dir, root, tmp_path_factory):
     engine.shutdown()
 
 
+def test_a_request_loading_a_broken_adapter_is_told_its_name_not_the_servers_folders(tiny_model_dir, root):
+    """QA: a user's request naming a broken adapter under the root got the server's absolute file path."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root))
+    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=3), root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterValidationError) as refused:
+        engine.submit("fox", "broken", GREEDY)
+    assert str(root) not in refused.value.message and "adapter 'broken'" in refused.value.message
+    assert "not a readable safetensors" in refused.value.message
+    with pytest.raises(AdapterValidationError, match=str(root)):  # the admin loading it by path sees where
+        engine.load_adapter("broken", str(root / "broken"))
+    engine.shutdown()
+
+
 def test_lazy_load_under_a_relative_root(tiny_model_dir, root, monkeypatch):
     """`--adapter-root ./adapters` (as the README writes it): a request naming a folder under it loads
     it (QA: the root was joined twice, adapters/adapters/NAME, and every lazy load failed with 422)."""
