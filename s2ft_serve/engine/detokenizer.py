@@ -16,12 +16,14 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True,
-                 end_ids: frozenset[int] = frozenset(), include_stop: bool = False):
+                 end_ids: frozenset[int] = frozenset(), include_stop: bool = False, min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = stop
         self.skip_special_tokens = skip_special_tokens
         self.end_ids = end_ids  # a last token that ends the answer (EOS, a stop token id) is not text
         self.include_stop = include_stop  # keep the stop string (and an ending token's text) in the text
+        self.min_tokens = min_tokens  # stop strings count only from this many generated tokens (vLLM's rule)
+        self._generated = 0
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # the decoded output so far (cut before a stop string once found)
         self.emitted = 0  # characters of `text` already released
@@ -42,6 +44,7 @@ class Detokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         """Update with the full generated ids; return the newly final text."""
+        self._generated = len(token_ids)
         ends = token_ids and token_ids[-1] in self.end_ids and not self.include_stop
         self._ids = token_ids[:-1] if ends else token_ids
         if self.stopped:
@@ -50,7 +53,8 @@ class Detokenizer:
 
     def _update(self, text: str) -> str:
         self.text = text
-        found = [(at, len(s)) for s in self.stop if (at := text.find(s, max(0, self.emitted - len(s)))) != -1]
+        stops = self.stop if self._generated >= self.min_tokens else ()
+        found = [(at, len(s)) for s in stops if (at := text.find(s, max(0, self.emitted - len(s)))) != -1]
         if found:
             at, length = min(found)
             self.text = text[: at + length] if self.include_stop else text[:at]

@@ -258,7 +258,7 @@ class Engine:
         is not part of its text, nor is a stop string, unless `include_stop_str_in_output` (as in vLLM);
         special tokens are left out unless asked for."""
         return Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
-                           params.end_ids(self.stepper.eos_ids), params.include_stop_str_in_output)
+                           params.end_ids(self.stepper.eos_ids), params.include_stop_str_in_output, params.min_tokens)
 
     def _prepare(self, prompt: str | list[int], adapter: str | None,
                  params: SamplingParams | None) -> tuple[Sequence, RequestHandle]:

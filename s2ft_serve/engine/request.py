@@ -50,7 +50,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     repetition_penalty: float = 1.0  # prompt and generated tokens: positive logits / it, negative * it
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled, nor stop strings match, before this many tokens
     guide: Guide | None = None  # structured output (see engine.guided); None: free text
     skip_special_tokens: bool = True  # False: special tokens (tags some models write) appear in the text
     include_stop_str_in_output: bool = False  # True: the stop string (or stop token) that ended it stays in the text

@@ -36,13 +36,23 @@ def domain_error_response(exc: S2FTError) -> JSONResponse:
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
 
 
+def _branch(part) -> bool:
+    """A location part that names a type pydantic tried, not a field or an index."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part or part.startswith(("literal", "function-")) or part[:1].isupper())
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first complaint as `field: reason`, and the field OpenAI would name as `param`."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid JSON')}", None
+    # the field's own path: pydantic adds the union branch it tried (`content.str`, `prompt.list[int]`,
+    # `tool_choice.literal['none','auto']`), which names no field of the request
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _branch(part)]
     param = ".".join(loc) or None
     reason = first.get("msg", "invalid value")
     if first.get("type") == "extra_forbidden":

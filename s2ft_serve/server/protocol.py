@@ -6,15 +6,27 @@ handler turns pydantic's complaints into OpenAI's error shape.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RequestModel(BaseModel):
-    """A request body: unknown fields and loose types are errors."""
+    """A request body: unknown fields and loose types are errors. An explicit `null` for an optional field
+    means its default, as in OpenAI's API and vLLM (QA: `n: null`, `echo: null`, `stream: null`, which the
+    openai client's types allow, were 400s)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data: Any) -> Any:
+        """Drop `null` for optional fields whose type has no None (those that have keep their meaning of it)."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = {key for name, f in cls.model_fields.items()
+                     if not f.is_required() and type(None) not in get_args(f.annotation) for key in (name, f.alias)}
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
 
 class ResponseModel(BaseModel):
@@ -99,7 +111,8 @@ class SamplingFields(RequestModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM extension: prompt and generated "
                                              "tokens' positive logits divided by it, negative ones multiplied")
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> -100..100 added to its logit")
-    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and stop_token_ids are not sampled before this")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and stop_token_ids are not sampled, and stop "
+                            "strings not matched, before this many tokens")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the EOS token")
     include_stop_str_in_output: bool = Field(False, description="vLLM extension: keep the stop string (or stop "
                                              "token) that ended the answer in the text")
@@ -109,6 +122,16 @@ class SamplingFields(RequestModel):
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema")
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM extension: output constrained to a JSON schema, regex, choice or grammar")
+    # OpenAI's bookkeeping fields, which some SDK wrappers always send: accepted, no effect on the answer
+    store: bool | None = Field(None, description="accepted for OpenAI compatibility; nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description="accepted for OpenAI compatibility; ignored")
+    service_tier: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
 
 # ---------- completions ----------

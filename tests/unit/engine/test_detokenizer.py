@@ -40,6 +40,18 @@ def test_text_stops_before_the_stop_string(tokenizer):
     assert streamed(detok, tokenizer.encode(FOX, add_special_tokens=False)) == "The quick brown " and detok.stopped
 
 
+def test_stop_strings_match_only_from_min_tokens_on(tokenizer):
+    """vLLM's rule (QA: `stop: [" city"], min_tokens: 20` ended after 3 tokens here): a stop string in the
+    first min_tokens tokens does not end the text; one after them does."""
+    ids = tokenizer.encode(FOX + " The fox again.", add_special_tokens=False)
+    first_fox = next(n for n in range(1, len(ids) + 1) if "fox" in tokenizer.decode(ids[:n]))
+    assert streamed(Detokenizer(tokenizer, ["fox"], min_tokens=first_fox - 1), ids) == "The quick brown "
+    late = Detokenizer(tokenizer, ["fox"], min_tokens=first_fox + 2)
+    assert streamed(late, ids) == FOX + " The " and late.stopped
+    never = Detokenizer(tokenizer, ["fox"], min_tokens=len(ids) + 1)
+    assert streamed(never, ids) == tokenizer.decode(ids) and not never.stopped
+
+
 def test_the_stop_string_can_stay_in_the_text(tokenizer):
     detok = Detokenizer(tokenizer, ["lazy", "fox"], include_stop=True)
     assert streamed(detok, tokenizer.encode(FOX, add_special_tokens=False)) == "The quick brown fox" and detok.stopped
