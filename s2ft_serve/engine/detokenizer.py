@@ -24,6 +24,7 @@ class Detokenizer:
         self.include_stop = include_stop  # keep the stop string (and an ending token's text) in the text
         self.min_tokens = min_tokens  # stop strings count only from this many generated tokens (vLLM's rule)
         self._generated = 0
+        self._floor = 0  # the text's length before min_tokens was reached: no stop string ends before it
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # the decoded output so far (cut before a stop string once found)
         self.emitted = 0  # characters of `text` already released
@@ -54,7 +55,10 @@ class Detokenizer:
     def _update(self, text: str) -> str:
         self.text = text
         stops = self.stop if self._generated >= self.min_tokens else ()
-        found = [(at, len(s)) for s in stops if (at := text.find(s, max(0, self.emitted - len(s)))) != -1]
+        if not stops:
+            self._floor = len(text)
+        found = [(at, len(s)) for s in stops
+                 if (at := text.find(s, max(0, self.emitted - len(s), self._floor - len(s) + 1))) != -1]
         if found:
             at, length = min(found)
             self.text = text[: at + length] if self.include_stop else text[:at]

@@ -24,10 +24,12 @@ from s2ft_serve.engine.request import Guide
 from s2ft_serve.errors import InvalidRequestError
 
 
-# llguidance's parser limits, tighter than its defaults where a lexer can blow up: building the regex
+# llguidance's parser limits, tighter than its defaults where one mask can take long: building the regex
 # ASTs (1,000,000 fuel by default took ~0.8 s on a 2-core VM for one pathological regex; 200,000 bounds
-# it near 0.1 s and compiles every real schema, choice and grammar the tests use)
-LIMITS = {"initial_lexer_fuel": 200_000}
+# it near 0.1 s), and the Earley items of one step (50,000 by default: an ambiguous grammar's masks grew
+# to 0.8 s per token and sequence; 5,000 stops it at ~0.04 s, the sequence ending "error"); every real
+# schema, choice and grammar the tests use needs far fewer
+LIMITS = {"initial_lexer_fuel": 200_000, "step_max_items": 5_000}
 ERROR_CHARS = 300  # llguidance's errors dump its whole state, the grammar included: the first line, cut
 
 

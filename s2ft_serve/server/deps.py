@@ -68,6 +68,13 @@ def _loopback_name(host: str | None) -> bool:
         return False
 
 
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # `[` and other spellings no client sends: a foreign host
+        return None
+
+
 def _refuse_browsers(request: Request, settings: ServerSettings) -> None:
     """Keyless admin routes on loopback answer programs on this machine, not web pages its browser shows:
     a request through another host name (DNS rebinding) or sent from another site's page (its `Origin`)
@@ -75,12 +82,12 @@ def _refuse_browsers(request: Request, settings: ServerSettings) -> None:
     load adapters from any folder)."""
     host = request.headers.get("host")
     if host is not None:
-        name = urlsplit(f"//{host}").hostname
+        name = _hostname(f"//{host}")
         if not (_loopback_name(name) or name == settings.host):
             raise PermissionDeniedError(f"admin routes without --admin-key answer loopback clients only, not a "
                                         f"request addressed to host {host!r}; set --admin-key", code="foreign_host")
     origin = request.headers.get("origin")
-    if origin is not None and not _loopback_name(urlsplit(origin).hostname):
+    if origin is not None and not _loopback_name(_hostname(origin)):
         raise PermissionDeniedError(f"admin routes without --admin-key do not answer web pages (origin {origin!r}); "
                                     "set --admin-key", code="foreign_origin")
 

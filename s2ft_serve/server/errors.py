@@ -54,7 +54,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # `tool_choice.literal['none','auto']`), which names no field of the request
     loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _branch(part)]
     param = ".".join(loc) or None
-    reason = first.get("msg", "invalid value")
+    reason = first.get("msg", "invalid value").removeprefix("Value error, ")  # our validators' own words
     if first.get("type") == "extra_forbidden":
         reason = "unknown field"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class RequestModel(BaseModel):
@@ -127,11 +127,12 @@ class SamplingFields(RequestModel):
     metadata: dict[str, str] | None = Field(None, description="accepted for OpenAI compatibility; ignored")
     service_tier: str | None = Field(None, description="accepted for OpenAI compatibility; ignored")
 
-    @model_validator(mode="after")
-    def _stream_options_need_a_stream(self) -> "SamplingFields":
-        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):  # as OpenAI and vLLM answer
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
 
 # ---------- completions ----------

@@ -46,8 +46,11 @@ def test_stop_strings_match_only_from_min_tokens_on(tokenizer):
     ids = tokenizer.encode(FOX + " The fox again.", add_special_tokens=False)
     first_fox = next(n for n in range(1, len(ids) + 1) if "fox" in tokenizer.decode(ids[:n]))
     assert streamed(Detokenizer(tokenizer, ["fox"], min_tokens=first_fox - 1), ids) == "The quick brown "
-    late = Detokenizer(tokenizer, ["fox"], min_tokens=first_fox + 2)
-    assert streamed(late, ids) == FOX + " The " and late.stopped
+    for after in (1, 2):  # QA: one completed just before min_tokens, still held back, stopped the text then
+        late = Detokenizer(tokenizer, ["fox"], min_tokens=first_fox + after)
+        assert streamed(late, ids) == FOX + " The " and late.stopped
+    kept = Detokenizer(tokenizer, ["fox"], min_tokens=first_fox + 1, include_stop=True)
+    assert streamed(kept, ids) == FOX + " The fox" and kept.stopped
     never = Detokenizer(tokenizer, ["fox"], min_tokens=len(ids) + 1)
     assert streamed(never, ids) == tokenizer.decode(ids) and not never.stopped
 

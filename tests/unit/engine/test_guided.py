@@ -55,6 +55,25 @@ def test_a_guide_broken_by_a_special_token_ends_as_an_error_not_a_stop(engine, c
     assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", alongside.text) and alongside.finish_reason == "stop"
 
 
+def test_an_ambiguous_grammars_steps_are_bounded(default_model_dir):
+    """QA: `e: e e | e e e | "a" | "aa" | "b"` passed the first-step check, then each mask grew (0.8 s per
+    token and sequence by token 500, on SmolLM2's vocabulary), stalling every user: llguidance's per-step
+    item limit (guided.LIMITS) now ends such a sequence in error within ~100 tokens, each mask cheap."""
+    from transformers import AutoTokenizer
+
+    from s2ft_serve.engine.guided import GuidedDecoding
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    guided = GuidedDecoding(tok, len(tok), {tok.eos_token_id})
+    m = guided.matcher(Guide(grammar='start: e\ne: e e | e e e | "a" | "aa" | "b"'))
+    b = tok.convert_tokens_to_ids("b")
+    for step in range(400):  # with llguidance's default limits the first error came near token 800
+        guided.allowed([m])
+        if m.is_error() or not m.consume_token(b):
+            break
+    assert m.is_error() and "Too many items" in m.get_error() and step < 200
+
+
 def test_unguided_model_does_not_follow_by_itself(engine):
     """The constraint is what makes the outputs above valid: free greedy text is not JSON."""
     free = engine.generate("hello", None, SamplingParams(max_tokens=48, temperature=0)).text

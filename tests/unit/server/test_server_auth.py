@@ -58,7 +58,8 @@ async def test_keyless_admin_routes_refuse_web_pages_and_other_host_names(client
     adapters from any folder."""
     for headers, code in (({"Origin": "http://evil.example"}, "foreign_origin"), ({"Origin": "null"}, "foreign_origin"),
                           ({"Host": "attacker.example:8000"}, "foreign_host"),
-                          ({"Host": "attacker.example", "Origin": "http://attacker.example"}, "foreign_host")):
+                          ({"Host": "attacker.example", "Origin": "http://attacker.example"}, "foreign_host"),
+                          ({"Host": "["}, "foreign_host"), ({"Origin": "http://["}, "foreign_origin")):  # not a 500
         for method, path in (("post", "/v1/adapters/a0/fuse"), ("post", "/reset_prefix_cache"), ("get", "/v1/adapters")):
             r = await getattr(client, method)(path, headers={"Content-Type": "text/plain", **headers})
             assert r.status_code == 403 and r.json()["error"]["code"] == code, (headers, path, r.text)

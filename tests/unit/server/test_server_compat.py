@@ -29,7 +29,9 @@ async def test_an_explicit_null_means_the_default(client):
 async def test_stream_options_need_stream(client):
     for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
         r = await client.post(path, json={**body, "stream_options": {"include_usage": True}})
-        assert r.status_code == 400 and "stream_options is only allowed when stream is true" in r.text, path
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "stream_options", path
+        assert error["message"] == "stream_options: stream_options is only allowed when stream is true"
 
 
 async def test_openai_bookkeeping_fields_are_accepted(client):
