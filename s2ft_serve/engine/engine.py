@@ -72,6 +72,13 @@ def _on_engine_thread(method):
     return wrapper
 
 
+def _cancel_submitted(submitted: asyncio.Future) -> None:
+    """Cancel what a submission whose caller went away queued."""
+    if not submitted.cancelled() and submitted.exception() is None:
+        for handle in submitted.result():
+            handle.cancel()
+
+
 class Engine:
     """Holds the base weights once and any number of adapters; its engine thread does the torch work."""
 
@@ -144,6 +151,12 @@ class Engine:
         return self.runner.model.cache.nbytes
 
     # ---- lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:  # `with Engine(config) as engine:` shuts it down at the end
+        self.shutdown()
+
     def start(self) -> "Engine":
         """Begin stepping on the engine thread (idempotent)."""
         if not self._thread.running:
@@ -290,8 +303,14 @@ class Engine:
 
     async def asubmit_many(self, requests: list[tuple[str | list[int], str | None, SamplingParams | None]]
                            ) -> list[RequestHandle]:
-        """Like `submit_many`, from asyncio."""
-        handles = await asyncio.to_thread(self.submit_many, requests)
+        """Like `submit_many`, from asyncio. Cancelled while the submission runs in its thread, the
+        requests it queues are cancelled as soon as it returns (QA: they ran to max_tokens, unreachable)."""
+        submitting = asyncio.ensure_future(asyncio.to_thread(self.submit_many, requests))
+        try:
+            handles = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(_cancel_submitted)
+            raise
         loop = asyncio.get_running_loop()
         for handle in handles:
             handle.attach_loop(loop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import AsyncIterator, Iterator
 
 from s2ft_serve.engine.request import RequestOutput, StreamEvent
@@ -58,14 +59,17 @@ class RequestHandle:
 
     def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
         """The request's events as they come. Leaving the iteration early (a `break` out of
-        `Engine.stream`, or `close()`) cancels the request, as leaving `aevents` does; a timeout
-        (`queue.Empty`) does not: the caller may wait again."""
+        `Engine.stream`, `close()`, or an exception such as Ctrl-C's KeyboardInterrupt while waiting)
+        cancels the request, as leaving `aevents` does; a timeout (`queue.Empty`, `timeout` seconds
+        without an event) does not: the caller may wait again."""
         try:
             while not self.finished:
                 event = self._queue.get(timeout=timeout)
                 self._record(event)
                 yield event
-        except GeneratorExit:
+        except queue.Empty:
+            raise
+        except BaseException:  # GeneratorExit, KeyboardInterrupt, ...: nobody will read the rest
             if not self.finished:
                 self.cancel()
             raise
@@ -82,8 +86,18 @@ class RequestHandle:
                 self.cancel()
 
     def result(self, timeout: float | None = None) -> RequestOutput:
-        for _ in self.events(timeout):
-            pass
+        """The whole output, once the request ends; TimeoutError if it has not within `timeout` seconds
+        (the request goes on: the caller may wait again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._record(self._queue.get(timeout=left))
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s") from None
+            except BaseException:  # Ctrl-C while waiting: nobody will read the rest
+                self.cancel()
+                raise
         return self._output()
 
     async def aresult(self) -> RequestOutput:

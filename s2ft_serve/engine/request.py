@@ -70,8 +70,22 @@ class SamplingParams:
         """The tokens that end an answer: the stop token ids, and the model's EOS unless `ignore_eos`."""
         return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string (QA: "ver" was taken as the stops "v", "e", "r")
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+        """Refuse, naming the field, any value the engine could not serve (QA: `logprobs=True` or a float
+        top_k passed and then failed the whole batch's step)."""
+        for name in ("max_tokens", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be an integer", param=name)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not _is_number(getattr(self, name)):
+                raise InvalidRequestError(f"{name} must be a number", param=name)
+        if self.max_tokens < 0:
             raise InvalidRequestError("max_tokens must be a non-negative integer", param="max_tokens")
         if not 0 <= self.temperature < math.inf:  # NaN too
             raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
@@ -81,21 +95,25 @@ class SamplingParams:
             raise InvalidRequestError("top_k must be >= 0", param="top_k")
         if not 0 <= self.min_p <= 1:
             raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**63):
+            raise InvalidRequestError("seed must be a 64-bit integer", param="seed")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= 20:
-                raise InvalidRequestError(f"{name} must be between 0 and 20", param=name)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequestError("stop must hold non-empty strings", param="stop")
+            if value is not None and not (_is_int(value) and 0 <= value <= 20):
+                raise InvalidRequestError(f"{name} must be an integer between 0 and 20", param=name)
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop must be a string or a list of non-empty strings", param="stop")
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise InvalidRequestError(f"{name} must be between -2 and 2", param=name)
         if not 0 < self.repetition_penalty <= 2:
             raise InvalidRequestError("repetition_penalty must be in (0, 2]", param="repetition_penalty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not -100 <= b <= 100
-               for t, b in self.logit_bias.items()):
+        if not isinstance(self.logit_bias, dict) or any(
+                not _is_int(t) or not _is_number(b) or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
             raise InvalidRequestError("logit_bias maps token ids to values between -100 and 100", param="logit_bias")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError("min_tokens must be between 0 and max_tokens", param="min_tokens")
         if self.guide is not None:
             self.guide.validate()
@@ -117,7 +135,7 @@ class StreamEvent:
     text_delta: str  # text that became final with this token (stop strings never appear)
     logprob: TokenLogprob | None = None
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
 
 @dataclass
@@ -177,3 +195,11 @@ class EngineStats:
     prefix_cache_bytes: int = 0  # bytes the cached prefixes hold now
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed, so far
     spec_accepted_tokens: int = 0  # ... and accepted, so far
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

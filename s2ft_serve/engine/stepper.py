@@ -132,8 +132,7 @@ class Stepper:
             [s.output_ids[-1] for s in running], [s.length - 1 for s in running],
             [registry.slots_for(s.version) for s in running])
         self.steps += 1
-        for fn in self.listeners:
-            fn(len(running), len(running))
+        self._notify(len(running), len(running))
         self._accept(running, logits)
 
     # ---- speculative decoding (see engine.speculative) -----------------------------------
@@ -162,8 +161,7 @@ class Stepper:
         logits = engine.runner.prefill_batch(inputs, 0, [engine.registry.slots_for(s.version) for s in running],
                                              [True] * len(running), [s.length - 1 for s in running])  # [L_i, vocab]
         self.steps += 1
-        for fn in self.listeners:
-            fn(len(running), sum(len(i) for i in inputs))
+        self._notify(len(running), sum(len(i) for i in inputs))
         self.draft_tokens += sum(len(d) for d in drafts)
         alive, finished = list(range(len(running))), []
         for j in range(max(len(i) for i in inputs)):  # an alive row's tokens up to j were its draft: it has j
@@ -235,8 +233,7 @@ class Stepper:
         want = [s.params.prompt_logprobs is not None for s in seqs]  # these never hit: offset 0
         logits = engine.runner.prefill_batch([s.prompt_ids[o:] for s, o in zip(seqs, offsets)], seqs[0].row,
                                              [engine.registry.slots_for(s.version) for s in seqs], want, offsets)
-        for fn in self.listeners:
-            fn(len(seqs), sum(len(s.prompt_ids) - o for s, o in zip(seqs, offsets)))
+        self._notify(len(seqs), sum(len(s.prompt_ids) - o for s, o in zip(seqs, offsets)))
         last = {}
         for seq, lg, w in zip(seqs, logits, want):
             self._remember(seq)
@@ -267,8 +264,7 @@ class Stepper:
         logits = engine.runner.prefill_batch([prompt[start: start + n]], seq.row,
                                              [engine.registry.slots_for(seq.version)], [want_lp], [start])[0]
         seq.prefilled += n
-        for fn in self.listeners:
-            fn(1, n)
+        self._notify(1, n)
         if want_lp:
             self._add_prompt_logprobs(seq, logits, start)
         if seq.prefilled == len(prompt):
@@ -297,6 +293,15 @@ class Stepper:
                 sampled.append((seq, logits))
         if sampled:
             self._accept([s for s, _ in sampled], torch.stack([lg for _, lg in sampled]))
+
+    def _notify(self, batch: int, tokens: int) -> None:
+        """Tell the step listeners of a forward pass. A listener that raises is logged, never the step's
+        undoing (QA: one raising listener ended every running request with "error")."""
+        for fn in self.listeners:
+            try:
+                fn(batch, tokens)
+            except Exception:
+                log.exception("step listener %r failed", fn)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, vocab]; emit; finish those that are done."""

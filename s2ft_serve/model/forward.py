@@ -233,7 +233,8 @@ class Transformer(nn.Module):
         g = torch.Generator().manual_seed(0)
         # a decode step's rows, a prefill, one long enough to run in parallel; every norm on a small one
         shapes = [(norms[0], (32, 1)), (norms[0], (3, 37)), (norms[0], (1, 300))] + [(n, (2, 3)) for n in norms]
-        probes = [(n, torch.randn(*shape, w.shape[0], generator=g) * 4, torch.randn(*shape, w.shape[0], generator=g))
+        probes = [(n, torch.randn(*shape, w.shape[0], generator=g, dtype=w.dtype) * 4,
+                   torch.randn(*shape, w.shape[0], generator=g, dtype=w.dtype))
                   for n, shape in shapes]
         with torch.inference_mode():
             for lanes in (8, 0):

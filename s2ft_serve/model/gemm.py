@@ -67,11 +67,11 @@ def column_major_keeps_bits(out_features: int, in_features: int) -> bool:
     MKL with AVX2 does; MKL with AVX-512 (Intel Xeon) sums a transposed operand in another order at
     many row counts (up to ~8e-5 apart per projection on SmolLM2, 1.2e-4 in the logits)."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(out_features, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g, dtype=torch.float32)
     w_cols = w.t().contiguous().t()
     with torch.inference_mode():
         for rows in (4, 5, 8, 12, 13, 16, 17, 32, 64, 128, 200):
-            x = torch.randn(rows, in_features, generator=g)
+            x = torch.randn(rows, in_features, generator=g, dtype=torch.float32)
             if not torch.equal(F.linear(x, w), F.linear(x, w_cols)):
                 return False
     return True
@@ -314,7 +314,9 @@ class FusedExact:
         return self.caps[rows]
 
     def _probe(self, rows: int) -> int:
-        probe = torch.randn(rows, self.weight.shape[1], generator=torch.Generator().manual_seed(rows))
+        # in the weight's dtype whatever torch's default (transformers changes it while loading a model, in any thread)
+        probe = torch.randn(rows, self.weight.shape[1], generator=torch.Generator().manual_seed(rows),
+                            dtype=self.weight.dtype)
         with torch.inference_mode():
             want = torch.cat([lin(probe) for lin in self.linears], dim=-1)
             for e in self.separate:  # each chooses its own form for this count first

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,11 @@ class LoadedModel:
     fingerprint: str
 
 
+# transformers' from_pretrained is not thread-safe (it switches torch's default dtype and builds tied
+# weights on the meta device, process-wide): one load at a time in this process
+_FROM_PRETRAINED = threading.Lock()
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",  # None: keep the dtype the weights are stored in
@@ -154,7 +160,8 @@ def load_model(
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    with _FROM_PRETRAINED:  # QA: two engines built at once in two threads failed ("copy out of meta tensor")
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     fp = fingerprint(hf_model)
     hf_model.to(device=resolve_device(device), dtype=None if dtype is None else resolve_dtype(dtype))
     hf_model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, QueueFullError
@@ -256,3 +257,155 @@ def test_requests_served_counts_only_requests_taken(tiny_llama_dir):
     engine.logits(engine.tokenize("Hi"), "a0")
     assert engine.get_adapter("a0").requests_served == 3
     engine.shutdown()
+
+
+# ---- the Python API as applications use it (QA pass P) -------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("prompt_logprobs", True), ("logprobs", 1.5),
+                                          ("top_k", 2.5), ("temperature", "1"), ("seed", 2**64), ("seed", "7"),
+                                          ("stop_token_ids", 5), ("logit_bias", {1: "x"}), ("max_tokens", 2.0)])
+def test_wrong_typed_sampling_values_are_refused_naming_the_field(engine, field, value):
+    """QA: `logprobs=True` or `top_k=2.5` passed validation, then failed the step of every request in the
+    batch; other wrong types raised raw TypeErrors."""
+    with pytest.raises(InvalidRequestError) as refused:
+        SamplingParams(**{field: value}).validate()
+    assert refused.value.param == field
+    engine.start()
+    with pytest.raises(InvalidRequestError):
+        engine.submit("fox", None, SamplingParams(**{field: value}))
+    assert engine.generate("fox", None, SamplingParams(max_tokens=2, temperature=0)).finish_reason == "length"
+
+
+def test_one_stop_string_given_as_a_string_is_one_stop_string(engine):
+    """QA: `stop="ver"` was taken as the stops "v", "e" and "r"."""
+    assert SamplingParams(stop="ver").stop == ["ver"] and SamplingParams(stop=None).stop == []
+    engine.start()
+    free = engine.generate("fox", None, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)).text
+    cut = free[3:5]
+    out = engine.generate("fox", None, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=cut))
+    assert out.text == free[: free.index(cut)] and out.finish_reason == "stop"
+
+
+def test_a_failing_step_listener_is_logged_and_the_requests_go_on(engine, caplog):
+    """QA: one raising listener ended every running request with "error"."""
+    engine.add_step_listener(lambda batch, tokens: 1 / 0)
+    with caplog.at_level("ERROR", logger="s2ft_serve.engine.stepper"):
+        out = engine.generate("fox", None, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and out.num_generated_tokens == 5
+    assert "step listener" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["result", "events"])
+def test_an_interrupted_wait_cancels_the_request(engine, how):
+    """QA: Ctrl-C (KeyboardInterrupt) during generate() or a sync stream left the request running to
+    max_tokens, holding its batch row."""
+    engine.start()
+    handle = engine.submit("fox", None, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    get = handle._queue.get
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return get(*args, **kwargs)
+
+    handle._queue.get = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        if how == "result":
+            handle.result(timeout=60)
+        else:
+            for _ in handle.events(timeout=60):
+                pass
+    handle._queue.get = get
+    out = handle.result(timeout=60)
+    assert out.finish_reason == "abort" and out.num_generated_tokens < 400
+
+
+def test_result_timeout_is_a_deadline_for_the_whole_request(engine):
+    """QA: `result(timeout)` waited per event (0.5 s asked, 2.2 s taken) and raised queue.Empty."""
+    engine.start()
+    handle = engine.submit("fox", None, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    with pytest.raises(TimeoutError, match="did not finish within 0.05 s"):
+        handle.result(timeout=0.05)
+    assert handle.result(timeout=120).finish_reason == "length"  # it went on: the caller may wait again
+
+
+async def test_an_async_submission_cancelled_midway_cancels_what_it_queued(engine, monkeypatch):
+    """QA: cancelling asubmit while its submission ran in a thread left an orphan request running to
+    max_tokens that nobody could cancel."""
+    import threading
+
+    engine.start()
+    submitted, release = [], threading.Event()
+    original = engine.submit_many
+
+    def slow(requests):
+        release.wait(10)
+        handles = original(requests)
+        submitted.extend(handles)
+        return handles
+
+    monkeypatch.setattr(engine, "submit_many", slow)
+    task = asyncio.ensure_future(engine.asubmit("fox", None, SamplingParams(max_tokens=400, temperature=0,
+                                                                            ignore_eos=True)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(200):
+        if submitted:
+            break
+        await asyncio.sleep(0.05)
+    out = await asyncio.to_thread(submitted[0].result, 60)
+    assert out.finish_reason == "abort" and out.num_generated_tokens < 400
+
+
+def test_an_engine_is_a_context_manager(tiny_llama_dir):
+    """QA: an engine dropped without shutdown() kept its thread, weights and cache."""
+    with make_engine(tiny_llama_dir) as engine:
+        assert engine.generate("fox", None, SamplingParams(max_tokens=2, temperature=0)).num_generated_tokens <= 2
+    assert not engine._thread._thread.is_alive()
+
+
+def test_engines_built_at_once_in_two_threads_both_serve(tiny_llama_dir):
+    """QA: two Engines built at the same time in two threads failed ("Cannot copy out of meta tensor"):
+    transformers' from_pretrained is not thread-safe."""
+    import threading
+
+    engines, errors = [], []
+
+    def build():
+        try:
+            engines.append(make_engine(tiny_llama_dir).start())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert not errors and len(engines) == 2
+        outs = [e.generate("fox", None, SamplingParams(max_tokens=4, temperature=0)).token_ids for e in engines]
+        assert outs[0] == outs[1]
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
+def test_another_model_loaded_meanwhile_does_not_break_the_steps(engine, tiny_llama_dir):
+    """QA: loading any bfloat16 model in the process while an engine served (transformers switches torch's
+    default dtype while loading) made the engine's probes for new row counts bfloat16, and its steps fail."""
+    engine.start()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    before = engine.generate("fox", None, params).token_ids
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as from_pretrained(dtype=bfloat16) does meanwhile
+    try:
+        outs = [h.result(timeout=60) for h in [engine.submit("fox", None, params) for _ in range(7)]]  # new row counts
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(o.finish_reason == "length" and o.token_ids == before for o in outs)
