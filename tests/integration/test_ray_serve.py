@@ -364,6 +364,31 @@ def test_the_fleet_view_follows_the_servers_admin_rule():
     assert ask({"host": "0.0.0.0", "admin_key": "sk-a"}, "sk-a")[0] == 200
 
 
+def test_the_ingress_refuses_a_body_beyond_the_limit_as_it_arrives():
+    """QA: the fleet's ingress read and JSON-parsed any body before a replica answered 413 (a body declaring
+    64 MiB and sending 8 got no answer; 100 MiB was parsed for 6.8 s)."""
+    from starlette.requests import Request
+
+    from s2ft_serve.errors import RequestTooLargeError
+
+    def request(body: bytes, declared: bool) -> Request:
+        chunks = [body[i: i + 64] for i in range(0, len(body), 64)] or [b""]
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return messages.pop(0)
+
+        headers = [(b"content-length", str(len(body)).encode())] if declared else []
+        return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers,
+                        "query_string": b""}, receive)
+
+    ingress = _ingress({"host": "127.0.0.1", "max_request_bytes": 100})
+    for declared in (True, False):
+        with pytest.raises(RequestTooLargeError, match="--max-request-bytes"):
+            asyncio.run(ingress._body(request(b"x" * 300, declared)))
+        assert asyncio.run(ingress._body(request(b"y" * 90, declared))) == b"y" * 90
+
+
 def test_a_replica_failure_outside_the_app_is_an_openai_error_not_rays_text():
     """QA: an exception from the replica (an unwritable catalog file) reached Ray's text/plain 500."""
     class Stream:

@@ -19,7 +19,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from s2ft_serve.errors import S2FTError
+from s2ft_serve.errors import RequestTooLargeError, S2FTError
 from s2ft_serve.server.deps import require_admin
 from s2ft_serve.server.errors import domain_error_response
 
@@ -67,7 +67,10 @@ class FleetIngress:
 
     @api.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request, path: str) -> Response:
-        body = await request.body()
+        try:
+            body = await self._body(request)
+        except S2FTError as exc:
+            return domain_error_response(exc)
         req = ForwardedRequest(
             method=request.method, path=request.url.path, query=request.url.query.encode(),
             headers=[(k.lower(), v) for k, v in request.headers.raw], body=body,
@@ -81,6 +84,22 @@ class FleetIngress:
         if req.method == "GET" and req.path == "/v1/models" and start.status == 200:
             content = await self._fleet_models(content)
         return Response(content, status_code=start.status, headers=headers)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) past the server's --max-request-bytes as it arrives, as the
+        single server does (QA: the ingress read and parsed any size before a replica refused it)."""
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = RequestTooLargeError(f"the request body is larger than this server accepts ({limit} bytes, "
+                                         "--max-request-bytes)", code="request_too_large")
+        if limit and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if limit and len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     async def _open(self, req: ForwardedRequest, target: Route) -> tuple[ResponseStart, AsyncIterator[bytes]]:
         """Send `req` to a replica, retrying while replicas die before answering in full.
