@@ -34,7 +34,7 @@ from s2ft_serve.engine.detokenizer import Detokenizer
 from s2ft_serve.engine.guided import GuidedDecoding, LazyGuidedDecoding
 from s2ft_serve.engine.handle import RequestHandle
 from s2ft_serve.engine.prefix_cache import PrefixCache
-from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams
+from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
@@ -322,11 +322,13 @@ class Engine:
         handle = await self.asubmit(prompt, adapter, params)
         return await handle.aresult()
 
-    def stream(self, prompt, adapter=None, params=None) -> Iterator:
+    def stream(self, prompt: str | list[int], adapter: str | None = None,
+               params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         self.start()
         return self.submit(prompt, adapter, params).events()
 
-    async def astream(self, prompt, adapter=None, params=None) -> AsyncIterator:
+    async def astream(self, prompt: str | list[int], adapter: str | None = None,
+                      params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
         self.start()
         handle = await self.asubmit(prompt, adapter, params)
         async for event in handle.aevents():

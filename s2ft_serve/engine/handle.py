@@ -75,7 +75,8 @@ class RequestHandle:
             raise
 
     async def aevents(self) -> AsyncIterator[StreamEvent]:
-        assert self._aqueue is not None, "use Engine.asubmit for asyncio"
+        if self._aqueue is None:  # not an assert: `python -O` would drop it and hang
+            raise RuntimeError("this handle came from submit(); use Engine.asubmit for asyncio")
         try:
             while not self.finished:
                 event = await self._aqueue.get()

@@ -90,6 +90,8 @@ class Stepper:
     def step(self) -> None:
         """One step: prefill what was admitted, then decode every running sequence once."""
         engine, sched = self.engine, self.engine.scheduler
+        for seq in sched.take_cancelled():  # ended now, not when a place frees (QA: waited on a running request)
+            self.abort_waiting(seq)
         budget = sched.max_tokens_per_step
         if sched.chunking is not None:  # go on with the prompt being prefilled in chunks
             budget -= self._prefill_chunk(budget)

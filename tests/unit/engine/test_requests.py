@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -409,3 +410,31 @@ def test_another_model_loaded_meanwhile_does_not_break_the_steps(engine, tiny_ll
     finally:
         torch.set_default_dtype(previous)
     assert all(o.finish_reason == "length" and o.token_ids == before for o in outs)
+
+
+def test_a_waiting_request_cancelled_ends_at_once(tiny_llama_dir):
+    """QA: cancel() on a request waiting for a batch row was acknowledged only when a running request
+    finished (3.1 s in the repro): the caller's result() waited that long."""
+    with make_engine(tiny_llama_dir, max_batch_size=1) as engine:
+        running = engine.submit("fox", None, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+        stream = running.events(timeout=30)
+        next(stream), next(stream)  # it holds the only row
+        waiting = engine.submit("dog", None, SamplingParams(max_tokens=4, temperature=0))
+        time.sleep(0.05)  # a few steps with it waiting
+        waiting.cancel()
+        out = waiting.result(timeout=30)
+        assert out.finish_reason == "abort" and out.num_generated_tokens == 0
+        assert engine.stats().running == 1  # it ended while the running request still ran
+        running.cancel()
+
+
+def test_aevents_of_a_sync_handle_is_a_clear_error(engine):
+    handle = engine.submit("fox", None, SamplingParams(max_tokens=2, temperature=0))
+
+    async def read():
+        async for _ in handle.aevents():
+            pass
+
+    with pytest.raises(RuntimeError, match="use Engine.asubmit"):
+        asyncio.run(read())
+    handle.cancel()
