@@ -6,8 +6,10 @@ against the engine's tokenizer before the request is queued, and turned into one
 sequence. The check also runs a first step of the grammar (its first mask, one token, the next mask)
 under bounded lexer work (`LIMITS`), off the engine thread: a grammar whose lexer blows up (QA: a
 100-byte regex `(a{1000}){997}` cost ~1 s per sequence on the engine thread, stalling every user) is
-a 400 there, and the sequences start from copies of that first step's matcher, its lexer work done. Each step, before sampling, every guided row's disallowed tokens get `-inf`; after it, the
-matcher consumes the sampled token; when the grammar can go no further, the sequence stops.
+a 400 there, and the sequences start from copies of that first step's matcher, its lexer work done;
+`LIMITS` also bounds every later step. Each step, before sampling, every guided row's disallowed tokens
+get `-inf`; after it, the matcher consumes the sampled token; when the grammar can go no further, the
+sequence stops.
 Unguided rows of the same batch are untouched.
 """
 

@@ -18,8 +18,8 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from s2ft_serve.engine.engine import Engine
-from s2ft_serve.errors import EngineNotReadyError, RequestTooLargeError
-from s2ft_serve.server.errors import domain_error_response, install_error_handlers
+from s2ft_serve.errors import EngineNotReadyError
+from s2ft_serve.server.errors import body_too_large, domain_error_response, install_error_handlers
 from s2ft_serve.server.metrics import Metrics
 from s2ft_serve.server.routes import adapters, chat, completions, health, models, tokenize
 from s2ft_serve.server.settings import ServerSettings
@@ -140,9 +140,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send) -> None:
-        error = RequestTooLargeError(f"the request body is larger than this server accepts ({self.max_bytes} bytes, "
-                                     "--max-request-bytes)", code="request_too_large")
-        await domain_error_response(error)(scope, receive, send)
+        await domain_error_response(body_too_large(self.max_bytes))(scope, receive, send)
 
 
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:

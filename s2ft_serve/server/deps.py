@@ -7,7 +7,6 @@ another app (the Ray Serve deployment) that puts its own engine there.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -16,7 +15,7 @@ from fastapi import Depends, Request
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.errors import AuthenticationError, EngineNotReadyError, PermissionDeniedError
 from s2ft_serve.server.metrics import Metrics
-from s2ft_serve.server.settings import LOOPBACK_NAMES, ServerSettings
+from s2ft_serve.server.settings import ServerSettings, is_loopback_host
 
 
 def get_settings(request: Request) -> ServerSettings:
@@ -56,18 +55,6 @@ def require_api_key(request: Request, settings: Annotated[ServerSettings, Depend
                                   code="invalid_api_key")
 
 
-def _loopback_name(host: str | None) -> bool:
-    if host is None:
-        return False
-    host = host.strip("[]")
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _hostname(url: str) -> str | None:
     try:
         return urlsplit(url).hostname
@@ -83,11 +70,11 @@ def _refuse_browsers(request: Request, settings: ServerSettings) -> None:
     host = request.headers.get("host")
     if host is not None:
         name = _hostname(f"//{host}")
-        if not (_loopback_name(name) or name == settings.host):
+        if not (is_loopback_host(name) or name == settings.host):
             raise PermissionDeniedError(f"admin routes without --admin-key answer loopback clients only, not a "
                                         f"request addressed to host {host!r}; set --admin-key", code="foreign_host")
     origin = request.headers.get("origin")
-    if origin is not None and not _loopback_name(_hostname(origin)):
+    if origin is not None and not is_loopback_host(_hostname(origin)):
         raise PermissionDeniedError(f"admin routes without --admin-key do not answer web pages (origin {origin!r}); "
                                     "set --admin-key", code="foreign_origin")
 

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from s2ft_serve.errors import QueueFullError, S2FTError
+from s2ft_serve.errors import QueueFullError, RequestTooLargeError, S2FTError
 from s2ft_serve.server.metrics import GENERATION_PATHS, UNKNOWN_ADAPTER_LABEL
 from s2ft_serve.server.protocol import ErrorInfo, ErrorResponse
 
@@ -34,6 +34,12 @@ def error_response(status: int, message: str, error_type: str, param: str | None
 def domain_error_response(exc: S2FTError) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, QueueFullError) else None
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+
+
+def body_too_large(limit: int) -> RequestTooLargeError:
+    """What a request body beyond `--max-request-bytes` is answered (the server's BodyLimit, the Ray ingress)."""
+    return RequestTooLargeError(f"the request body is larger than this server accepts ({limit} bytes, "
+                                "--max-request-bytes)", code="request_too_large")
 
 
 def _branch(part) -> bool:

@@ -6,6 +6,7 @@ handler turns pydantic's complaints into OpenAI's error shape.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -24,9 +25,17 @@ class RequestModel(BaseModel):
         """Drop `null` for optional fields whose type has no None (those that have keep their meaning of it)."""
         if not isinstance(data, dict):
             return data
-        defaulted = {key for name, f in cls.model_fields.items()
-                     if not f.is_required() and type(None) not in get_args(f.annotation) for key in (name, f.alias)}
+        defaulted = _null_defaulted(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+@functools.cache
+def _null_defaulted(cls: type[BaseModel]) -> frozenset[str]:
+    """The request keys (names and aliases) of `cls`'s optional fields whose type holds no None: worked out
+    once per model class, not per request."""
+    return frozenset(key for name, f in cls.model_fields.items()
+                     if not f.is_required() and type(None) not in get_args(f.annotation)
+                     for key in (name, f.alias) if key)
 
 
 class ResponseModel(BaseModel):

@@ -133,12 +133,7 @@ class ServerSettings(BaseSettings):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host in LOOPBACK_NAMES:
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     @property
     def url(self) -> str:
@@ -178,3 +173,16 @@ class ServerSettings(BaseSettings):
             speculative_ngram_max=self.speculative_ngram_max,
             speculative_max_batch=self.speculative_max_batch,
         )
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's loopback."""
+    if host is None:
+        return False
+    host = host.strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -200,6 +200,12 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     return [r for r in rows if len(r.input_ids) > 1 and any(x != IGNORE for x in r.labels[1:])]
 
 
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a collated batch's loss averages over: labelled positions after the first (the loss
+    predicts token t + 1 from t)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `rows` into `input_ids`, `attention_mask` and `labels` `[batch, longest]`."""
     width = max(len(r.input_ids) for r in rows)

@@ -81,7 +81,7 @@ def evaluate(model: torch.nn.Module, rows: list[D.Example], cfg: TrainConfig, wo
     mine = list(range(world.rank, len(rows), world.size))
     for j in range(0, len(mine), cfg.batch_size):
         batch = {k: v.to(device) for k, v in D.collate([rows[i] for i in mine[j: j + cfg.batch_size]], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != D.IGNORE).sum())
+        n = D.label_tokens(batch)
         out = model(**batch)
         loss_sum += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=device)
     if world.size > 1:
@@ -129,21 +129,21 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
             group["lr"] = lr
         batches = [rank_batch(rows, cfg, world, step * cfg.grad_accum + j, pad_id, device)
                    for j in range(cfg.grad_accum)]
-        labelled = [int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches]
+        labelled = [D.label_tokens(b) for b in batches]
         # the step's loss is the mean over all its label tokens, on every process and micro-batch: each
         # micro-batch's mean loss weighs by its share of them (DDP then averages the processes' gradients,
         # hence the factor world.size), so accumulation and processes equal one batch of the same rows
         step_tokens = torch.tensor(float(sum(labelled)), dtype=torch.float64, device=device)
         if world.size > 1:
             dist.all_reduce(step_tokens)
-        weight = world.size / max(1.0, float(step_tokens))
+        step_tokens = max(1.0, float(step_tokens))
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # [loss, tokens]
         for j, (batch, n) in enumerate(zip(batches, labelled)):
             sync = world.size == 1 or j == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else net.no_sync():
                 out = net(**batch)
-                (out.loss * (n * weight)).backward()
-            stats += torch.tensor([float(out.loss.detach()) * n / max(1.0, float(step_tokens)),
+                (out.loss * (n * world.size / step_tokens)).backward()
+            stats += torch.tensor([float(out.loss.detach()) * n / step_tokens,
                                    float(batch["attention_mask"].sum())], dtype=torch.float64, device=device)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

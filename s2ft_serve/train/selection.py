@@ -21,7 +21,7 @@ import torch
 
 from s2ft_serve.errors import InvalidRequestError
 from s2ft_serve.model.loading import head_dim_of, target_linears
-from s2ft_serve.train.data import IGNORE
+from s2ft_serve.train.data import label_tokens
 
 STRATEGIES = ("random", "weight", "activation", "gradient")
 ORDERS = ("largest", "smallest")
@@ -197,7 +197,7 @@ def _gradient_scores(model: torch.nn.Module, linears: dict[str, torch.nn.Linear]
         m.weight.requires_grad_(True)
         m.weight.grad = None
     calibration = list(calibration)
-    labelled = [int((batch["labels"][:, 1:] != IGNORE).sum()) for batch in calibration]
+    labelled = [label_tokens(batch) for batch in calibration]
     try:
         for batch, n in zip(calibration, labelled):
             if not n:

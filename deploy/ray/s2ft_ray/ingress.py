@@ -19,9 +19,9 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from s2ft_serve.errors import RequestTooLargeError, S2FTError
+from s2ft_serve.errors import S2FTError
 from s2ft_serve.server.deps import require_admin
-from s2ft_serve.server.errors import domain_error_response
+from s2ft_serve.server.errors import body_too_large, domain_error_response
 
 from s2ft_ray.bridge import ForwardedRequest, ResponseStart, error_start
 from s2ft_ray.options import split_args
@@ -90,15 +90,13 @@ class FleetIngress:
         single server does (QA: the ingress read and parsed any size before a replica refused it)."""
         limit = self.settings.max_request_bytes
         declared = request.headers.get("content-length", "")
-        too_large = RequestTooLargeError(f"the request body is larger than this server accepts ({limit} bytes, "
-                                         "--max-request-bytes)", code="request_too_large")
         if limit and declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise body_too_large(limit)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if limit and len(body) > limit:
-                raise too_large
+                raise body_too_large(limit)
         return bytes(body)
 
     async def _open(self, req: ForwardedRequest, target: Route) -> tuple[ResponseStart, AsyncIterator[bytes]]:
