@@ -29,7 +29,8 @@ base GEMMs.
 On a GPU (`--device cuda`): the GEMMs are torch's there (`--gemm` names a CPU path), `--kernel auto`
 or `native` is the Triton kernel and `torch` embedding_bag, and `--model` can name any folder, e.g. one
 with the default model's architecture and random weights (`benchmarks/random_model.py`): decode speed
-does not depend on the weights' values. `benchmarks/gpu_check.sh` runs it so.
+does not depend on the weights' values. Decode steps replay CUDA graphs there (`--cuda-graphs on,off`
+measures them against eager steps). `benchmarks/gpu_check.sh` runs it so.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def load_others(args, engine: Engine) -> tuple[dict, dict]:
                     "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"}
 
 
-def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
+def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype, graphs: bool,
                    others: tuple[dict, dict] | None) -> tuple[dict, tuple[dict, dict], torch.dtype]:
     """Decode tok/s of one engine on the base and on B distinct adapters, and of the other systems
     (`load_others`, loaded with the first engine when None), all in the engine's thread, interleaved
@@ -138,9 +139,10 @@ def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype,
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.batch,
                                  max_model_len=256,
                                  max_resident_adapters=args.batch, gemm=gemm, adapter_kernel=kernel,
-                                 threads=args.threads)).start()
+                                 cuda_graphs=graphs, threads=args.threads)).start()
     names = add_random_adapters(engine, args.batch, args.heads, args.channels, adapter_dtype)
-    for batch in ([None] * args.batch, names):  # warm up (on a GPU: the GEMMs' plans, the allocator, the kernels)
+    for batch in ([None] * args.batch, names):  # warm up (on a GPU: the GEMMs' plans, the allocator, the kernels,
+        # the CUDA graphs)
         engine_time(engine, batch, 4)
     others = others or load_others(args, engine)
     timers = {"base": lambda n: engine_time(engine, [None] * args.batch, n),
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for every system measured")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--model", default=None, help="a local Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--cuda-graphs", default="on", help="on a GPU: decode steps as CUDA graphs (on), eager (off), "
+                    "or both (on,off)")
     args = ap.parse_args()
     if args.tokens < 2:
         ap.error("--tokens must be at least 2: decode throughput is timed as t(tokens) - t(1)")
@@ -189,9 +193,12 @@ def main() -> None:
         for gemm in args.gemm.split(","):
             for kernel in args.kernel.split(","):
                 for adapter_dtype in args.adapter_dtype.split(","):
-                    name = f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
-                    rounds, others, held = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype), others)
-                    engines[name] = (rounds, held)
+                    for graphs in args.cuda_graphs.split(",") if args.device.startswith("cuda") else ["on"]:
+                        name = (f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
+                                + ("" if graphs == "on" else "+eager"))
+                        rounds, others, held = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype),
+                                                              graphs == "on", others)
+                        engines[name] = (rounds, held)
     info = others[1]
     report = {
         "benchmark": "engine_throughput", "model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,

@@ -8,8 +8,9 @@
 # Needs the default model's config and tokenizer files in .gpu/smol (copied from the converted model in
 # ~/.cache/s2ft_serve/models/SmolLM2-135M-Instruct, without model.safetensors) and, where the machine lacks
 # pytest-asyncio, its wheel in .whl/. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
-# Knobs: DTYPES ("bfloat16 float32"), KERNELS (auto,torch: the GPU kernel and embedding_bag), PEFT (1),
-# PROFILE (0), TEST_TIMEOUT (300 s), BENCH_TIMEOUT (150 s per dtype).
+# Knobs: DTYPES ("bfloat16 float32"), KERNELS (auto: the GPU kernel; auto,torch adds embedding_bag),
+# GRAPHS (on,off: decode steps as CUDA graphs, and eager), PEFT (1), PROFILE (0), TEST_TIMEOUT (300 s),
+# BENCH_TIMEOUT (180 s per dtype).
 set -u
 out=${1:-/tmp/gpu-check}
 mkdir -p "$out"
@@ -35,8 +36,9 @@ for dtype in ${DTYPES:-bfloat16 float32}; do
             --batch 32 --top 15 > "$out/profile-$dtype.log" 2>&1
         grep -E "^== |mixed/base" "$out/profile-$dtype.log"
     fi
-    timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/engine_throughput.py --device cuda --model /tmp/smol-random \
-        --dtype $dtype --batch 32 --tokens 32 --repeats 3 --gemm exact --kernel "${KERNELS:-auto,torch}" \
+    timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/engine_throughput.py --device cuda --model /tmp/smol-random \
+        --dtype $dtype --batch 32 --tokens 32 --repeats 3 --gemm exact --kernel "${KERNELS:-auto}" \
+        --cuda-graphs "${GRAPHS:-on,off}" \
         $([ "${PEFT:-1}" = 1 ] || echo --skip-peft) > "$out/throughput-$dtype.log" 2>&1
     grep -E "^engine |^decode" "$out/throughput-$dtype.log"
 done

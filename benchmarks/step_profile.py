@@ -60,9 +60,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed and profiled")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--kernel", default="auto", help="adapter_kernel: auto, native or torch")
+    ap.add_argument("--eager", action="store_true", help="on a GPU: no CUDA graphs")
     args = ap.parse_args()
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.batch,
-                                 max_model_len=256, max_resident_adapters=args.batch, adapter_kernel=args.kernel)).start()
+                                 max_model_len=256, max_resident_adapters=args.batch, adapter_kernel=args.kernel,
+                                 cuda_graphs=not args.eager)).start()
     names = add_random_adapters(engine, args.batch)
     device = engine.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

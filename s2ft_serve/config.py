@@ -26,6 +26,8 @@ class EngineConfig:
     adapter_kernel: str = "auto"  # mixed-adapter decode steps: auto = the compiled CPU kernel for CPU
     # float32 and bfloat16 where it builds (a C++ compiler, once), on CUDA its Triton twin, else embedding_bag
     # | native (required) | torch
+    cuda_graphs: bool = True  # on a GPU, decode steps replay captured CUDA graphs (engine.graphs); False:
+    # every step launches its kernels one by one (vLLM's enforce_eager). No effect on a CPU
     max_batch_size: int = 32  # requests decoded together per step
     max_tokens_per_step: int = 512  # prefill token budget per step; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # prompt + output; None = min(model's max positions, 2048)
@@ -59,6 +61,9 @@ class EngineConfig:
                 if not (none and value is None) and (isinstance(value, bool) or not isinstance(value, int)
                                                      or value < least):
                     raise ValueError(f"{name} must be an integer >= {least}{' or None' if none else ''}, not {value!r}")
+        for name in ("cuda_graphs", "lazy_load", "auto_fuse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         for name in ("auto_fuse_share", "auto_unfuse_share"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)!r}")

@@ -40,6 +40,7 @@ class AdapterBatch:
     single_slots: tuple[int, ...] = ()  # slots applied to every token (mode "single")
     token_slots: torch.Tensor | None = None  # [T, m] per-token (mode "mixed") or [P, m] per-row ("rows") slots
     mode: str = "none"  # "none" | "single" | "mixed" | "rows"
+    tables: int = 0  # bumped whenever a module's slot tables are reallocated (CUDA graphs read them in place)
     _per_token: torch.Tensor | None = None  # "rows": each prompt's slots repeated on its L tokens, [P * L, m]
 
     def set_none(self) -> None:
@@ -145,6 +146,7 @@ class S2FTLinear(nn.Module):
             if old.slot_k[slot]:
                 self._write(new, slot, *old.columns(slot), narrow=old.narrow[slot])
         self.slots = new
+        self.batch.tables += 1
 
     def _retype(self, dtype: torch.dtype) -> None:
         old = self.slots

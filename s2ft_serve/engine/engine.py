@@ -126,7 +126,7 @@ class Engine:
         self.head_dim = head_dim_of(hf_config)
         self._shapes = linear_shapes(target_linears(loaded.model))
         self.runner = ModelRunner(loaded.model, config.max_batch_size, self.max_model_len, config.gemm,
-                                  config.adapter_kernel)
+                                  config.adapter_kernel, config.cuda_graphs)
         self.device = self.runner.device
         if self.device.type == "cuda":  # this thread's current GPU is the model's: the Triton kernel launches there
             torch.cuda.set_device(self.device)

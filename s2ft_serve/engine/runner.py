@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from s2ft_serve.adapters.layers import NULL_SLOT, AdapterBatch, wrap_model
+from s2ft_serve.engine.graphs import DecodeGraphs, length_dependent_rotary
 from s2ft_serve.model.forward import Transformer
 from s2ft_serve.model.loading import target_linears
 
 
 class ModelRunner:
     def __init__(self, hf_model: torch.nn.Module, max_batch_size: int, max_model_len: int, gemm: str = "exact",
-                 adapter_kernel: str = "auto"):
+                 adapter_kernel: str = "auto", cuda_graphs: bool = False):
         self.batch = AdapterBatch()
         verdicts: dict = {}  # the exact GEMMs' probe results, shared by every projection (gemm.ExactLinear)
         self.layers = wrap_model(hf_model, target_linears(hf_model), self.batch, onednn=gemm == "onednn",
@@ -20,6 +21,9 @@ class ModelRunner:
         self.model = Transformer(hf_model, max_rows=max_batch_size + 1, max_len=max_model_len, gemm=gemm,
                                  verdicts=verdicts)
         self.device = self.model.device
+        self.graphs = None  # decode steps as CUDA graphs (see engine.graphs), where they serve
+        if cuda_graphs and self.device.type == "cuda" and not length_dependent_rotary(hf_model.config):
+            self.graphs = DecodeGraphs(self.model, self.batch, max_batch_size)
 
     def _set_layout(self, slot_tuples: list[tuple[int, ...]], per_row: bool = False) -> None:
         """One tuple of slots per sequence (decode: one token each; `per_row`: a prompt each)."""
@@ -68,6 +72,10 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int], slot_tuples: list[tuple[int, ...]]) -> torch.Tensor:
         """One new token for each of the B running sequences (rows 0..B-1); logits [B, vocab]."""
+        if self.graphs is not None:
+            logits = self.graphs.decode(last_tokens, positions, slot_tuples)
+            if logits is not None:
+                return logits
         self._set_layout(slot_tuples)
         tokens = torch.tensor(last_tokens, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)[:, None]  # [B, 1]

@@ -166,6 +166,10 @@ class Transformer(nn.Module):
         cached: bool,  # True: the tokens continue what each row's cache holds (decode, a later chunk,
         # a prefix-cache hit) and go in at `positions`; False: fresh prompts from position 0 (right-padded)
         keep: torch.Tensor | None = None,  # flat indices into the B * L positions to return logits for
+        span: int | None = None,  # cached: the cache positions attended over (default: up to the furthest
+        # position; a CUDA graph's step gives its own, as reading positions.max() would wait for the GPU)
+        write_slots: torch.Tensor | None = None,  # cached: where the keys and values go, flat as `_cache_slots`
+        # gives them (default: each row's own, at `positions`)
     ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
         cos, sin = self.hf.model.rotary_emb(h, positions)
@@ -179,11 +183,12 @@ class Transformer(nn.Module):
         # query's dtype), built once per pass instead of once per layer
         slots = None
         if cached:  # each token attends over its row's cache up to its own position
-            keys, at = torch.arange(int(positions.max()) + 1, device=h.device)[None, None, :], positions[:, :, None]
+            span = int(positions.max()) + 1 if span is None else span
+            keys, at = torch.arange(span, device=h.device)[None, None, :], positions[:, :, None]
             seen = keys <= at  # [B, L, span]
             masks = {w: _additive(seen if w is None else seen & (keys > at - w), h.dtype)[:, None]  # [B, 1, L, span]
                      for w in (None, *self.window_sizes)}
-            slots = self._cache_slots(rows, positions)
+            slots = self._cache_slots(rows, positions) if write_slots is None else write_slots
         else:  # fresh prompts from position 0: causal, banded for a window shorter than the prompt
             masks = {w: _band(w, tokens.shape[1], h.device, h.dtype) for w in (None, *self.window_sizes)}
         # the compiled norm and cache write where they serve (outside autograd), decided once per pass

@@ -51,6 +51,8 @@ class ServerSettings(BaseSettings):
     adapter_kernel: Literal["auto", "native", "torch"] = Field(
         "auto", description="mixed-adapter steps: auto = the compiled CPU float32/bfloat16 kernel where it builds (on CUDA "
         "its Triton twin), else torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
+    cuda_graphs: bool = Field(True, description="on a GPU, replay decode steps as captured CUDA graphs (off: "
+                              "launch every kernel each step, as vLLM's --enforce-eager)")
     lazy_load: bool = True
     max_fused_adapters: int = Field(1, ge=1)
     auto_fuse: bool = Field(False, description="fuse the adapter that dominates recent traffic; unfuse when it fades")
@@ -151,6 +153,7 @@ class ServerSettings(BaseSettings):
             threads=self.threads,
             gemm=self.gemm,
             adapter_kernel=self.adapter_kernel,
+            cuda_graphs=self.cuda_graphs,
             max_batch_size=self.max_batch_size,
             max_tokens_per_step=self.max_tokens_per_step,
             max_queue=self.max_queue,

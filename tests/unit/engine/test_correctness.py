@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from s2ft_serve.adapters.format import merge_into
+from s2ft_serve.engine.graphs import DecodeGraphs
 from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import device_under_test, make_tiny_model, random_adapter
 
@@ -14,12 +15,16 @@ from engine_reference import make_engine, reference, reference_greedy, reference
 PROMPTS = ["Hello world! The quick", "What is 2 + 2?", "fox", "Structured sparse fine-tuning updates a few"]
 
 
-@pytest.fixture(params=[("exact", "native"), ("onednn", "native"), ("exact", "torch")], ids="-".join)
+@pytest.fixture(params=[("exact", "native"), ("onednn", "native"), ("exact", "torch"), ("exact", "native", "static")],
+                ids="-".join)
 def engine(tiny_model_dir, request):
     """The contract holds with either GEMM backend (on these tiny models oneDNN's rounding stays far below it)
-    and either mixed-step kernel: the compiled one and the portable embedding_bag."""
-    gemm, kernel = request.param
+    and either mixed-step kernel: the compiled one and the portable embedding_bag; and through the padded,
+    static-shape decode step that CUDA graphs replay (run eagerly here)."""
+    gemm, kernel, *graphs = request.param
     e = make_engine(tiny_model_dir, max_batch_size=8, gemm=gemm, adapter_kernel=kernel)
+    if graphs and e.runner.graphs is None:
+        e.runner.graphs = DecodeGraphs(e.runner.model, e.runner.batch, 8, capture=False)
     yield e
     e.shutdown(timeout=5)
 

@@ -151,7 +151,7 @@ def test_a_prompt_filling_the_context_is_scored_with_max_tokens_0(tiny_llama_dir
 @pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("max_batch_size", -1), ("max_tokens_per_step", 0),
                                           ("max_queue", 0), ("max_model_len", 0), ("prefix_cache_bytes", -1),
                                           ("speculative_tokens", -1), ("threads", 0), ("max_batch_size", 2.5),
-                                          ("auto_fuse_share", 0.0)])
+                                          ("auto_fuse_share", 0.0), ("cuda_graphs", "no"), ("lazy_load", 0)])
 def test_an_engine_config_it_cannot_run_with_is_refused(tiny_llama_dir, field, value):
     """QA: max_batch_size 0 (or a prefill budget of 0) was accepted and every request waited forever."""
     with pytest.raises(ValueError, match=f"{field} must be"):

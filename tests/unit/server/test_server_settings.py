@@ -69,8 +69,9 @@ def test_every_setting_is_a_flag():
 def test_engine_config_carries_the_limits(tmp_path):
     s = ServerSettings(model="m", adapter_root=str(tmp_path), max_batch_size=4, max_queue=5,
                        max_resident_adapters=2, max_adapter_bytes=1000, device="cpu", dtype="bfloat16",
-                       lazy_load=False)
+                       lazy_load=False, cuda_graphs=False)
     c = s.engine_config()
+    assert c.cuda_graphs is False and ServerSettings().engine_config().cuda_graphs is True
     assert (c.model, c.max_batch_size, c.max_queue, c.max_resident_adapters, c.max_adapter_bytes) == \
         ("m", 4, 5, 2, 1000)
     assert (c.adapter_root, c.device, c.dtype, c.lazy_load) == (str(tmp_path), "cpu", "bfloat16", False)
