@@ -18,8 +18,9 @@ else it touches: the weights (fusion edits them in place), the KV cache, the ada
 A table that is reallocated (an adapter with more columns, a float32 delta in a bfloat16 table) bumps
 `AdapterBatch.tables`, and every graph is dropped, to be captured again when next used.
 
-Graphs are captured the first time their shape is used; a capture that fails turns graphs off for
-the engine (logged once) and the step runs eagerly, as it does where no graph serves: speculative
+Graphs are captured the first time their shape is used, and kept only if their first replay gives
+the eager step they recorded; a capture that fails either way turns graphs off for the engine
+(logged once) and the step runs eagerly, as it does where no graph serves: speculative
 verify passes, a model whose rotary angles depend on the length (dynamic NTK, LongRoPE). With
 `capture=False` the same padded, static-shape step runs eagerly (how tests check it on a CPU).
 """
@@ -99,13 +100,13 @@ class DecodeGraphs:
         self._fill(step, tokens, positions, slot_tuples)
         if step.graph is None and self.capture:
             try:
-                self._capture(step, span)
+                self._capture(step, span)  # its check replays this step
             except Exception as e:  # noqa: BLE001 - any capture failure: serve eagerly from now on
                 log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
                 self.failed = True
                 self.steps.clear()
                 return None
-        if step.graph is not None:
+        elif step.graph is not None:
             step.graph.replay()
         else:
             step.logits = self._run(step, span)
@@ -152,7 +153,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._run(step, span)
+            eager = self._run(step, span)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -160,6 +161,13 @@ class DecodeGraphs:
         # thread_local: another thread's CUDA work (an adapter copied to the GPU) may not fail this capture
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._run(step, span)
+        # a graph is used only if its first replay gives the step it recorded (the same kernels on the
+        # same inputs: equal but for a GEMM that picks another algorithm under capture)
+        graph.replay()
+        tol = 1e-4 if self.model.cache.k.dtype == torch.float32 else 2e-2
+        if not torch.allclose(logits, eager, rtol=tol, atol=tol):
+            raise RuntimeError(f"its replay differed from the eager step by up to "
+                               f"{(logits - eager).abs().max().item():.3g}")
         step.graph, step.logits = graph, logits
         self.captured += 1
         log.debug("captured a decode step: batch %d, span %d, slots per token %d", step.tokens.shape[0], span,

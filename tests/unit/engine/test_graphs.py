@@ -135,3 +135,31 @@ def test_cuda_graphs_replay_the_eager_steps(tiny_llama_dir, dtype):
         assert out.token_ids == reference_greedy(reference(tiny_llama_dir, (wide, 1.0)), prompts[0], 12)
     for engine in engines:
         engine.shutdown()
+
+
+def test_the_static_step_never_reads_a_tensor_on_the_host(tiny_llama_dir, monkeypatch):
+    """A graph cannot wait for the GPU mid-step: the step, on the ops the GPU path runs (transformers'
+    rotary and norms, index_copy_ cache writes, the mixed-step kernel), reads no tensor value on the
+    host (item, int, bool, tolist) once warmed up (the CPU GEMMs' probes run at a first call)."""
+    engine = make_engine(tiny_llama_dir, max_batch_size=4)
+    model = engine.runner.model
+    model.rotary = model.add_rms_norm = model.kv_write = None  # the CPU's compiled calls: not the GPU's ops
+    graphs = static(engine)
+    for i in range(2):
+        engine.add_adapter(f"a{i}", random_adapter(engine.loaded.model, engine.model_name, seed=i))
+    registry = engine.registry
+    versions = [registry.acquire(registry.get(n)) for n in ("a0", "a1")] + [None]
+    for row, v in enumerate(versions):
+        engine.runner.prefill([5, 6, 7 + row], row, registry.slots_for(v), all_logits=False)
+    slots = [registry.slots_for(v) for v in versions]
+    for layout in (slots, [()] * 3):
+        engine.runner.decode([8, 9, 10], [3, 3, 3], layout)  # warm up: the first call at these shapes
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        def refuse(self, *args, _name=name):
+            raise AssertionError(f"the decode step read a tensor on the host ({_name})")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for layout in (slots, [()] * 3):
+        logits = engine.runner.decode([8, 9, 10], [3, 3, 3], layout)
+    monkeypatch.undo()
+    assert logits.shape[0] == 3 and len(graphs.steps) == 2
+    engine.shutdown()
