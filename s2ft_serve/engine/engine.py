@@ -16,6 +16,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -79,6 +80,23 @@ def _cancel_submitted(submitted: asyncio.Future) -> None:
             handle.cancel()
 
 
+def _stepping(stepper: "weakref.ref[Stepper]") -> Callable[[], bool]:
+    """One pass of the step loop as the engine thread runs it; False once the engine is gone (the
+    thread holds it weakly: its users and their requests' handles hold it)."""
+
+    def body() -> bool:
+        s = stepper()
+        if s is None:
+            return False
+        if not s.iteration():  # nothing to step: wait for a request or a call, not holding the engine
+            wait, ready = s.engine.idle_wait()
+            del s
+            wait(ready, 0.05)
+        return True
+
+    return body
+
+
 class Engine:
     """Holds the base weights once and any number of adapters; its engine thread does the torch work."""
 
@@ -93,6 +111,8 @@ class Engine:
             raise ValueError("speculative decoding needs 1 <= speculative_ngram_min <= speculative_ngram_max")
         self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
         self._thread = EngineThread(self.scheduler.cond)
+        # an engine dropped without shutdown(): its thread ends once the engine is collected (see start)
+        weakref.finalize(self, self._thread.stop, final=lambda: None, timeout=0)
         try:
             self._thread.call(self._build, config, loaded)
         except BaseException:
@@ -158,9 +178,11 @@ class Engine:
         self.shutdown()
 
     def start(self) -> "Engine":
-        """Begin stepping on the engine thread (idempotent)."""
+        """Begin stepping on the engine thread (idempotent). The thread holds the engine weakly: an
+        engine dropped without `shutdown()` lives while a handle of one of its requests does, then is
+        collected and its thread ends (it held the model for the life of the process)."""
         if not self._thread.running:
-            self._thread.run_body(self.stepper.iteration)
+            self._thread.run_body(_stepping(weakref.ref(self.stepper)))
         return self
 
     def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
@@ -168,9 +190,10 @@ class Engine:
         (benchmarks and tools that drive `runner` / `registry` directly)."""
         return self._thread.call(fn, *args, **kwargs)
 
-    def idle(self, timeout: float) -> None:
-        """On the engine thread, with nothing to step: wait for a request or a call (at most `timeout`)."""
-        self._thread.wait(self.scheduler.has_work, timeout)
+    def idle_wait(self) -> tuple[Callable[[Callable[[], bool], float], None], Callable[[], bool]]:
+        """How the engine thread waits, with nothing to step, for a request or a call: `wait(ready, timeout)`;
+        neither holds the engine."""
+        return self._thread.wait, self.scheduler.has_work
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop."""
@@ -288,7 +311,7 @@ class Engine:
         seq = Sequence(
             request_id=handle.request_id, adapter_name=adapter, prompt_ids=prompt_ids, params=params,
             version=version, sink=handle, detokenizer=detokenizer, generator=generator, matcher=matcher)
-        handle.bind(seq)
+        handle.bind(seq, self)
         return seq, handle
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,

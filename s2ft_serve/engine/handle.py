@@ -22,12 +22,13 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aqueue: asyncio.Queue[StreamEvent] | None = None
         self._seq = None
+        self._engine = None  # the engine, kept alive while its handles are (it may be dropped without shutdown)
         self._lock = threading.Lock()  # put() (engine thread) vs attach_loop() (caller): no lost event
         self._text: list[str] = []
         self.finished = False
 
-    def bind(self, seq) -> None:
-        self._seq = seq
+    def bind(self, seq, engine) -> None:
+        self._seq, self._engine = seq, engine
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver events to `loop` from now on (events already queued are moved over)."""

@@ -57,15 +57,15 @@ class Stepper:
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.eos_ids = eos
 
-    def iteration(self) -> None:
-        """One pass of the step loop (the engine thread runs it, between calls, once started)."""
+    def iteration(self) -> bool:
+        """One pass of the step loop (the engine thread runs it, between calls, once started); False
+        when there was nothing to step (the thread then waits, see engine._stepping)."""
         sched = self.engine.scheduler
         if self.engine.autofuse is not None and time.monotonic() >= self._next_tick:
             self._next_tick = time.monotonic() + 1.0
             self.engine.auto_fuse_tick()
         if not sched.has_work():
-            self.engine.idle(0.05)
-            return
+            return False
         try:
             with self.engine.lock:
                 self.step()
@@ -75,6 +75,7 @@ class Stepper:
                 for seq in list(sched.running):
                     self._finish(seq, "error")
                 self._drop_chunking("error")
+        return True
 
     def abort_all(self) -> None:
         """At shutdown: end every running and waiting request."""

@@ -39,8 +39,8 @@ class EngineThread:
                 self.cond.notify_all()
         return fn(*args, **kwargs) if inline else future.result()
 
-    def run_body(self, body: Callable[[], None]) -> None:
-        """Start running `body` in a loop, between calls."""
+    def run_body(self, body: Callable[[], bool]) -> None:
+        """Start running `body` in a loop, between calls, until it returns False."""
         with self.cond:
             self._body = body
             self.cond.notify_all()
@@ -51,7 +51,8 @@ class EngineThread:
             self._stopping = True
             self._final = final
             self.cond.notify_all()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # a finalizer may run on it
+            self._thread.join(timeout)
 
     def wait(self, ready: Callable[[], bool], timeout: float) -> None:
         """In the body: sleep until `ready()`, a call, a stop, or `timeout`, whichever comes first."""
@@ -85,7 +86,10 @@ class EngineThread:
                         self.cond.wait()
                     continue
                 body = self._body
-            body()  # steps, or waits on `cond` for work (a call wakes it too)
+            if not body():  # steps, or waits on `cond` for work (a call wakes it too); False: nothing left
+                with self.cond:
+                    self._stopping = True
+                break
         try:
             self._final()
         finally:  # the calls handed over before the stop still get their answer

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
+from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.engine.thread import EngineThread
 from s2ft_serve.model.testing import random_adapter
 
@@ -31,6 +34,7 @@ def test_calls_interleave_with_the_body_and_stop_runs_final_last():
         passes.append(1)
         with cond:
             cond.wait(0.01)
+        return True
 
     worker.run_body(body)
     assert worker.running
@@ -56,3 +60,33 @@ def test_engine_does_its_torch_work_on_its_own_thread(tiny_llama_dir):
     engine.start()
     assert engine.generate("hello", "a").token_ids
     engine.shutdown(timeout=5)
+
+
+def _ends(thread: threading.Thread, engine_ref: weakref.ref) -> bool:
+    for _ in range(200):
+        gc.collect()
+        if engine_ref() is None and not thread.is_alive():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_engine_dropped_without_shutdown_finishes_its_requests_then_is_collected(tiny_llama_dir):
+    """QA (P): an engine dropped without shutdown() kept its thread, and through it the model, for the life
+    of the process (a notebook that makes engines in a loop runs out of memory)."""
+    engine = make_engine(tiny_llama_dir).start()
+    handle = engine.submit("fox", None, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    thread, ref = engine._thread._thread, weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert len(handle.result(timeout=60).token_ids) == 40  # its request's handle holds it
+    assert ref() is not None and thread.is_alive()
+    del handle
+    assert _ends(thread, ref)
+
+
+def test_an_engine_never_started_ends_its_thread_when_dropped(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    thread, ref = engine._thread._thread, weakref.ref(engine)
+    del engine
+    assert _ends(thread, ref)
