@@ -13,6 +13,7 @@ starts no torch parallel region (a server validates in its request threads; see 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class Adapter:
     modules: dict[str, ModuleDelta]
     path: Path | None = None
     nbytes: int = 0
+    digest: str | None = None  # read from a file: the sha256 of its safetensors bytes
 
     @property
     def base_model(self) -> str:
@@ -123,40 +125,75 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     return path
 
 
+def _need_file(path: Path, why: str) -> None:
+    """Refuse `path` unless it is a regular file (following links), saying what it is instead."""
+    if path.is_file():
+        return
+    if path.is_symlink() and not path.exists():
+        raise AdapterValidationError(f"{path}: a broken symbolic link (or a loop of links); {why}")
+    if path.exists():
+        raise AdapterValidationError(f"{path}: not a regular file (a folder, a device or a pipe); {why}")
+    raise AdapterValidationError(f"{path}: missing; {why}")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     try:
-        is_dir, has_config = path.is_dir(), cfg_path.is_file()
+        is_dir = path.is_dir()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise AdapterValidationError(f"{path}: not a usable path ({exc})") from None
     if not is_dir:
         raise AdapterValidationError(f"{path}: not an adapter folder (no such directory)")
-    if not has_config:
-        raise AdapterValidationError(f"{cfg_path}: missing; an adapter folder needs {CONFIG_FILE}")
-    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterValidationError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes; a config holds a few keys")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _need_file(cfg_path, f"an adapter folder needs {CONFIG_FILE}")
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterValidationError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes; a config holds a few keys")
+        text = cfg_path.read_text()
+    except OSError as exc:  # the process may not read it, an I/O error
+        raise AdapterValidationError(f"{cfg_path}: not readable ({exc})") from None
+    try:  # NaN and Infinity are Python's, not JSON's: no other reader could read the config back
+        config = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterValidationError(f"{cfg_path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterValidationError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
+    return check_config(config, str(cfg_path))
+
+
+def check_config(config, source: str) -> dict:
+    """Refuse a config that is not format v1's (`source` names it in the error)."""
     if not isinstance(config, dict):
-        raise AdapterValidationError(f"{cfg_path}: must hold a JSON object")
+        raise AdapterValidationError(f"{source}: must hold a JSON object")
     if config.get("adapter_type") != "s2ft":
-        raise AdapterValidationError(f"{cfg_path}: adapter_type must be \"s2ft\", got {config.get('adapter_type')!r}")
+        raise AdapterValidationError(f"{source}: adapter_type must be \"s2ft\", got {config.get('adapter_type')!r}")
     version = config.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
         raise AdapterValidationError(
-            f"{cfg_path}: format_version must be {FORMAT_VERSION}, got {version!r}"
+            f"{source}: format_version must be {FORMAT_VERSION}, got {version!r}"
         )
     if not isinstance(config.get("base_model"), str):
-        raise AdapterValidationError(f"{cfg_path}: base_model must be a string")
+        raise AdapterValidationError(f"{source}: base_model must be a string")
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterValidationError(f"{cfg_path}: target_modules must be a list of module names")
+        raise AdapterValidationError(f"{source}: target_modules must be a list of module names")
     fp = config.get("base_model_fingerprint")
     if fp is not None and not isinstance(fp, str):
-        raise AdapterValidationError(f"{cfg_path}: base_model_fingerprint must be a string")
+        raise AdapterValidationError(f"{source}: base_model_fingerprint must be a string")
     return config
+
+
+def check_targets(modules: Mapping[str, "ModuleDelta"], config: dict, source: str, config_source: str) -> None:
+    """Every module must be among the config's target_modules (by last name part, or whole)."""
+    targets = set(config["target_modules"])
+    for name in modules:
+        if name.rsplit(".", 1)[-1] not in targets and name not in targets:
+            raise AdapterValidationError(
+                f"{source}: tensor '{name}{DELTA_SUFFIX}': module '{name}' is not among the config's "
+                f"target_modules {sorted(targets)} ({config_source})")
 
 
 @dataclass
@@ -175,9 +212,11 @@ def read_adapter_file(path: str | Path, base_fingerprint: str | None = None,
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterValidationError(f"{weights}: missing; an adapter folder needs {WEIGHTS_FILE} (pickle files are never loaded)")
-    nbytes = weights.stat().st_size
+    try:
+        _need_file(weights, f"an adapter folder needs {WEIGHTS_FILE} (pickle files are never loaded)")
+        nbytes = weights.stat().st_size
+    except OSError as exc:
+        raise AdapterValidationError(f"{weights}: not readable ({exc})") from None
     if max_bytes is not None and nbytes > max_bytes:
         raise AdapterValidationError(f"{weights}: {nbytes} bytes exceeds the limit of {max_bytes} bytes")
     fp = config.get("base_model_fingerprint")
@@ -207,13 +246,9 @@ def parse_adapter(raw: AdapterFile, linears: Mapping[str, tuple[int, int]] | Non
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from None
     modules = validate_tensors(tensors, linears, source=str(weights), dtype=dtype)
-    targets = set(raw.config["target_modules"])
-    for name in modules:
-        if name.rsplit(".", 1)[-1] not in targets and name not in targets:
-            raise AdapterValidationError(
-                f"{weights}: tensor '{name}{DELTA_SUFFIX}': module '{name}' is not among the config's "
-                f"target_modules {sorted(targets)} ({raw.path / CONFIG_FILE})")
-    return Adapter(config=raw.config, modules=modules, path=raw.path, nbytes=len(raw.data))
+    check_targets(modules, raw.config, str(weights), str(raw.path / CONFIG_FILE))
+    return Adapter(config=raw.config, modules=modules, path=raw.path, nbytes=len(raw.data),
+                   digest=hashlib.sha256(raw.data).hexdigest())
 
 
 def load_adapter(
@@ -221,14 +256,16 @@ def load_adapter(
     linears: Mapping[str, tuple[int, int]] | None = None,
     base_fingerprint: str | None = None,
     max_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Adapter:
     """Read and fully validate an adapter folder.
 
     `linears` maps each adaptable module name to `(out_features, in_features)`; when given,
     every tensor must name one of them with matching shapes. `base_fingerprint`, when given,
-    must equal the adapter's `base_model_fingerprint` if the adapter records one.
+    must equal the adapter's `base_model_fingerprint` if the adapter records one. `dtype`: the
+    deltas must stay finite in it (see `validate_tensors`).
     """
-    return parse_adapter(read_adapter_file(path, base_fingerprint, max_bytes), linears)
+    return parse_adapter(read_adapter_file(path, base_fingerprint, max_bytes), linears, dtype)
 
 
 def _values(t: torch.Tensor) -> np.ndarray:
@@ -296,6 +333,11 @@ def validate_tensors(
         if dkey not in tensors:
             fail(ikey, f"has no matching '{dkey}'")
         index, delta = tensors[ikey], tensors[dkey]
+        for key, t in ((ikey, index), (dkey, delta)):
+            if not isinstance(t, torch.Tensor):
+                fail(key, f"must be a torch.Tensor, got {type(t).__name__}")
+            if t.device.type == "meta":
+                fail(key, "holds no data (a meta tensor)")
         if index.dtype != torch.int64:
             fail(ikey, f"dtype must be int64, got {str(index.dtype).replace('torch.', '')}")
         if index.dim() != 1 or index.numel() == 0:

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from s2ft_serve.adapters.format import linear_shapes, load_adapter, merge_into
-from s2ft_serve.errors import InvalidRequestError, ModelNotSupportedError
+from s2ft_serve.errors import AdapterValidationError, InvalidRequestError, ModelNotSupportedError
 from s2ft_serve.model.loading import load_model, target_linears
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -47,15 +47,21 @@ def fuse_to_model(model_path: str | os.PathLike | None, adapter_path: str | os.P
     check_output_dir(out)
     base = load_model(model_path, dtype=None)  # written back in the dtype it is stored in
     linears = target_linears(base.model)
-    adapter = load_adapter(adapter_path, linear_shapes(linears), base_fingerprint=base.fingerprint)
+    weight_dtype = next(iter(linears.values())).weight.dtype
+    # QA: a float64 delta beyond float32's range passed and the model was written with inf weights
+    adapter = load_adapter(adapter_path, linear_shapes(linears), base_fingerprint=base.fingerprint, dtype=weight_dtype)
     merge_into(base.model, adapter)
+    for name, md in adapter.modules.items():  # W + delta may still overflow a half-precision W
+        if not torch.isfinite(linears[name].weight[:, md.index]).all():
+            raise AdapterValidationError(f"{adapter_path}: module '{name}': W + delta overflows "
+                                         f"{str(weight_dtype).replace('torch.', '')}, the base's dtype")
     with atomic_dir(out) as tmp:
         base.model.save_pretrained(tmp)
         copy_side_files(base.path, tmp)
         provenance = {"base_model": base.name, "base_model_fingerprint": base.fingerprint,
                       "adapter": str(adapter_path), "adapter_config": adapter.config}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    dtype = str(next(iter(linears.values())).weight.dtype).replace("torch.", "")
+    dtype = str(weight_dtype).replace("torch.", "")
     return FuseReport(out_dir=out, base_model=base.name, adapter=str(adapter_path), modules=len(adapter.modules),
                       parameters=adapter.num_parameters(), dtype=dtype)
 

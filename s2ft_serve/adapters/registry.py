@@ -44,6 +44,7 @@ class Entry:
     nbytes: int
     summary: dict
     version: AdapterVersion | None = None  # None: evicted, reloads from `path` on next use
+    digest: str | None = None  # its safetensors file's sha256 as loaded: a reload must find the same
     requests_served: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -132,7 +133,7 @@ class AdapterRegistry:
         if old is not None:
             self._drop(old)
         entry = Entry(name=name, path=path, config=adapter.config, nbytes=adapter.nbytes,
-                      summary=adapter.summary(self.head_dim), version=version)
+                      summary=adapter.summary(self.head_dim), version=version, digest=adapter.digest)
         if old is not None:
             entry.requests_served = old.requests_served
         self.entries[name] = entry
@@ -153,7 +154,12 @@ class AdapterRegistry:
 
     @_locked
     def reload(self, entry: Entry, adapter: Adapter) -> None:
-        """Make an evicted entry resident again."""
+        """Make an evicted entry resident again, from the very files it was loaded from (QA: files changed
+        since were served under the old name, with the old size, config and memory accounting)."""
+        if adapter.digest != entry.digest or adapter.config != entry.config:
+            raise ConflictError(f"adapter '{entry.name}' changed on disk since it was loaded (it was evicted "
+                                "since, to make room): load it again with replace to serve the new files",
+                                param="model")
         self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=entry.name)
         slot = self._alloc_slot()
         self._write(slot, adapter)

@@ -25,7 +25,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from s2ft_serve.adapters.format import (
-    CONFIG_FILE, WEIGHTS_FILE, Adapter, linear_shapes, parse_adapter, read_adapter_file, validate_tensors,
+    CONFIG_FILE, WEIGHTS_FILE, Adapter, ModuleDelta, check_config, check_targets, linear_shapes, parse_adapter,
+    read_adapter_file, validate_tensors,
 )
 from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
@@ -479,17 +480,30 @@ class Engine:
 
     @_on_engine_thread
     def add_adapter(self, name: str, adapter: Adapter, replace: bool = False) -> AdapterInfo:
-        """Add an adapter held in memory (validated like a file; never evicted)."""
+        """Add an adapter held in memory (validated like a file, its tensors copied; never evicted)."""
         self._check_name(name)
+        source = f"adapter '{name}'"
+        if not isinstance(adapter, Adapter) or not isinstance(adapter.modules, dict):
+            raise AdapterValidationError(f"{source}: must be an Adapter whose modules are a dict of ModuleDelta")
+        if not all(isinstance(d, ModuleDelta) for d in adapter.modules.values()):
+            raise AdapterValidationError(f"{source}: every module must be a ModuleDelta")
+        config = check_config(adapter.config, f"{source}: config")
         modules = validate_tensors(
             {**{f"{m}.s2ft_index": d.index for m, d in adapter.modules.items()},
              **{f"{m}.s2ft_delta": d.delta for m, d in adapter.modules.items()}},
-            self._shapes, source=f"adapter '{name}'", dtype=self.dtype)
-        fp = adapter.config.get("base_model_fingerprint")
+            self._shapes, source=source, dtype=self.dtype)
+        check_targets(modules, config, source, f"{source}: config")
+        fp = config.get("base_model_fingerprint")
         if fp and fp != self.fingerprint:
-            raise AdapterValidationError(f"adapter '{name}': base_model_fingerprint {fp} does not match the base model")
-        nbytes = adapter.nbytes or sum(d.index.numel() * 8 + d.delta.numel() * d.delta.element_size() for d in modules.values())
-        adapter = Adapter(config=adapter.config, modules=modules, path=adapter.path, nbytes=nbytes)
+            raise AdapterValidationError(f"{source}: base_model_fingerprint {fp} does not match the base model")
+        # QA: the caller's own tensors were kept (fusion later read whatever the caller had put in them since)
+        # and its nbytes believed (nbytes=1 passed the memory limits)
+        modules = {m: ModuleDelta(d.index.detach().clone(), d.delta.detach().clone()) for m, d in modules.items()}
+        nbytes = sum(d.index.numel() * 8 + d.delta.numel() * d.delta.element_size() for d in modules.values())
+        if nbytes > self.config.max_adapter_bytes:
+            raise AdapterValidationError(f"{source}: {nbytes} bytes exceeds the limit of "
+                                         f"{self.config.max_adapter_bytes} bytes (max_adapter_bytes)")
+        adapter = Adapter(config=dict(config), modules=modules, path=adapter.path, nbytes=nbytes)
         with self.lock:
             return self._info(self.registry.install(name, adapter, None, replace))
 

@@ -192,3 +192,56 @@ def test_tensors_must_belong_to_the_configs_target_modules(folder, base):
     full = [O, D, "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
     (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": full}))
     assert set(load_adapter(folder, shapes(base)).modules) <= set(full)
+
+
+def test_an_unreadable_config_is_a_validation_error(folder, base, monkeypatch):
+    """QA: a config the process may not read raised a bare PermissionError (HTTP 500, not 422)."""
+    import pathlib
+
+    read_text = pathlib.Path.read_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "adapter_config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+    with pytest.raises(AdapterValidationError, match=r"adapter_config.json: not readable \(.*Permission denied"):
+        load_adapter(folder, shapes(base))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('"x": ' + "[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply\)"),
+    ('"lr": NaN', "NaN is not a JSON value"),
+    ('"lr": -Infinity', "-Infinity is not a JSON value"),
+])
+def test_configs_python_reads_but_json_does_not_are_refused(folder, base, text, reason):
+    """QA: a deeply nested config raised RecursionError (HTTP 500, a CLI traceback); NaN was accepted, then
+    `inspect --json` printed invalid JSON and the server showed null."""
+    config = (folder / "adapter_config.json").read_text().rstrip().rstrip("}")
+    (folder / "adapter_config.json").write_text(config + ", " + text + "}")
+    with pytest.raises(AdapterValidationError, match=reason):
+        load_adapter(folder, shapes(base))
+
+
+def test_a_file_that_is_not_a_regular_file_is_named_so(folder, base):
+    """QA: a folder, a pipe or a broken link where a file should be was called "missing"."""
+    import os
+
+    weights = folder / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(folder / "nowhere")
+    with pytest.raises(AdapterValidationError, match="adapter_model.safetensors: a broken symbolic link"):
+        load_adapter(folder, shapes(base))
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(AdapterValidationError, match="adapter_model.safetensors: not a regular file"):
+        load_adapter(folder, shapes(base))
+    config = folder / "adapter_config.json"
+    config.unlink()
+    config.mkdir()
+    with pytest.raises(AdapterValidationError, match="adapter_config.json: not a regular file"):
+        load_adapter(folder, shapes(base))
+    config.rmdir()
+    with pytest.raises(AdapterValidationError, match="adapter_config.json: missing"):
+        load_adapter(folder, shapes(base))

@@ -171,3 +171,16 @@ def test_default_model_fuse_and_extract(default_model_dir, tmp_path):
         torch.testing.assert_close(_hf(tmp_path / "fused")(ids).logits, loaded.model(ids).logits, atol=1e-4, rtol=0)
     extract_adapter(None, tmp_path / "fused", tmp_path / "x")
     _assert_within_rounding(base_weights, adapter, load_adapter(tmp_path / "x"))  # QA: up to 1.19e-7 here
+
+
+def test_fuse_refuses_a_delta_the_base_dtype_cannot_hold(tiny_llama_dir, tmp_path):
+    """QA: a float64 delta of 1e39 (finite, but inf in float32) was fused, exit 0, into a model with inf
+    weights; the engine refuses it."""
+    base = load_model(tiny_llama_dir)
+    adapter = random_adapter(base.model, base.name, seed=3, dtype=torch.float64)
+    name = next(n for n in adapter.modules if n.endswith("down_proj"))
+    adapter.modules[name].delta[0, 0] = 1e39
+    save_adapter(adapter, tmp_path / "big")
+    with pytest.raises(AdapterValidationError, match=f"{name}.s2ft_delta.*finite in float32"):
+        fuse_to_model(tiny_llama_dir, tmp_path / "big", tmp_path / "fused")
+    assert not (tmp_path / "fused").exists() or not any((tmp_path / "fused").iterdir())

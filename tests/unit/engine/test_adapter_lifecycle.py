@@ -290,3 +290,72 @@ def test_adapter_files_are_read_and_validated_outside_the_engine_thread(tmp_path
         assert engine.get_adapter("r0").resident
     finally:
         engine.shutdown(timeout=5)
+
+
+def test_a_reload_after_eviction_refuses_files_changed_since(tiny_model_dir, root):
+    """QA: an evicted adapter came back from whatever its folder held by then: other answers under the same
+    name, with the old size, config and memory accounting."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=1).start()
+    engine.load_adapter("r0", "r0")
+    before = engine.get_adapter("r0")
+    engine.load_adapter("r1", "r1")  # evicts r0
+    assert not engine.get_adapter("r0").resident
+    other = random_adapter(engine.loaded.model, engine.model_name, seed=99, channels=30, fingerprint=engine.fingerprint)
+    save_adapter(other, root / "r0")
+    with pytest.raises(ConflictError, match="'r0' changed on disk since it was loaded.*replace"):
+        engine.generate("fox", "r0", GREEDY)
+    after = engine.get_adapter("r0")
+    assert not after.resident and after.nbytes == before.nbytes and after.config == before.config
+    info = engine.load_adapter("r0", "r0", replace=True)  # the new files, on purpose
+    assert info.nbytes == (root / "r0" / "adapter_model.safetensors").stat().st_size != before.nbytes
+    assert engine.generate("fox", "r0", GREEDY).token_ids == greedy(tiny_model_dir, other, engine)
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("config, reason", [
+    ({}, "adapter_type must be"),
+    ({"adapter_type": "lora", "format_version": 2}, "adapter_type must be"),
+    ({"format_version": 2}, "format_version must be 1"),
+    ({"target_modules": ["o_proj"]}, "not among the config's target_modules"),
+    (None, "must hold a JSON object"),
+])
+def test_an_adapter_added_from_memory_has_its_config_checked_as_a_files(engine, config, reason):
+    """QA: add_adapter checked the tensors only ({} or adapter_type "lora" were served and shown)."""
+    from s2ft_serve.adapters.format import Adapter
+
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=5)
+    if config is not None and "adapter_type" not in config and config:
+        config = {**adapter.config, **config}
+    with pytest.raises(AdapterValidationError, match=reason):
+        engine.add_adapter("x", Adapter(config=config, modules=adapter.modules))
+    assert not engine.has_adapter("x")
+
+
+def test_an_adapter_added_from_memory_is_copied_and_measured(tiny_model_dir):
+    """QA: the caller's tensors were kept, so changing them afterwards changed what fusion wrote (NaN logits
+    for every request); the caller's nbytes was believed (nbytes=1 passed the memory limits) and
+    max_adapter_bytes never applied."""
+    import torch
+
+    from s2ft_serve.adapters.format import Adapter, ModuleDelta
+
+    engine = make_engine(tiny_model_dir, max_adapter_bytes=20_000).start()
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=5)
+    kept = {n: (md.index.clone(), md.delta.clone()) for n, md in adapter.modules.items()}
+    expected = sum(md.index.numel() * 8 + md.delta.numel() * 4 for md in adapter.modules.values())
+    adapter.nbytes = 1
+    assert engine.add_adapter("x", adapter).nbytes == expected
+    for md in adapter.modules.values():  # the caller reuses its buffers
+        md.delta.fill_(float("nan"))
+        md.index.zero_()
+    engine.fuse("x")
+    original = Adapter(adapter.config, {n: ModuleDelta(i, d) for n, (i, d) in kept.items()})
+    assert engine.generate("fox", "x", GREEDY).token_ids == greedy(tiny_model_dir, original, engine)
+    assert torch.isfinite(engine.logits(engine.tokenize("fox"))).all()
+    big = random_adapter(engine.loaded.model, engine.model_name, seed=6, channels=100)
+    with pytest.raises(AdapterValidationError, match="exceeds the limit of 20000 bytes"):
+        engine.add_adapter("big", big)
+    bad = Adapter(adapter.config, {n: ModuleDelta(i.tolist(), d) for n, (i, d) in kept.items()})
+    with pytest.raises(AdapterValidationError, match="must be a torch.Tensor, got list"):
+        engine.add_adapter("bad", bad)
+    engine.shutdown()
