@@ -73,10 +73,18 @@ def test_merged_adapter_equals_applying_each_source(tiny_llama_dir, tmp_path):
     assert back.fingerprint == fp
 
 
-def test_half_precision_sources_stay_half_precision():
+def test_half_precision_sources_stay_half_precision_where_it_holds_the_sums():
+    """QA: weighted sums of bfloat16 sources were rounded to bfloat16 (served 2e-3 to 7e-2 in logits from the
+    summed deltas); a sum bfloat16 cannot hold keeps float32 (the engine then serves that module from a
+    float32 table), one it holds stays bfloat16."""
     a = _adapter({O: ([0, 1], torch.randn(2, 2).to(torch.bfloat16))})
+    b = _adapter({O: ([2], torch.randn(2, 1).to(torch.bfloat16))})
+    assert merge_adapters([(a, 1.0), (b, -1.0)], "base", None).modules[O].delta.dtype == torch.bfloat16
     b = _adapter({O: ([1], torch.randn(2, 1).to(torch.bfloat16))})
-    assert merge_adapters([(a, 1.0), (b, 1.0)], "base", None).modules[O].delta.dtype == torch.bfloat16
+    merged = merge_adapters([(a, 0.3), (b, 0.7)], "base", None).modules[O]
+    expected = a.modules[O].delta.float() * 0.3
+    expected[:, 1] += b.modules[O].delta[:, 0].float() * 0.7
+    assert merged.delta.dtype == torch.float32 and torch.equal(merged.delta, expected)
 
 
 def test_fingerprint_is_inherited_and_conflicts_are_refused():
