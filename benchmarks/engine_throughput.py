@@ -153,6 +153,9 @@ def measure_engine(args, gemm: str, kernel: str, adapter_dtype: torch.dtype, gra
         for name, timer in timers.items():
             rounds[name].append(decode_tps(timer, args.batch, args.tokens))
     held = next(iter(engine.runner.layers.values())).slots.table.dtype
+    graphs = engine.runner.graphs
+    if graphs is not None:  # a failed capture would read as "graphs change nothing": say so
+        print(f"engine {gemm}+{kernel}: CUDA graphs captured {graphs.captured}, failed {graphs.failed}")
     engine.shutdown()
     return rounds, others, held
 

@@ -18,16 +18,24 @@ else it touches: the weights (fusion edits them in place), the KV cache, the ada
 A table that is reallocated (an adapter with more columns, a float32 delta in a bfloat16 table) bumps
 `AdapterBatch.tables`, and every graph is dropped, to be captured again when next used.
 
-Graphs are captured the first time their shape is used, and kept only if their first replay gives
-the eager step they recorded; a capture that fails either way turns graphs off for the engine
-(logged once) and the step runs eagerly, as it does where no graph serves: speculative
-verify passes, a model whose rotary angles depend on the length (dynamic NTK, LongRoPE). With
-`capture=False` the same padded, static-shape step runs eagerly (how tests check it on a CPU).
+Graphs are captured the first time their shape is used, on the engine's own stream (one capture at
+a time in the process), and kept only if their first replay gives the eager step they recorded; a
+capture that fails either way turns graphs off for the engine (logged with its traceback;
+`S2FT_CUDA_GRAPHS_STRICT=1` raises instead, for tests and debugging) and the step runs eagerly, as
+it does where no graph serves: speculative verify passes, a model whose rotary angles depend on the
+length (dynamic NTK, LongRoPE). With `capture=False` the same padded, static-shape step runs eagerly
+(how tests check it on a CPU).
+
+Every graph ends by copying its logits into one output tensor of `max_batch_size` rows, which
+`decode` copies out at once: graphs share one memory pool and replay in any order, so nothing a
+graph wrote may be read after another graph's replay.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +44,8 @@ from s2ft_serve.adapters.layers import AdapterBatch
 from s2ft_serve.model.forward import Transformer
 
 log = logging.getLogger(__name__)
+
+_CAPTURE = threading.Lock()  # torch.cuda.graph: one capture at a time in the process
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -50,23 +60,28 @@ def span_buckets(max_len: int) -> list[int]:
     return spans + [max_len]
 
 
-def length_dependent_rotary(config) -> bool:
-    """Rotary angles that depend on the longest position (transformers reads it on the host each pass)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    rope = rope if isinstance(rope, dict) else {}
-    return (rope.get("rope_type") or rope.get("type")) in ("dynamic", "longrope")
+def length_dependent_rotary(hf_model) -> bool:
+    """Rotary angles that depend on the longest position: transformers reads it on the host each pass
+    and replaces `inv_freq` (its own test, on the rotary module, or the config where it has none)."""
+    rope_type = getattr(getattr(hf_model.model, "rotary_emb", None), "rope_type", None)
+    if rope_type is None:
+        config = hf_model.config
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+        rope = rope if isinstance(rope, dict) else {}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    return "dynamic" in rope_type or rope_type == "longrope"
 
 
 @dataclass
 class _Step:
-    """One shape's inputs and outputs, read and written in place by its graph."""
+    """One shape's inputs, read in place by its graph: views of one device tensor, filled by one copy."""
 
+    inputs: torch.Tensor  # [tokens | positions | write_slots | slots], int64
     tokens: torch.Tensor  # [bucket, 1]
     positions: torch.Tensor  # [bucket, 1]
     write_slots: torch.Tensor  # [bucket * kv_heads] flat cache indices
     slots: torch.Tensor | None  # [bucket, m], or None: no adapter
     graph: "torch.cuda.CUDAGraph | None" = None
-    logits: torch.Tensor | None = None  # [bucket, vocab] float32, what the graph writes
 
 
 class DecodeGraphs:
@@ -75,9 +90,11 @@ class DecodeGraphs:
         self.sizes = batch_buckets(max_batch)
         self.spans = span_buckets(model.max_len)
         self.capture = capture
+        self.strict = os.environ.get("S2FT_CUDA_GRAPHS_STRICT") == "1"
         self.steps: dict[tuple[int, int, int], _Step] = {}
         self.tables = batch.tables
-        self.pool = None  # the memory pool every graph shares, made at the first capture
+        self.stream = self.pool = None  # the stream every capture runs on and the memory pool graphs share
+        self.out: torch.Tensor | None = None  # [max_batch, vocab] float32: every graph's logits end here
         self.failed = False
         self.captured = 0  # graphs captured since start (a shape captured again after a table change counts again)
 
@@ -91,48 +108,50 @@ class DecodeGraphs:
         if size is None or span is None:
             return None
         width = max(len(t) for t in slot_tuples)
-        if self.batch.tables != self.tables:  # a slot table moved: every graph reads the old one
-            self.steps.clear()
+        if self.batch.tables != self.tables:  # a slot table moved: the graphs of adapter steps read the old one
+            self.steps = {key: step for key, step in self.steps.items() if step.slots is None}
             self.tables = self.batch.tables
         step = self.steps.get((size, span, width))
         if step is None:
             step = self.steps[(size, span, width)] = self._new_step(size, width)
         self._fill(step, tokens, positions, slot_tuples)
-        if step.graph is None and self.capture:
+        if not self.capture:
+            return self._run(step, span)[:B]
+        if step.graph is None:
             try:
-                self._capture(step, span)  # its check replays this step
+                self._capture(step, span, B)  # its check replays this step
             except Exception as e:  # noqa: BLE001 - any capture failure: serve eagerly from now on
-                log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e)
+                if self.strict:
+                    raise
+                log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(e).__name__, e,
+                            exc_info=True)
                 self.failed = True
                 self.steps.clear()
                 return None
-        elif step.graph is not None:
-            step.graph.replay()
         else:
-            step.logits = self._run(step, span)
-        return step.logits[:B].clone()
+            step.graph.replay()
+        return self.out[:B].clone()  # now: the next replay may write where this graph's own tensors were
 
     def _new_step(self, size: int, width: int) -> _Step:
-        device = self.model.device
-        zeros = dict(dtype=torch.int64, device=device)
-        return _Step(torch.zeros(size, 1, **zeros), torch.zeros(size, 1, **zeros),
-                     torch.zeros(size * self.model.num_kv_heads, **zeros),
-                     torch.zeros(size, width, **zeros) if width else None)
+        heads = self.model.num_kv_heads
+        inputs = torch.zeros(size * (2 + heads + width), dtype=torch.int64, device=self.model.device)
+        tokens, positions, write_slots, slots = inputs.split([size, size, size * heads, size * width])
+        return _Step(inputs, tokens.view(size, 1), positions.view(size, 1), write_slots,
+                     slots.view(size, width) if width else None)
 
     def _fill(self, step: _Step, tokens: list[int], positions: list[int], slot_tuples: list[tuple[int, ...]]) -> None:
-        """Copy this step's inputs into the shape's tensors (one host-to-device copy each); padding rows as
-        the module docstring says."""
+        """This step's inputs into the shape's tensors, in one host-to-device copy; padding rows as the
+        module docstring says."""
         size, B = step.tokens.shape[0], len(tokens)
         pad = size - B
-        step.tokens.copy_(torch.tensor(tokens + [0] * pad)[:, None])
-        step.positions.copy_(torch.tensor(positions + [0] * pad)[:, None])
-        at = torch.tensor(positions + [self.model.max_len - 1] * pad)
-        heads = self.model.num_kv_heads
-        flat = (torch.arange(size)[:, None] * heads + torch.arange(heads)[None, :]) * self.model.max_len + at[:, None]
-        step.write_slots.copy_(flat.reshape(-1))
+        heads, max_len = self.model.num_kv_heads, self.model.max_len
+        at = positions + [max_len - 1] * pad  # where each row's keys and values go
+        values = tokens + [0] * pad + positions + [0] * pad
+        values += [(row * heads + head) * max_len + at[row] for row in range(size) for head in range(heads)]
         if step.slots is not None:
             width = step.slots.shape[1]
-            step.slots.copy_(torch.tensor([list(t) + [0] * (width - len(t)) for t in slot_tuples] + [[0] * width] * pad))
+            values += [s for t in slot_tuples for s in (*t, *[0] * (width - len(t)))] + [0] * (width * pad)
+        step.inputs.copy_(torch.tensor(values, dtype=torch.int64))
 
     def _run(self, step: _Step, span: int) -> torch.Tensor:
         """The step, eagerly, on the shape's tensors."""
@@ -146,29 +165,36 @@ class DecodeGraphs:
         finally:
             self.batch.set_none()
 
-    def _capture(self, step: _Step, span: int) -> None:
-        # once eagerly first, on a side stream as PyTorch's recipe asks: Triton compiles its kernel and
-        # cuBLAS sets up its workspace outside the capture; it computes this very step (the replay that
-        # follows writes the same keys and values again)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            eager = self._run(step, span)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        # thread_local: another thread's CUDA work (an adapter copied to the GPU) may not fail this capture
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self._run(step, span)
+    def _capture(self, step: _Step, span: int, B: int) -> None:
+        size = step.tokens.shape[0]
+        with _CAPTURE, torch.cuda.device(self.model.device):
+            current = torch.cuda.current_stream()
+            if self.stream is None:
+                self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+            try:
+                # once eagerly first, on the capture's stream as PyTorch's recipe asks: Triton compiles its
+                # kernel and cuBLAS sets up its workspace outside the capture; it computes this very step (the
+                # replay below writes the same keys and values again)
+                self.stream.wait_stream(current)
+                with torch.cuda.stream(self.stream):
+                    eager = self._run(step, span)
+                current.wait_stream(self.stream)
+                if self.out is None:
+                    self.out = torch.empty(self.sizes[-1], eager.shape[1], dtype=eager.dtype, device=eager.device)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA work may not fail this capture
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    self.out[:size].copy_(self._run(step, span))
+            finally:  # torch.cuda.graph leaves its stream current if the capture fails
+                torch.cuda.set_stream(current)
         # a graph is used only if its first replay gives the step it recorded (the same kernels on the
         # same inputs: equal but for a GEMM that picks another algorithm under capture)
         graph.replay()
         tol = 1e-4 if self.model.cache.k.dtype == torch.float32 else 2e-2
-        if not torch.allclose(logits, eager, rtol=tol, atol=tol):
+        if not torch.allclose(self.out[:B], eager[:B], rtol=tol, atol=tol, equal_nan=True):
             raise RuntimeError(f"its replay differed from the eager step by up to "
-                               f"{(logits - eager).abs().max().item():.3g}")
-        step.graph, step.logits = graph, logits
+                               f"{(self.out[:B] - eager[:B]).abs().max().item():.3g}")
+        step.graph = graph
         self.captured += 1
-        log.debug("captured a decode step: batch %d, span %d, slots per token %d", step.tokens.shape[0], span,
+        log.debug("captured a decode step: batch %d, span %d, slots per token %d", size, span,
                   0 if step.slots is None else step.slots.shape[1])

@@ -22,7 +22,7 @@ class ModelRunner:
                                  verdicts=verdicts)
         self.device = self.model.device
         self.graphs = None  # decode steps as CUDA graphs (see engine.graphs), where they serve
-        if cuda_graphs and self.device.type == "cuda" and not length_dependent_rotary(hf_model.config):
+        if cuda_graphs and self.device.type == "cuda" and not length_dependent_rotary(hf_model):
             self.graphs = DecodeGraphs(self.model, self.batch, max_batch_size)
 
     def _set_layout(self, slot_tuples: list[tuple[int, ...]], per_row: bool = False) -> None:

@@ -57,7 +57,7 @@ def test_padded_steps_of_a_windowed_model_match_the_reference_and_keep_the_cache
     engine.shutdown()
 
 
-def test_a_reallocated_slot_table_drops_every_step(tiny_llama_dir):
+def test_a_reallocated_slot_table_drops_every_adapter_step(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir, max_batch_size=4)
     graphs = static(engine)
     small = random_adapter(engine.loaded.model, engine.model_name, seed=1, channels=4)
@@ -65,14 +65,16 @@ def test_a_reallocated_slot_table_drops_every_step(tiny_llama_dir):
     engine.start()
     ids = engine.tokenize("Hello world")
     engine.generate(ids, "small", GREEDY)
+    engine.generate(ids, None, GREEDY)
     before = dict(graphs.steps)
-    assert before
+    assert {width for _, _, width in before} == {0, 1}
     wide = random_adapter(engine.loaded.model, engine.model_name, seed=2, channels=40)  # more columns: tables grow
     engine.add_adapter("wide", wide)
-    handles = [engine.submit(ids, name, GREEDY) for name in ("small", "wide", None)]
-    outs = [h.result(timeout=60).token_ids for h in handles]
+    handles = [engine.submit(ids, name, GREEDY) for name in ("small", "wide")]
+    outs = [h.result(timeout=60).token_ids for h in handles] + [engine.generate(ids, None, GREEDY).token_ids]
     assert graphs.tables == engine.runner.batch.tables
-    assert all(graphs.steps.get(key) is not step for key, step in before.items())
+    for key, step in before.items():  # the base's steps read no table: kept
+        assert (graphs.steps.get(key) is step) == (key[2] == 0), key
     for (name, adapter), out in zip((("small", small), ("wide", wide), (None, None)), outs):
         assert out == reference_greedy(reference(tiny_llama_dir, *([(adapter, 1.0)] if adapter else [])), ids, 12)
     engine.shutdown()
@@ -90,8 +92,21 @@ def test_a_failed_capture_serves_eagerly_from_then_on(tiny_llama_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="s2ft_serve.engine.graphs"):
         out = engine.generate(ids, "a", GREEDY)
     assert graphs.failed and not graphs.steps and graphs.captured == 0
-    assert "CUDA graph capture failed" in caplog.text
+    assert "CUDA graph capture failed" in caplog.text and "Traceback" in caplog.text
     assert out.token_ids == reference_greedy(reference(tiny_llama_dir, (adapter, 1.0)), ids, 12)
+    engine.shutdown()
+
+
+@pytest.mark.skipif(device_under_test() != "cpu", reason="capture fails only without a GPU")
+def test_strict_graphs_raise_what_failed(tiny_llama_dir, monkeypatch):
+    """S2FT_CUDA_GRAPHS_STRICT=1 (tests, debugging on a GPU): a capture failure is raised, not served around."""
+    monkeypatch.setenv("S2FT_CUDA_GRAPHS_STRICT", "1")
+    engine = make_engine(tiny_llama_dir, max_batch_size=4)
+    graphs = static(engine, capture=True)
+    engine.runner.prefill([5, 6, 7], 0, (), all_logits=False)
+    with pytest.raises(ValueError, match="cuda"):
+        engine.runner.decode([8], [3], [()])
+    assert not graphs.failed
     engine.shutdown()
 
 
