@@ -167,6 +167,13 @@ class Engine:
         return "compiled" if any(layer.native is not None for layer in self.runner.layers.values()) else "embedding_bag"
 
     @property
+    def cuda_graphs(self) -> str:
+        """Decode steps as CUDA graphs: "on", "failed" (a capture failed; eager since, see the log) or "off"
+        (not on a GPU, turned off, or a model whose rotary angles depend on the length)."""
+        graphs = self.runner.graphs
+        return "off" if graphs is None or not graphs.capture else "failed" if graphs.failed else "on"
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes of the preallocated KV cache (one row per batch slot, plus one, of max_model_len tokens)."""
         return self.runner.model.cache.nbytes
@@ -671,7 +678,7 @@ class Engine:
             waiting = list(self.scheduler.waiting)
             running = self.scheduler.in_flight()
         resident = self.registry.resident()
-        cache = self.prefix_cache
+        cache, graphs = self.prefix_cache, self.runner.graphs
         return EngineStats(
             waiting=len(waiting), running=len(running),
             running_adapters=sorted({s.adapter_name for s in running if s.adapter_name}),
@@ -683,7 +690,8 @@ class Engine:
             prefix_cache_hit_tokens=cache.hit_tokens if cache else 0,
             prefix_cache_query_tokens=cache.query_tokens if cache else 0,
             prefix_cache_bytes=cache.nbytes if cache else 0,
-            spec_draft_tokens=self.stepper.draft_tokens, spec_accepted_tokens=self.stepper.accepted_tokens)
+            spec_draft_tokens=self.stepper.draft_tokens, spec_accepted_tokens=self.stepper.accepted_tokens,
+            cuda_graphs=self.cuda_graphs, cuda_graphs_captured=graphs.captured if graphs is not None else 0)
 
     def add_step_listener(self, fn: Callable[[int, int], None]) -> None:
         """`fn(batch_size, num_tokens)` after every forward pass (metrics)."""

@@ -195,6 +195,8 @@ class EngineStats:
     prefix_cache_bytes: int = 0  # bytes the cached prefixes hold now
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed, so far
     spec_accepted_tokens: int = 0  # ... and accepted, so far
+    cuda_graphs: str = "off"  # decode steps as CUDA graphs: "on", "failed" (a capture failed: eager since), "off"
+    cuda_graphs_captured: int = 0  # graphs captured so far
 
 
 def _is_int(value) -> bool:

@@ -65,9 +65,9 @@ async def _load_in_background(app: FastAPI, settings: ServerSettings) -> None:
         return
     attach_engine(app, engine)
     adapters = ", ".join(settings.adapter_specs()) or "none"
-    log.info("ready in %.1f s: model %s on %s (%s), KV cache %.2f GiB, mixed-adapter steps: %s, adapters: %s, "
-             "serving %s", time.perf_counter() - started, engine.model_name, engine.device, engine.dtype,
-             engine.kv_cache_bytes / 2**30, engine.mixed_kernel, adapters, settings.url)
+    log.info("ready in %.1f s: model %s on %s (%s), KV cache %.2f GiB, mixed-adapter steps: %s, CUDA graphs: %s, "
+             "adapters: %s, serving %s", time.perf_counter() - started, engine.model_name, engine.device, engine.dtype,
+             engine.kv_cache_bytes / 2**30, engine.mixed_kernel, engine.cuda_graphs, adapters, settings.url)
 
 
 def begin_drain(app: FastAPI) -> None:

@@ -84,6 +84,9 @@ class Metrics:
         self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM name)", registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM name and labels)",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self.cuda_graphs = Gauge("s2ft_cuda_graphs", "CUDA graphs captured for decode steps, labelled with their "
+                                 "state: on, failed (a capture failed: steps run eagerly since), off (no GPU, or "
+                                 "--no-cuda-graphs)", ["state"], registry=r)
         self.engine_info = Gauge("s2ft_engine_info", "The serving engine's set-up (1, labelled); mixed_kernel "
                                  "'embedding_bag' on CPU float32 means the compiled kernel could not be built",
                                  ["model", "device", "dtype", "gemm", "mixed_kernel"], registry=r)
@@ -126,6 +129,8 @@ class Metrics:
         self.fused_adapters.set(len(stats.fused_adapters))
         self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
         self.engine_counts.stats = stats
+        self.cuda_graphs.clear()
+        self.cuda_graphs.labels(state=stats.cuda_graphs).set(stats.cuda_graphs_captured)
         self.lora_info.clear()
         self.lora_info.labels(
             running_lora_adapters=",".join(sorted(set(stats.running_adapters))),

@@ -115,3 +115,21 @@ async def test_engine_info_says_what_computes_mixed_steps(client, engine):
     assert engine.mixed_kernel == "compiled"  # CPU float32 with a compiler, as here
     assert value(s, "s2ft_engine_info", model=engine.model_name, device="cpu", dtype="float32", gemm="exact",
                  mixed_kernel="compiled") == 1
+
+
+async def test_cuda_graphs_state_is_exported(client, engine):
+    """An operator can see whether decode steps replay CUDA graphs: off on a CPU; on a GPU, a failed capture
+    (then eager steps) shows as state "failed"."""
+    s = samples((await client.get("/metrics")).text)
+    assert engine.cuda_graphs == "off" and value(s, "s2ft_cuda_graphs", state="off") == 0
+    from s2ft_serve.engine.graphs import DecodeGraphs
+
+    engine.runner.graphs = DecodeGraphs(engine.runner.model, engine.runner.batch, 4, capture=True)  # as on a GPU
+    try:
+        assert engine.cuda_graphs == "on"
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200  # the capture fails here (no GPU): served eagerly
+        s = samples((await client.get("/metrics")).text)
+        assert engine.cuda_graphs == "failed" and value(s, "s2ft_cuda_graphs", state="failed") == 0
+    finally:  # the module's engine, as it was
+        engine.runner.graphs = None
