@@ -5,8 +5,8 @@ columns that several sources touch get the weighted sum of their deltas, columns
 source touches get that source's delta times its weight. Because every adapter means
 `W[:, index] += delta`, the merged adapter is exactly `W + sum_i w_i * delta_i`.
 
-Accumulation is in float32 (float64 if a source holds float64); the result is stored in the
-widest floating dtype among the sources.
+Accumulation is in float32 (float64 if a source holds float64); a module is stored in the widest
+floating dtype among the sources where that dtype holds its sums exactly, else in the accumulation's.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -27,6 +28,7 @@ from s2ft_serve.errors import AdapterValidationError
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 << 20  # the trainer's configs, selection included, are tens of kilobytes
+MAX_CONFIG_DEPTH = 32  # the trainer's are 3 deep
 WEIGHTS_FILE = "adapter_model.safetensors"
 INDEX_SUFFIX = ".s2ft_index"
 DELTA_SUFFIX = ".s2ft_delta"
@@ -164,10 +166,30 @@ def read_config(path: Path) -> dict:
     return check_config(config, str(cfg_path))
 
 
+def _plain_json(value, source: str, where: str = "", depth: int = 0) -> None:
+    """Only what JSON holds, finite numbers, at most MAX_CONFIG_DEPTH levels deep (QA: a config nested a few
+    hundred levels loaded, then every listing of adapters failed to serialise it; 1e400 read as inf)."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise AdapterValidationError(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep (at {where})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise AdapterValidationError(f"{source}: keys must be strings, got {key!r} (at {where or 'top'})")
+            _plain_json(item, source, f"{where}.{key}" if where else key, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain_json(item, source, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise AdapterValidationError(f"{source}: {where}: numbers must be finite, got {value}")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise AdapterValidationError(f"{source}: {where}: not a JSON value ({type(value).__name__})")
+
+
 def check_config(config, source: str) -> dict:
     """Refuse a config that is not format v1's (`source` names it in the error)."""
     if not isinstance(config, dict):
         raise AdapterValidationError(f"{source}: must hold a JSON object")
+    _plain_json(config, source)
     if config.get("adapter_type") != "s2ft":
         raise AdapterValidationError(f"{source}: adapter_type must be \"s2ft\", got {config.get('adapter_type')!r}")
     version = config.get("format_version")

@@ -10,6 +10,7 @@ consistent set of weights, also when tests drive the runner directly.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import itertools
@@ -112,8 +113,10 @@ class Engine:
             raise ValueError("speculative decoding needs 1 <= speculative_ngram_min <= speculative_ngram_max")
         self.scheduler = Scheduler(config.max_batch_size, config.max_tokens_per_step, config.max_queue)
         self._thread = EngineThread(self.scheduler.cond)
-        # an engine dropped without shutdown(): its thread ends once the engine is collected (see start)
-        weakref.finalize(self, self._thread.stop, final=lambda: None, timeout=0)
+        # an engine dropped without shutdown(): its thread ends once the engine is collected (see start);
+        # at exit the engine thread stops on its own (engine.thread)
+        self._finalizer = weakref.finalize(self, self._thread.stop, final=lambda: None, timeout=0)
+        self._finalizer.atexit = False
         try:
             self._thread.call(self._build, config, loaded)
         except BaseException:
@@ -210,6 +213,7 @@ class Engine:
         while self.scheduler.has_work() and time.monotonic() < deadline and self._thread.running:
             time.sleep(0.02)
         self._thread.stop(final=self.stepper.abort_all)
+        self._finalizer.detach()  # nothing left for it to stop (it held the engine thread, and so the engine)
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
@@ -510,7 +514,7 @@ class Engine:
         if nbytes > self.config.max_adapter_bytes:
             raise AdapterValidationError(f"{source}: {nbytes} bytes exceeds the limit of "
                                          f"{self.config.max_adapter_bytes} bytes (max_adapter_bytes)")
-        adapter = Adapter(config=dict(config), modules=modules, path=adapter.path, nbytes=nbytes)
+        adapter = Adapter(config=copy.deepcopy(config), modules=modules, path=adapter.path, nbytes=nbytes)
         with self.lock:
             return self._info(self.registry.install(name, adapter, None, replace))
 

@@ -12,11 +12,24 @@ runs the step loop once started. Other threads hand it calls (`call`) and wait f
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable
+
+
+_running: "weakref.WeakSet[EngineThread]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """A script that ends with requests in flight: stop every engine thread between two steps before the
+    interpreter tears down (QA: a daemon thread still inside torch then aborted the process, SIGABRT)."""
+    for worker in list(_running):
+        worker.stop(final=lambda: None, timeout=10.0)
 
 
 class EngineThread:
@@ -28,6 +41,7 @@ class EngineThread:
         self._final: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        _running.add(self)
 
     def call(self, fn: Callable, *args, **kwargs) -> Any:
         """Run `fn(*args, **kwargs)` on the engine thread and return (or raise) what it did."""
@@ -48,8 +62,9 @@ class EngineThread:
     def stop(self, final: Callable[[], None], timeout: float = 5.0) -> None:
         """Stop the loop; `final` runs on the engine thread last (after the pending calls)."""
         with self.cond:
+            if self._thread.is_alive() and not self._stopping:  # else it ran its final call already
+                self._final = final
             self._stopping = True
-            self._final = final
             self.cond.notify_all()
         if threading.current_thread() is not self._thread:  # a finalizer may run on it
             self._thread.join(timeout)
@@ -94,3 +109,6 @@ class EngineThread:
             self._final()
         finally:  # the calls handed over before the stop still get their answer
             self._run_calls()
+            # nothing of the engine stays reachable from here (QA: a shut-down engine was never freed)
+            self._final, self._body = (lambda: None), None
+            _running.discard(self)

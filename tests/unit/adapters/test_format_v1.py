@@ -214,9 +214,12 @@ def test_an_unreadable_config_is_a_validation_error(folder, base, monkeypatch):
     ('"x": ' + "[" * 100_000 + "]" * 100_000, r"not valid JSON \(nested too deeply\)"),
     ('"lr": NaN', "NaN is not a JSON value"),
     ('"lr": -Infinity', "-Infinity is not a JSON value"),
+    ('"x": ' + "[" * 300 + "]" * 300, r"nested more than 32 levels deep \(at x\[0\]"),
+    ('"stats": {"lr": [1, 1e400]}', r"stats.lr\[1\]: numbers must be finite, got inf"),
 ])
 def test_configs_python_reads_but_json_does_not_are_refused(folder, base, text, reason):
-    """QA: a deeply nested config raised RecursionError (HTTP 500, a CLI traceback); NaN was accepted, then
+    """QA: a deeply nested config raised RecursionError (HTTP 500, a CLI traceback), one a few hundred levels
+    deep loaded and then broke every listing of adapters; NaN (or 1e400, read as inf) was accepted, then
     `inspect --json` printed invalid JSON and the server showed null."""
     config = (folder / "adapter_config.json").read_text().rstrip().rstrip("}")
     (folder / "adapter_config.json").write_text(config + ", " + text + "}")

@@ -318,6 +318,8 @@ def test_a_reload_after_eviction_refuses_files_changed_since(tiny_model_dir, roo
     ({"format_version": 2}, "format_version must be 1"),
     ({"target_modules": ["o_proj"]}, "not among the config's target_modules"),
     (None, "must hold a JSON object"),
+    ({"stats": {"lr": float("nan")}}, "stats.lr: numbers must be finite"),
+    ({"blob": b"raw"}, "blob: not a JSON value"),
 ])
 def test_an_adapter_added_from_memory_has_its_config_checked_as_a_files(engine, config, reason):
     """QA: add_adapter checked the tensors only ({} or adapter_type "lora" were served and shown)."""
@@ -341,6 +343,7 @@ def test_an_adapter_added_from_memory_is_copied_and_measured(tiny_model_dir):
 
     engine = make_engine(tiny_model_dir, max_adapter_bytes=20_000).start()
     adapter = random_adapter(engine.loaded.model, engine.model_name, seed=5)
+    adapter.config["stats"] = {"steps": 3}
     kept = {n: (md.index.clone(), md.delta.clone()) for n, md in adapter.modules.items()}
     expected = sum(md.index.numel() * 8 + md.delta.numel() * 4 for md in adapter.modules.values())
     adapter.nbytes = 1
@@ -355,6 +358,8 @@ def test_an_adapter_added_from_memory_is_copied_and_measured(tiny_model_dir):
     big = random_adapter(engine.loaded.model, engine.model_name, seed=6, channels=100)
     with pytest.raises(AdapterValidationError, match="exceeds the limit of 20000 bytes"):
         engine.add_adapter("big", big)
+    adapter.config["stats"]["steps"] = -1  # nor the config's
+    assert engine.get_adapter("x").config["stats"] == {"steps": 3}
     bad = Adapter(adapter.config, {n: ModuleDelta(i.tolist(), d) for n, (i, d) in kept.items()})
     with pytest.raises(AdapterValidationError, match="must be a torch.Tensor, got list"):
         engine.add_adapter("bad", bad)
