@@ -133,6 +133,9 @@ class Transformer(nn.Module):
         self.add_rms_norm = native.add_rms_norm_op() if self.norm_lanes is not None else None
         # a pass's keys and values into a layer's cache in one compiled call (CPU), else two index_copy_
         self.kv_write = native.kv_write_op() if w.device.type == "cpu" else None
+        # decode attention with each KV head's query heads folded into its queries (see _attention): on a
+        # GPU, where SDPA's fast kernels take no grouped heads with a mask; the CPU keeps its own bits
+        self.fold_groups = w.device.type == "cuda"
         self.cache = KVCache(len(self.layers), max_rows, self.num_kv_heads, max_len, self.head_dim, w.dtype, w.device)
         self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
         for layer in self.layers:
@@ -280,7 +283,17 @@ class Transformer(nn.Module):
             write(ck, cv, slots, k, v)
             span = mask.shape[-1]
             keys, values = ck[rows, :, :span], cv[rows, :, :span]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            if L == 1 and self.fold_groups and self.num_heads != self.num_kv_heads:
+                # a decode step: each KV head's query heads as one head's L queries, the same sums without
+                # `enable_gqa`, which with a mask sends CUDA's SDPA to its math kernel (K and V copied per
+                # query head in every layer)
+                groups = self.num_heads // self.num_kv_heads
+                out = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, groups, -1), keys, values,
+                                                     attn_mask=mask, scale=attn.scaling)
+                out = out.reshape(B, self.num_heads, 1, -1)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                     enable_gqa=True)
         else:  # fresh prompts: the new requests' rows from position 0, padding included
             ck[rows, :, :L] = k
             cv[rows, :, :L] = v

@@ -178,3 +178,22 @@ def test_the_static_step_never_reads_a_tensor_on_the_host(tiny_llama_dir, monkey
     monkeypatch.undo()
     assert logits.shape[0] == 3 and len(graphs.steps) == 2
     engine.shutdown()
+
+
+def test_decode_attention_with_folded_query_groups_equals_grouped_attention(tiny_model_dir):
+    """On a GPU a decode step folds each KV head's query heads into its queries (SDPA's fast kernels take
+    no grouped heads with a mask); checked here, forced on, against the grouped attention the CPU runs."""
+    engine = make_engine(tiny_model_dir, max_batch_size=4)
+    model = engine.runner.model
+    assert model.num_heads > model.num_kv_heads  # grouped-query attention
+    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=1)
+    engine.add_adapter("a", adapter)
+    slots = engine.registry.slots_for(engine.registry.acquire(engine.registry.get("a")))
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    engine.runner.prefill_batch(prompts, 0, [slots, (), slots], [False] * 3)
+    step = ([15, 16, 17], [5, 2, 3], [slots, (), slots])
+    grouped = engine.runner.decode(*step)
+    model.fold_groups = True
+    folded = engine.runner.decode(*step)
+    assert (folded - grouped).abs().max().item() <= 1e-5
+    engine.shutdown()
