@@ -148,10 +148,11 @@ class S2FTLinear(nn.Module):
         self.slots = new
         self.batch.tables += 1
 
-    def _retype(self, dtype: torch.dtype) -> None:
+    def _retype(self, dtype: torch.dtype, k_cap: int | None = None) -> None:
         old = self.slots
-        if old.table.dtype != dtype:
-            self._copy(old, self._empty(old.capacity, old.k_cap, dtype))
+        k_cap = k_cap or old.k_cap
+        if old.table.dtype != dtype or old.k_cap != k_cap:
+            self._copy(old, self._empty(old.capacity, k_cap, dtype))
 
     def set_slot(self, slot: int, index: torch.Tensor, delta: torch.Tensor) -> None:
         """Install `W[:, index] += delta` as slot `slot` (delta: [out, k])."""
@@ -174,8 +175,12 @@ class S2FTLinear(nn.Module):
             s.slot_k[slot] = 0
             s.ks[slot] = 0
             s.narrow[slot] = True
-            if self.compact and all(s.narrow):
-                self._retype(torch.bfloat16)  # no delta left that needs float32
+            # narrow again once no delta needs float32; shrink once the widest slot left needs at most half
+            # the rows each slot has (every slot is padded to the widest: one wide adapter, gone, kept them all
+            # wide, as much as 20x the memory)
+            need = max(s.slot_k)
+            self._retype(torch.bfloat16 if self.compact and all(s.narrow) else s.table.dtype,
+                         max(need, 1) if 2 * need <= s.k_cap else None)
 
     @staticmethod
     def _write(s: SlotTable, slot: int, index: torch.Tensor, delta_t: torch.Tensor, narrow: bool) -> None:

@@ -364,3 +364,23 @@ def test_an_adapter_added_from_memory_is_copied_and_measured(tiny_model_dir):
     with pytest.raises(AdapterValidationError, match="must be a torch.Tensor, got list"):
         engine.add_adapter("bad", bad)
     engine.shutdown()
+
+
+def test_slot_tables_shrink_when_their_widest_adapter_leaves(engine):
+    """Every slot is padded to the widest adapter's columns: one wide adapter, unloaded, kept every table
+    that wide for good (SmolLM2: one all-channel down_proj adapter beside 63 of 40 channels, ~6.8 GB of
+    tables instead of ~0.2 GB)."""
+    import torch
+
+    small = random_adapter(engine.loaded.model, engine.model_name, seed=1, channels=4)
+    wide = random_adapter(engine.loaded.model, engine.model_name, seed=2, channels=100)
+    engine.add_adapter("small", small)
+    ids = engine.tokenize("Hello world")
+    before = engine.logits(ids, "small")
+    down = next(layer for name, layer in engine.runner.layers.items() if name.endswith("down_proj"))
+    narrow_rows = down.slots.table.shape[0]
+    engine.add_adapter("wide", wide)
+    assert down.slots.k_cap == 100
+    engine.remove_adapter("wide")
+    assert down.slots.k_cap == 4 and down.slots.table.shape[0] == narrow_rows
+    assert torch.equal(engine.logits(ids, "small"), before)
