@@ -167,22 +167,37 @@ def read_config(path: Path) -> dict:
 
 
 def _plain_json(value, source: str, where: str = "", depth: int = 0) -> None:
-    """Only what JSON holds, finite numbers, at most MAX_CONFIG_DEPTH levels deep (QA: a config nested a few
-    hundred levels loaded, then every listing of adapters failed to serialise it; 1e400 read as inf)."""
+    """Only what JSON holds (valid Unicode text, finite numbers, integers of at most 1024 bits), at most
+    MAX_CONFIG_DEPTH levels deep (QA: a config nested a few hundred levels, or holding a lone surrogate,
+    loaded, then every listing of adapters failed to serialise it; 1e400 read as inf)."""
     if depth > MAX_CONFIG_DEPTH:
         raise AdapterValidationError(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep (at {where})")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise AdapterValidationError(f"{source}: keys must be strings, got {key!r} (at {where or 'top'})")
+            _plain_json(key, source, f"{where}: a key" if where else "a key", depth)
             _plain_json(item, source, f"{where}.{key}" if where else key, depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _plain_json(item, source, f"{where}[{i}]", depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise AdapterValidationError(f"{source}: {where}: numbers must be finite, got {value}")
+    elif isinstance(value, str) and not is_utf8(value):  # JSON's "\ud800" escape: no UTF-8 reader takes it
+        raise AdapterValidationError(f"{source}: {where}: not valid Unicode text (a lone surrogate)")
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:  # Python's str()
+        # of one beyond ~4300 digits raises (QA: a listing of such an adapter was a 500)
+        raise AdapterValidationError(f"{source}: {where}: an integer of {value.bit_length()} bits; at most 1024")
     elif value is not None and not isinstance(value, (str, int, float, bool)):
         raise AdapterValidationError(f"{source}: {where}: not a JSON value ({type(value).__name__})")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_config(config, source: str) -> dict:

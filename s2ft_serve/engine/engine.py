@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from s2ft_serve.adapters.format import (
-    CONFIG_FILE, WEIGHTS_FILE, Adapter, ModuleDelta, check_config, check_targets, linear_shapes, parse_adapter,
-    read_adapter_file, validate_tensors,
+    CONFIG_FILE, WEIGHTS_FILE, Adapter, ModuleDelta, check_config, check_targets, is_utf8, linear_shapes,
+    parse_adapter, read_adapter_file, validate_tensors,
 )
 from s2ft_serve.adapters.native import KERNELS
 from s2ft_serve.adapters.registry import AdapterRegistry, Entry
@@ -207,9 +207,10 @@ class Engine:
         return self._thread.wait, self.scheduler.has_work
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop."""
+        """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop. Called on
+        the engine thread (a step listener), it aborts them at once: only that thread could finish them."""
         self._accepting = False
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (0 if self._thread.current else timeout)
         while self.scheduler.has_work() and time.monotonic() < deadline and self._thread.running:
             time.sleep(0.02)
         self._thread.stop(final=self.stepper.abort_all)
@@ -451,12 +452,15 @@ class Engine:
         root = self.config.adapter_root
         try:
             candidate = Path(path).expanduser()
-            if root is None:
-                return candidate.resolve()
-            root_resolved = Path(root).expanduser().resolve()
-            resolved = (candidate if candidate.is_absolute() else root_resolved / candidate).resolve()
+            root_resolved = None if root is None else Path(root).expanduser().resolve()
+            resolved = (candidate if root is None or candidate.is_absolute() else root_resolved / candidate).resolve()
         except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, unknown ~user, symlink loops
             raise InvalidRequestError(f"adapter path {str(path)!r} is not a usable path: {exc}", param="path") from None
+        if not is_utf8(str(resolved)):  # a folder name that is not UTF-8: no listing could show it
+            raise InvalidRequestError(f"adapter path {str(path)!r} is not valid Unicode text (a file name that is "
+                                      "not UTF-8?)", param="path")
+        if root_resolved is None:
+            return resolved
         if not resolved.is_relative_to(root_resolved):
             raise PermissionDeniedError(f"adapter path {str(path)!r} is outside the adapter root", param="path",
                                         code="path_outside_root")
@@ -521,6 +525,8 @@ class Engine:
     def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
             raise InvalidRequestError("adapter name must be a non-empty string of at most 256 characters", param="name")
+        if not is_utf8(name):  # a lone surrogate: no response could name it
+            raise InvalidRequestError("adapter name must be valid Unicode text", param="name")
         if name == self.model_name:
             raise ConflictError(f"'{name}' is the base model's name", param="name")
 
@@ -586,7 +592,7 @@ class Engine:
     def lazy_folder(self, name: str) -> Path:
         """The folder under `adapter_root` that a request naming `name` loads on demand."""
         root = self.config.adapter_root
-        if not self.config.lazy_load or root is None or "/" in name or name in (".", ".."):
+        if not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not is_utf8(name):
             raise AdapterNotFoundError(name)
         try:
             found = (Path(root).expanduser() / name / "adapter_config.json").is_file()

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from s2ft_serve.engine.engine import Engine
 from s2ft_serve.errors import EngineNotReadyError
-from s2ft_serve.server.errors import body_too_large, domain_error_response, install_error_handlers
+from s2ft_serve.server.errors import SafeJSONResponse, body_too_large, domain_error_response, install_error_handlers
 from s2ft_serve.server.metrics import Metrics
 from s2ft_serve.server.routes import adapters, chat, completions, health, models, tokenize
 from s2ft_serve.server.settings import ServerSettings
@@ -144,7 +144,8 @@ class BodyLimit:
 
 
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
-    app = FastAPI(title="s2ft-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="s2ft-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  default_response_class=SafeJSONResponse)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.engine = None

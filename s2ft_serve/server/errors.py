@@ -7,6 +7,7 @@ logged 500 that never takes the server down.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -25,10 +26,22 @@ HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "
                     405: "invalid_request_error", 503: "service_unavailable"}
 
 
+class SafeJSONResponse(JSONResponse):
+    """Starlette's JSON, or, where a string holds a lone surrogate (JSON's `"\\udcff"` escape, a file name
+    that is not UTF-8) that UTF-8 cannot encode, the same JSON with non-ASCII escaped (QA: an error echoing
+    such a model name, or a listing of such an adapter, was a 500)."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, error_type: str, param: str | None = None,
                    code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return SafeJSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def domain_error_response(exc: S2FTError) -> JSONResponse:

@@ -216,6 +216,9 @@ def test_an_unreadable_config_is_a_validation_error(folder, base, monkeypatch):
     ('"lr": -Infinity', "-Infinity is not a JSON value"),
     ('"x": ' + "[" * 300 + "]" * 300, r"nested more than 32 levels deep \(at x\[0\]"),
     ('"stats": {"lr": [1, 1e400]}', r"stats.lr\[1\]: numbers must be finite, got inf"),
+    ('"data": "train\\udcff.jsonl"', r"data: not valid Unicode text \(a lone surrogate\)"),
+    ('"\\ud800": 1', r"a key: not valid Unicode text"),
+    ('"seed": ' + "9" * 400, r"seed: an integer of 1329 bits; at most 1024"),
 ])
 def test_configs_python_reads_but_json_does_not_are_refused(folder, base, text, reason):
     """QA: a deeply nested config raised RecursionError (HTTP 500, a CLI traceback), one a few hundred levels

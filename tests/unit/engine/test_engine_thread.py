@@ -126,3 +126,19 @@ def test_a_script_ending_with_requests_in_flight_exits_cleanly(tiny_llama_dir, t
     for _ in range(2):
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "exiting" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_shutdown_from_a_step_listener_aborts_at_once(tiny_llama_dir):
+    """QA: shutdown() on the engine thread waited its whole timeout for requests only that thread could
+    finish (nothing stepped meanwhile), then aborted them."""
+    engine = make_engine(tiny_llama_dir).start()
+    calls = []
+
+    def listener(batch, tokens):
+        if not calls:
+            calls.append(1)
+            engine.shutdown(timeout=60)
+
+    engine.add_step_listener(listener)
+    out = engine.submit("fox", None, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)).result(timeout=20)
+    assert out.finish_reason == "abort" and calls == [1]

@@ -111,6 +111,23 @@ async def test_lone_surrogates_are_400(client):
     assert (await client.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2})).status_code == 200
 
 
+async def test_lone_surrogates_in_names_are_not_500(client, engine):
+    """QA: JSON's "\\udcff" escape is a string UTF-8 cannot encode: an error naming such a model, or an adapter
+    whose config held one, made the response itself fail (500, and every adapter listing after it)."""
+    headers = {"content-type": "application/json"}
+    for path, body in (("/v1/completions", b'{"model": "\\udcff", "prompt": "hi", "max_tokens": 1}'),
+                       ("/v1/chat/completions", b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "x"}]}')):
+        r = await client.post(path, content=body, headers=headers)
+        assert r.status_code == 404 and json.loads(r.text)["error"]["code"] == "model_not_found", r.text
+    from s2ft_serve.adapters.format import Adapter
+    from s2ft_serve.errors import InvalidRequestError
+
+    adapter = next(iter(engine.registry.entries.values())).version.adapter
+    with pytest.raises(InvalidRequestError, match="valid Unicode text"):
+        engine.add_adapter("bad\udcff", Adapter(adapter.config, adapter.modules))
+    assert (await client.get("/v1/adapters")).status_code == 200
+
+
 async def test_names_and_paths_too_long_for_the_file_system_are_not_500(client):
     """A 300-character adapter name or path (the file system's limit is 255 per name): an unknown model
     is 404, an unusable adapter path 422 or 400, never a 500."""
