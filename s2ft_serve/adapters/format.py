@@ -154,9 +154,11 @@ def read_config(path: Path) -> dict:
         _need_file(cfg_path, f"an adapter folder needs {CONFIG_FILE}")
         if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterValidationError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes; a config holds a few keys")
-        text = cfg_path.read_text()
+        text = cfg_path.read_text(encoding="utf-8")
     except OSError as exc:  # the process may not read it, an I/O error
         raise AdapterValidationError(f"{cfg_path}: not readable ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterValidationError(f"{cfg_path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
     try:  # NaN and Infinity are Python's, not JSON's: no other reader could read the config back
         config = json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:

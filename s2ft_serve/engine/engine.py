@@ -272,7 +272,7 @@ class Engine:
         adapter pinned first, then all enter the queue at once, so they are admitted in the same step if
         the batch has room; identical prompts among them are then prefilled once (the `n` choices of
         one HTTP request)."""
-        if not self._accepting:
+        if not self._accepting or self._thread.stopping:  # shut down, or its thread stopped (at exit)
             raise EngineNotReadyError("the engine is shutting down")
         if len(requests) > self.config.max_queue:  # would be refused as "queue full" however long one waited
             raise InvalidRequestError(f"{len(requests)} sequences at once (prompts x n) is more than the request "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 
 _running: "weakref.WeakSet[EngineThread]" = weakref.WeakSet()
+EXIT_WAIT_S = 300.0  # at exit, how long the engine threads' current steps may take to end
 
 
 @atexit.register
@@ -29,10 +31,11 @@ def _stop_at_exit() -> None:
     """A script that ends with requests in flight: stop every engine thread between two steps before the
     interpreter tears down (QA: a daemon thread still inside torch then aborted the process, SIGABRT)."""
     workers = list(_running)
-    for worker in workers:  # all asked at once, then each awaited to the end of its step, however long
-        worker.stop(final=lambda: None, timeout=0)  # (QA: a 25 s prefill outlived a 10 s wait: SIGABRT again)
+    for worker in workers:  # all asked at once, then awaited to the end of their steps, within one deadline: a
+        worker.stop(final=lambda: None, timeout=0)  # 25 s prefill outlived a 10 s wait (SIGABRT again), and a
+    deadline = time.monotonic() + EXIT_WAIT_S  # step listener that blocks would hold the exit forever
     for worker in workers:
-        worker.stop(final=lambda: None, timeout=None)
+        worker.stop(final=lambda: None, timeout=max(0.0, deadline - time.monotonic()))
 
 
 class EngineThread:
@@ -77,6 +80,10 @@ class EngineThread:
         with self.cond:
             if not (self._calls or self._stopping or ready()):
                 self.cond.wait(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def current(self) -> bool:

@@ -42,7 +42,9 @@ def _bearer_token(request: Request) -> str | None:
 
 
 def _matches(token: str | None, key: str | None) -> bool:
-    return token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+    """`token` as the header's bytes (Starlette decodes headers as Latin-1) against the key's UTF-8 bytes:
+    a key such as "clé" matches what a UTF-8 client sends (QA: only Latin-1 bytes matched)."""
+    return token is not None and key is not None and hmac.compare_digest(token.encode("latin-1"), key.encode())
 
 
 def require_api_key(request: Request, settings: Annotated[ServerSettings, Depends(get_settings)]) -> None:

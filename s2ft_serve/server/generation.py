@@ -15,10 +15,12 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from s2ft_serve.engine.engine import Engine, RequestHandle
 from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, StreamEvent
@@ -355,7 +357,11 @@ def record_status(metrics: Metrics, adapter: str | None, exc: BaseException | No
 
 
 def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
+    try:
+        return f"data: {payload.model_dump_json()}\n\n"
+    except PydanticSerializationError:  # a lone surrogate (JSON's "\\udcff", in a tool call's arguments):
+        # escaped, as SafeJSONResponse does (QA: the stream ended in an internal error)
+        return f"data: {json.dumps(payload.model_dump(), ensure_ascii=True, separators=(',', ':'))}\n\n"
 
 
 def sse_error(exc: S2FTError) -> str:
@@ -407,7 +413,8 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
         record_status(metrics, adapter, exc, gen)
         raise
     model = response_model(engine, adapter)
-    headers = {"x-adapter-id": model}
+    # a header holds Latin-1 only (QA: an adapter named 日本 made each of its requests a 500)
+    headers = {"x-adapter-id": model if model.isascii() else quote(model, safe="")}
     if fields.stream:
         events = sse_stream(stream(gen, model, context), partial(record_status, metrics, adapter, gen=gen))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from s2ft_serve.adapters.format import is_utf8
 from s2ft_serve.config import EngineConfig
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -108,6 +109,8 @@ class ServerSettings(BaseSettings):
         if value is not None and not value.strip():
             raise ValueError(f"{info.field_name} is empty; unset S2FT_{info.field_name.upper()} (or drop "
                              f"--{info.field_name.replace('_', '-')}) to serve without one")
+        if value is not None and not is_utf8(value):  # bytes that are not UTF-8 (QA: every bearer request a 500)
+            raise ValueError(f"{info.field_name} is not valid UTF-8 text")
         return value.strip() if value is not None else None
 
     @field_validator("log_level", mode="before")

@@ -251,3 +251,10 @@ def test_a_file_that_is_not_a_regular_file_is_named_so(folder, base):
     config.rmdir()
     with pytest.raises(AdapterValidationError, match="adapter_config.json: missing"):
         load_adapter(folder, shapes(base))
+
+
+def test_a_config_that_is_not_utf8_is_a_validation_error(folder, base):
+    """QA: a config in another encoding raised UnicodeDecodeError past the checks (HTTP 500, not 422)."""
+    (folder / "adapter_config.json").write_bytes(b'{"adapter_type": "s2ft", "note": "caf\xe9"}')
+    with pytest.raises(AdapterValidationError, match="not valid JSON \\(not UTF-8 text"):
+        load_adapter(folder, shapes(base))

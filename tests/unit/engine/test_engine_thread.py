@@ -142,3 +142,14 @@ def test_shutdown_from_a_step_listener_aborts_at_once(tiny_llama_dir):
     engine.add_step_listener(listener)
     out = engine.submit("fox", None, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)).result(timeout=20)
     assert out.finish_reason == "abort" and calls == [1]
+
+
+def test_an_engine_whose_thread_stopped_refuses_requests(tiny_llama_dir):
+    """QA: once the exit hook had stopped the engine thread, a request (from an atexit callback that ran
+    after it) was queued and never answered."""
+    from s2ft_serve.errors import EngineNotReadyError
+
+    engine = make_engine(tiny_llama_dir).start()
+    engine._thread.stop(final=lambda: None, timeout=5)  # as the exit hook stops it (the hook stops them all)
+    with pytest.raises(EngineNotReadyError, match="shutting down"):
+        engine.submit("fox", None, SamplingParams(max_tokens=2))

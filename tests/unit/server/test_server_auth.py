@@ -69,3 +69,19 @@ async def test_keyless_admin_routes_refuse_web_pages_and_other_host_names(client
     # user routes are unaffected (a page may call a keyless inference API, as with any local server)
     r = await client.post("/v1/completions", json=COMPLETION, headers={"Origin": "http://evil.example"})
     assert r.status_code == 200
+
+
+async def test_a_non_ascii_key_matches_what_a_utf8_client_sends(settings, engine):
+    """QA: a key such as "clé" matched only Latin-1 bytes (curl from a UTF-8 shell got 401), and a key holding
+    bytes that are not UTF-8 made every bearer request a 500: refused at start now."""
+    import pytest
+    from pydantic import ValidationError
+
+    app = create_app(settings.model_copy(update={"api_key": "clé"}), engine)
+    async with client_for(app) as c:
+        ok = await c.post("/v1/completions", json=COMPLETION, headers={"Authorization": "Bearer clé".encode()})
+        assert ok.status_code == 200
+        wrong = await c.post("/v1/completions", json=COMPLETION, headers={"Authorization": "Bearer cle".encode()})
+        assert wrong.status_code == 401
+    with pytest.raises(ValidationError, match="api_key is not valid UTF-8"):
+        type(settings)(api_key="sk-\udcff")

@@ -195,3 +195,37 @@ async def test_queue_full_is_429_with_retry_after(settings, tiny_llama_dir, adap
             assert ok.status_code == 200
     finally:
         engine.shutdown(timeout=5)
+
+
+async def test_an_adapter_named_beyond_latin1_is_served(settings, tiny_llama_dir, adapter_root):
+    """QA: the `x-adapter-id` header cannot hold 日本: every request for such an adapter was a 500."""
+    from urllib.parse import unquote
+
+    from s2ft_serve.model.testing import random_adapter
+
+    engine = Engine(EngineConfig(model=str(tiny_llama_dir), device="cpu", max_batch_size=2)).start()
+    try:
+        engine.add_adapter("日本", random_adapter(engine.loaded.model, engine.model_name, seed=3))
+        async with client_for(create_app(settings, engine)) as client:
+            for stream in (False, True):
+                r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": "日本",
+                                                               "stream": stream})
+                assert r.status_code == 200 and unquote(r.headers["x-adapter-id"]) == "日本", r.text
+    finally:
+        engine.shutdown(timeout=5)
+
+
+def test_a_stream_chunk_with_a_lone_surrogate_is_escaped_not_an_error():
+    """QA: a model writing JSON's "\\udddd" escape inside a streamed tool call ended the stream in an internal
+    error (the chunk could not be encoded as UTF-8)."""
+    from pydantic import BaseModel
+
+    from s2ft_serve.server.generation import sse
+
+    class Chunk(BaseModel):
+        text: str
+
+    assert sse(Chunk(text="ok é")) == 'data: {"text":"ok é"}\n\n'
+    line = sse(Chunk(text="x\udddd"))
+    assert line.startswith("data: ") and json.loads(line[6:]) == {"text": "x\udddd"}
+    line.encode("utf-8")
