@@ -36,6 +36,7 @@ measures them against eager steps). `benchmarks/gpu_check.sh` runs it so.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -193,15 +194,14 @@ def main() -> None:
     args.threads = args.threads or torch.get_num_threads()
     engines, others = {}, None
     with engine_phase(args.threads):
-        for gemm in args.gemm.split(","):
-            for kernel in args.kernel.split(","):
-                for adapter_dtype in args.adapter_dtype.split(","):
-                    for graphs in args.cuda_graphs.split(",") if args.device.startswith("cuda") else ["on"]:
-                        name = (f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
-                                + ("" if graphs == "on" else "+eager"))
-                        rounds, others, held = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype),
-                                                              graphs == "on", others)
-                        engines[name] = (rounds, held)
+        graph_modes = args.cuda_graphs.split(",") if args.device.startswith("cuda") else ["on"]
+        for gemm, kernel, adapter_dtype, graphs in itertools.product(
+                args.gemm.split(","), args.kernel.split(","), args.adapter_dtype.split(","), graph_modes):
+            name = (f"{gemm}+{kernel}" + ("" if adapter_dtype == "float32" else f"+{adapter_dtype} adapters")
+                    + ("" if graphs == "on" else "+eager"))
+            rounds, others, held = measure_engine(args, gemm, kernel, getattr(torch, adapter_dtype), graphs == "on",
+                                                  others)
+            engines[name] = (rounds, held)
     info = others[1]
     report = {
         "benchmark": "engine_throughput", "model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype,

@@ -161,7 +161,7 @@ def read_config(path: Path) -> dict:
         raise AdapterValidationError(f"{cfg_path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
     try:  # NaN and Infinity are Python's, not JSON's: no other reader could read the config back
         config = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise AdapterValidationError(f"{cfg_path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise AdapterValidationError(f"{cfg_path}: not valid JSON (nested too deeply)") from None

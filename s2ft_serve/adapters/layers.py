@@ -33,6 +33,11 @@ NULL_SLOT = 0
 NATIVE_MAX_ROW_LEN = 16
 
 
+def pad_slots(slot_tuples: list[tuple[int, ...]], width: int) -> list[list[int]]:
+    """Each sequence's slots, padded with the null slot to `width`: one row of a [B, width] slot tensor."""
+    return [list(t) + [NULL_SLOT] * (width - len(t)) for t in slot_tuples]
+
+
 @dataclass
 class AdapterBatch:
     """Token -> slots layout of one forward pass, set by the runner once per step."""

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -82,18 +83,18 @@ def _cancel_submitted(submitted: asyncio.Future) -> None:
             handle.cancel()
 
 
-def _stepping(stepper: "weakref.ref[Stepper]") -> Callable[[], bool]:
+def _stepping(stepper: "weakref.ref[Stepper]", idle: Callable[[], None]) -> Callable[[], bool]:
     """One pass of the step loop as the engine thread runs it; False once the engine is gone (the
-    thread holds it weakly: its users and their requests' handles hold it)."""
+    thread holds it weakly: its users and their requests' handles hold it). With nothing to step it
+    waits in `idle`, which holds no reference to the engine."""
 
     def body() -> bool:
         s = stepper()
         if s is None:
             return False
-        if not s.iteration():  # nothing to step: wait for a request or a call, not holding the engine
-            wait, ready = s.engine.idle_wait()
+        if not s.iteration():
             del s
-            wait(ready, 0.05)
+            idle()
         return True
 
     return body
@@ -193,18 +194,15 @@ class Engine:
         engine dropped without `shutdown()` lives while a handle of one of its requests does, then is
         collected and its thread ends (it held the model for the life of the process)."""
         if not self._thread.running:
-            self._thread.run_body(_stepping(weakref.ref(self.stepper)))
+            # a request or a call wakes it (the scheduler holds no engine while it has no request)
+            idle = partial(self._thread.wait, self.scheduler.has_work, 0.05)
+            self._thread.run_body(_stepping(weakref.ref(self.stepper), idle))
         return self
 
     def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
         """Run `fn(*args, **kwargs)` on the engine thread between steps and return its result
         (benchmarks and tools that drive `runner` / `registry` directly)."""
         return self._thread.call(fn, *args, **kwargs)
-
-    def idle_wait(self) -> tuple[Callable[[Callable[[], bool], float], None], Callable[[], bool]]:
-        """How the engine thread waits, with nothing to step, for a request or a call: `wait(ready, timeout)`;
-        neither holds the engine."""
-        return self._thread.wait, self.scheduler.has_work
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop. Called on
@@ -514,7 +512,7 @@ class Engine:
         # QA: the caller's own tensors were kept (fusion later read whatever the caller had put in them since)
         # and its nbytes believed (nbytes=1 passed the memory limits)
         modules = {m: ModuleDelta(d.index.detach().clone(), d.delta.detach().clone()) for m, d in modules.items()}
-        nbytes = sum(d.index.numel() * 8 + d.delta.numel() * d.delta.element_size() for d in modules.values())
+        nbytes = sum(d.index.nbytes + d.delta.nbytes for d in modules.values())
         if nbytes > self.config.max_adapter_bytes:
             raise AdapterValidationError(f"{source}: {nbytes} bytes exceeds the limit of "
                                          f"{self.config.max_adapter_bytes} bytes (max_adapter_bytes)")
@@ -595,7 +593,7 @@ class Engine:
         if not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not is_utf8(name):
             raise AdapterNotFoundError(name)
         try:
-            found = (Path(root).expanduser() / name / "adapter_config.json").is_file()
+            found = (Path(root).expanduser() / name / CONFIG_FILE).is_file()
         except (OSError, ValueError):  # a name too long for the file system, a NUL byte
             found = False
         if not found:

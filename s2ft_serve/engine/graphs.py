@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from s2ft_serve.adapters.layers import AdapterBatch
+from s2ft_serve.adapters.layers import AdapterBatch, pad_slots
 from s2ft_serve.model.forward import Transformer
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ class DecodeGraphs:
             return None
         B = len(tokens)
         size = next((s for s in self.sizes if s >= B), None)
-        span = next((s for s in self.spans if s > max(positions)), None)
-        if size is None or span is None:
+        if size is None:  # more rows than a batch holds (the runner's spare row)
             return None
+        span = next(s for s in self.spans if s > max(positions))  # positions < max_model_len, the last bucket
         width = max(len(t) for t in slot_tuples)
         if self.batch.tables != self.tables:  # a slot table moved: the graphs of adapter steps read the old one
             self.steps = {key: step for key, step in self.steps.items() if step.slots is None}
@@ -142,16 +142,14 @@ class DecodeGraphs:
     def _fill(self, step: _Step, tokens: list[int], positions: list[int], slot_tuples: list[tuple[int, ...]]) -> None:
         """This step's inputs into the shape's tensors, in one host-to-device copy; padding rows as the
         module docstring says."""
-        size, B = step.tokens.shape[0], len(tokens)
-        pad = size - B
-        heads, max_len = self.model.num_kv_heads, self.model.max_len
-        at = positions + [max_len - 1] * pad  # where each row's keys and values go
-        values = tokens + [0] * pad + positions + [0] * pad
-        values += [(row * heads + head) * max_len + at[row] for row in range(size) for head in range(heads)]
+        size = step.tokens.shape[0]
+        pad = size - len(tokens)
+        at = torch.tensor(positions + [self.model.max_len - 1] * pad)[:, None]  # where each row's keys and values go
+        parts = [torch.tensor(tokens + [0] * pad), torch.tensor(positions + [0] * pad),
+                 self.model.cache_slots(slice(0, size), at)]
         if step.slots is not None:
-            width = step.slots.shape[1]
-            values += [s for t in slot_tuples for s in (*t, *[0] * (width - len(t)))] + [0] * (width * pad)
-        step.inputs.copy_(torch.tensor(values, dtype=torch.int64))
+            parts.append(torch.tensor(pad_slots(slot_tuples + [()] * pad, step.slots.shape[1])).view(-1))
+        step.inputs.copy_(torch.cat(parts))
 
     def _run(self, step: _Step, span: int) -> torch.Tensor:
         """The step, eagerly, on the shape's tensors."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from s2ft_serve.adapters.layers import NULL_SLOT, AdapterBatch, wrap_model
+from s2ft_serve.adapters.layers import AdapterBatch, pad_slots, wrap_model
 from s2ft_serve.engine.graphs import DecodeGraphs, length_dependent_rotary
 from s2ft_serve.model.forward import Transformer
 from s2ft_serve.model.loading import target_linears
@@ -31,9 +31,8 @@ class ModelRunner:
         if all(t == first for t in slot_tuples):
             self.batch.set_single(first)
             return
-        width = max(len(t) for t in slot_tuples)
-        padded = [list(t) + [NULL_SLOT] * (width - len(t)) for t in slot_tuples]
-        slots = torch.tensor(padded, dtype=torch.int64, device=self.device)  # [B, m]
+        slots = torch.tensor(pad_slots(slot_tuples, max(len(t) for t in slot_tuples)), dtype=torch.int64,
+                             device=self.device)  # [B, m]
         self.batch.set_rows(slots) if per_row else self.batch.set_mixed(slots)
 
     @torch.inference_mode()

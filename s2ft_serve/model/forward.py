@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         keep: torch.Tensor | None = None,  # flat indices into the B * L positions to return logits for
         span: int | None = None,  # cached: the cache positions attended over (default: up to the furthest
         # position; a CUDA graph's step gives its own, as reading positions.max() would wait for the GPU)
-        write_slots: torch.Tensor | None = None,  # cached: where the keys and values go, flat as `_cache_slots`
+        write_slots: torch.Tensor | None = None,  # cached: where the keys and values go, flat as `cache_slots`
         # gives them (default: each row's own, at `positions`)
     ) -> torch.Tensor:  # [len(keep) or B * L, vocab] float32
         h = self.hf.model.embed_tokens(tokens)  # [B, L, H]
@@ -191,7 +191,7 @@ class Transformer(nn.Module):
             seen = keys <= at  # [B, L, span]
             masks = {w: _additive(seen if w is None else seen & (keys > at - w), h.dtype)[:, None]  # [B, 1, L, span]
                      for w in (None, *self.window_sizes)}
-            slots = self._cache_slots(rows, positions) if write_slots is None else write_slots
+            slots = self.cache_slots(rows, positions) if write_slots is None else write_slots
         else:  # fresh prompts from position 0: causal, banded for a window shorter than the prompt
             masks = {w: _band(w, tokens.shape[1], h.device, h.dtype) for w in (None, *self.window_sizes)}
         # the compiled norm and cache write where they serve (outside autograd), decided once per pass
@@ -255,7 +255,7 @@ class Transformer(nn.Module):
         gate, up = self.gate_up[i](x)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def _cache_slots(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
+    def cache_slots(self, rows: slice, pos: torch.Tensor) -> torch.Tensor:
         """Flat [B * kv_heads * L] indices of (row, head, position) in one layer's cache viewed as
         [-1, D], for positions `pos` [B, L]: one index_copy_ writes the new keys, far faster than
         advanced-index assignment."""

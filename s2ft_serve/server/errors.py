@@ -26,6 +26,12 @@ HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "
                     405: "invalid_request_error", 503: "service_unavailable"}
 
 
+def ascii_json(content) -> str:
+    """`content` as compact JSON with every non-ASCII character escaped: what a string UTF-8 cannot encode
+    (a lone surrogate) is sent as."""
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
 class SafeJSONResponse(JSONResponse):
     """Starlette's JSON, or, where a string holds a lone surrogate (JSON's `"\\udcff"` escape, a file name
     that is not UTF-8) that UTF-8 cannot encode, the same JSON with non-ASCII escaped (QA: an error echoing
@@ -35,7 +41,7 @@ class SafeJSONResponse(JSONResponse):
         try:
             return super().render(content)
         except UnicodeEncodeError:
-            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+            return ascii_json(content).encode("ascii")
 
 
 def error_response(status: int, message: str, error_type: str, param: str | None = None,

@@ -25,7 +25,7 @@ from pydantic_core import PydanticSerializationError
 from s2ft_serve.engine.engine import Engine, RequestHandle
 from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
-from s2ft_serve.server.errors import domain_error_response
+from s2ft_serve.server.errors import ascii_json, domain_error_response
 from s2ft_serve.server.metrics import UNKNOWN_ADAPTER_LABEL, Metrics
 from s2ft_serve.server.protocol import ChatMessage, ChatTemplateFields, PromptTokensDetails, SamplingFields, Usage
 from s2ft_serve.server.settings import ServerSettings
@@ -361,7 +361,7 @@ def sse(payload: BaseModel) -> str:
         return f"data: {payload.model_dump_json()}\n\n"
     except PydanticSerializationError:  # a lone surrogate (JSON's "\\udcff", in a tool call's arguments):
         # escaped, as SafeJSONResponse does (QA: the stream ended in an internal error)
-        return f"data: {json.dumps(payload.model_dump(), ensure_ascii=True, separators=(',', ':'))}\n\n"
+        return f"data: {ascii_json(payload.model_dump())}\n\n"
 
 
 def sse_error(exc: S2FTError) -> str:
