@@ -41,7 +41,9 @@ class AutoFusePolicy:
         with self._lock:
             self._events = deque(e for e in self._events if e[1] != adapter)
 
-    def decide(self, fused: list[str], now: float | None = None) -> AutoFuseDecision | None:
+    def decide(self, fused: list[str], now: float | None = None, room: bool = True) -> AutoFuseDecision | None:
+        """What to do now: unfuse one of `fused` (the adapters this policy fused) whose share faded, else,
+        while none of them is fused and `room` allows another fused adapter, fuse the dominant one."""
         now = time.monotonic() if now is None else now
         with self._lock:
             while self._events and self._events[0][0] < now - self.window_s:
@@ -54,7 +56,7 @@ class AutoFusePolicy:
             share = counts.get(name, 0) / total
             if share < self.unfuse_share:
                 return AutoFuseDecision("unfuse", name, share, total)
-        if fused:
+        if fused or not room:
             return None
         top = max((n for n in counts if n is not None), key=counts.__getitem__, default=None)
         if top is not None and counts[top] / total >= self.fuse_share:

@@ -130,6 +130,7 @@ class Engine:
         self.autofuse = AutoFusePolicy(config.auto_fuse_share, config.auto_unfuse_share, config.auto_fuse_window_s,
                                        config.auto_fuse_min_requests) if config.auto_fuse else None
         self.auto_fuse_decisions = 0
+        self._auto_fused: set[str] = set()  # the fused adapters the policy fused (it unfuses no others)
         self._accepting = True
 
     def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
@@ -207,7 +208,8 @@ class Engine:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish within `timeout`, abort the rest, stop. Called on
         the engine thread (a step listener), it aborts them at once: only that thread could finish them."""
-        self._accepting = False
+        with self.scheduler.cond:  # see _enqueue
+            self._accepting = False
         deadline = time.monotonic() + (0 if self._thread.current else timeout)
         while self.scheduler.has_work() and time.monotonic() < deadline and self._thread.running:
             time.sleep(0.02)
@@ -280,11 +282,11 @@ class Engine:
             for prompt, adapter, params in requests:
                 prepared.append(self._prepare(prompt, adapter, params))
             seqs = [seq for seq, _ in prepared]
-            if not self.scheduler.add_all(seqs):
+            if not self._enqueue(seqs):
                 with self.lock:
                     for dropped in self.scheduler.take_cancelled():  # they free their places now
                         self.stepper.abort_waiting(dropped)
-                if not self.scheduler.add_all(seqs):
+                if not self._enqueue(seqs):
                     raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
         except BaseException:
             with self.lock:
@@ -299,6 +301,15 @@ class Engine:
             for _, adapter, _ in requests:
                 self.autofuse.record(adapter)
         return [handle for _, handle in prepared]
+
+    def _enqueue(self, seqs: list[Sequence]) -> bool:
+        """Queue `seqs` (False: the queue is full), under the lock that a shutdown and the thread's stop take
+        to stop accepting: a request prepared while the engine shut down was queued after its last step
+        and never answered (QA)."""
+        with self.scheduler.cond:
+            if not self._accepting or self._thread.stopping:
+                raise EngineNotReadyError("the engine is shutting down")
+            return self.scheduler.add_all(seqs)
 
     def _detokenizer(self, params: SamplingParams) -> Detokenizer:
         """The request's detokenizer: a token that ends the answer (EOS unless ignored, a stop token id)
@@ -315,6 +326,8 @@ class Engine:
         prompt_ids = self._prompt_ids(prompt)
         self._check_length(len(prompt_ids), params.max_tokens)
         self.check_token_ids(params.logit_bias, "logit_bias")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")  # QA: one out of range banned tokens in
+        # another request's logits (min_tokens), or failed the whole step
         matcher = self.guided.matcher(params.guide) if params.guide is not None else None
         detokenizer, generator = self._detokenizer(params), self._generator(params.seed)
         version = self._pin(adapter)  # last: nothing after it can fail and leave the adapter pinned
@@ -652,15 +665,28 @@ class Engine:
         return self.add_adapter(name, merged)
 
     def auto_fuse_tick(self) -> None:
-        """Apply the auto-fuse policy once (the step loop calls this about every second)."""
-        decision = self.autofuse.decide([f.version.name for f in self.registry.fused]) if self.autofuse else None
-        if decision is None or (decision.action == "fuse" and not self.has_adapter(decision.adapter)):
-            return  # a decision never loads an adapter: only requests and the admin do
+        """Apply the auto-fuse policy once (the step loop calls this about every second). It unfuses only
+        what it fused itself (QA: it unfused adapters fused through the admin API), fuses only while
+        `max_fused_adapters` leaves room (QA: one adapter fused by hand kept it from fusing any) and only an
+        adapter already in memory (the next request for an evicted one loads it; a decision loads nothing)."""
+        if self.autofuse is None:
+            return
+        fused = [f.version.name for f in self.registry.fused]
+        self._auto_fused &= set(fused)  # unfused or unloaded meanwhile: no longer the policy's
+        decision = self.autofuse.decide([name for name in fused if name in self._auto_fused],
+                                        room=len(fused) < self.config.max_fused_adapters)
+        if decision is None:
+            return
+        if decision.action == "fuse":
+            entry = self.registry.entries.get(decision.adapter)
+            if entry is None or entry.version is None or decision.adapter in fused:
+                return
         try:
             (self.fuse if decision.action == "fuse" else self.unfuse)(decision.adapter)
         except S2FTError as exc:
             log.warning("auto-fuse: could not %s '%s': %s", decision.action, decision.adapter, exc)
             return
+        (self._auto_fused.add if decision.action == "fuse" else self._auto_fused.discard)(decision.adapter)
         self.auto_fuse_decisions += 1
         log.info("auto-fuse: %s '%s' (%.0f%% of %d requests in the last %.0f s)", decision.action,
                  decision.adapter, 100 * decision.share, decision.requests, self.config.auto_fuse_window_s)

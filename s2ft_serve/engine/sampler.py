@@ -131,7 +131,8 @@ def adjust_logits_batch(
                                  device=device)
     early = [i for i, p in enumerate(params) if len(outputs[i]) < p.min_tokens]
     if early:
-        banned = {i: sorted(params[i].end_ids(eos_ids)) for i in early}
+        banned = {i: sorted(t for t in params[i].end_ids(eos_ids) if 0 <= t < vocab) for i in early}  # never
+        # another row's entries: an id out of range cannot be sampled anyway
         early = [i for i in early if banned[i]]
         if early:
             flat[keys(early, banned.get)] = float("-inf")

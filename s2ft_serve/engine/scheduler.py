@@ -37,6 +37,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
     hit: list = field(default_factory=list)  # prefix-cache blocks found at admission (see prefix_cache)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    epoch: int = -1  # the registry's fusion epoch when its prefill started (see Stepper._remember)
     finish_reason: str | None = None
     cancelled: bool = False
     twin_of: Any = None  # an identical prompt admitted in the same step: its cache row is copied, not computed

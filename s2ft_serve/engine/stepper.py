@@ -56,6 +56,7 @@ class Stepper:
         extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         self.eos_ids = eos
+        self._admitted: list[Sequence] = []  # this step's admitted sequences (see iteration)
 
     def iteration(self) -> bool:
         """One pass of the step loop (the engine thread runs it, between calls, once started); False
@@ -63,9 +64,13 @@ class Stepper:
         sched = self.engine.scheduler
         if self.engine.autofuse is not None and time.monotonic() >= self._next_tick:
             self._next_tick = time.monotonic() + 1.0
-            self.engine.auto_fuse_tick()
+            try:
+                self.engine.auto_fuse_tick()
+            except Exception:  # the policy's own errors are caught there; anything else must not end the thread
+                log.exception("auto-fuse failed")
         if not sched.has_work():
             return False
+        self._admitted = []
         try:
             with self.engine.lock:
                 self.step()
@@ -75,6 +80,11 @@ class Stepper:
                 for seq in list(sched.running):
                     self._finish(seq, "error")
                 self._drop_chunking("error")
+                for seq in self._admitted:  # admitted this step, not running yet (a later prefill group, a
+                    if seq.finish_reason is None:  # twin): QA, they were never answered and kept their pins
+                        self._release(seq)
+                        self._emit_final(seq, "error")
+        self._admitted = []
         return True
 
     def abort_all(self) -> None:
@@ -104,6 +114,7 @@ class Stepper:
                 self.abort_waiting(seq)
             else:
                 admitted.append(seq)
+        self._admitted = admitted  # for iteration's error path
         kept = set(admitted)
         twins: dict[Sequence, list[Sequence]] = {}  # the sequence that computes the prompt -> its twins
         for seq in admitted:
@@ -212,7 +223,8 @@ class Stepper:
         return seq.version.uid if seq.version is not None else 0
 
     def _restore(self, seq: Sequence) -> int:
-        """Copy `seq`'s prefix-cache hit into its row; return the tokens restored."""
+        """Copy `seq`'s prefix-cache hit into its row; return the tokens restored. Its prefill starts."""
+        seq.epoch = self.engine.registry.epoch
         cache = self._cache_for(seq)
         if cache is None:
             return 0
@@ -222,9 +234,13 @@ class Stepper:
 
     def _remember(self, seq: Sequence) -> None:
         """Offer `seq`'s prompt (all of it in its row now) to the prefix cache, unless its adapter version
-        has retired meanwhile (no later request can match it; its blocks were dropped)."""
-        if self.engine.prefix_cache is not None and not (seq.version is not None and seq.version.retired):
-            self.engine.prefix_cache.insert(self._owner(seq), seq.prompt_ids, seq.row, self.engine.registry.epoch)
+        has retired meanwhile (no later request can match it; its blocks were dropped) or something was
+        fused or unfused since its prefill started (QA: a prompt prefilled in chunks across a fuse brought
+        the old weights' keys and values back into the emptied cache)."""
+        epoch = self.engine.registry.epoch
+        if (self.engine.prefix_cache is not None and not (seq.version is not None and seq.version.retired)
+                and seq.epoch == epoch):
+            self.engine.prefix_cache.insert(self._owner(seq), seq.prompt_ids, seq.row, epoch)
 
     # ---- prefill -------------------------------------------------------------------------
     def _prefill(self, seqs: list[Sequence], twins: list[Sequence] = ()) -> None:

@@ -168,6 +168,12 @@ async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | N
     return guide
 
 
+def choice_seed(seed: int, choice: int) -> int:
+    """Choice `choice`'s seed: `seed + choice`, wrapped into the signed 64-bit range the protocol takes
+    (QA: seed 2**63 - 1 with n = 2 was refused as an invalid seed)."""
+    return (seed + choice + 2**63) % 2**64 - 2**63
+
+
 def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None, choice: int, guide: Guide | None = None,
                     skip_special_tokens: bool | None = None) -> SamplingParams:
@@ -180,7 +186,7 @@ def sampling_params(fields: SamplingFields, max_tokens: int, logprobs: int | Non
         top_p=1.0 if fields.top_p is None else fields.top_p,
         top_k=top_k,
         min_p=fields.min_p or 0.0,
-        seed=None if fields.seed is None else fields.seed + choice,
+        seed=None if fields.seed is None else choice_seed(fields.seed, choice),
         stop=stop_list(fields.stop),
         stop_token_ids=list(fields.stop_token_ids or []),
         ignore_eos=fields.ignore_eos,

@@ -167,6 +167,16 @@ def test_dockerfile_order_and_contents():
     assert any(k == "USER" and v != "root" for k, v in steps)
 
 
+def test_the_ray_image_builds_the_kernels_into_its_kernel_dir():
+    """QA: it built none, so each replica compiled them at start (or, with no compiler, ran eager ops)."""
+    steps = dockerfile_instructions("ray/Dockerfile")
+    runs = [v for k, v in steps if k == "RUN"]
+    package_at = next(i for i, r in enumerate(runs) if 'pip install ".[ray]"' in r)
+    kernel_at = next(i for i, r in enumerate(runs) if "python -m s2ft_serve.adapters.native" in r)
+    assert package_at < kernel_at and "g++" in runs[kernel_at]
+    assert "S2FT_KERNEL_DIR=/" in " ".join(v for k, v in steps if k == "ENV")
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "ray/Dockerfile"])
 def test_dockerignore_keeps_the_context_small(dockerfile):
     """Each Dockerfile has its own ignore file (BuildKit reads `<Dockerfile>.dockerignore`; QA: the Ray

@@ -76,3 +76,63 @@ def test_an_unloaded_adapter_is_not_fused_back(tiny_llama_dir, tmp_path):
     engine.auto_fuse_tick()
     assert not engine.has_adapter("hot") and engine.stats().fused_adapters == []
     engine.shutdown()
+
+
+def test_policy_fuses_only_with_room_and_unfuses_only_its_own():
+    policy = AutoFusePolicy(fuse_share=0.6, unfuse_share=0.4, window_s=10, min_requests=10)
+    for i in range(7):
+        policy.record("b", now=0.0)
+    for i in range(3):
+        policy.record("a", now=0.0)
+    assert policy.decide([], now=1.0, room=False) is None
+    decision = policy.decide([], now=1.0)
+    assert (decision.action, decision.adapter) == ("fuse", "b")
+
+
+def test_auto_fusion_leaves_adapters_fused_by_hand_and_fuses_beside_them(tiny_llama_dir, tmp_path):
+    """QA: with `a` fused through the admin API, a dominant `b` was never fused (even with room for two),
+    and `a` was unfused by the policy once its share faded."""
+    from s2ft_serve.adapters.format import save_adapter
+
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
+                         max_fused_adapters=2, adapter_root=str(tmp_path))
+    for seed, name in enumerate("abc"):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed), tmp_path / name)
+        engine.load_adapter(name, name)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    engine.fuse("a")
+    for _ in range(8):
+        engine.generate("fox", "b", params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a", "b"]
+    for _ in range(40):
+        engine.generate("fox", None, params)
+    engine.auto_fuse_tick()  # both faded: only its own goes
+    assert engine.stats().fused_adapters == ["a"]
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"] and engine.stats().auto_fuse_decisions == 2
+    engine.shutdown()
+
+
+def test_a_decision_does_not_read_an_evicted_adapter_back(tiny_llama_dir, tmp_path):
+    """QA: an evicted adapter that dominated the window was read back from its folder to be fused
+    (evicting another); the next request for it loads it, and the tick after that fuses it."""
+    from s2ft_serve.adapters.format import save_adapter
+
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
+                         max_resident_adapters=1, adapter_root=str(tmp_path))
+    for seed, name in enumerate("ab"):
+        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed), tmp_path / name)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    for _ in range(5):
+        engine.generate("fox", "a", params)
+    engine.generate("fox", "b", params)  # evicts a
+    assert [e.name for e in engine.registry.resident()] == ["b"]
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == [] and [e.name for e in engine.registry.resident()] == ["b"]
+    engine.generate("fox", "a", params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"]
+    engine.shutdown()

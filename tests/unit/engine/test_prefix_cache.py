@@ -209,3 +209,23 @@ def test_a_prompt_of_a_version_that_retired_while_it_waited_is_not_cached(tiny_l
         engine.call(engine.stepper._remember, seq)
         assert version.uid not in {key[0] for key in engine.prefix_cache.blocks}
         engine.call(engine.registry.release, version)
+
+
+def test_a_prompt_prefilled_in_chunks_across_a_fuse_is_not_cached(tiny_llama_dir):
+    """QA: its first chunks ran under the old weights, yet it was cached whole under the new ones."""
+    with engine_with_adapter(tiny_llama_dir, seed=4, prefix_block_size=8, max_batch_size=2,
+                             max_tokens_per_step=16) as (engine, _):
+        ids = [(7 * i) % 300 + 3 for i in range(48)]
+        one = SamplingParams(max_tokens=1, temperature=0)
+        for fuse_midway in (False, True):
+            engine.reset_prefix_cache()
+            handle = engine.submit(ids, None, one)
+            engine.call(engine.stepper.iteration)  # the first chunk
+            assert engine.scheduler.chunking is not None and engine.scheduler.chunking.prefilled == 16
+            if fuse_midway:
+                engine.fuse("a")
+            while engine.scheduler.has_work():
+                engine.call(engine.stepper.iteration)
+            assert handle.result().finish_reason == "length"
+            assert len(engine.prefix_cache.blocks) == (0 if fuse_midway else 6)
+        engine.unfuse("a")

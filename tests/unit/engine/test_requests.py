@@ -438,3 +438,86 @@ def test_aevents_of_a_sync_handle_is_a_clear_error(engine):
     with pytest.raises(RuntimeError, match="use Engine.asubmit"):
         asyncio.run(read())
     handle.cancel()
+
+
+def test_out_of_range_stop_token_ids_are_refused(engine):
+    """QA: with min_tokens, an id out of range banned a token in another request's row (flat indices),
+    or failed the whole step."""
+    for bad in (-5, engine.vocab_size, 10 * engine.vocab_size):
+        with pytest.raises(InvalidRequestError, match="stop_token_ids") as err:
+            engine.submit("fox", None, SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[3, bad]))
+        assert err.value.param == "stop_token_ids"
+    assert not engine.scheduler.waiting
+
+
+def test_the_end_ids_ban_stays_in_its_own_row():
+    """The sampler itself never writes outside a row, whatever ids it is handed."""
+    from s2ft_serve.engine.sampler import adjust_logits_batch
+
+    logits = torch.zeros(2, 10)
+    params = [SamplingParams(min_tokens=2), SamplingParams(min_tokens=2, stop_token_ids=[-3, 12, 4])]
+    out = adjust_logits_batch(logits, params, [[1], [1]], [[], []], eos_ids=set())
+    assert torch.equal(out[0], logits[0])
+    assert torch.isinf(out[1, 4]) and torch.isfinite(out[1]).sum() == 9
+
+
+def test_a_failed_step_answers_what_it_admitted_and_had_not_started(engine, adapters, monkeypatch):
+    """QA: a step that raised finished only the running requests: those admitted in the same step for a
+    later prefill group, and twins, were never answered and kept their adapters pinned."""
+    from s2ft_serve.engine import stepper
+
+    real = stepper.sample
+
+    def fails_for_seed_13(logits, params, generators):
+        if any(p.seed == 13 for p in params):
+            raise RuntimeError("boom")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(stepper, "sample", fails_for_seed_13)
+    p = SamplingParams(max_tokens=4, temperature=0)
+    handles = engine.submit_many([([9, 10, 11], "a0", SamplingParams(max_tokens=4, seed=13)),  # short: group 1
+                                  ([9, 10, 11], "a0", SamplingParams(max_tokens=4, seed=13)),  # its twin
+                                  (list(range(5, 45)), "a1", p),  # long: a later group
+                                  (list(range(5, 45)), "a1", p)])  # and its twin
+    engine.start()
+    outs = [h.result(timeout=60) for h in handles]
+    assert [o.finish_reason for o in outs] == ["error"] * 4
+    assert all(engine.registry.entries[name].version.refs == 0 for name in ("a0", "a1"))
+    assert not engine.scheduler.has_work()
+    monkeypatch.setattr(stepper, "sample", real)  # and the engine goes on
+    assert engine.generate(list(range(5, 45)), "a1", p).finish_reason == "length"
+
+
+def test_a_request_prepared_while_the_engine_shuts_down_is_refused(engine):
+    """QA: checked once before it was prepared (tokenized, its adapter read), it was queued after the
+    shutdown's last step and never answered."""
+    import threading
+
+    from s2ft_serve.errors import EngineNotReadyError
+
+    engine.start()
+    prepared, release = threading.Event(), threading.Event()
+    real = engine._prompt_ids
+
+    def slow(prompt):
+        prepared.set()
+        release.wait(10)
+        return real(prompt)
+
+    engine._prompt_ids = slow
+    outcome = {}
+
+    def client():
+        try:
+            outcome["handle"] = engine.submit("Hello", None, SamplingParams(max_tokens=4))
+        except EngineNotReadyError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert prepared.wait(10)
+    engine.shutdown(timeout=5)
+    release.set()
+    thread.join(10)
+    assert "error" in outcome and "handle" not in outcome
+    assert not engine.scheduler.waiting

@@ -63,6 +63,15 @@ async def test_n_choices_use_seed_plus_index(client, engine):
         assert choice["text"] == alone.text
 
 
+async def test_n_choices_at_the_largest_seed_wrap_around(client, engine):
+    """QA: seed 2**63 - 1 with n = 2 gave choice 1 the seed 2**63, refused as invalid."""
+    top = 2**63 - 1
+    body = (await complete(client, n=2, seed=top, temperature=1.0, max_tokens=6)).json()
+    for choice, seed in zip(body["choices"], (top, -(2**63))):
+        alone = engine.generate(PROMPT, None, SamplingParams(max_tokens=6, temperature=1.0, seed=seed))
+        assert choice["text"] == alone.text
+
+
 async def test_several_prompts_and_token_ids(client, engine):
     ids = engine.tokenize("Hello world")
     body = (await complete(client, prompt=[PROMPT, "Hello world"], n=2)).json()
