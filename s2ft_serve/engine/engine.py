@@ -544,6 +544,7 @@ class Engine:
     @_on_engine_thread
     def remove_adapter(self, name: str) -> None:
         self._not_the_base(name, "unloaded")
+        self._auto_fused.discard(name)
         with self.lock:
             self.registry.remove(name)
         if self.autofuse is not None:
@@ -629,6 +630,7 @@ class Engine:
         """Add the adapter into the base columns in place; other requests stay exact (float32; below it
         they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
+        self._auto_fused.discard(name)  # fused by hand: the auto-fuse policy's no longer (it re-adds its own)
         self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:
@@ -642,6 +644,7 @@ class Engine:
     @_on_engine_thread
     def unfuse(self, name: str) -> AdapterInfo:
         self._not_the_base(name, "unfused")
+        self._auto_fused.discard(name)
         with self.lock:
             entry = self.registry.get(name)
             self.registry.unfuse(name)
@@ -672,7 +675,7 @@ class Engine:
         if self.autofuse is None:
             return
         fused = [f.version.name for f in self.registry.fused]
-        self._auto_fused &= set(fused)  # unfused or unloaded meanwhile: no longer the policy's
+        self._auto_fused &= set(fused)  # (fuse, unfuse and remove_adapter also drop their adapter at once)
         decision = self.autofuse.decide([name for name in fused if name in self._auto_fused],
                                         room=len(fused) < self.config.max_fused_adapters)
         if decision is None:

@@ -87,7 +87,7 @@ def adjust_logits_reference(
         ids = torch.tensor(list(params.logit_bias), device=device)
         row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=device)
     if len(output_ids) < params.min_tokens:
-        banned = params.end_ids(eos_ids)
+        banned = [t for t in params.end_ids(eos_ids) if 0 <= t < len(row)]  # as adjust_logits_batch
         if banned:
             row[torch.tensor(sorted(banned), device=device)] = float("-inf")
     if params.repetition_penalty != 1.0:

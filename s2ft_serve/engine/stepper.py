@@ -55,7 +55,11 @@ class Stepper:
         gen_cfg = getattr(engine.loaded.model, "generation_config", None)
         extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-        self.eos_ids = eos
+        outside = sorted(t for t in eos if not 0 <= t < engine.vocab_size)
+        if outside:  # QA: one in generation_config made structured output refuse every request
+            log.warning("end-of-sequence token ids %s are outside the vocabulary (%d tokens): ignored",
+                        outside, engine.vocab_size)
+        self.eos_ids = eos - set(outside)
         self._admitted: list[Sequence] = []  # this step's admitted sequences (see iteration)
 
     def iteration(self) -> bool:

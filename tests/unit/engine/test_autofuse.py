@@ -136,3 +136,32 @@ def test_a_decision_does_not_read_an_evicted_adapter_back(tiny_llama_dir, tmp_pa
     engine.auto_fuse_tick()
     assert engine.stats().fused_adapters == ["a"]
     engine.shutdown()
+
+
+@pytest.mark.parametrize("by_hand", ["unfuse and fuse", "unload, load and fuse"])
+def test_an_auto_fused_adapter_fused_again_by_hand_is_the_admins(tiny_llama_dir, tmp_path, by_hand):
+    """QA: ownership went by name and was only dropped at the next tick, so fusing it again by hand
+    before then left the policy to unfuse it."""
+    from s2ft_serve.adapters.format import save_adapter
+
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
+                         adapter_root=str(tmp_path))
+    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=3), tmp_path / "a")
+    engine.load_adapter("a", "a")
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    for _ in range(5):
+        engine.generate("fox", "a", params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"]
+    if by_hand == "unfuse and fuse":
+        engine.unfuse("a")
+    else:
+        engine.remove_adapter("a")
+        engine.load_adapter("a", "a")
+    engine.fuse("a")
+    for _ in range(40):
+        engine.generate("fox", None, params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"] and engine.stats().auto_fuse_decisions == 1
+    engine.shutdown()

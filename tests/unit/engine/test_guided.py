@@ -169,3 +169,28 @@ def test_bad_guides_are_refused_before_anything_is_queued(engine, guide, match):
     assert engine.stats().waiting == 0 and engine.stats().running == 0
     # the engine goes on serving
     assert run(engine, Guide(choice=["ok"]), None).text == "ok"
+
+
+def test_an_end_id_outside_the_vocabulary_is_ignored(tiny_llama_dir, tmp_path, caplog):
+    """QA: an id past the vocabulary in generation_config's eos_token_id made every structured-output
+    request fail (llguidance refused the tokenizer); it is left out, with a warning."""
+    import shutil
+
+    from engine_reference import make_engine
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    gen_path = model / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    config = json.loads((model / "config.json").read_text())
+    gen["eos_token_id"] = [config["eos_token_id"], config["vocab_size"] + 10]
+    gen_path.write_text(json.dumps(gen))
+    with caplog.at_level("WARNING"):
+        engine = make_engine(model)
+    try:
+        assert engine.stepper.eos_ids == {config["eos_token_id"]}
+        assert "outside the vocabulary" in caplog.text
+        out = engine.generate("fox", None, SamplingParams(max_tokens=5, temperature=0, guide=Guide(choice=["yes", "no"])))
+        assert out.text in ("yes", "no")
+    finally:
+        engine.shutdown()
