@@ -188,9 +188,10 @@ class AdapterRegistry:
 
     def _evict(self, extra_count: int, extra_bytes: int, keep: str) -> None:
         """Evict least-recently-used idle, unfused adapters until the new one fits (or, with no new one,
-        until the resident ones are within the limits again)."""
+        until the resident ones are within the limits again). `keep`'s own resident version does not count:
+        the new one takes its place (QA: replacing an adapter evicted another to make room for both)."""
         def over() -> bool:
-            resident = [e for e in self.entries.values() if e.version is not None]
+            resident = [e for e in self.entries.values() if e.version is not None and e.name != keep]
             return (len(resident) + extra_count > self.max_resident
                     or sum(e.nbytes for e in resident) + extra_bytes > self.max_resident_bytes)
 

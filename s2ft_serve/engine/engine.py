@@ -294,11 +294,12 @@ class Engine:
                     if seq.version is not None:
                         self.registry.release(seq.version)
             raise
-        for seq, _ in prepared:
-            if seq.version is not None:
-                self.registry.count_served(seq.version)
+        # one request per adapter per call, however many sequences (QA: one HTTP request with n = 4 alone
+        # met --auto-fuse-min-requests 4 and fused its adapter, and counted as 4 requests served)
+        for version in {id(seq.version): seq.version for seq, _ in prepared if seq.version is not None}.values():
+            self.registry.count_served(version)
         if self.autofuse is not None:
-            for _, adapter, _ in requests:
+            for adapter in dict.fromkeys(adapter for _, adapter, _ in requests):
                 self.autofuse.record(adapter)
         return [handle for _, handle in prepared]
 
@@ -631,6 +632,8 @@ class Engine:
         they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
         self._auto_fused.discard(name)  # fused by hand: the auto-fuse policy's no longer (it re-adds its own)
+        if not self.has_adapter(name):
+            self.lazy_folder(name)  # 404 for a name no one could load, before "already fused" (QA: a 409)
         self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:

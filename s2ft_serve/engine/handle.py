@@ -116,6 +116,11 @@ class RequestHandle:
             prompt_logprobs=seq.prompt_logprobs, cached_tokens=seq.cached_tokens)
 
     @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far (also those not yet taken from the event queue)."""
+        return len(self._seq.output_ids) if self._seq is not None else 0
+
+    @property
     def cached_tokens(self) -> int:
         """Prompt tokens served from the prefix cache (known once the request is admitted)."""
         return self._seq.cached_tokens if self._seq is not None else 0

@@ -287,7 +287,9 @@ class Generation:
         firsts = [c.first_token for c in self.choices if c.first_token is not None]
         per_token = [(c.finished - c.first_token) / (c.generated - 1) for c in self.choices
                      if c.finished is not None and c.first_token is not None and c.generated > 1]
-        self.metrics.observe_generation(self.adapter, sum(prompts.values()), sum(c.generated for c in self.choices),
+        generated = sum(max(c.generated, c.handle.generated_tokens) for c in self.choices)  # QA: a client that
+        # left had the tokens still queued for it uncounted
+        self.metrics.observe_generation(self.adapter, sum(prompts.values()), generated,
                                         min(firsts) - submitted if firsts else None, now - submitted, per_token)
 
     async def _result(self, choice: Choice) -> RequestOutput:
@@ -407,7 +409,8 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
     `start(gen)` validates and submits (returning a context for the other two), `stream` makes the
     SSE chunks, `build` the JSON body. Metrics count the request once, whatever happens.
     """
-    adapter, gen = None, None
+    adapter, gen = UNKNOWN_ADAPTER_LABEL, None  # until the request names one (QA: a conflicting model and
+    # adapter were counted as the base's)
     request.state.counted = True  # below, whatever happens; the error handlers count what never got here
     try:
         adapter = choose_adapter(engine, settings, fields.model, fields.adapter)

@@ -27,8 +27,8 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")  # the routes s2f
 
 
 class EngineCountsCollector(Collector):
-    """The engine's prefix-cache and speculative-decoding totals as of the last `refresh` (the engine
-    keeps the counts)."""
+    """The engine's prefix-cache, speculative-decoding and auto-fuse totals as of the last `refresh` (the
+    engine keeps the counts)."""
 
     def __init__(self) -> None:
         self.stats: EngineStats | None = None
@@ -47,6 +47,8 @@ class EngineCountsCollector(Collector):
         yield CounterMetricFamily("s2ft_spec_decode_accepted_tokens",
                                   "Draft tokens accepted (the token the model itself chose)",
                                   value=s.spec_accepted_tokens if s else 0)
+        yield CounterMetricFamily("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
+                                  value=s.auto_fuse_decisions if s else 0)
 
 
 class Metrics:
@@ -76,8 +78,6 @@ class Metrics:
                                       buckets=OP_BUCKETS, registry=r)
         self.adapter_fuse = Histogram("s2ft_adapter_fuse_seconds", "Adapter fuse/unfuse latency", ["op"],
                                       buckets=OP_BUCKETS, registry=r)
-        self.auto_fuse_decisions = Gauge("s2ft_auto_fuse_decisions", "Fuse/unfuse decisions taken by --auto-fuse",
-                                         registry=r)
         self.engine_counts = EngineCountsCollector()  # counters kept by the engine, exported as they are
         r.register(self.engine_counts)
         self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM name)", registry=r)
@@ -127,7 +127,6 @@ class Metrics:
         self.resident_adapters.set(stats.resident_adapters)
         self.resident_bytes.set(stats.resident_bytes)
         self.fused_adapters.set(len(stats.fused_adapters))
-        self.auto_fuse_decisions.set(stats.auto_fuse_decisions)
         self.engine_counts.stats = stats
         self.cuda_graphs.clear()
         self.cuda_graphs.labels(state=stats.cuda_graphs).set(stats.cuda_graphs_captured)

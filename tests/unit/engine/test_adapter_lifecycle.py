@@ -170,6 +170,16 @@ def test_lazy_load_under_a_relative_root(tiny_model_dir, root, monkeypatch):
     engine.shutdown()
 
 
+def test_replacing_an_adapter_evicts_no_other(tiny_model_dir, root):
+    """QA: the new version was counted beside the old one it replaces, so another adapter was evicted."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    engine.load_adapter("r0", str(root / "r0"))
+    engine.load_adapter("r1", str(root / "r1"))
+    engine.load_adapter("r0", str(root / "r2"), replace=True)
+    assert {a.name: a.resident for a in engine.list_adapters()} == {"r0": True, "r1": True}
+    engine.shutdown()
+
+
 def test_lru_eviction_and_transparent_reload(tiny_model_dir, root):
     engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
     engine.start()

@@ -165,3 +165,19 @@ def test_an_auto_fused_adapter_fused_again_by_hand_is_the_admins(tiny_llama_dir,
     engine.auto_fuse_tick()
     assert engine.stats().fused_adapters == ["a"] and engine.stats().auto_fuse_decisions == 1
     engine.shutdown()
+
+
+def test_one_submission_is_one_request_to_the_policy(tiny_llama_dir):
+    """QA: one HTTP request with n = 4 alone met --auto-fuse-min-requests 4 and fused its adapter."""
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
+    engine.add_adapter("hot", random_adapter(engine.loaded.model, engine.model_name, seed=3))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    [h.result(timeout=60) for h in engine.submit_many([("fox", "hot", params)] * 4)]
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == []
+    for _ in range(3):
+        engine.generate("fox", "hot", params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["hot"]
+    engine.shutdown()

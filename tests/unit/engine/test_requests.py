@@ -257,6 +257,9 @@ def test_requests_served_counts_only_requests_taken(tiny_llama_dir):
     engine.start()
     engine.logits(engine.tokenize("Hi"), "a0")
     assert engine.get_adapter("a0").requests_served == 3
+    # a submission counts once, whatever its n (QA: one HTTP request with n = 4 counted as 4)
+    [h.result(timeout=60) for h in engine.submit_many([("Hi", "a0", g)] * 3)]
+    assert engine.get_adapter("a0").requests_served == 4
     engine.shutdown()
 
 

@@ -92,7 +92,7 @@ async def test_fuse_unfuse_keep_outputs(client, engine):
     try:
         metrics = (await client.get("/metrics")).text
         assert "s2ft_fused_adapters 1.0" in metrics
-        assert "s2ft_auto_fuse_decisions 0.0" in metrics
+        assert "s2ft_auto_fuse_decisions_total 0.0" in metrics
         during = {m: await completion_text(client, m) for m in before}
         assert during == before
     finally:
@@ -100,6 +100,11 @@ async def test_fuse_unfuse_keep_outputs(client, engine):
     assert r.status_code == 200 and r.json()["fused"] is False
     assert {m: await completion_text(client, m) for m in before} == before
     assert (await client.post("/v1/adapters/nope/fuse")).status_code == 404
+    await client.post("/v1/adapters/a0/fuse")
+    try:  # QA: with one fused, an unknown name was "already fused" (409)
+        assert (await client.post("/v1/adapters/nope/fuse")).status_code == 404
+    finally:
+        await client.post("/v1/adapters/a0/unfuse")
 
 
 async def test_merge_route_makes_a_usable_adapter(client, engine):

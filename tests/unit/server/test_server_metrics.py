@@ -61,6 +61,22 @@ async def test_unknown_names_and_early_refusals_are_counted_without_client_made_
         value(before, "s2ft_requests_total", adapter="a1", status="400") == 1
 
 
+async def test_a_model_and_adapter_that_disagree_are_counted_as_unknown(client):
+    """QA: counted under the base's label, though the request named no base model."""
+    before = samples((await client.get("/metrics")).text)
+    r = await client.post("/v1/completions", json={"prompt": "x", "model": "a0", "adapter": "a1"})
+    assert r.status_code == 400
+    s = samples((await client.get("/metrics")).text)
+    for label, added in (("<unknown>", 1), ("", 0)):
+        assert value(s, "s2ft_requests_total", adapter=label, status="400") - \
+            value(before, "s2ft_requests_total", adapter=label, status="400") == added
+
+
+async def test_auto_fuse_decisions_are_a_counter(client):
+    families = {f.name: f.type for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    assert families["s2ft_auto_fuse_decisions"] == "counter"
+
+
 async def test_requests_refused_for_the_api_key_are_counted(settings, engine):
     app = create_app(settings.model_copy(update={"api_key": "sk-user"}), engine)
     async with client_for(app) as client:
