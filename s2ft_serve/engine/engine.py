@@ -258,6 +258,9 @@ class Engine:
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise InvalidRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
+        except RecursionError:  # QA: a 500 (transformers walks the template's data recursively)
+            raise InvalidRequestError("the chat (messages, tools or template arguments) is nested too deeply",
+                                      param="messages") from None
         self.check_text_fits(len(text), "messages")  # the template's text too, before tokenizing it
         return self.tokenize(text, param="messages", add_special_tokens=add_special_tokens)
 

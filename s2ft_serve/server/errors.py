@@ -120,8 +120,37 @@ def count_refused(request: Request, status: int) -> None:
             metrics.observe_request(UNKNOWN_ADAPTER_LABEL, status)
 
 
+class UnexpectedErrors:
+    """Answer an unexpected exception with the 500 error body, and end there. Starlette's own handler for
+    `Exception` re-raises once it has answered, so uvicorn logged the traceback a second time and closed
+    the keep-alive connection: a pooled client's next request failed with a reset (QA). Once a response
+    has started (a stream), the exception goes on as before."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _on_unexpected_error(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(S2FTError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)  # what UnexpectedErrors does not see
+    app.add_middleware(UnexpectedErrors)

@@ -96,7 +96,7 @@ def template_message(m: ChatMessage) -> dict:
         for call in m.tool_calls:
             try:
                 arguments = json.loads(call.function.arguments)
-            except ValueError:
+            except (ValueError, RecursionError):  # passed on as the string (QA: too deep a nesting was a 500)
                 arguments = call.function.arguments
             calls.append({"id": call.id, "type": call.type,
                           "function": {"name": call.function.name, "arguments": arguments}})

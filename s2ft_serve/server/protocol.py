@@ -226,7 +226,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins them (QA: same prompt, same cache)
 
 
 class FunctionDefinition(RequestModel):

@@ -69,7 +69,7 @@ class ForcedReader:
             return [new_call(self.function, self.text)]
         try:
             calls = calls_of(json.loads(self.text))  # {"name", "parameters"} items, as the guide writes them
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply to read is no call either (QA: a 500)
             calls = None
         return calls if calls is not None else [self.text]
 
@@ -142,7 +142,7 @@ class HermesReader:
         as_text = [self.gap + self.OPEN + body + (self.CLOSE if closed else "")]
         try:
             calls = calls_of(json.loads(body))
-        except ValueError:
+        except (ValueError, RecursionError):
             return as_text
         if calls is None:
             return as_text
@@ -194,7 +194,7 @@ class Llama3JsonReader:
                 calls += found
                 while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
                     pos += 1
-        except ValueError:
+        except (ValueError, RecursionError):
             return [held]
         return calls[: self.max_calls] if calls else [held]
 

@@ -133,14 +133,16 @@ async def stream(body: ChatCompletionRequest, gen: Generation, model: str, conte
     async for choice, event in gen.events():
         reader = readers[choice.index]
         thought, content, calls = reader.read(event.text_delta, event.finished)
+        logprobs = None
+        if body.logprobs and event.logprob is not None and event.token_id is not None:
+            logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
         if reader.streams and (event.token_id is not None or content or thought):  # a chunk per token, as vLLM
-            logprobs = None
-            if body.logprobs and event.logprob is not None and event.token_id is not None:
-                logprobs = chat_logprobs(text, [event.token_id], [event.logprob], body.top_logprobs or 0)
             delta = ChatDelta(content=None if thought and not content else content, reasoning_content=thought or None)
             yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
-        elif content:  # a forced answer that is not a call (cut short)
-            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content))])
+        elif content or logprobs:  # a forced answer that is not a call (cut short), or a held-back token's
+            # logprobs (QA: a streamed forced call had none, the same request unstreamed all of them)
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=content or None),
+                                         logprobs=logprobs)])
         if calls:
             first = called[choice.index]
             called[choice.index] += len(calls)

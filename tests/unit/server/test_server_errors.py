@@ -229,3 +229,18 @@ def test_a_stream_chunk_with_a_lone_surrogate_is_escaped_not_an_error():
     line = sse(Chunk(text="x\udddd"))
     assert line.startswith("data: ") and json.loads(line[6:]) == {"text": "x\udddd"}
     line.encode("utf-8")
+
+
+async def test_an_unexpected_error_is_answered_and_goes_no_further(settings, engine):
+    """QA: Starlette's handler re-raised after the 500, so uvicorn logged it twice and reset the client's
+    keep-alive connection (the in-process transport raised it into the client here)."""
+    app = create_app(settings, engine)
+
+    async def broken():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    async with client_for(app) as client:
+        error = error_of(await client.get("/broken"), 500)
+        assert error["type"] == "internal_error" and "RuntimeError" in error["message"]
+        assert (await client.get("/health")).status_code == 200

@@ -205,3 +205,30 @@ async def test_a_tool_call_parser_sees_special_tokens(auto_client, engine):
     plain = (await chat(auto_client, max_tokens=2, ignore_eos=True, logit_bias={str(special): 100},
                         tool_choice="none")).json()
     assert plain["choices"][0]["message"]["content"] == ""
+
+
+async def test_streamed_forced_calls_carry_the_logprobs_of_their_tokens(client):
+    """QA: the same seeded request had every token's logprobs unstreamed, and none streamed."""
+    body = dict(tool_choice="required", parallel_tool_calls=False, logprobs=True, top_logprobs=2)
+    whole = (await chat(client, **body)).json()["choices"][0]["logprobs"]["content"]
+    r = await chat(client, stream=True, **body)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    streamed = [entry for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+                for entry in c["choices"][0]["logprobs"]["content"]]
+    assert whole and streamed == whole
+
+
+async def test_arguments_nested_too_deeply_are_passed_on_as_text(client):
+    """QA: an earlier call's arguments nested 900 deep (a 2 KB body) were a 500, and a traceback in the log
+    250 times the request's size."""
+    deep = "[" * 900 + "]" * 900
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = await client.post("/v1/chat/completions", json={"messages": history, "tools": TOOLS, "max_tokens": 2})
+    assert r.status_code in (200, 400), r.text
+    kwargs = {"x": json.loads("[" * 900 + "]" * 900)}
+    r = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
+                                                        "chat_template_kwargs": kwargs})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text

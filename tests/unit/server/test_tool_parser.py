@@ -143,3 +143,13 @@ def test_llama3_json_streams_text_at_once_and_reads_calls_at_the_end():
     assert reader.feed('"parameters": {}}; {"name": "g", "parameters": {}}') == []
     (call,) = reader.finish()
     assert call.function.name == "f" and call.function.arguments == "{}"
+
+
+@pytest.mark.parametrize("tools", [AUTO, ToolMode(None, None, "llama3_json"), ToolMode(object(), None)],
+                         ids=["hermes", "llama3_json", "required"])
+def test_a_block_nested_too_deeply_to_read_stays_text(tools):
+    """QA: a 2,000-deep block (the model's own answer, or one forced by structured outputs) was a 500."""
+    deep = "[" * 2000 + "]" * 2000
+    text = {"hermes": "<tool_call>" + deep + "</tool_call>", "llama3_json": deep}.get(tools.parser, deep)
+    content, calls = read_answer(tools, text)
+    assert calls == [] and content == text
