@@ -16,7 +16,7 @@ slot's block of the table in place: no per-call index tensors, no `[T, out]` tem
 EPYC it takes 1.1-1.25x the time of a plain read of the same bytes (`torch.sum`), where
 `embedding_bag` (the portable path in `ops.mixed_delta`) takes 1.5-1.8x ours (`benchmarks/adapter_kernel.py`).
 
-It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed once, ~10 s) into
+It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja are needed once, 10-60 s) into
 `$S2FT_KERNEL_DIR`, else `<cache>/kernels`, in a folder named by a hash of the source and the torch
 build, so a copy built elsewhere (a container image's build stage) loads with no compiler; each load
 marks its folder used, and other builds there that nothing loaded for 30 days are removed. Where it
@@ -166,7 +166,7 @@ def _build(folder: Path) -> None:
         from torch.utils.cpp_extension import load
 
         _find_ninja()
-        log.info("building the compiled S²FT kernels (once, ~10 s) in %s", folder)
+        log.info("building the compiled S²FT kernels (once, 10-60 s) in %s", folder)
         load(name=NAME, sources=[str(source) for source in SOURCES], build_directory=str(folder),
              is_python_module=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
