@@ -285,6 +285,8 @@ class Engine:
             for prompt, adapter, params in requests:
                 prepared.append(self._prepare(prompt, adapter, params))
             seqs = [seq for seq, _ in prepared]
+            # before queueing: a sequence that finishes at once gives its version up (QA: uncounted)
+            served = {id(seq.version): seq.version for seq in seqs if seq.version is not None}
             if not self._enqueue(seqs):
                 with self.lock:
                     for dropped in self.scheduler.take_cancelled():  # they free their places now
@@ -299,7 +301,7 @@ class Engine:
             raise
         # one request per adapter per call, however many sequences (QA: one HTTP request with n = 4 alone
         # met --auto-fuse-min-requests 4 and fused its adapter, and counted as 4 requests served)
-        for version in {id(seq.version): seq.version for seq, _ in prepared if seq.version is not None}.values():
+        for version in served.values():
             self.registry.count_served(version)
         if self.autofuse is not None:
             for adapter in dict.fromkeys(adapter for _, adapter, _ in requests):
@@ -415,6 +417,7 @@ class Engine:
         if not ids:  # an empty prompt starts from BOS (or EOS), like other servers
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else self.tokenizer.eos_token_id]
+            self.check_token_ids(ids, "prompt")  # a tokenizer's id may lie beyond the model's vocabulary (QA)
         return ids
 
     @property
@@ -634,7 +637,6 @@ class Engine:
         """Add the adapter into the base columns in place; other requests stay exact (float32; below it
         they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
-        self._auto_fused.discard(name)  # fused by hand: the auto-fuse policy's no longer (it re-adds its own)
         if not self.has_adapter(name):
             self.lazy_folder(name)  # 404 for a name no one could load, before "already fused" (QA: a 409)
         self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
@@ -645,16 +647,20 @@ class Engine:
                 self.registry.fuse(name)
             finally:
                 self.registry.release(entry.version)
+            self._auto_fused.discard(name)  # fused by hand: not the auto-fuse policy's (it re-adds its own);
+            # after the fuse, as a refused one changes nothing (QA)
             return self._info(entry)
 
     @_on_engine_thread
     def unfuse(self, name: str) -> AdapterInfo:
         self._not_the_base(name, "unfused")
-        self._auto_fused.discard(name)
         with self.lock:
             entry = self.registry.get(name)
             self.registry.unfuse(name)
-            return self._info(entry)
+        self._auto_fused.discard(name)
+        if self.autofuse is not None:  # its traffic so far no longer argues for fusing it (QA: an admin's
+            self.autofuse.forget(name)  # unfuse was undone a second later by the policy)
+        return self._info(entry)
 
     @_on_engine_thread
     def merge(self, name: str, sources: list[tuple[str, float]]) -> AdapterInfo:

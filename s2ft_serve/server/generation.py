@@ -87,6 +87,21 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+MAX_ARGUMENT_DEPTH = 64  # an earlier tool call's arguments nested deeper reach the template as their text
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether JSON `value` holds lists or objects more than `limit` levels deep (without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def template_message(m: ChatMessage) -> dict:
     """A message as chat templates take it: text content; earlier tool calls with their arguments as
     objects where they parse (as vLLM passes them; templates print them with `tojson`)."""
@@ -98,6 +113,8 @@ def template_message(m: ChatMessage) -> dict:
                 arguments = json.loads(call.function.arguments)
             except (ValueError, RecursionError):  # passed on as the string (QA: too deep a nesting was a 500)
                 arguments = call.function.arguments
+            if nested_deeper_than(arguments, MAX_ARGUMENT_DEPTH):  # as the string too: templates walk them
+                arguments = call.function.arguments  # recursively (QA: 500 levels were a 400, 1,000 a 200)
             calls.append({"id": call.id, "type": call.type,
                           "function": {"name": call.function.name, "arguments": arguments}})
         out["tool_calls"] = calls
@@ -435,6 +452,11 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
     except BaseException as exc:
         record_status(metrics, adapter, exc, gen)
         raise
+    try:
+        body = build(gen, model, context, outputs)
+    except BaseException as exc:  # counted as what it is (QA: a 500 here was counted as a 200)
+        record_status(metrics, adapter, exc, gen)
+        raise
     record_status(metrics, adapter, None, gen)
     response.headers.update(headers)
-    return build(gen, model, context, outputs)
+    return body

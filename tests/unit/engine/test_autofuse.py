@@ -181,3 +181,31 @@ def test_one_submission_is_one_request_to_the_policy(tiny_llama_dir):
     engine.auto_fuse_tick()
     assert engine.stats().fused_adapters == ["hot"]
     engine.shutdown()
+
+
+def test_a_refused_fuse_changes_nothing_and_an_admin_unfuse_holds(tiny_llama_dir):
+    """QA: an admin fuse of an auto-fused adapter (409, already fused) took it from the policy for good;
+    an admin unfuse was undone by the policy a second later."""
+    from s2ft_serve.errors import ConflictError
+
+    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
+    engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=3))
+    params = SamplingParams(max_tokens=2, temperature=0)
+    engine.start()
+    for _ in range(5):
+        engine.generate("fox", "a", params)
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"]
+    with pytest.raises(ConflictError):
+        engine.fuse("a")
+    for _ in range(40):
+        engine.generate("fox", None, params)
+    engine.auto_fuse_tick()  # still the policy's: unfused once faded
+    assert engine.stats().fused_adapters == []
+    [h.result(timeout=60) for h in [engine.submit("fox", "a", params) for _ in range(80)]]
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == ["a"]
+    engine.unfuse("a")  # by hand, while its traffic dominates
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == []
+    engine.shutdown()

@@ -72,6 +72,23 @@ async def test_a_model_and_adapter_that_disagree_are_counted_as_unknown(client):
             value(before, "s2ft_requests_total", adapter=label, status="400") == added
 
 
+async def test_a_response_that_fails_to_build_is_counted_as_500(client, monkeypatch):
+    """QA: the request was counted as a 200 before its body was built."""
+    from s2ft_serve.server.routes import completions
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(completions, "build_response", broken)
+    before = samples((await client.get("/metrics")).text)
+    r = await client.post("/v1/completions", json={"prompt": "x", "model": "a0", "max_tokens": 2})
+    assert r.status_code == 500
+    s = samples((await client.get("/metrics")).text)
+    for status, added in (("500", 1), ("200", 0)):
+        assert value(s, "s2ft_requests_total", adapter="a0", status=status) - \
+            value(before, "s2ft_requests_total", adapter="a0", status=status) == added
+
+
 async def test_auto_fuse_decisions_are_a_counter(client):
     families = {f.name: f.type for f in text_string_to_metric_families((await client.get("/metrics")).text)}
     assert families["s2ft_auto_fuse_decisions"] == "counter"
