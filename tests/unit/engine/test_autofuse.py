@@ -11,6 +11,36 @@ from s2ft_serve.model.testing import random_adapter
 from engine_reference import make_engine
 
 
+def auto_fuse_engine(model_dir, root=None, names=("hot",), load=True, **config):
+    """An engine with --auto-fuse (4 requests in a 60 s window decide) and random adapters `names`:
+    saved under `root` (the adapter root) and, if `load`, loaded from there; else added in memory."""
+    from s2ft_serve.adapters.format import save_adapter
+
+    if root is not None:
+        config["adapter_root"] = str(root)
+    engine = make_engine(model_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60, **config)
+    for seed, name in enumerate(names, start=3):
+        adapter = random_adapter(engine.loaded.model, engine.model_name, seed=seed)
+        if root is None:
+            engine.add_adapter(name, adapter)
+        else:
+            save_adapter(adapter, root / name)
+            if load:
+                engine.load_adapter(name, name)
+    return engine
+
+
+def auto_fused(engine, name: str) -> None:
+    """Start `engine` and send `name` the traffic that makes the policy fuse it."""
+    engine.start()
+    [h.result(timeout=60) for h in [engine.submit("fox", name, PARAMS) for _ in range(5)]]
+    engine.auto_fuse_tick()
+    assert engine.stats().fused_adapters == [name]
+
+
+PARAMS = SamplingParams(max_tokens=2, temperature=0)
+
+
 def test_policy_fuses_the_dominant_adapter_and_unfuses_when_it_fades():
     policy = AutoFusePolicy(fuse_share=0.6, unfuse_share=0.4, window_s=10, min_requests=10)
     for i in range(9):
@@ -36,9 +66,7 @@ def test_policy_rejects_inverted_thresholds():
 
 
 def test_engine_auto_fuses_and_results_stay_exact(tiny_llama_dir):
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
-    adapter = random_adapter(engine.loaded.model, engine.model_name, seed=3)
-    engine.add_adapter("hot", adapter)
+    engine = auto_fuse_engine(tiny_llama_dir)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     engine.start()
     before = [engine.generate("fox", "hot", params).token_ids for _ in range(4)]
@@ -57,12 +85,7 @@ def test_engine_auto_fuses_and_results_stay_exact(tiny_llama_dir):
 def test_an_unloaded_adapter_is_not_fused_back(tiny_llama_dir, tmp_path):
     """QA: with --auto-fuse, DELETE of a hot adapter was undone a second later: its past requests
     still counted, and the fuse reloaded it from the adapter root."""
-    from s2ft_serve.adapters.format import save_adapter
-
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
-                         adapter_root=str(tmp_path))
-    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=3), tmp_path / "hot")
-    engine.load_adapter("hot", "hot")
+    engine = auto_fuse_engine(tiny_llama_dir, tmp_path)
     params = SamplingParams(max_tokens=2, temperature=0)
     engine.start()
     for _ in range(4):
@@ -92,13 +115,7 @@ def test_policy_fuses_only_with_room_and_unfuses_only_its_own():
 def test_auto_fusion_leaves_adapters_fused_by_hand_and_fuses_beside_them(tiny_llama_dir, tmp_path):
     """QA: with `a` fused through the admin API, a dominant `b` was never fused (even with room for two),
     and `a` was unfused by the policy once its share faded."""
-    from s2ft_serve.adapters.format import save_adapter
-
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
-                         max_fused_adapters=2, adapter_root=str(tmp_path))
-    for seed, name in enumerate("abc"):
-        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed), tmp_path / name)
-        engine.load_adapter(name, name)
+    engine = auto_fuse_engine(tiny_llama_dir, tmp_path, "abc", max_fused_adapters=2)
     params = SamplingParams(max_tokens=2, temperature=0)
     engine.start()
     engine.fuse("a")
@@ -118,12 +135,7 @@ def test_auto_fusion_leaves_adapters_fused_by_hand_and_fuses_beside_them(tiny_ll
 def test_a_decision_does_not_read_an_evicted_adapter_back(tiny_llama_dir, tmp_path):
     """QA: an evicted adapter that dominated the window was read back from its folder to be fused
     (evicting another); the next request for it loads it, and the tick after that fuses it."""
-    from s2ft_serve.adapters.format import save_adapter
-
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
-                         max_resident_adapters=1, adapter_root=str(tmp_path))
-    for seed, name in enumerate("ab"):
-        save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=seed), tmp_path / name)
+    engine = auto_fuse_engine(tiny_llama_dir, tmp_path, "ab", load=False, max_resident_adapters=1)
     params = SamplingParams(max_tokens=2, temperature=0)
     engine.start()
     for _ in range(5):
@@ -142,18 +154,9 @@ def test_a_decision_does_not_read_an_evicted_adapter_back(tiny_llama_dir, tmp_pa
 def test_an_auto_fused_adapter_fused_again_by_hand_is_the_admins(tiny_llama_dir, tmp_path, by_hand):
     """QA: ownership went by name and was only dropped at the next tick, so fusing it again by hand
     before then left the policy to unfuse it."""
-    from s2ft_serve.adapters.format import save_adapter
-
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60,
-                         adapter_root=str(tmp_path))
-    save_adapter(random_adapter(engine.loaded.model, engine.model_name, seed=3), tmp_path / "a")
-    engine.load_adapter("a", "a")
-    params = SamplingParams(max_tokens=2, temperature=0)
-    engine.start()
-    for _ in range(5):
-        engine.generate("fox", "a", params)
-    engine.auto_fuse_tick()
-    assert engine.stats().fused_adapters == ["a"]
+    engine = auto_fuse_engine(tiny_llama_dir, tmp_path, ["a"])
+    params = PARAMS
+    auto_fused(engine, "a")
     if by_hand == "unfuse and fuse":
         engine.unfuse("a")
     else:
@@ -169,8 +172,7 @@ def test_an_auto_fused_adapter_fused_again_by_hand_is_the_admins(tiny_llama_dir,
 
 def test_one_submission_is_one_request_to_the_policy(tiny_llama_dir):
     """QA: one HTTP request with n = 4 alone met --auto-fuse-min-requests 4 and fused its adapter."""
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
-    engine.add_adapter("hot", random_adapter(engine.loaded.model, engine.model_name, seed=3))
+    engine = auto_fuse_engine(tiny_llama_dir)
     params = SamplingParams(max_tokens=2, temperature=0)
     engine.start()
     [h.result(timeout=60) for h in engine.submit_many([("fox", "hot", params)] * 4)]
@@ -188,14 +190,9 @@ def test_a_refused_fuse_changes_nothing_and_an_admin_unfuse_holds(tiny_llama_dir
     an admin unfuse was undone by the policy a second later."""
     from s2ft_serve.errors import ConflictError
 
-    engine = make_engine(tiny_llama_dir, auto_fuse=True, auto_fuse_min_requests=4, auto_fuse_window_s=60)
-    engine.add_adapter("a", random_adapter(engine.loaded.model, engine.model_name, seed=3))
-    params = SamplingParams(max_tokens=2, temperature=0)
-    engine.start()
-    for _ in range(5):
-        engine.generate("fox", "a", params)
-    engine.auto_fuse_tick()
-    assert engine.stats().fused_adapters == ["a"]
+    engine = auto_fuse_engine(tiny_llama_dir, names=["a"])
+    params = PARAMS
+    auto_fused(engine, "a")
     with pytest.raises(ConflictError):
         engine.fuse("a")
     for _ in range(40):
