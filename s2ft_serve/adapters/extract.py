@@ -213,6 +213,9 @@ def _diff(keys: list[str], base_sd: dict[str, torch.Tensor], tuned: CheckpointTe
         diff = tuned_t.to(torch.float32) - base_t.to(torch.float32)
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module in targets:
+            if not torch.isfinite(diff).all():  # NaN > tolerance is False: such a column was left out (QA)
+                raise InvalidRequestError(f"{tuned.path}: tensor '{key}' differs from the base by values that "
+                                          "are not finite (NaN or infinity)")
             columns = torch.nonzero(diff.abs().amax(dim=0) > tolerance).flatten()  # [k]
             if columns.numel():
                 modules[module] = ModuleDelta(index=columns.to(torch.int64), delta=diff[:, columns].contiguous())

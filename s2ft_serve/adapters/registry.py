@@ -123,8 +123,8 @@ class AdapterRegistry:
         old = self.entries.get(name)
         if old is not None and not replace:
             raise ConflictError(f"adapter '{name}' is already loaded (use replace to swap it)", param="name")
-        if path is None:  # held only in memory: never evicted, so these alone must fit the limits
-            self._check_memory_room(name, adapter.nbytes)
+        if path is None:  # held only in memory: never evicted, so with the others never evicted it must fit
+            self.check_memory_room(name, adapter.nbytes)
         self._evict(extra_count=1, extra_bytes=adapter.nbytes, keep=name)
         slot = self._alloc_slot()
         self._write(slot, adapter)
@@ -141,16 +141,20 @@ class AdapterRegistry:
             self.fuse(name)
         return entry
 
-    def _check_memory_room(self, name: str, nbytes: int) -> None:
-        held = [e for e in self.entries.values() if e.path is None and e.name != name]
+    @_locked
+    def check_memory_room(self, name: str, nbytes: int) -> None:
+        """Refuse `name`, an adapter held only in memory, when the limits cannot hold it beside the others
+        that are never evicted: those held only in memory, and the fused ones (QA: they were not counted)."""
+        held = [e for e in self.entries.values() if e.name != name
+                and (e.path is None or (e.version is not None and self.is_fused(e.name)))]
         held_bytes = sum(e.nbytes for e in held)
         if len(held) + 1 > self.max_resident or held_bytes + nbytes > self.max_resident_bytes:
             raise ConflictError(
-                f"{len(held)} adapter(s) are held only in memory (merged, or added without a folder), using "
-                f"{held_bytes} bytes; adding '{name}' ({nbytes} bytes) would exceed "
-                f"max_resident_adapters ({self.max_resident}) or max_resident_bytes ({self.max_resident_bytes}), "
-                "and such adapters are never evicted: unload one, or save the merge to a folder "
-                "(s2ft-adapter merge) and load that", param="name")
+                f"{len(held)} adapter(s) are never evicted (held only in memory: merged, or added without a "
+                f"folder; or fused), using {held_bytes} bytes; adding '{name}' ({nbytes} bytes) would exceed "
+                f"max_resident_adapters ({self.max_resident}) or max_resident_bytes ({self.max_resident_bytes}): "
+                "unload or unfuse one, or save a merge to a folder (s2ft-adapter merge) and load that",
+                param="name")
 
     @_locked
     def reload(self, entry: Entry, adapter: Adapter) -> None:

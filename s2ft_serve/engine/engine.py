@@ -15,6 +15,7 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -669,6 +670,19 @@ class Engine:
 
         if not sources:
             raise InvalidRequestError("merge needs at least one source adapter", param="sources")
+        # every check that needs no source before any is read (QA: a merge refused for its weight or its
+        # name had already loaded its sources, evicting others)
+        for src, weight in sources:
+            if not isinstance(src, str):
+                raise InvalidRequestError(f"merge: a source must be an adapter name, got {src!r}", param="sources")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise InvalidRequestError(f"merge: the weight of '{src}' must be a finite number, got {weight!r}",
+                                          param="sources")
+        self._check_name(name)
+        if self.has_adapter(name):
+            raise ConflictError(f"adapter '{name}' is already loaded", param="name")
+        with self.lock:
+            self.registry.check_memory_room(name, 0)  # its size is known once merged: checked again then
         parts = []
         for src, weight in sources:
             version = self._pin(src)

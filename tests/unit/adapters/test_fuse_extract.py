@@ -184,3 +184,15 @@ def test_fuse_refuses_a_delta_the_base_dtype_cannot_hold(tiny_llama_dir, tmp_pat
     with pytest.raises(AdapterValidationError, match=f"{name}.s2ft_delta.*finite in float32"):
         fuse_to_model(tiny_llama_dir, tmp_path / "big", tmp_path / "fused")
     assert not (tmp_path / "fused").exists() or not any((tmp_path / "fused").iterdir())
+
+
+def test_extract_refuses_a_changed_column_that_is_not_finite(tiny_llama_dir, tmp_path):
+    """QA: NaN > tolerance is False, so a NaN column was left out of the adapter without a word."""
+    model = _hf(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 3] = float("nan")
+        model.model.layers[1].mlp.down_proj.weight[:, 4] += 0.05
+    _save_tuned(model, tmp_path / "tuned")
+    with pytest.raises(InvalidRequestError, match="layers.0.self_attn.o_proj.weight.*not finite"):
+        extract_adapter(tiny_llama_dir, tmp_path / "tuned", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -394,3 +394,41 @@ def test_slot_tables_shrink_when_their_widest_adapter_leaves(engine):
     engine.remove_adapter("wide")
     assert down.slots.k_cap == 4 and down.slots.table.shape[0] == narrow_rows
     assert torch.equal(engine.logits(ids, "small"), before)
+
+
+def test_a_merge_refused_for_its_request_loads_and_evicts_nothing(tiny_model_dir, root):
+    """QA: a merge refused for an infinite weight or a taken name had already loaded its sources from
+    disk, evicting the adapters in memory."""
+    from s2ft_serve.errors import InvalidRequestError
+
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    for i in range(3):
+        engine.load_adapter(f"r{i}", f"r{i}")
+    before = {a.name: a.resident for a in engine.list_adapters()}
+    assert before == {"r0": False, "r1": True, "r2": True}  # a merge of r0 reads it again, evicting r1
+    for sources, name, error in (([("r0", float("inf"))], "m", InvalidRequestError),
+                                 ([("r0", True)], "m", InvalidRequestError),
+                                 ([("r0", "2")], "m", InvalidRequestError),
+                                 ([(None, 1.0)], "m", InvalidRequestError),
+                                 ([("r0", 1.0)], "r2", ConflictError),
+                                 ([("r0", 1.0)], engine.model_name, ConflictError)):
+        with pytest.raises(error):
+            engine.merge(name, sources)
+        assert {a.name: a.resident for a in engine.list_adapters()} == before
+    engine.shutdown()
+
+
+def test_adapters_never_evicted_bound_the_others(tiny_model_dir, root):
+    """Adapters held in memory must fit the bounds beside every adapter never evicted, the fused ones
+    too (QA: those were not counted); a folder's adapter is still served, over the bounds, then evicted."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    engine.add_adapter("m", random_adapter(engine.loaded.model, engine.model_name, seed=70))
+    engine.load_adapter("r0", "r0")
+    engine.fuse("r0")
+    with pytest.raises(ConflictError, match="never evicted"):
+        engine.add_adapter("m2", random_adapter(engine.loaded.model, engine.model_name, seed=71))
+    assert not engine.has_adapter("m2")
+    engine.start()
+    assert engine.generate("fox", "r1", GREEDY).finish_reason == "length"  # lazily loaded, over the bounds
+    assert {a.name: a.resident for a in engine.list_adapters()} == {"m": True, "r0": True, "r1": False}
+    engine.shutdown()
