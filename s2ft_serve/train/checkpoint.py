@@ -1,14 +1,18 @@
 """Training checkpoints without pickle: deltas, AdamW state and progress in safetensors + JSON.
 
 A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding `state.safetensors` (for each
-adapted module its index, delta and AdamW moments) and `state.json` (step, optimizer scalars,
-train-loss history, the sha256 of the data files). `state.json` is written last, so a folder
-without it is incomplete and is ignored on resume. One checkpoints folder holds one run only.
+adapted module its index, delta and AdamW moments; the random-number states, for dropout) and
+`state.json` (step, optimizer scalars, train-loss history, the sha256 of the data files, the base
+model's fingerprint, the batching). `state.json` is written last, and whole (a temporary file
+renamed), so a folder without a readable one is incomplete and is ignored on resume. One
+checkpoints folder holds one run only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from s2ft_serve.train.sparse_linear import S2FTLinear
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,8 +39,10 @@ class Progress:
 def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
                     progress: Progress, keep: int, data_hashes: dict[str, str | None],
                     batching: dict[str, int] | None = None) -> Path:
-    """`batching` ({"global_batch": rows per micro-batch over all processes, "grad_accum": ...}) is
-    recorded so that a resume with another layout, which would not continue the same data order, is refused."""
+    """`data_hashes` holds the data files' sha256 ("data", "val_data") and the base model's
+    "base_model_fingerprint"; `batching` ({"global_batch": rows per micro-batch over all processes,
+    "grad_accum", "max_length", "packing", "rows"}) is recorded so that a resume on another base or with
+    another layout, which would not continue the same run, is refused."""
     from safetensors.torch import save_file
 
     target = folder / f"step-{progress.step}"
@@ -50,10 +57,17 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
             tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
             tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             steps[name] = float(state["step"])
+    tensors["rng.cpu"] = torch.get_rng_state()  # dropout masks go on as in an uninterrupted run (QA)
+    device = next(iter(layers.values())).delta.device if layers else torch.device("cpu")
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     save_file(tensors, str(target / STATE_TENSORS))
     meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps,
-            "data_sha256": data_hashes, "batching": batching}
-    (target / STATE_JSON).write_text(json.dumps(meta))
+            "data_sha256": {k: data_hashes.get(k) for k in ("data", "val_data")},
+            "base_model_fingerprint": data_hashes.get("base_model_fingerprint"), "batching": batching}
+    partial = target / (STATE_JSON + ".tmp")  # whole or not at all (QA: a torn one blocked --resume)
+    partial.write_text(json.dumps(meta))
+    os.replace(partial, target / STATE_JSON)
     _prune(folder, keep)
     return target
 
@@ -71,7 +85,20 @@ def _step_of(path: Path) -> int:
 def complete_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return [p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / STATE_JSON).is_file()]
+    return [p for p in folder.glob("step-*") if p.name[5:].isdigit() and _readable(p / STATE_JSON)]
+
+
+def _readable(state: Path) -> bool:
+    """Whether a checkpoint's `state.json` is there and whole (one cut short by a crash before the write
+    became atomic, or by a full disk, is skipped with a warning)."""
+    if not state.is_file():
+        return False
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        log.warning("%s is unreadable: that checkpoint is skipped", state)
+        return False
+    return True
 
 
 def refuse_earlier_run(folder: Path) -> None:
@@ -100,18 +127,25 @@ def _check_same_data(path: Path, meta: dict, data_hashes: dict[str, str | None])
             raise InvalidRequestError(
                 f"{path}: checkpoint was trained with a different {flag} file (sha256 differs); resume with "
                 "the same data, or start a fresh run with another --output")
+    base = meta.get("base_model_fingerprint")  # absent from older checkpoints
+    if base is not None and data_hashes.get("base_model_fingerprint") not in (None, base):
+        raise InvalidRequestError(  # QA: deltas learnt on one base went on training on another of its shapes
+            f"{path}: checkpoint was trained on another base model (fingerprint {base}, this --model has "
+            f"{data_hashes['base_model_fingerprint']}); resume with the same --model, or start a fresh run")
 
 
 def _check_same_batching(path: Path, meta: dict, batching: dict[str, int] | None) -> None:
     recorded = meta.get("batching")
     if recorded is None or batching is None:  # written before checkpoints recorded it: stays resumable
         return
-    if recorded != batching:
-        said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recorded.items())
-        now = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in batching.items())
+    differ = [k for k in recorded if k in batching and recorded[k] != batching[k]]  # older ones record fewer
+    if differ:
+        said = ", ".join(f"{k.replace('_', ' ')} {recorded[k]}" for k in differ)
+        now = ", ".join(f"{k.replace('_', ' ')} {batching[k]}" for k in differ)
         raise InvalidRequestError(
-            f"{path}: checkpoint was trained with {said} (--batch-size x processes, --grad-accum), this run has "
-            f"{now}: the data order would not continue; resume with the same layout, or start a fresh run")
+            f"{path}: checkpoint was trained with {said} (from --batch-size x processes, --grad-accum, "
+            f"--max-length, --packing and the data), this run has {now}: the data order would not continue; "
+            "resume with the same layout, or start a fresh run")
 
 
 def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
@@ -138,6 +172,7 @@ def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.
                     f"{path}: checkpoint selected different columns for {name}; resume with the same "
                     "model, selection options and seed")
             layer.delta.copy_(tensors[f"{name}.delta"])
+            device = layer.delta.device
             if name in meta["adam_steps"]:
                 dev = layer.delta.device
                 optimizer.state[layer.delta] = {
@@ -145,4 +180,8 @@ def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.
                     "exp_avg": tensors[f"{name}.exp_avg"].to(dev),
                     "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(dev),
                 }
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and layers and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return Progress(step=int(meta["step"]), losses=list(meta["losses"]), tokens=int(meta.get("tokens", 0)))

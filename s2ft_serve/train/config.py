@@ -13,6 +13,7 @@ from s2ft_serve.errors import InvalidRequestError
 
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}  # accepted on input, never recorded
+MAX_SEED = 2**63 // 100_003  # data.batch_order seeds each epoch with seed * 100_003 + epoch
 
 
 def opt(default, help: str, **extra):
@@ -109,6 +110,14 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise InvalidRequestError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         self._check_device()
+        if not 0 <= self.seed < MAX_SEED:  # QA: a larger one failed at the first batch, after the model loaded
+            raise InvalidRequestError(f"--seed must lie in [0, {MAX_SEED}), got {self.seed}")
+        for name in ("heads_per_layer", "channels_per_layer"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if (self.heads_per_layer is None or self.channels_per_layer is None) and not 0 < self.trainable_ratio <= 1:
+            # used only for a count not given (QA: refused when unused, and only once the model had loaded)
+            raise InvalidRequestError(f"--trainable-ratio must lie in (0, 1], got {self.trainable_ratio}")
         if not 0 <= self.attention_share <= 1:
             raise InvalidRequestError(f"--attention-share must lie in [0, 1], got {self.attention_share}")
         if not 0 < self.calibration_fraction <= 1:

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import torch
 
 from s2ft_serve.errors import DataValidationError
@@ -121,8 +122,20 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def _render(tokenizer, messages: list[dict], **kwargs):
+    """The chat template's rendering; a template that refuses the conversation (roles that must
+    alternate...), or no template at all, is a DataValidationError (QA: a traceback with no FILE:LINE)."""
+    if hasattr(tokenizer, "chat_template") and not tokenizer.chat_template:
+        raise DataValidationError("the base model's tokenizer has no chat template: use the prompt/completion "
+                                  "or text format")
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise DataValidationError(f"the chat template refused this conversation: {exc}") from None
+
+
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    out = _render(tokenizer, messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
@@ -136,8 +149,7 @@ def _opening_prompt_ids(tokenizer, first: dict) -> list[int]:
     rendering of that first turn itself: the text before a sentinel put in place of its content.
     """
     sentinel = "[[s2ft-train: assistant content]]"  # text no template emits on its own
-    text = tokenizer.apply_chat_template([{**first, "content": sentinel}], tokenize=False,
-                                         add_generation_prompt=False)
+    text = _render(tokenizer, [{**first, "content": sentinel}], tokenize=False, add_generation_prompt=False)
     if not isinstance(text, str) or sentinel not in text:
         raise DataValidationError(
             "the tokenizer's chat template does not render an opening assistant message's content verbatim, so "

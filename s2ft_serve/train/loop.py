@@ -64,11 +64,17 @@ def rank_batch(rows: list[D.Example], cfg: TrainConfig, world: World, micro: int
     return {k: v.to(device) for k, v in D.collate([rows[i] for i in mine], pad_id).items()}
 
 
-def total_steps(cfg: TrainConfig, num_rows: int, world: World) -> int:
+def total_micro_batches(cfg: TrainConfig, num_rows: int, world: World) -> int:
+    """The micro-batches the run trains: `--max-steps` whole steps, or `--epochs` passes over the data,
+    whose last step takes only what is left (QA: it took the next epoch's batches, training rows twice)."""
     if cfg.max_steps is not None:
-        return cfg.max_steps
+        return cfg.max_steps * cfg.grad_accum
     per_epoch = math.ceil(num_rows / (cfg.batch_size * world.size))
-    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def total_steps(cfg: TrainConfig, num_rows: int, world: World) -> int:
+    return math.ceil(total_micro_batches(cfg, num_rows, world) / cfg.grad_accum)
 
 
 @torch.no_grad()
@@ -107,12 +113,14 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    micro_batches = total_micro_batches(cfg, len(rows), world)
     total = total_steps(cfg, len(rows), world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
     ckpt_dir = Path(cfg.output) / "checkpoints"
     progress = Progress(step=0, losses=[])
     found = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    batching = {"global_batch": cfg.batch_size * world.size, "grad_accum": cfg.grad_accum}
+    batching = {"global_batch": cfg.batch_size * world.size, "grad_accum": cfg.grad_accum,
+                "max_length": cfg.max_length, "packing": cfg.packing, "rows": len(rows)}
     if cfg.resume and found is None and world.main:
         log.warning("--resume: no checkpoint in %s yet, so training starts at step 0", ckpt_dir)
     if found is not None:
@@ -128,7 +136,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [rank_batch(rows, cfg, world, step * cfg.grad_accum + j, pad_id, device)
-                   for j in range(cfg.grad_accum)]
+                   for j in range(min(cfg.grad_accum, micro_batches - step * cfg.grad_accum))]
         labelled = [D.label_tokens(b) for b in batches]
         # the step's loss is the mean over all its label tokens, on every process and micro-batch: each
         # micro-batch's mean loss weighs by its share of them (DDP then averages the processes' gradients,

@@ -102,11 +102,13 @@ def calibration_batches(rows: list[D.Example], pad_id: int, fraction: float, bat
 
 def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Example], pad_id: int,
                    world: World) -> Selection:
-    ratio_budget = budget_from_ratio(model, cfg.trainable_ratio, cfg.attention_share)
-    budget = Budget(
-        heads_per_layer=ratio_budget.heads_per_layer if cfg.heads_per_layer is None else cfg.heads_per_layer,
-        channels_per_layer=ratio_budget.channels_per_layer if cfg.channels_per_layer is None else cfg.channels_per_layer,
-    )
+    budget = Budget(cfg.heads_per_layer, cfg.channels_per_layer)
+    if budget.heads_per_layer is None or budget.channels_per_layer is None:  # the ratio fills in what is not given
+        ratio_budget = budget_from_ratio(model, cfg.trainable_ratio, cfg.attention_share)
+        budget = Budget(
+            heads_per_layer=ratio_budget.heads_per_layer if cfg.heads_per_layer is None else cfg.heads_per_layer,
+            channels_per_layer=(ratio_budget.channels_per_layer if cfg.channels_per_layer is None
+                                else cfg.channels_per_layer))
     calibration = None
     if cfg.strategy in ("activation", "gradient"):
         # at least one global batch: the same sample as one process with the processes' batches together
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     selection = choose_columns(cfg, model, rows, pad_id, world)
     layers = wrap_linears(model, selection.indices)
     model.train()
-    steps, losses = run_loop(cfg, model, layers, rows, val_rows, world, device, pad_id, hashes)
+    steps, losses = run_loop(cfg, model, layers, rows, val_rows, world, device, pad_id,
+                             {**hashes, "base_model_fingerprint": loaded.fingerprint})
     final_train = sum(losses) / len(losses) if losses else None
     final_val = evaluate(model, val_rows, cfg, world, pad_id, device) if val_rows else None
     stats = {"steps": steps, "final_train_loss": final_train, "final_val_loss": final_val,

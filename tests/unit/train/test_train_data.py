@@ -153,3 +153,21 @@ def test_non_incremental_chat_template_refused_with_line_number(tmp_path, tok):
     path = _write(tmp_path, [json.dumps(record)])
     with pytest.raises(DataValidationError, match=r"d.jsonl:1: the tokenizer's chat template"):
         load_examples(path, LastTurnOnly(), 64)
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_by_its_line(tmp_path):
+    """QA: a template that raises (roles must alternate), or none at all, was a traceback without FILE:LINE."""
+    strict = make_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    opened = {"messages": [{"role": "system", "content": "be brief"}, *chat["messages"]]}
+    path = _write(tmp_path, [json.dumps(chat), json.dumps(opened)])
+    with pytest.raises(DataValidationError, match=r"d.jsonl:2: the chat template refused this conversation: "
+                                                  r"Conversation roles must alternate"):
+        load_examples(path, strict, 64)
+    bare = make_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(DataValidationError, match=r"d.jsonl:1: the base model's tokenizer has no chat template"):
+        load_examples(path, bare, 64)

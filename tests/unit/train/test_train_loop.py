@@ -29,3 +29,14 @@ def test_processes_split_each_global_batch_without_overlap():
     assert total_steps(cfg, 10, World(size=2)) == 3  # ceil(10 / (2 * 2)) micro-batches per epoch
     cfg.max_steps = 7
     assert total_steps(cfg, 10, World(size=2)) == 7
+
+
+def test_an_epoch_is_one_pass_whatever_the_accumulation():
+    """QA: with --grad-accum not dividing an epoch's micro-batches, the last step took the next epoch's
+    batches (a 1-epoch run trained 8 of 24 rows twice); it takes only what is left."""
+    from s2ft_serve.train.loop import total_micro_batches
+
+    cfg = TrainConfig(data="x", output="y", batch_size=4, grad_accum=4, epochs=1)
+    assert total_micro_batches(cfg, 24, World()) == 6 and total_steps(cfg, 24, World()) == 2
+    cfg.epochs = 2.5
+    assert total_micro_batches(cfg, 24, World()) == 15 and total_steps(cfg, 24, World()) == 4
