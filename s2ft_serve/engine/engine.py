@@ -16,6 +16,7 @@ import inspect
 import itertools
 import logging
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -100,6 +101,29 @@ def _stepping(stepper: "weakref.ref[Stepper]", idle: Callable[[], None]) -> Call
 
     return body
 
+
+
+def merge_source(source) -> tuple[str, float]:
+    """A merge source `(adapter name, weight)` checked, its weight as a float: any real number but a bool
+    (numpy's and torch's scalars too), finite as a float."""
+    try:
+        name, weight = source
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"merge: a source must be (adapter name, weight), got {source!r}",
+                                  param="sources") from None
+    if not isinstance(name, str):
+        raise InvalidRequestError(f"merge: a source must be an adapter name, got {name!r}", param="sources")
+    try:
+        value = float(weight) if isinstance(weight, numbers.Real) and not isinstance(weight, bool) else None
+    except OverflowError:
+        value = None
+    if (value is None and isinstance(weight, torch.Tensor) and weight.numel() == 1 and weight.dtype != torch.bool
+            and not weight.is_complex()):
+        value = float(weight)
+    if value is None or not math.isfinite(value):
+        raise InvalidRequestError(f"merge: the weight of '{name}' must be a finite number, got {weight!r}",
+                                  param="sources")
+    return name, value
 
 class Engine:
     """Holds the base weights once and any number of adapters; its engine thread does the torch work."""
@@ -262,6 +286,9 @@ class Engine:
         except RecursionError:  # QA: a 500 (transformers walks the template's data recursively)
             raise InvalidRequestError("the chat (messages, tools or template arguments) is nested too deeply",
                                       param="messages") from None
+        except Exception as exc:  # the template is the model's code: whatever it raises is about these messages
+            raise InvalidRequestError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
+                                      param="messages") from None
         self.check_text_fits(len(text), "messages")  # the template's text too, before tokenizing it
         return self.tokenize(text, param="messages", add_special_tokens=add_special_tokens)
 
@@ -417,7 +444,11 @@ class Engine:
             raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt")
         if not ids:  # an empty prompt starts from BOS (or EOS), like other servers
             start = self.tokenizer.bos_token_id
-            ids = [start if start is not None else self.tokenizer.eos_token_id]
+            start = start if start is not None else self.tokenizer.eos_token_id
+            if start is None:
+                raise InvalidRequestError("the prompt is empty, and the tokenizer has no BOS or EOS token to "
+                                          "start from", param="prompt")
+            ids = [start]
             self.check_token_ids(ids, "prompt")  # a tokenizer's id may lie beyond the model's vocabulary (QA)
         return ids
 
@@ -654,13 +685,17 @@ class Engine:
 
     @_on_engine_thread
     def unfuse(self, name: str) -> AdapterInfo:
+        info = self._unfuse(name)
+        if self.autofuse is not None:  # by hand: its traffic so far no longer argues for fusing it (QA: an
+            self.autofuse.forget(name)  # admin's unfuse was undone a second later by the policy)
+        return info
+
+    def _unfuse(self, name: str) -> AdapterInfo:
         self._not_the_base(name, "unfused")
         with self.lock:
             entry = self.registry.get(name)
             self.registry.unfuse(name)
         self._auto_fused.discard(name)
-        if self.autofuse is not None:  # its traffic so far no longer argues for fusing it (QA: an admin's
-            self.autofuse.forget(name)  # unfuse was undone a second later by the policy)
         return self._info(entry)
 
     @_on_engine_thread
@@ -668,19 +703,23 @@ class Engine:
         """A new adapter: the weighted sum of `sources` over the union of their indices."""
         from s2ft_serve.adapters.compose import merge_adapters
 
-        if not sources:
-            raise InvalidRequestError("merge needs at least one source adapter", param="sources")
         # every check that needs no source before any is read (QA: a merge refused for its weight or its
         # name had already loaded its sources, evicting others)
-        for src, weight in sources:
-            if not isinstance(src, str):
-                raise InvalidRequestError(f"merge: a source must be an adapter name, got {src!r}", param="sources")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise InvalidRequestError(f"merge: the weight of '{src}' must be a finite number, got {weight!r}",
-                                          param="sources")
+        sources = [merge_source(source) for source in sources]
+        if not sources:
+            raise InvalidRequestError("merge needs at least one source adapter", param="sources")
         self._check_name(name)
         if self.has_adapter(name):
             raise ConflictError(f"adapter '{name}' is already loaded", param="name")
+        try:
+            self.lazy_folder(name)
+        except AdapterNotFoundError:
+            pass
+        else:  # QA: the merge would hide that folder from every request naming it
+            raise ConflictError(f"'{name}' names an adapter folder under the adapter root", param="name")
+        for src, _ in sources:
+            if not self.has_adapter(src):
+                self.lazy_folder(src)  # 404 before any other source is read
         with self.lock:
             self.registry.check_memory_room(name, 0)  # its size is known once merged: checked again then
         parts = []
@@ -688,9 +727,9 @@ class Engine:
             version = self._pin(src)
             with self.lock:
                 self.registry.release(version)
-            parts.append((version.adapter, float(weight)))
+            parts.append((version.adapter, weight))
         merged = merge_adapters(parts, base_model=self.model_name, fingerprint=self.fingerprint)
-        merged.config["merged_from"] = [{"name": s, "weight": float(w)} for s, w in sources]
+        merged.config["merged_from"] = [{"name": s, "weight": w} for s, w in sources]
         return self.add_adapter(name, merged)
 
     def auto_fuse_tick(self) -> None:
@@ -711,7 +750,8 @@ class Engine:
             if entry is None or entry.version is None or decision.adapter in fused:
                 return
         try:
-            (self.fuse if decision.action == "fuse" else self.unfuse)(decision.adapter)
+            (self.fuse if decision.action == "fuse" else self._unfuse)(decision.adapter)  # its own unfuse keeps
+            # the window (QA: forgetting it let another adapter be fused below --auto-fuse-share)
         except S2FTError as exc:
             log.warning("auto-fuse: could not %s '%s': %s", decision.action, decision.adapter, exc)
             return

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: deltas, AdamW state and progress in safetensors + JSON.
 
 A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding `state.safetensors` (for each
-adapted module its index, delta and AdamW moments; the random-number states, for dropout) and
+adapted module its index, delta and AdamW moments) and
 `state.json` (step, optimizer scalars, train-loss history, the sha256 of the data files, the base
 model's fingerprint, the batching). `state.json` is written last, and whole (a temporary file
 renamed), so a folder without a readable one is incomplete and is ignored on resume. One
@@ -57,10 +57,6 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
             tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
             tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             steps[name] = float(state["step"])
-    tensors["rng.cpu"] = torch.get_rng_state()  # dropout masks go on as in an uninterrupted run (QA)
-    device = next(iter(layers.values())).delta.device if layers else torch.device("cpu")
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     save_file(tensors, str(target / STATE_TENSORS))
     meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps,
             "data_sha256": {k: data_hashes.get(k) for k in ("data", "val_data")},
@@ -73,9 +69,17 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
 
 
 def _prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove the older ones, and any incomplete folder older
+    than the newest complete one (QA: those cut short were never removed)."""
     done = sorted(complete_checkpoints(folder), key=_step_of)
-    for old in done[: max(0, len(done) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = set(done[-max(1, keep):])
+    for old in _step_folders(folder):
+        if old not in kept and done and _step_of(old) < _step_of(done[-1]):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_folders(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("step-*") if p.name[5:].isdigit()] if folder.is_dir() else []
 
 
 def _step_of(path: Path) -> int:
@@ -83,9 +87,7 @@ def _step_of(path: Path) -> int:
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.glob("step-*") if p.name[5:].isdigit() and _readable(p / STATE_JSON)]
+    return [p for p in _step_folders(folder) if _readable(p / STATE_JSON)]
 
 
 def _readable(state: Path) -> bool:
@@ -105,7 +107,7 @@ def refuse_earlier_run(folder: Path) -> None:
     """A fresh run must not share `folder` with an earlier run's checkpoints: pruning by step number
     would delete the new run's checkpoints in favour of the old ones, and a later --resume would
     silently continue the old run."""
-    done = sorted(complete_checkpoints(folder), key=_step_of)
+    done = sorted(_step_folders(folder), key=_step_of)  # complete or not (QA: one cut short was overlooked)
     if done:
         raise ConflictError(
             f"{folder} already holds checkpoints of an earlier run ({', '.join(p.name for p in done)}); pass "
@@ -172,7 +174,6 @@ def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.
                     f"{path}: checkpoint selected different columns for {name}; resume with the same "
                     "model, selection options and seed")
             layer.delta.copy_(tensors[f"{name}.delta"])
-            device = layer.delta.device
             if name in meta["adam_steps"]:
                 dev = layer.delta.device
                 optimizer.state[layer.delta] = {
@@ -180,8 +181,4 @@ def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.
                     "exp_avg": tensors[f"{name}.exp_avg"].to(dev),
                     "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(dev),
                 }
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and layers and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
     return Progress(step=int(meta["step"]), losses=list(meta["losses"]), tokens=int(meta.get("tokens", 0)))

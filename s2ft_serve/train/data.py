@@ -132,6 +132,9 @@ def _render(tokenizer, messages: list[dict], **kwargs):
         return tokenizer.apply_chat_template(messages, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise DataValidationError(f"the chat template refused this conversation: {exc}") from None
+    except Exception as exc:  # the template is the model's code: whatever else it raises is about this line
+        raise DataValidationError(f"the chat template failed on this conversation: {type(exc).__name__}: "
+                                  f"{exc}") from None
 
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

@@ -122,7 +122,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
     batching = {"global_batch": cfg.batch_size * world.size, "grad_accum": cfg.grad_accum,
                 "max_length": cfg.max_length, "packing": cfg.packing, "rows": len(rows)}
     if cfg.resume and found is None and world.main:
-        log.warning("--resume: no checkpoint in %s yet, so training starts at step 0", ckpt_dir)
+        log.warning("--resume: no complete checkpoint in %s yet, so training starts at step 0", ckpt_dir)
     if found is not None:
         progress = load_checkpoint(found, layers, optimizer, data_hashes, batching)
         if progress.step > total:  # nothing would run, and the adapter would claim fewer steps than it had
@@ -132,6 +132,9 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
                desc="s2ft-train", unit="step", dynamic_ncols=True)
     started, seen_tokens = time.perf_counter(), 0
     for step in range(progress.step, total):
+        # dropout's random numbers: a function of (seed, step, process), so a resumed run draws what an
+        # uninterrupted one would, and the processes draw different masks (QA: neither held)
+        torch.manual_seed((cfg.seed * 1_000_003 + step * 1_009 + world.rank) % 2**63)
         lr = cfg.learning_rate * lr_factor(step, total, warmup, cfg.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -147,7 +150,7 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
         step_tokens = max(1.0, float(step_tokens))
         stats = torch.zeros(2, dtype=torch.float64, device=device)  # [loss, tokens]
         for j, (batch, n) in enumerate(zip(batches, labelled)):
-            sync = world.size == 1 or j == cfg.grad_accum - 1
+            sync = world.size == 1 or j == len(batches) - 1  # a short last step too (QA: it never synced)
             with contextlib.nullcontext() if sync else net.no_sync():
                 out = net(**batch)
                 (out.loss * (n * world.size / step_tokens)).backward()

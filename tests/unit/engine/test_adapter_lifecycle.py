@@ -432,3 +432,30 @@ def test_adapters_never_evicted_bound_the_others(tiny_model_dir, root):
     assert engine.generate("fox", "r1", GREEDY).finish_reason == "length"  # lazily loaded, over the bounds
     assert {a.name: a.resident for a in engine.list_adapters()} == {"m": True, "r0": True, "r1": False}
     engine.shutdown()
+
+
+def test_merge_sources_and_names_checked_before_reading(tiny_model_dir, root):
+    """QA: a merge into the name of a folder under the adapter root read its sources (evicting others)
+    and would have hidden that folder; a missing source was found only after the others were read; numpy
+    and torch weights were refused, a huge int or a 3-tuple raised what they raised, a generator was used up."""
+    import numpy as np
+    import torch
+
+    from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError
+
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2)
+    for i in range(3):
+        engine.load_adapter(f"r{i}", f"r{i}")
+    engine.remove_adapter("r2")  # a folder under the root, not loaded
+    before = {a.name: a.resident for a in engine.list_adapters()}
+    with pytest.raises(ConflictError, match="adapter folder"):
+        engine.merge("r2", [("r0", 1.0)])
+    with pytest.raises(AdapterNotFoundError):
+        engine.merge("m", [("r0", 1.0), ("nope", 1.0)])
+    for bad in ([("r0", 10**400)], [("r0", 1.0, 2.0)], [("r0", np.bool_(True))]):
+        with pytest.raises(InvalidRequestError):
+            engine.merge("m", bad)
+    assert {a.name: a.resident for a in engine.list_adapters()} == before
+    info = engine.merge("m", ((name, w) for name, w in [("r0", np.float32(0.5)), ("r1", torch.tensor(2))]))
+    assert info.config["merged_from"] == [{"name": "r0", "weight": 0.5}, {"name": "r1", "weight": 2.0}]
+    engine.shutdown()

@@ -206,3 +206,17 @@ def test_a_refused_fuse_changes_nothing_and_an_admin_unfuse_holds(tiny_llama_dir
     engine.auto_fuse_tick()
     assert engine.stats().fused_adapters == []
     engine.shutdown()
+
+
+def test_the_policys_own_unfuse_keeps_the_window(tiny_llama_dir):
+    """QA: its unfuse forgot the adapter's requests too, so another adapter was fused at a share below
+    --auto-fuse-share (60 %)."""
+    engine = auto_fuse_engine(tiny_llama_dir, names=["a", "b"])
+    auto_fused(engine, "a")  # 5 requests for a
+    for adapter, n in (("b", 6), (None, 3)):
+        [h.result(timeout=60) for h in [engine.submit("fox", adapter, PARAMS) for _ in range(n)]]
+    engine.auto_fuse_tick()  # a at 5/14 = 36 %: unfused
+    assert engine.stats().fused_adapters == []
+    engine.auto_fuse_tick()  # b at 6/14 = 43 %: not fused (a's 5 forgotten, it was 6/9 = 67 %)
+    assert engine.stats().fused_adapters == []
+    engine.shutdown()

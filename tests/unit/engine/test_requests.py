@@ -524,3 +524,30 @@ def test_a_request_prepared_while_the_engine_shuts_down_is_refused(engine):
     thread.join(10)
     assert "error" in outcome and "handle" not in outcome
     assert not engine.scheduler.waiting
+
+
+def test_a_chat_template_failing_otherwise_is_a_bad_request(engine, monkeypatch):
+    """QA: a template raising anything but a template, value or type error was a 500."""
+    def divides_by_zero(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", divides_by_zero)
+    with pytest.raises(InvalidRequestError, match="chat template failed.*ZeroDivisionError") as err:
+        engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert err.value.param == "messages"
+
+
+def test_an_empty_prompt_needs_a_token_to_start_from(engine, monkeypatch):
+    """QA: with neither BOS nor EOS in the tokenizer, an empty prompt was a TypeError (a 500)."""
+    class WithoutEither:
+        bos_token_id = eos_token_id = None
+
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    monkeypatch.setattr(engine, "tokenizer", WithoutEither(engine.tokenizer))
+    with pytest.raises(InvalidRequestError, match="no BOS or EOS"):
+        engine.submit([], None, SamplingParams(max_tokens=2))

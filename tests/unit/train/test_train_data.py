@@ -167,6 +167,10 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_its_line(tmp_path)
     with pytest.raises(DataValidationError, match=r"d.jsonl:2: the chat template refused this conversation: "
                                                   r"Conversation roles must alternate"):
         load_examples(path, strict, 64)
+    broken = make_tokenizer()
+    broken.chat_template = "{{ 1 // 0 }}"
+    with pytest.raises(DataValidationError, match=r"d.jsonl:1: the chat template failed .*ZeroDivisionError"):
+        load_examples(path, broken, 64)
     bare = make_tokenizer()
     bare.chat_template = None
     with pytest.raises(DataValidationError, match=r"d.jsonl:1: the base model's tokenizer has no chat template"):

@@ -224,7 +224,7 @@ def test_resume_with_other_modules_or_another_batch_layout_is_refused(tiny_llama
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="s2ft_serve.train.loop"):
         train(_cfg(tiny_llama_dir, task_file, out, max_steps=4, save_every=2, resume=True))
-    assert "no checkpoint" in caplog.text
+    assert "no complete checkpoint" in caplog.text
     with pytest.raises(InvalidRequestError, match="other modules"):
         train(_cfg(tiny_llama_dir, task_file, out, max_steps=6, heads_per_layer=0, resume=True))
     with pytest.raises(InvalidRequestError, match="with global batch 8 .* has global batch 4:"):
@@ -320,6 +320,17 @@ def test_a_checkpoint_whose_state_was_cut_short_is_skipped(tiny_llama_dir, task_
         assert train(cfg).steps == 4
     assert "unreadable" in caplog.text
     assert not list((tmp_path / "out" / "checkpoints").rglob("*.tmp"))
+    torn = tmp_path / "out" / "checkpoints" / "step-1"  # QA: folders cut short were never removed
+    torn.mkdir()
+    (torn / "state.json").write_text("{")
+    cfg.max_steps = 6
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    only_torn = tmp_path / "fresh" / "checkpoints" / "step-2"  # and a fresh run counts one (QA: overlooked)
+    only_torn.mkdir(parents=True)
+    (only_torn / "state.json.tmp").write_text("{")
+    with pytest.raises(ConflictError, match="earlier run"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "fresh", max_steps=2))
 
 
 def test_options_checked_before_the_model_loads(tiny_llama_dir, task_file, tmp_path):
