@@ -22,7 +22,7 @@ import time
 import weakref
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import jinja2
 import torch
@@ -113,13 +113,13 @@ def merge_source(source) -> tuple[str, float]:
                                   param="sources") from None
     if not isinstance(name, str):
         raise InvalidRequestError(f"merge: a source must be an adapter name, got {name!r}", param="sources")
+    real = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+    real = real or (isinstance(weight, torch.Tensor) and weight.numel() == 1 and weight.dtype != torch.bool
+                    and not weight.is_complex())
     try:
-        value = float(weight) if isinstance(weight, numbers.Real) and not isinstance(weight, bool) else None
-    except OverflowError:
+        value = float(weight) if real else None
+    except Exception:  # too large for a float, a tensor without data, a number type of its own
         value = None
-    if (value is None and isinstance(weight, torch.Tensor) and weight.numel() == 1 and weight.dtype != torch.bool
-            and not weight.is_complex()):
-        value = float(weight)
     if value is None or not math.isfinite(value):
         raise InvalidRequestError(f"merge: the weight of '{name}' must be a finite number, got {weight!r}",
                                   param="sources")
@@ -286,7 +286,8 @@ class Engine:
         except RecursionError:  # QA: a 500 (transformers walks the template's data recursively)
             raise InvalidRequestError("the chat (messages, tools or template arguments) is nested too deeply",
                                       param="messages") from None
-        except Exception as exc:  # the template is the model's code: whatever it raises is about these messages
+        except (ArithmeticError, LookupError) as exc:  # the template's own code failing on these messages (a
+            # division, a missing key); anything else is the server's, a 500 with its traceback (QA)
             raise InvalidRequestError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
                                       param="messages") from None
         self.check_text_fits(len(text), "messages")  # the template's text too, before tokenizing it
@@ -705,6 +706,8 @@ class Engine:
 
         # every check that needs no source before any is read (QA: a merge refused for its weight or its
         # name had already loaded its sources, evicting others)
+        if isinstance(sources, (str, bytes, dict)) or not isinstance(sources, Iterable):
+            raise InvalidRequestError("merge: sources must be a list of (adapter name, weight)", param="sources")
         sources = [merge_source(source) for source in sources]
         if not sources:
             raise InvalidRequestError("merge needs at least one source adapter", param="sources")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,17 @@ def _prune(folder: Path, keep: int) -> None:
 
 
 def _step_folders(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("step-*") if p.name[5:].isdigit()] if folder.is_dir() else []
+    """The checkpoint folders `step-N` (ASCII digits: QA, `step-²` passed `isdigit` and failed `int`)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
 
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
+
+
+STEP_FOLDER = re.compile(r"step-([0-9]+)", re.ASCII)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

@@ -132,7 +132,8 @@ def _render(tokenizer, messages: list[dict], **kwargs):
         return tokenizer.apply_chat_template(messages, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise DataValidationError(f"the chat template refused this conversation: {exc}") from None
-    except Exception as exc:  # the template is the model's code: whatever else it raises is about this line
+    except (ArithmeticError, LookupError, RecursionError) as exc:  # the template's own code failing on this
+        # conversation; anything else is a fault of the trainer or the tokenizer, not of the data line (QA)
         raise DataValidationError(f"the chat template failed on this conversation: {type(exc).__name__}: "
                                   f"{exc}") from None
 

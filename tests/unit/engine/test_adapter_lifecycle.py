@@ -452,7 +452,8 @@ def test_merge_sources_and_names_checked_before_reading(tiny_model_dir, root):
         engine.merge("r2", [("r0", 1.0)])
     with pytest.raises(AdapterNotFoundError):
         engine.merge("m", [("r0", 1.0), ("nope", 1.0)])
-    for bad in ([("r0", 10**400)], [("r0", 1.0, 2.0)], [("r0", np.bool_(True))]):
+    for bad in ([("r0", 10**400)], [("r0", 1.0, 2.0)], [("r0", np.bool_(True))], None, 5, {"r0": 1.0},
+                [("r0", torch.empty(1, device="meta"))]):
         with pytest.raises(InvalidRequestError):
             engine.merge("m", bad)
     assert {a.name: a.resident for a in engine.list_adapters()} == before

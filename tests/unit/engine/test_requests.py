@@ -536,6 +536,13 @@ def test_a_chat_template_failing_otherwise_is_a_bad_request(engine, monkeypatch)
         engine.apply_chat_template([{"role": "user", "content": "hi"}])
     assert err.value.param == "messages"
 
+    def server_fault(*args, **kwargs):
+        raise RuntimeError("Already borrowed")
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", server_fault)
+    with pytest.raises(RuntimeError):  # the server's own fault stays a 500, with its traceback (QA: a 400)
+        engine.apply_chat_template([{"role": "user", "content": "hi"}])
+
 
 def test_an_empty_prompt_needs_a_token_to_start_from(engine, monkeypatch):
     """QA: with neither BOS nor EOS in the tokenizer, an empty prompt was a TypeError (a 500)."""

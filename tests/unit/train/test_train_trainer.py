@@ -331,6 +331,10 @@ def test_a_checkpoint_whose_state_was_cut_short_is_skipped(tiny_llama_dir, task_
     (only_torn / "state.json.tmp").write_text("{")
     with pytest.raises(ConflictError, match="earlier run"):
         train(_cfg(tiny_llama_dir, task_file, tmp_path / "fresh", max_steps=2))
+    other = tmp_path / "other" / "checkpoints"  # names that are no checkpoint's (QA: step-² crashed int())
+    (other / "step-²").mkdir(parents=True)
+    (other / "step-3").write_text("a file")
+    assert train(_cfg(tiny_llama_dir, task_file, tmp_path / "other", max_steps=2, save_every=1)).steps == 2
 
 
 def test_options_checked_before_the_model_loads(tiny_llama_dir, task_file, tmp_path):
