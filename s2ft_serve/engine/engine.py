@@ -102,7 +102,6 @@ def _stepping(stepper: "weakref.ref[Stepper]", idle: Callable[[], None]) -> Call
     return body
 
 
-
 def merge_source(source) -> tuple[str, float]:
     """A merge source `(adapter name, weight)` checked, its weight as a float: any real number but a bool
     (numpy's and torch's scalars too), finite as a float."""
@@ -124,6 +123,7 @@ def merge_source(source) -> tuple[str, float]:
         raise InvalidRequestError(f"merge: the weight of '{name}' must be a finite number, got {weight!r}",
                                   param="sources")
     return name, value
+
 
 class Engine:
     """Holds the base weights once and any number of adapters; its engine thread does the torch work."""
