@@ -1,11 +1,10 @@
 """Training checkpoints without pickle: deltas, AdamW state and progress in safetensors + JSON.
 
 A checkpoint is a folder `OUTPUT/checkpoints/step-N/` holding `state.safetensors` (for each
-adapted module its index, delta and AdamW moments) and
-`state.json` (step, optimizer scalars, train-loss history, the sha256 of the data files, the base
-model's fingerprint, the batching). `state.json` is written last, and whole (a temporary file
-renamed), so a folder without a readable one is incomplete and is ignored on resume. One
-checkpoints folder holds one run only.
+adapted module its index, delta and AdamW moments) and `state.json` (step, optimizer scalars,
+train-loss history, the sha256 of the data files, the base model's fingerprint, the batching).
+`state.json` is written last, and whole (a temporary file renamed), so a folder without a readable
+one is incomplete and is ignored on resume. One checkpoints folder holds one run only.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from s2ft_serve.train.sparse_linear import S2FTLinear
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+STEP_FOLDER = re.compile(r"step-([0-9]+)", re.ASCII)  # a checkpoint's folder name
 log = logging.getLogger(__name__)
 
 
@@ -88,9 +88,6 @@ def _step_folders(folder: Path) -> list[Path]:
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
-
-
-STEP_FOLDER = re.compile(r"step-([0-9]+)", re.ASCII)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
