@@ -665,13 +665,17 @@ class Engine:
     def has_adapter(self, name: str) -> bool:
         return name in self.registry.entries
 
+    def check_known(self, name: str) -> None:
+        """AdapterNotFoundError unless `name` is loaded or a request could load it from `adapter_root`."""
+        if not self.has_adapter(name):
+            self.lazy_folder(name)
+
     @_on_engine_thread
     def fuse(self, name: str) -> AdapterInfo:
         """Add the adapter into the base columns in place; other requests stay exact (float32; below it
         they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
-        if not self.has_adapter(name):
-            self.lazy_folder(name)  # 404 for a name no one could load, before "already fused" (QA: a 409)
+        self.check_known(name)  # 404 for a name no one could load, before "already fused" (QA: a 409)
         self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:
@@ -721,8 +725,7 @@ class Engine:
         else:  # QA: the merge would hide that folder from every request naming it
             raise ConflictError(f"'{name}' names an adapter folder under the adapter root", param="name")
         for src, _ in sources:
-            if not self.has_adapter(src):
-                self.lazy_folder(src)  # 404 before any other source is read
+            self.check_known(src)  # 404 before any other source is read
         with self.lock:
             self.registry.check_memory_room(name, 0)  # its size is known once merged: checked again then
         parts = []

@@ -74,7 +74,6 @@ class Stepper:
                 log.exception("auto-fuse failed")
         if not sched.has_work():
             return False
-        self._admitted = []
         try:
             with self.engine.lock:
                 self.step()
@@ -88,7 +87,7 @@ class Stepper:
                     if seq.finish_reason is None:  # twin): QA, they were never answered and kept their pins
                         self._release(seq)
                         self._emit_final(seq, "error")
-        self._admitted = []
+        self._admitted = []  # (step sets it; holds no sequence between steps)
         return True
 
     def abort_all(self) -> None:

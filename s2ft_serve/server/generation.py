@@ -68,8 +68,8 @@ def choose_adapter(engine: Engine, settings: ServerSettings, model: str | None, 
 def check_adapter(engine: Engine, adapter: str | None) -> None:
     """404 for a name neither loaded nor loadable, before any other check: a bad request naming an
     unknown model learns that first, and no client-made name reaches a metric label."""
-    if adapter is not None and not engine.has_adapter(adapter):
-        engine.lazy_folder(adapter)  # raises AdapterNotFoundError unless --adapter-root holds it
+    if adapter is not None:
+        engine.check_known(adapter)
 
 
 def response_model(engine: Engine, adapter: str | None) -> str:

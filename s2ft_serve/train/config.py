@@ -13,7 +13,8 @@ from s2ft_serve.errors import InvalidRequestError
 
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}  # accepted on input, never recorded
-MAX_SEED = 2**63 // 100_003  # data.batch_order seeds each epoch with seed * 100_003 + epoch
+EPOCH_SEED_STRIDE = 100_003  # data.batch_order seeds epoch e's order with seed * EPOCH_SEED_STRIDE + e
+MAX_SEED = 2**63 // EPOCH_SEED_STRIDE  # so that seed fits torch's 64-bit generator seed
 
 
 def opt(default, help: str, **extra):

@@ -22,6 +22,7 @@ import jinja2
 import torch
 
 from s2ft_serve.errors import DataValidationError
+from s2ft_serve.train.config import EPOCH_SEED_STRIDE
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -239,7 +240,8 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def batch_order(num_rows: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True) -> list[list[int]]:
     """The row indices of each batch of one epoch, a pure function of (epoch, seed)."""
     if shuffle:
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        generator = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
+        order = torch.randperm(num_rows, generator=generator).tolist()
     else:
         order = list(range(num_rows))
     return [order[i: i + batch_size] for i in range(0, num_rows, batch_size)]

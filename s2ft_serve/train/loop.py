@@ -101,8 +101,8 @@ def run_loop(cfg: TrainConfig, model: torch.nn.Module, layers: dict[str, S2FTLin
              data_hashes: dict[str, str | None]) -> tuple[int, list[float]]:
     """Run the optimizer steps (resuming when asked); return the step count and recent losses.
 
-    `data_hashes` (`{"data": sha256, "val_data": sha256 or None}`) goes into each checkpoint, so that
-    a resume on other data is refused."""
+    `data_hashes` (`{"data": sha256, "val_data": sha256 or None, "base_model_fingerprint": ...}`) goes into
+    each checkpoint, so that a resume on other data or another base model is refused."""
     from tqdm.auto import tqdm
 
     params = [layer.delta for layer in layers.values()]

@@ -102,13 +102,12 @@ def calibration_batches(rows: list[D.Example], pad_id: int, fraction: float, bat
 
 def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Example], pad_id: int,
                    world: World) -> Selection:
-    budget = Budget(cfg.heads_per_layer, cfg.channels_per_layer)
-    if budget.heads_per_layer is None or budget.channels_per_layer is None:  # the ratio fills in what is not given
-        ratio_budget = budget_from_ratio(model, cfg.trainable_ratio, cfg.attention_share)
-        budget = Budget(
-            heads_per_layer=ratio_budget.heads_per_layer if cfg.heads_per_layer is None else cfg.heads_per_layer,
-            channels_per_layer=(ratio_budget.channels_per_layer if cfg.channels_per_layer is None
-                                else cfg.channels_per_layer))
+    heads, channels = cfg.heads_per_layer, cfg.channels_per_layer
+    if heads is None or channels is None:  # the ratio fills in what is not given
+        ratio = budget_from_ratio(model, cfg.trainable_ratio, cfg.attention_share)
+        heads = ratio.heads_per_layer if heads is None else heads
+        channels = ratio.channels_per_layer if channels is None else channels
+    budget = Budget(heads, channels)
     calibration = None
     if cfg.strategy in ("activation", "gradient"):
         # at least one global batch: the same sample as one process with the processes' batches together

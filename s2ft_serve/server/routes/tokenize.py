@@ -53,9 +53,8 @@ class DetokenizeResponse(ResponseModel):
 
 def check_model(engine: EngineDep, settings: SettingsDep, model: str | None) -> None:
     """404 for a name that is neither the base nor a loaded or loadable adapter, as generation would."""
-    if model is None or model in base_names(engine, settings) or engine.has_adapter(model):
-        return
-    engine.lazy_folder(model)  # raises AdapterNotFoundError unless --adapter-root holds it
+    if model is not None and model not in base_names(engine, settings):
+        engine.check_known(model)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS,
