@@ -40,7 +40,7 @@ from s2ft_serve.engine.detokenizer import Detokenizer
 from s2ft_serve.engine.guided import GuidedDecoding, LazyGuidedDecoding
 from s2ft_serve.engine.handle import RequestHandle
 from s2ft_serve.engine.prefix_cache import PrefixCache
-from s2ft_serve.engine.request import AdapterInfo, EngineStats, RequestOutput, SamplingParams, StreamEvent
+from s2ft_serve.engine.request import AdapterInfo, EngineStats, Guide, RequestOutput, SamplingParams, StreamEvent
 from s2ft_serve.engine.runner import ModelRunner
 from s2ft_serve.engine.scheduler import Scheduler, Sequence
 from s2ft_serve.engine.stepper import Stepper
@@ -457,6 +457,12 @@ class Engine:
     def guided(self) -> GuidedDecoding:
         """Structured output for this engine's tokenizer (built on first use)."""
         return self._guided.get()
+
+    def guide_checked(self, guide: Guide) -> bool:
+        """Whether `guided.check(guide)` answers at once: the compiler is built and has compiled or
+        refused this guide before (the server then checks it on the event loop, not in its pool)."""
+        built = self._guided.built
+        return built is not None and built.is_cached(guide)
 
     def check_token_ids(self, ids, param: str) -> None:
         """Refuse token ids outside the vocabulary, naming the request field `param`."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
-from functools import lru_cache
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from s2ft_serve.errors import InvalidRequestError
 # to 0.8 s per token and sequence; 5,000 stops it at ~0.04 s, the sequence ending "error"); every real
 # schema, choice and grammar the tests use needs far fewer
 LIMITS = {"initial_lexer_fuel": 200_000, "step_max_items": 5_000}
+CACHE_SIZE = 256  # compiled guides (start matchers) and refusals kept, least recently used dropped first
 ERROR_CHARS = 300  # llguidance's errors dump its whole state, the grammar included: the first line, cut
 
 
@@ -40,6 +41,15 @@ def short_error(error: str) -> str:
     (for logs and answers)."""
     line = " ".join((error or "").split("<state>")[0].split()) or "unknown error"
     return line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS] + "..."
+
+
+def choice_regex(choice: list[str]) -> str:
+    """A regex matching exactly the strings of `choice`: each character but ASCII letters and digits
+    written `\\x{hex}`. llguidance's own `choice` grammar puts every string in one Earley row, at most
+    2,000 (QA: 2,001 strings were refused as a left-recursion problem); one regex lexeme takes 20,000 in
+    ~0.4 s."""
+    return "|".join("".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
+                    for text in choice)
 
 
 def grammar_text(guide: Guide) -> tuple[str, str]:
@@ -71,7 +81,12 @@ class GuidedDecoding:
         self.special_ids = set(eos_ids) | set(hf_tokenizer.all_special_ids) | set(
             getattr(hf_tokenizer, "added_tokens_decoder", {}))
         self.limits = llguidance.LLParserLimits(**LIMITS)
-        self._compile = lru_cache(maxsize=256)(self._compile_uncached)
+        # (format, text) -> start matcher, or the InvalidRequestError that refused it (a refusal can take as
+        # long as a compile: QA, a 6,000-property schema took 15 s to fail); a key being compiled maps to an
+        # Event in _compiling, so concurrent checks of one new guide compile it once
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._compiling: dict[tuple[str, str], threading.Event] = {}
+        self._lock = threading.Lock()
         self._bits = 1 << torch.arange(32, dtype=torch.int32)  # bit j of each 32-token word of the bitmask
 
     def _compile_uncached(self, fmt: str, text: str) -> Any:
@@ -81,7 +96,8 @@ class GuidedDecoding:
 
         what = fmt.replace("_", " ")
         try:
-            grammar = llguidance.grammar_from(fmt, text)
+            grammar = (llguidance.grammar_from("regex", choice_regex(json.loads(text))) if fmt == "choice"
+                       else llguidance.grammar_from(fmt, text))
         except ValueError as exc:  # not JSON, a choice that is not a list of strings, ...
             raise InvalidRequestError(f"invalid {what}: {exc}") from None
         error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
@@ -95,16 +111,52 @@ class GuidedDecoding:
             self.allowed([probe])
         for m in (start, probe):
             if m.is_error():
-                raise InvalidRequestError(f"{what} cannot be served: {short_error(m.get_error())}")
+                error = short_error(m.get_error())
+                if error == "NoExtensionBias":  # llguidance's name for a language with no string in it (QA)
+                    error = "it matches no text at all (e.g. a schema that only refers to itself)"
+                raise InvalidRequestError(f"{what} cannot be served: {error}")
         return start
+
+    def _compiled(self, key: tuple[str, str]) -> Any:
+        """The cached start matcher or refusal of `key`, compiling it first if no thread does."""
+        while True:
+            with self._lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+                waiting = self._compiling.get(key)
+                if waiting is None:
+                    done = self._compiling[key] = threading.Event()
+                    break
+            waiting.wait()  # another thread compiles it; then it is cached (or that thread failed: retry)
+        result: Any = None
+        try:
+            try:
+                result = self._compile_uncached(*key)
+            except InvalidRequestError as exc:
+                result = exc
+            with self._lock:
+                self._cache[key] = result
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                del self._compiling[key]
+            done.set()
+        return result
+
+    def is_cached(self, guide: Guide) -> bool:
+        """Whether `check` answers at once (the guide was compiled or refused before)."""
+        with self._lock:
+            return grammar_text(guide) in self._cache
 
     def check(self, guide: Guide, param: str | None = None) -> Any:
         """The guide's start matcher (see `_compile_uncached`); InvalidRequestError (naming `param`) if the
         guide does not compile or fails its first step. Slow for a new guide: call it off the engine thread."""
-        try:
-            return self._compile(*grammar_text(guide))
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(str(exc), param=param) from None
+        result = self._compiled(grammar_text(guide))
+        if isinstance(result, InvalidRequestError):
+            raise InvalidRequestError(str(result), param=param)
+        return result
 
     def matcher(self, guide: Guide):
         """A fresh matcher (one per sequence) at the start of the guide's grammar: a copy of the checked
@@ -144,6 +196,11 @@ class LazyGuidedDecoding:
         self._args = (hf_tokenizer, vocab_size, eos_ids)
         self._lock = threading.Lock()
         self._built: GuidedDecoding | None = None
+
+    @property
+    def built(self) -> GuidedDecoding | None:
+        """The GuidedDecoding if it was built, else None (never builds it)."""
+        return self._built
 
     def get(self) -> GuidedDecoding:
         with self._lock:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator, Awaitable, Callable
@@ -172,6 +173,12 @@ def guide_of(fields: SamplingFields) -> tuple[Guide | None, str | None]:
     return Guide(json=rf.json_schema.schema_), "response_format"
 
 
+# New guides compile in threads of their own: a schema can take seconds to compile or to be refused (QA: a
+# 6,000-property one took 15 s), and in asyncio's default pool (6 threads on 2 cores) a handful of them left
+# no thread for other requests' tokenizing and submission, stalling every user for over a minute
+GUIDE_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s2ft-guide-check")
+
+
 async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | None = None) -> Guide | None:
     """The request's guide (or the one its `tools` need), compiled and checked against the tokenizer
     (400 if it does not compile); off the event loop, since a large schema can take a while."""
@@ -180,9 +187,17 @@ async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | N
         if guide is not None:
             raise InvalidRequestError(f"a tool call cannot be combined with {param}", param="tool_choice")
         guide, param = tools, "tools"
-    if guide is not None:
-        await asyncio.to_thread(engine.guided.check, guide, param)
+    if guide is None:
+        return None
+    if engine.guide_checked(guide):
+        engine.guided.check(guide, param)  # compiled or refused before: a dictionary look-up
+    else:
+        await asyncio.get_running_loop().run_in_executor(GUIDE_CHECKS, check_guide, engine, guide, param)
     return guide
+
+
+def check_guide(engine: Engine, guide: Guide, param: str) -> None:
+    engine.guided.check(guide, param)
 
 
 def choice_seed(seed: int, choice: int) -> int:

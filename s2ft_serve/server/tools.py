@@ -245,9 +245,13 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMod
                 "'required', 'none' or a named function", param="tool_choice")
         return ToolMode(None, None, parser, 1 if body.parallel_tool_calls is False else None)
     if choice == "required":
+        # each tool's schema under the list's $defs, its own references ("#", "#/$defs/...") moved there with it:
+        # inside the list they resolved against the list (QA: pydantic's $defs were a 400, "#" a wrong grammar)
+        defs = {f"tool_{i}": rebase_refs(schema, f"#/$defs/tool_{i}") for i, schema in enumerate(schemas.values())}
         items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-                  "properties": {"name": {"const": name}, "parameters": schema}} for name, schema in schemas.items()]
-        array = {"type": "array", "minItems": 1, "items": {"anyOf": items}, "x-guidance": LAYOUT}
+                  "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/tool_{i}"}}}
+                 for i, name in enumerate(schemas)]
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": items}, "$defs": defs, "x-guidance": LAYOUT}
         if body.parallel_tool_calls is False:
             array["maxItems"] = 1
         return ToolMode(Guide(json=array), None)
@@ -255,6 +259,30 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMod
     if name not in schemas:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return ToolMode(Guide(json={"x-guidance": LAYOUT, **schemas[name]}), name)  # the schema's own options win
+
+
+SCHEMA_DATA = {"const", "enum", "default", "examples"}  # keywords whose values are data, not schemas
+SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> schema
+
+
+def rebase_refs(schema, base: str):
+    """A copy of `schema` whose local references ("#", "#/...") point into `base` (a JSON pointer such as
+    "#/$defs/tool_0") instead of the document's root: the schema moved there."""
+    if isinstance(schema, list):
+        return [rebase_refs(s, base) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in SCHEMA_DATA:
+            out[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: rebase_refs(sub, base) for name, sub in value.items()}
+        else:
+            out[key] = rebase_refs(value, base)
+    return out
 
 
 def template_tools(tools: list[Tool] | None) -> list[dict] | None:

@@ -194,3 +194,65 @@ def test_an_end_id_outside_the_vocabulary_is_ignored(tiny_llama_dir, tmp_path, c
         assert out.text in ("yes", "no")
     finally:
         engine.shutdown()
+
+
+def test_a_choice_of_thousands_of_strings_is_served(engine):
+    """QA: llguidance's `choice` grammar holds at most 2,000 strings (2,001 were refused as a
+    "left-recursion" problem); the engine compiles a choice as one regex of its escaped strings."""
+    strings = [f"w{i}" for i in range(5000)] + ["a.b", "x|y", "(z)", "tab\there", "é€"]
+    guide = Guide(choice=strings)
+    for seed in (None, 0, 1):
+        assert run(engine, guide, seed).text in strings
+    # regex characters in a string are plain characters: "a.b" is not "axb", "x|y" is not "x"
+    for text, ok in (("a.b", True), ("axb", False), ("x|y", True), ("x", False), ("é€", True)):
+        matcher = engine.guided.matcher(guide)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        assert (all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()) is ok, text
+
+
+@pytest.mark.parametrize("guide", [Guide(json={"$ref": "#"}), Guide(regex=r"[^\s\S]")])
+def test_a_guide_that_matches_no_text_says_so(engine, guide):
+    """QA: the 400 said only "NoExtensionBias", llguidance's name for it."""
+    with pytest.raises(InvalidRequestError, match="cannot be served: it matches no text at all"):
+        engine.guided.check(guide)
+
+
+def test_a_new_guide_compiles_once_however_many_threads_check_it(engine, monkeypatch):
+    """Concurrent checks of one new guide wait for one compile, and a refusal is cached as a compile is
+    (QA: a refusal can take as long as a compile; identical slow schemas compiled once each)."""
+    import threading
+
+    from s2ft_serve.engine.guided import GuidedDecoding
+
+    calls, gate = [], threading.Event()
+    compile_uncached = GuidedDecoding._compile_uncached
+
+    def slow(self, fmt, text):
+        calls.append(text)
+        gate.wait(10)
+        return compile_uncached(self, fmt, text)
+
+    monkeypatch.setattr(GuidedDecoding, "_compile_uncached", slow)
+    guided = engine.guided
+    good, bad = Guide(regex="[ab]{2}"), Guide(regex="a(")
+    results = []
+
+    def check(guide):
+        try:
+            results.append(guided.check(guide, "p"))
+        except InvalidRequestError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=check, args=(g,)) for g in (good, good, good, bad, bad)]
+    for t in threads:
+        t.start()
+    assert not engine.guide_checked(good)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(calls) == ["[ab]{2}", "a("]
+    assert sum(isinstance(r, InvalidRequestError) and r.param == "p" for r in results) == 2
+    assert engine.guide_checked(good) and engine.guide_checked(bad)
+    with pytest.raises(InvalidRequestError, match="invalid regex") as again:
+        guided.check(bad, "q")
+    assert again.value.param == "q" and len(calls) == 2

@@ -82,3 +82,34 @@ async def test_bad_structured_output_requests_are_400(client, body, param, messa
         error = (await post(client, route, 400, **extra, **body))["error"]
         assert error["type"] == "invalid_request_error"
         assert error["param"] == param and message in error["message"], error
+
+
+async def test_slow_new_schemas_do_not_stall_other_requests(client, engine, monkeypatch):
+    """QA: schema checks ran in asyncio's default thread pool (6 threads on 2 cores), which also tokenizes
+    prompts and queues requests; a handful of schemas that take long to compile (a 6,000-property one took
+    15 s to be refused) held every thread, and a plain one-token completion waited 40-75 s."""
+    import asyncio
+    import threading
+
+    from s2ft_serve.engine.guided import GuidedDecoding
+
+    gate = threading.Event()
+    compile_uncached = GuidedDecoding._compile_uncached
+
+    def slow(self, fmt, text):
+        if "slow-" in text:
+            gate.wait(60)
+        return compile_uncached(self, fmt, text)
+
+    monkeypatch.setattr(GuidedDecoding, "_compile_uncached", slow)
+    engine.guided  # built before the requests (its first build runs where the first check runs)
+    heavy = [asyncio.ensure_future(client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [f"slow-{i}"]}})) for i in range(40)]
+    try:
+        await asyncio.sleep(0.5)
+        plain = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}), 30)
+        assert plain.status_code == 200 and not any(task.done() for task in heavy)
+    finally:
+        gate.set()
+    for i, answer in enumerate(await asyncio.gather(*heavy)):
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"slow-{i}"

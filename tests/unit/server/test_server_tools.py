@@ -234,3 +234,58 @@ async def test_arguments_nested_too_deeply_are_passed_on_as_text(client):
     r = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
                                                         "chat_template_kwargs": kwargs})
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+
+
+# a tool's own references: pydantic's "$defs" (openai.pydantic_function_tool of a nested model), draft-07's
+# "definitions", and a recursive "#"
+ADDRESS = {"$defs": {"Addr": {"type": "object", "additionalProperties": False, "required": ["zip"],
+                              "properties": {"zip": {"type": "integer"}}}},
+           "type": "object", "additionalProperties": False, "required": ["addr"],
+           "properties": {"addr": {"$ref": "#/$defs/Addr"}}}
+LEVEL = {"definitions": {"L": {"enum": [1, 2]}}, "type": "object", "additionalProperties": False,
+         "required": ["level"], "properties": {"level": {"$ref": "#/definitions/L"}}}
+TREE = {"type": "object", "additionalProperties": False, "required": ["kids"],
+        "properties": {"kids": {"type": "array", "maxItems": 1, "items": {"$ref": "#"}}}}
+REF_TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}}
+             for name, schema in (("address", ADDRESS), ("level", LEVEL), ("tree", TREE))]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_required_keeps_each_tools_own_references(client, seed):
+    """QA: under "required" each tool's schema sat inside the list of calls, so its references resolved
+    against that list: "$defs"/"definitions" were a 400, and "#" let through arguments that break the
+    tool's schema while refusing ones that follow it."""
+    body = (await chat(client, tools=REF_TOOLS, tool_choice="required", temperature=1.0, seed=seed)).json()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in REF_TOOLS}
+    for call in body["choices"][0]["message"]["tool_calls"]:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+
+
+def test_required_grammar_follows_a_recursive_tool_schema(engine):
+    from s2ft_serve.server.protocol import ChatCompletionRequest
+    from s2ft_serve.server.tools import tool_mode
+
+    body = ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": REF_TOOLS, "tool_choice": "required"})
+    guide = tool_mode(body).guide
+
+    def accepts(text: str) -> bool:
+        matcher = engine.guided.matcher(guide)
+        return all(matcher.consume_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) \
+            and matcher.is_accepting()
+
+    assert accepts('[{"name": "tree", "parameters": {"kids": [{"kids": []}]}}]')
+    assert not accepts('[{"name": "tree", "parameters": {"kids": [[{"name": "tree", "parameters": {"kids": []}}]]}}]')
+    assert accepts('[{"name": "address", "parameters": {"addr": {"zip": 7}}}, {"name": "level", "parameters": {"level": 2}}]')
+    assert not accepts('[{"name": "address", "parameters": {"addr": {"zip": "7"}}}]')
+
+
+def test_rebase_refs_moves_local_references_only():
+    from s2ft_serve.server.tools import rebase_refs
+
+    schema = {"$ref": "#", "properties": {"$ref": {"$ref": "#/$defs/A"}, "const": {"type": "string"}},
+              "const": {"$ref": "#/data"}, "enum": [{"$ref": "#"}], "anyOf": [{"$ref": "other.json#/x"}],
+              "$defs": {"A": {"items": [{"$ref": "#/$defs/A"}]}}}
+    assert rebase_refs(schema, "#/$defs/t") == {
+        "$ref": "#/$defs/t", "properties": {"$ref": {"$ref": "#/$defs/t/$defs/A"}, "const": {"type": "string"}},
+        "const": {"$ref": "#/data"}, "enum": [{"$ref": "#"}], "anyOf": [{"$ref": "other.json#/x"}],
+        "$defs": {"A": {"items": [{"$ref": "#/$defs/t/$defs/A"}]}}}
