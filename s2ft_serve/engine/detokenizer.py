@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 # Tokens decoded before the new ones, so that tokenizers which render a token differently at the
-# start of a text (SentencePiece's leading space, byte-level merges) give the right delta.
-_CONTEXT_TOKENS = 5
+# start of a text (SentencePiece's leading space, byte-level merges) give the right delta; the first
+# new tokens are decoded after as many of the prompt's last tokens (as vLLM does).
+CONTEXT_TOKENS = 5
 
 
 class Detokenizer:
@@ -16,7 +17,10 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True,
-                 end_ids: frozenset[int] = frozenset(), include_stop: bool = False, min_tokens: int = 0):
+                 end_ids: frozenset[int] = frozenset(), include_stop: bool = False, min_tokens: int = 0,
+                 prompt: list[int] = ()):
+        """`prompt`: the ids the output follows (its last CONTEXT_TOKENS are decoded before it: without
+        them a SentencePiece decoder drops the first output token's leading space, QA)."""
         self.tokenizer = tokenizer
         self.stop = stop
         self.skip_special_tokens = skip_special_tokens
@@ -29,9 +33,13 @@ class Detokenizer:
         self.text = ""  # the decoded output so far (cut before a stop string once found)
         self.emitted = 0  # characters of `text` already released
         self.stopped = False
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: context tokens already part of `text`
-        self._read = 0  # tokens whose text is in `text`
+        context = list(prompt)[-CONTEXT_TOKENS:]
+        if tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            context = []  # a prompt ending in half a character: its completion is the answer's text
+        self._context = context
+        self._ids: list[int] = list(self._context)  # the context, then the output's ids
+        self._prefix = 0  # window start: context tokens already part of `text` (or of the prompt)
+        self._read = len(self._context)  # tokens whose text is in `text` (or in the prompt)
 
     def _window(self, final: bool) -> str:
         """Text of the tokens after `_read` ('' while it ends in half a character, unless final)."""
@@ -40,14 +48,14 @@ class Detokenizer:
         after = decode(self._ids[self._prefix :], skip_special_tokens=skip)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        self._prefix, self._read = max(self._read, len(self._ids) - _CONTEXT_TOKENS), len(self._ids)
+        self._prefix, self._read = max(self._read, len(self._ids) - CONTEXT_TOKENS), len(self._ids)
         return after[len(before) :]
 
     def add(self, token_ids: list[int]) -> str:
         """Update with the full generated ids; return the newly final text."""
         self._generated = len(token_ids)
         ends = token_ids and token_ids[-1] in self.end_ids and not self.include_stop
-        self._ids = token_ids[:-1] if ends else token_ids
+        self._ids = self._context + (token_ids[:-1] if ends else token_ids)
         if self.stopped:
             return ""
         return self._update(self.text + self._window(final=False))

@@ -346,12 +346,13 @@ class Engine:
                 raise EngineNotReadyError("the engine is shutting down")
             return self.scheduler.add_all(seqs)
 
-    def _detokenizer(self, params: SamplingParams) -> Detokenizer:
+    def _detokenizer(self, params: SamplingParams, prompt_ids: list[int]) -> Detokenizer:
         """The request's detokenizer: a token that ends the answer (EOS unless ignored, a stop token id)
         is not part of its text, nor is a stop string, unless `include_stop_str_in_output` (as in vLLM);
-        special tokens are left out unless asked for."""
+        special tokens are left out unless asked for; the answer's text is decoded after the prompt's."""
         return Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
-                           params.end_ids(self.stepper.eos_ids), params.include_stop_str_in_output, params.min_tokens)
+                           params.end_ids(self.stepper.eos_ids), params.include_stop_str_in_output, params.min_tokens,
+                           prompt=prompt_ids)
 
     def _prepare(self, prompt: str | list[int], adapter: str | None,
                  params: SamplingParams | None) -> tuple[Sequence, RequestHandle]:
@@ -364,7 +365,7 @@ class Engine:
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")  # QA: one out of range banned tokens in
         # another request's logits (min_tokens), or failed the whole step
         matcher = self.guided.matcher(params.guide) if params.guide is not None else None
-        detokenizer, generator = self._detokenizer(params), self._generator(params.seed)
+        detokenizer, generator = self._detokenizer(params, prompt_ids), self._generator(params.seed)
         version = self._pin(adapter)  # last: nothing after it can fail and leave the adapter pinned
         handle = RequestHandle(f"req-{next(self._ids)}", adapter, prompt_ids)
         seq = Sequence(

@@ -56,16 +56,45 @@ def make_tokenizer(vocab_size: int = 384):
     )
 
 
+def make_sentencepiece_tokenizer(vocab_size: int = 600):
+    """A tokenizer as Llama 2's and Mistral's: SentencePiece-style BPE (words start with "▁", the first
+    one's leading space stripped when decoding), unknown characters as byte tokens `<0xNN>`, BOS added."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    data = json.loads(tok.to_str())  # byte tokens are ordinary vocabulary entries, as in Llama 2's tokenizer.json
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+        chat_template="{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+                      "{% if add_generation_prompt %}[assistant]{% endif %}",
+    )
+
+
 def make_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, layers: int = 2,
-                    kv_heads: int = 2) -> Path:
+                    kv_heads: int = 2, tokenizer=None) -> Path:
     """Write a tiny random model of `arch` (llama, qwen2, qwen3, mistral) to `path`; return it.
 
-    `kv_heads=4` (as many as query heads) gives multi-head rather than grouped-query attention.
+    `kv_heads=4` (as many as query heads) gives multi-head rather than grouped-query attention;
+    `tokenizer` defaults to `make_tokenizer()`.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers)
     config.num_key_value_heads = kv_heads
     config.eos_token_id = tokenizer.eos_token_id

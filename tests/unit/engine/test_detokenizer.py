@@ -7,7 +7,7 @@ import random
 import pytest
 
 from s2ft_serve.engine.detokenizer import Detokenizer
-from s2ft_serve.model.testing import make_tokenizer
+from s2ft_serve.model.testing import make_sentencepiece_tokenizer, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,57 @@ def test_a_token_that_ends_the_answer_is_not_text_unless_kept(tokenizer):
     end = ids[-1]
     for include, expected in ((False, tokenizer.decode(ids[:-1])), (True, tokenizer.decode(ids))):
         assert streamed(Detokenizer(tokenizer, [], end_ids=frozenset({end}), include_stop=include), ids) == expected
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    return make_sentencepiece_tokenizer()
+
+
+WORDS = FOX.split() + ["é€", "😀", "tiny", "s2ft-serve.", "2", "+"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_answer_is_decoded_after_the_prompt(sp_tokenizer, seed):
+    """QA: a SentencePiece decoder drops the leading space of a text's first word, and the answer was
+    decoded alone, so every answer starting with a word lost its space ("The quick" + "brown", echo
+    "The quickbrown"). Decoded after the prompt's last tokens, the answer is the whole text's rest."""
+    rng = random.Random(seed)
+    prompt = sp_tokenizer.encode(" ".join(rng.choices(WORDS, k=rng.randrange(1, 8))))  # BOS first
+    answer = sp_tokenizer.encode(" ".join(rng.choices(WORDS, k=12)), add_special_tokens=False)
+    whole, before = sp_tokenizer.decode(prompt + answer, skip_special_tokens=True), sp_tokenizer.decode(
+        prompt, skip_special_tokens=True)
+    text = streamed(Detokenizer(sp_tokenizer, [], prompt=prompt), answer)
+    assert text == whole[len(before):] and text.startswith(" ")
+
+
+def test_an_answer_after_a_word_keeps_its_space(sp_tokenizer, tokenizer):
+    prompt, answer = sp_tokenizer.encode("The quick"), sp_tokenizer.encode("brown fox", add_special_tokens=False)
+    assert sp_tokenizer.decode(answer) == "brown fox"  # alone, the first word has no space
+    assert streamed(Detokenizer(sp_tokenizer, [], prompt=prompt), answer) == " brown fox"
+    assert streamed(Detokenizer(sp_tokenizer, ["fox"], prompt=prompt), answer) == " brown "
+    # byte-level: a prompt's last tokens change nothing
+    prompt, answer = tokenizer.encode("The quick"), tokenizer.encode(" brown fox")
+    assert streamed(Detokenizer(tokenizer, [], prompt=prompt), answer) == " brown fox"
+    # a prompt ending in half a character: its end is not decoded as context (its completion is answer text)
+    cut = tokenizer.encode("é")[:1]
+    assert streamed(Detokenizer(tokenizer, [], prompt=cut), answer) == " brown fox"
+
+
+def test_the_engines_answer_keeps_its_leading_space(tmp_path, sp_tokenizer):
+    """End to end, as QA saw it over HTTP: an answer starting with a word on a SentencePiece model."""
+    from engine_reference import make_engine
+
+    from s2ft_serve.engine.request import SamplingParams
+    from s2ft_serve.model.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "sp", tokenizer=sp_tokenizer)
+    brown = sp_tokenizer.convert_tokens_to_ids("▁brown")
+    with make_engine(path) as engine:
+        for stream in (False, True):
+            params = SamplingParams(max_tokens=1, temperature=0, logit_bias={brown: 100.0})
+            if stream:
+                text = "".join(event.text_delta for event in engine.stream("The quick", None, params))
+            else:
+                text = engine.generate("The quick", None, params).text
+            assert text == " brown"
