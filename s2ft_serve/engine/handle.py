@@ -63,6 +63,7 @@ class RequestHandle:
         `Engine.stream`, `close()`, or an exception such as Ctrl-C's KeyboardInterrupt while waiting)
         cancels the request, as leaving `aevents` does; a timeout (`queue.Empty`, `timeout` seconds
         without an event) does not: the caller may wait again."""
+        self._check_sync()
         try:
             while not self.finished:
                 event = self._queue.get(timeout=timeout)
@@ -74,6 +75,12 @@ class RequestHandle:
             if not self.finished:
                 self.cancel()
             raise
+
+    def _check_sync(self) -> None:
+        """Refuse the blocking readers on a handle whose events go to an event loop: they would never get
+        one (QA: `result()` blocked forever, or timed out on a finished request)."""
+        if self._aqueue is not None and not self.finished:
+            raise RuntimeError("this handle came from asubmit(); use aevents() or aresult()")
 
     async def aevents(self) -> AsyncIterator[StreamEvent]:
         if self._aqueue is None:  # not an assert: `python -O` would drop it and hang
@@ -90,6 +97,7 @@ class RequestHandle:
     def result(self, timeout: float | None = None) -> RequestOutput:
         """The whole output, once the request ends; TimeoutError if it has not within `timeout` seconds
         (the request goes on: the caller may wait again)."""
+        self._check_sync()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -114,6 +122,11 @@ class RequestHandle:
             token_ids=list(seq.output_ids), text="".join(self._text), finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs, cached_tokens=seq.cached_tokens)
+
+    @property
+    def prompt_logprobs(self) -> list | None:
+        """The prompt tokens' logprobs, if asked for (known once the prompt is prefilled)."""
+        return self._seq.prompt_logprobs if self._seq is not None else None
 
     @property
     def generated_tokens(self) -> int:

@@ -86,8 +86,20 @@ class TextOffsets:
 
     def advance(self, raw: bytes) -> int:
         at = self.chars
+        pending = self._decoder.getstate()[0]
+        if pending and broken(pending + raw[:1]):
+            at += 1  # earlier tokens' bytes were no character: their U+FFFD comes first, and is theirs (QA)
         self.chars += len(self._decoder.decode(raw))
         return at
+
+
+def broken(data: bytes) -> bool:
+    """Whether `data` (held-back bytes and the next one) can no longer become UTF-8 text."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.reason != "unexpected end of data"
+    return False
 
 
 def _top_dict(text: TokenStrings, entry: TokenLogprob, chosen: int) -> dict[str, float]:

@@ -55,8 +55,6 @@ def check_request(body: CompletionRequest) -> None:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequestError("best_of is supported only equal to n", param="best_of")
-    if body.stream and body.echo and body.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs is not supported when streaming", param="echo")
 
 
 async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> list[list[int]]:
@@ -103,10 +101,18 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
                                       usage=gen.usage(prompt_tokens) if every else None))
 
     offsets = [TextOffsets() for _ in gen.choices]
-    if body.echo:
+    echo_logprobs = body.echo and body.logprobs is not None
+    if body.echo and not echo_logprobs:
         for choice in gen.choices:
             yield chunk(choice.index, texts[choice.prompt_index])
+    echoed: set[int] = set()
     async for choice, event in gen.events():
+        if echo_logprobs and choice.index not in echoed:  # the prompt, with its logprobs, once they exist (as vLLM)
+            echoed.add(choice.index)
+            ids = choice.handle.prompt_token_ids
+            entries = choice.handle.prompt_logprobs or [None] * len(ids)
+            yield chunk(choice.index, texts[choice.prompt_index],
+                        completion_logprobs(text, ids, entries, offsets[choice.index]))
         logprobs = None
         if body.logprobs is not None and event.logprob is not None and event.token_id is not None:
             logprobs = completion_logprobs(text, [event.token_id], [event.logprob], offsets[choice.index])

@@ -443,6 +443,19 @@ def test_aevents_of_a_sync_handle_is_a_clear_error(engine):
     handle.cancel()
 
 
+async def test_the_blocking_readers_of_an_async_handle_are_a_clear_error(engine):
+    """QA: `result()` on an `asubmit()` handle blocked forever (its events go to the event loop), or with
+    a timeout raised TimeoutError for a request that had finished."""
+    engine.start()
+    handle = await engine.asubmit("fox", None, SamplingParams(max_tokens=2, temperature=0))
+    with pytest.raises(RuntimeError, match="came from asubmit"):
+        handle.result(timeout=5)
+    with pytest.raises(RuntimeError, match="came from asubmit"):
+        next(iter(handle.events()))
+    out = await handle.aresult()
+    assert handle.result() == out  # once it has ended, the output is there for any reader
+
+
 def test_out_of_range_stop_token_ids_are_refused(engine):
     """QA: with min_tokens, an id out of range banned a token in another request's row (flat indices),
     or failed the whole step."""

@@ -52,3 +52,14 @@ def test_sentencepiece_tokens_show_their_spaces():
 def test_offsets_carry_a_split_character_across_calls():
     offsets = TextOffsets()
     assert [offsets.advance(b) for b in (b"a", b"\xf0\x9f", b"\x98\x80", b"b")] == [0, 1, 1, 2]
+
+
+def test_offsets_after_bytes_that_were_no_character():
+    """QA: a held-back lead byte that the next token shows to be invalid decodes as U+FFFD before that
+    token's text; the U+FFFD is the earlier token's, so the next token starts after it."""
+    offsets = TextOffsets()
+    assert [offsets.advance(b) for b in (b"\xe4", b"ju", b"mp")] == [0, 1, 3]  # text "\ufffdjump"
+    offsets = TextOffsets()  # a real U+FFFD, split: one character, both parts at its start
+    assert [offsets.advance(b) for b in (b"a", b"\xef\xbf", b"\xbd", b"b")] == [0, 1, 1, 2]
+    offsets = TextOffsets()  # two lead bytes in a row: the first is broken by the second, which goes on
+    assert [offsets.advance(b) for b in (b"\xc3", b"\xc3", b"\xa9!")] == [0, 1, 1]  # text "\ufffdé!"

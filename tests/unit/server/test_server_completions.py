@@ -238,3 +238,16 @@ async def test_prompts_are_tokenized_off_the_event_loop(client, engine, monkeypa
                                                          "max_tokens": 1})
     assert r.status_code == 200, r.text
     assert len(seen) == 3 and loop_thread not in seen
+
+
+async def test_streamed_echo_with_logprobs_equals_the_whole_answer(client):
+    """QA: refused with a 400 when streaming; vLLM sends each choice's prompt with its logprobs first."""
+    body = dict(echo=True, logprobs=2, n=2, seed=3, temperature=1.0, max_tokens=6)
+    whole = (await complete(client, **body)).json()["choices"]
+    chunks = sse_payloads((await complete(client, stream=True, **body)).text)
+    for i, choice in enumerate(whole):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert mine[0]["text"] == PROMPT and len(mine[0]["logprobs"]["tokens"]) > 1
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [v for c in mine if c["logprobs"] for v in c["logprobs"][key]] == choice["logprobs"][key], key
