@@ -57,6 +57,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.chunking: Sequence | None = None  # the prompt being prefilled in chunks, in row max_batch_size
+        self.chunk_twins: list[Sequence] = []  # the same prompt queued right after it: they copy its row
         self.cond = threading.Condition()
 
     def add_all(self, seqs: list[Sequence]) -> bool:
@@ -80,11 +81,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunking)
 
-    def admit(self, budget: int | None = None, cost: Callable[[Sequence], int] | None = None) -> list[Sequence]:
+    def admit(self, budget: int | None = None, cost: Callable[[Sequence], int] | None = None,
+              same: Callable[[Sequence, Sequence], bool] | None = None) -> list[Sequence]:
         """New sequences to prefill whole this step, within the batch size and `budget` prompt tokens
         (default `max_tokens_per_step`); `cost(seq)` is the tokens a prompt must compute (default: all of
         them; less after a prefix-cache hit). If the next prompt does not fit and no prompt is being
-        chunked, it becomes `chunking` (not returned). Cancelled ones are returned to be finished."""
+        chunked, it becomes `chunking` (not returned), and the sequences right after it for which
+        `same(seq, chunking)` holds (the `n` choices of its request) become its `chunk_twins`: its prefill
+        is theirs. Cancelled ones are returned to be finished."""
         admitted: list[Sequence] = []
         budget = self.max_tokens_per_step if budget is None else budget
         cost = cost or (lambda seq: len(seq.prompt_ids))
@@ -100,14 +104,18 @@ class Scheduler:
                     if self.chunking is None and budget > 0:
                         self.chunking = self.waiting.popleft()
                         self.chunking.row = self.max_batch_size
+                        while (same is not None and self.waiting and same(self.waiting[0], self.chunking)
+                               and len(self.in_flight()) + len(admitted) < self.max_batch_size):
+                            self.chunk_twins.append(self.waiting.popleft())
                     break
                 budget -= need
                 admitted.append(self.waiting.popleft())
         return admitted
 
     def in_flight(self) -> list[Sequence]:
-        """The sequences holding a cache row: running, and the one being prefilled in chunks."""
-        return self.running + ([self.chunking] if self.chunking is not None else [])
+        """The sequences holding a cache row or promised one: running, the one being prefilled in chunks
+        and its twins."""
+        return self.running + ([self.chunking] if self.chunking is not None else []) + self.chunk_twins
 
     def start_running(self, seq: Sequence) -> None:
         seq.row = len(self.running)

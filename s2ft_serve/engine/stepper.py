@@ -106,13 +106,16 @@ class Stepper:
         engine, sched = self.engine, self.engine.scheduler
         for seq in sched.take_cancelled():  # ended now, not when a place frees (QA: waited on a running request)
             self.abort_waiting(seq)
+        for seq in [s for s in sched.chunk_twins if s.cancelled]:
+            sched.chunk_twins.remove(seq)
+            self.abort_waiting(seq)
         budget = sched.max_tokens_per_step
         if sched.chunking is not None:  # go on with the prompt being prefilled in chunks
             budget -= self._prefill_chunk(budget)
         carried = sched.chunking
         admitted = []
         seen: dict[tuple, Sequence] = {}  # the prompts admitted this step (twins: see _look_up)
-        for seq in sched.admit(budget, cost=lambda seq: self._look_up(seq, seen)):
+        for seq in sched.admit(budget, cost=lambda seq: self._look_up(seq, seen), same=self._same_prompt):
             if seq.cancelled:
                 self.abort_waiting(seq)
             else:
@@ -132,6 +135,8 @@ class Stepper:
             self._prefill(group, [twin for seq in group for twin in twins.get(seq, [])])
         chunking = sched.chunking
         if chunking is not None and chunking is not carried:  # admit() just started chunking a long prompt
+            for twin in sched.chunk_twins:  # QA: each of the n choices of a long prompt was prefilled in turn
+                twin.twin_of, twin.hit, twin.cached_tokens = chunking, [], chunking.cached_tokens
             chunking.prefilled = self._restore(chunking)
             if budget > 0:
                 self._prefill_chunk(budget)
@@ -221,6 +226,11 @@ class Stepper:
         seq.cached_tokens = len(seq.hit) * cache.block_size
         return to_compute(seq)
 
+    def _same_prompt(self, seq: Sequence, other: Sequence) -> bool:
+        """Whether `seq` is `other`'s twin: the same adapter version, tokens and prompt logprobs."""
+        return (self._owner(seq) == self._owner(other) and seq.prompt_ids == other.prompt_ids
+                and seq.params.prompt_logprobs == other.params.prompt_logprobs)
+
     @staticmethod
     def _owner(seq: Sequence) -> int:
         return seq.version.uid if seq.version is not None else 0
@@ -278,7 +288,7 @@ class Stepper:
         engine, sched = self.engine, self.engine.scheduler
         seq = sched.chunking
         if seq.cancelled:
-            self._drop_chunking("abort")
+            self._drop_chunking("abort", requeue_twins=True)
             return 0
         start, prompt = seq.prefilled, seq.prompt_ids
         n = min(budget, len(prompt) - start)
@@ -291,11 +301,17 @@ class Stepper:
             self._add_prompt_logprobs(seq, logits, start)
         if seq.prefilled == len(prompt):
             self._remember(seq)
-            sched.chunking = None
+            twins, sched.chunking, sched.chunk_twins = sched.chunk_twins, None, []
             chunk_row = seq.row
             sched.start_running(seq)
             engine.runner.move_row(chunk_row, seq.row, len(prompt))
-            self._first_tokens([seq], [logits[-1]])
+            for twin in twins:  # before any first token: a sequence that finishes at once gives up its row
+                twin.twin_of = None
+                sched.start_running(twin)
+                engine.runner.move_row(seq.row, twin.row, len(prompt))
+                if seq.prompt_logprobs is not None:
+                    twin.prompt_logprobs = list(seq.prompt_logprobs)
+            self._first_tokens([seq, *twins], [logits[-1]] * (1 + len(twins)))
         return n
 
     @staticmethod
@@ -395,11 +411,24 @@ class Stepper:
         self._release(seq)
         self._emit_final(seq, reason)
 
-    def _drop_chunking(self, reason: str) -> None:
-        seq, self.engine.scheduler.chunking = self.engine.scheduler.chunking, None
+    def _drop_chunking(self, reason: str, requeue_twins: bool = False) -> None:
+        """End the chunked prompt's sequence with `reason`, and its twins too, unless `requeue_twins`
+        (its own request was cancelled): they go back to the head of the queue to compute it themselves."""
+        sched = self.engine.scheduler
+        seq, sched.chunking = sched.chunking, None
+        twins, sched.chunk_twins = sched.chunk_twins, []
         if seq is not None:
             self._release(seq)
             self._emit_final(seq, reason)
+        for twin in twins:
+            twin.twin_of, twin.cached_tokens = None, 0
+        if requeue_twins:
+            with sched.cond:
+                sched.waiting.extendleft(reversed(twins))
+        else:
+            for twin in twins:
+                self._release(twin)
+                self._emit_final(twin, reason)
 
     def abort_waiting(self, seq: Sequence) -> None:
         """End a sequence that never ran (cancelled while waiting, or at shutdown)."""

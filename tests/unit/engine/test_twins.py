@@ -4,6 +4,8 @@ gets alone."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from s2ft_serve.engine.request import SamplingParams
@@ -116,3 +118,49 @@ def test_submit_many_queues_all_or_none(tiny_llama_dir):
         assert engine.registry.get("a").version.refs == 0
     finally:
         engine.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("prefix_cache_bytes, prompt_logprobs", [(0, None), (0, 1), (2**20, 1)])
+def test_the_choices_of_a_prompt_prefilled_in_chunks_share_its_prefill(tiny_llama_dir, prefix_cache_bytes,
+                                                                       prompt_logprobs):
+    """QA: the `n` choices of a prompt longer than the step's budget were chunked one after another, each
+    computing the whole prompt (n times the work; the prefix cache hid it only without prompt logprobs)."""
+    engine = make_engine(tiny_llama_dir, max_batch_size=8, max_tokens_per_step=8,
+                         prefix_cache_bytes=prefix_cache_bytes)
+    try:
+        params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, ignore_eos=True,
+                                 prompt_logprobs=prompt_logprobs) for s in (1, 2, 3)]
+        params.append(SamplingParams(max_tokens=1, temperature=1.0, seed=9, ignore_eos=True,
+                                     prompt_logprobs=prompt_logprobs))
+        passes = []
+        engine.add_step_listener(lambda rows, tokens: passes.append((rows, tokens)))
+        handles = engine.submit_many([(PROMPT, None, p) for p in params] + [(OTHER, None, params[0])])
+        engine.start()
+        outs = [h.result() for h in handles]
+        assert sum(tokens for rows, tokens in passes if tokens > rows) <= len(PROMPT) + len(OTHER)  # each once
+    finally:
+        engine.shutdown(timeout=5)
+    with make_engine(tiny_llama_dir, max_batch_size=8) as alone:
+        for out, (prompt, p) in zip(outs, [(PROMPT, p) for p in params] + [(OTHER, params[0])]):
+            expected = alone.generate(prompt, None, p)
+            assert out.token_ids == expected.token_ids
+            if prompt_logprobs is not None:
+                assert [(lp.token_id, round(lp.logprob, 5)) for lp in out.prompt_logprobs[1:]] == \
+                    [(lp.token_id, round(lp.logprob, 5)) for lp in expected.prompt_logprobs[1:]]
+
+
+def test_twins_of_a_chunked_prompt_outlive_its_cancel_and_end_at_their_own(tiny_llama_dir):
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    expected = reference_greedy(reference(tiny_llama_dir), PROMPT, 4)
+    with make_engine(tiny_llama_dir, max_batch_size=8, max_tokens_per_step=8) as engine:
+        chunks = []
+        engine.add_step_listener(lambda rows, tokens: chunks.append(tokens))
+        first, second, third = engine.submit_many([(PROMPT, None, greedy)] * 3)
+        while not chunks:  # the prompt is being chunked, the other two waiting on it
+            time.sleep(0.001)
+        first.cancel()
+        third.cancel()
+        assert first.result().finish_reason == "abort" and third.result().finish_reason == "abort"
+        out = second.result()  # back in the queue when its prompt's request left: it computes it itself
+        assert out.token_ids == expected and out.finish_reason == "length"
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
