@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
-from s2ft_serve.adapters.format import Adapter, load_adapter
+from s2ft_serve.adapters.format import Adapter, is_utf8, load_adapter
 from s2ft_serve.errors import S2FTError
 
 EXIT_ERROR = 2
@@ -61,10 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_ARGS = ("dir", "out", "model", "adapter", "base", "tuned", "base_model")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # exit as Python does: a half-written output is removed (QA:
+            previous[sig] = signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))  # `timeout`, a cancel)
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     commands = {"inspect": cmd_inspect, "merge": cmd_merge, "fuse": cmd_fuse, "extract": cmd_extract}
     try:
+        for value in [getattr(args, name, None) for name in PATH_ARGS] + list(getattr(args, "sources", [])):
+            if value is not None and not is_utf8(value):  # QA: merge wrote a config nothing could load
+                print(f"s2ft-adapter {args.command}: error: {value.encode('utf-8', 'backslashreplace').decode()}: "
+                      f"not valid UTF-8; adapter configs record paths as text", file=sys.stderr)
+                return EXIT_ERROR
         return commands[args.command](args)
     except BrokenPipeError:  # `inspect ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -75,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the file system refused a read or write the checks could not foresee
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"s2ft-adapter {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SafetensorError as exc:  # a base model's damaged weights file (QA: a traceback, exit 1)
+        model = getattr(args, "model", None) or getattr(args, "base", None)
+        print(f"s2ft-adapter {args.command}: error: {model}: its weights are not readable safetensors ({exc})",
+              file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -141,15 +170,18 @@ def base_head_dim(base_model: str) -> int | None:
     """The head size from the base model's config.json, when the base is a local folder we can find."""
     from s2ft_serve.model.loading import DEFAULT_MODEL_NAME, default_model_dir_if_exists
 
-    candidate = default_model_dir_if_exists() if base_model == DEFAULT_MODEL_NAME else Path(base_model)
-    config_path = candidate / "config.json" if candidate else None
-    if not base_model or config_path is None or not config_path.is_file():
+    if not isinstance(base_model, str) or not base_model:
         return None
-    try:
+    try:  # informational: any failure means "heads unknown" (QA: a long name or a list config.json failed inspect)
+        candidate = default_model_dir_if_exists() if base_model == DEFAULT_MODEL_NAME else Path(base_model)
+        config_path = candidate / "config.json" if candidate else None
+        if config_path is None or not config_path.is_file():
+            return None
         config = json.loads(config_path.read_text())
-        return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        value = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
+    return value if value > 0 else None
 
 
 def parse_source(spec: str) -> tuple[str, float]:

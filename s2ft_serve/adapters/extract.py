@@ -145,32 +145,39 @@ def _keys_to_compare(base_sd: dict[str, torch.Tensor], tuned: CheckpointTensors)
 def _recover_layer(names: LayerNames, base_sd: dict[str, torch.Tensor], tuned: CheckpointTensors,
                    geometry: Geometry, tolerance: float) -> LayerPermutation:
     """Find the head and channel permutation of one layer from rows S²FT never trains."""
-    heads = _match(names.q, base_sd, tuned, geometry.head_dim, tolerance, "query heads")
-    kv_heads = _match(names.k, base_sd, tuned, geometry.head_dim, tolerance, "key/value heads")
+    # rows are matched on every tensor that moves with them and S²FT never trains (QA: channels matched on
+    # gate_proj alone were mixed up where two channels' gate rows are equal, e.g. dead or pruned ones)
+    heads = _match([names.q], base_sd, tuned, geometry.head_dim, tolerance, "query heads")
+    kv_heads = _match([names.k, names.v], base_sd, tuned, geometry.head_dim, tolerance, "key/value heads")
     if not consistent_gqa(heads, kv_heads, geometry.heads // geometry.kv_heads):
         raise InvalidRequestError(
             f"{tuned.path}: layer {names.index}: the query heads and key/value heads are permuted "
             "inconsistently (a query head no longer reads its own key/value head), so this is not a "
             "reordering of the base model"
         )
-    channels = _match(names.gate, base_sd, tuned, 1, tolerance, "FFN channels")
+    channels = _match([names.gate, names.up], base_sd, tuned, 1, tolerance, "FFN channels")
     return LayerPermutation(heads=None if is_identity(heads) else heads,
                             kv_heads=None if is_identity(kv_heads) else kv_heads,
                             channels=None if is_identity(channels) else channels)
 
 
-def _match(module: str, base_sd: dict[str, torch.Tensor], tuned: CheckpointTensors, block: int,
+def _match(modules: list[str], base_sd: dict[str, torch.Tensor], tuned: CheckpointTensors, block: int,
            tolerance: float, what: str) -> list[int]:
-    key = module + ".weight"
-    tuned_weight = tuned.get(key)
+    """The order of `modules`' output rows (in blocks of `block`) in the tuned checkpoint, matched on all of
+    their weights side by side (they are permuted together)."""
+    keys = [m + ".weight" for m in modules]
+    tuned_weights, base_weights = [tuned.get(k) for k in keys], [base_sd[k] for k in keys]
     order = None
-    if tuned_weight.shape == base_sd[key].shape:
-        order = match_blocks(tuned_weight, base_sd[key], block, tolerance)
+    if all(t.shape == b.shape for t, b in zip(tuned_weights, base_weights)) and \
+            len({b.shape[0] for b in base_weights}) == 1:
+        order = match_blocks(torch.cat([t.reshape(t.shape[0], -1) for t in tuned_weights], dim=1),
+                             torch.cat([b.reshape(b.shape[0], -1) for b in base_weights], dim=1), block, tolerance)
     if order is None:
+        names = " and ".join(f"'{k}'" for k in keys)
         raise InvalidRequestError(
-            f"{tuned.path}: tensor '{key}' changed beyond the tolerance {tolerance:g}: its rows are not a "
-            f"reordering of the base's, so the {what} cannot be matched. S²FT adapters only change "
-            "o_proj/down_proj columns; this checkpoint was fine-tuned in another way"
+            f"{tuned.path}: tensor{'s' if len(keys) > 1 else ''} {names} changed beyond the tolerance {tolerance:g}: "
+            f"their rows are not a reordering of the base's, so the {what} cannot be matched. S²FT adapters only "
+            "change o_proj/down_proj columns; this checkpoint was fine-tuned in another way"
         )
     return order
 

@@ -122,12 +122,26 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     for name, md in adapter.modules.items():
         tensors[name + INDEX_SUFFIX] = md.index.detach().to("cpu", torch.int64).contiguous()
         tensors[name + DELTA_SUFFIX] = md.delta.detach().to("cpu").contiguous()
+    check_config(adapter.config, f"{path / CONFIG_FILE}")  # QA: a non-UTF-8 source path made a config nothing loads
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "s2ft", "format_version": "1"})
+    (path / WEIGHTS_FILE).chmod(0o666 & ~umask())  # safetensors 0.8 writes 0600 whatever the umask (QA)
     (path / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=False) + "\n")
     return path
 
 
-def _need_file(path: Path, why: str) -> None:
+def umask() -> int:
+    """This process's file-creation mask (from /proc: `os.umask` can only read it by changing it, which
+    races with other threads creating files); 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def need_file(path: Path, why: str) -> None:
     """Refuse `path` unless it is a regular file (following links), saying what it is instead."""
     if path.is_file():
         return
@@ -151,7 +165,7 @@ def read_config(path: Path) -> dict:
     if not is_dir:
         raise AdapterValidationError(f"{path}: not an adapter folder (no such directory)")
     try:
-        _need_file(cfg_path, f"an adapter folder needs {CONFIG_FILE}")
+        need_file(cfg_path, f"an adapter folder needs {CONFIG_FILE}")
         if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterValidationError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes; a config holds a few keys")
         text = cfg_path.read_text(encoding="utf-8")
@@ -252,7 +266,7 @@ def read_adapter_file(path: str | Path, base_fingerprint: str | None = None,
     config = read_config(path)
     weights = path / WEIGHTS_FILE
     try:
-        _need_file(weights, f"an adapter folder needs {WEIGHTS_FILE} (pickle files are never loaded)")
+        need_file(weights, f"an adapter folder needs {WEIGHTS_FILE} (pickle files are never loaded)")
         nbytes = weights.stat().st_size
     except OSError as exc:
         raise AdapterValidationError(f"{weights}: not readable ({exc})") from None

@@ -21,11 +21,14 @@ from typing import Iterator
 
 import torch
 
-from s2ft_serve.adapters.format import linear_shapes, load_adapter, merge_into
+from s2ft_serve.adapters.format import linear_shapes, load_adapter, merge_into, need_file, umask
 from s2ft_serve.errors import AdapterValidationError, InvalidRequestError, ModelNotSupportedError
 from s2ft_serve.model.loading import load_model, target_linears
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# weights in any format: the fused folder must hold only the fused ones (QA: a base's GGUF, TF, Flax or ONNX
+# weights were copied beside them, stale and unfused, for a loader or converter to pick)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".onnx_data",
+                   ".ot", ".tflite", ".npz", ".pb", ".mlmodel", ".pdparams")
 WRITTEN_BY_SAVE_PRETRAINED = ("config.json", "generation_config.json", "model.safetensors.index.json")
 PROVENANCE_FILE = "s2ft_fused.json"
 
@@ -84,6 +87,11 @@ def check_output_dir(out: Path) -> None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder",
                                       param="out")
+        if out.is_dir() and (os.path.ismount(out) or out.resolve() == Path.cwd().resolve()):
+            # the output replaces the folder, which cannot be done to a mount point (a container's volume)
+            # or the current folder: QA, both failed only after the whole load and fuse
+            raise InvalidRequestError(f"{out}: is a mount point or the current folder, which the output cannot "
+                                      f"replace; write to a new folder inside it", param="out")
         above = out.absolute().parent
         while not above.exists() and above != above.parent:
             above = above.parent
@@ -102,6 +110,11 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         yield tmp
+        mask = umask()  # mkdtemp's folder is 0700 whatever the umask (QA: other users, e.g. a server's, could
+        tmp.chmod(0o777 & ~mask)  # not read the output)
+        for item in tmp.rglob("*"):
+            if not item.is_symlink():
+                item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
         if out.exists():
             out.rmdir()  # empty, as check_output_dir made sure
         tmp.rename(out)
@@ -118,11 +131,20 @@ class CheckpointTensors:
         self.path = Path(path)
         if not self.path.is_dir():
             raise InvalidRequestError(f"{self.path}: not a model folder (no such directory)")
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise ModelNotSupportedError(_no_safetensors_message(self.path))
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
+        files = checkpoint_files(self.path)
+        self._where: dict = {}
+        for file in files:
+            need_file(file, "a checkpoint's weights must be a regular safetensors file")  # QA: a FIFO hung
+            try:
+                handle = safe_open(str(file), framework="pt")
+                keys = list(handle.keys())
+            except Exception as exc:  # safetensors' own error type: a truncated or damaged file (QA: a traceback)
+                raise InvalidRequestError(f"{file}: not a readable safetensors file ({exc})") from None
+            for key in keys:
+                if key in self._where:
+                    raise InvalidRequestError(f"{self.path}: tensor '{key}' is in two of its files, "
+                                              f"{self._where[key][1].name} and {file.name}")
+                self._where[key] = (handle, file)
 
     def keys(self) -> list[str]:
         return sorted(self._where)
@@ -131,7 +153,31 @@ class CheckpointTensors:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        return self._where[key][0].get_tensor(key)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files a model folder's weights are in, as transformers picks them:
+    `model.safetensors`, else the files `model.safetensors.index.json` lists (QA: every `*.safetensors`
+    was read, so a stale copy beside the checkpoint could be diffed instead of it)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists() or single.is_symlink():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidRequestError(f"{index}: not a readable weights index ({exc})") from None
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise InvalidRequestError(f"{index}: its weight_map must name files in the same folder")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ModelNotSupportedError(_no_safetensors_message(path) if not files else
+                                     f"{path}: holds {len(files)} *.safetensors files and neither model.safetensors "
+                                     f"nor model.safetensors.index.json says which hold the weights")
+    return files
 
 
 def _no_safetensors_message(path: Path) -> str:

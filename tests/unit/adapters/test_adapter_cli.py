@@ -189,3 +189,77 @@ def test_console_script_runs(adapters):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["modules"] == 4
+
+
+def test_outputs_are_readable_as_the_umask_allows(adapters, tmp_path, monkeypatch):
+    """QA: outputs were 0700 folders with 0600 weights whatever the umask (mkdtemp, safetensors 0.8), so a
+    server running as another user (the image's uid 1000) could not read them."""
+    import stat
+
+    _, (a1, a2) = adapters
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", "--out", str(tmp_path / "m"), str(a1), str(a2)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "m", *(tmp_path / "m").iterdir()]}
+    assert modes == {"m": 0o755, "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+    assert stat.S_IMODE((a1 / "adapter_model.safetensors").stat().st_mode) == 0o644  # save_adapter's own
+
+
+def test_the_current_folder_as_output_is_refused_before_any_work(adapters, tmp_path, capsys, monkeypatch):
+    """QA: `--out .` (and an empty mount point, a container's volume) passed the check, then failed after
+    the whole load and fuse: the output replaces its folder, which cannot be done to those."""
+    import s2ft_serve.adapters.interop as interop
+
+    monkeypatch.setattr(interop, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    _, (a1, _) = adapters
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["fuse", "--adapter", str(a1), "--out", "."]) == 2
+    assert "mount point or the current folder" in capsys.readouterr().err
+
+
+def test_a_termination_signal_while_writing_leaves_nothing_behind(adapters, tmp_path, monkeypatch):
+    """QA: SIGTERM (`timeout`, a job's cancel) left the hidden temporary output folder behind."""
+    import signal
+
+    import s2ft_serve.adapters.format as fmt
+
+    _, (a1, a2) = adapters
+    save = fmt.save_adapter
+
+    def killed_midway(adapter, path):
+        save(adapter, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fmt, "save_adapter", killed_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", "--out", str(tmp_path / "m"), str(a1), str(a2)])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a1", "a2"]  # no .m-XXXX, no m
+    assert signal.getsignal(signal.SIGTERM) is before  # main restores the handlers it set
+
+
+def test_paths_that_are_not_utf8_are_refused_before_anything_is_written(adapters, tmp_path, capsys):
+    """QA: merge exited 0 with a config recording the path as a lone surrogate, which nothing could load."""
+    _, (a1, _) = adapters
+    odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    os.rename(a1, odd)
+    assert main(["merge", "--out", str(tmp_path / "m"), odd]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["merge", "--out", str(tmp_path / "m"), "--base-model", "b\udce9", str(tmp_path / "a2")]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_inspect_shows_heads_unknown_when_base_model_cannot_be_read(adapters, tmp_path, capsys):
+    """QA: a long `base_model`, or one naming a folder whose config.json is not an object, failed inspect
+    (exit 2, or a traceback), though it is informational and the engine loads the adapter."""
+    loaded, _ = adapters
+    (tmp_path / "odd-base").mkdir()
+    (tmp_path / "odd-base" / "config.json").write_text("[1, 2]")
+    for i, base_model in enumerate(["x" * 300, "d/" * 3000, str(tmp_path / "odd-base")]):
+        folder = save_adapter(random_adapter(loaded.model, base_model, seed=i, heads=1, channels=2), tmp_path / f"b{i}")
+        assert main(["inspect", str(folder), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["head_dim"] is None

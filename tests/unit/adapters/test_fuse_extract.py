@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -196,3 +198,59 @@ def test_extract_refuses_a_changed_column_that_is_not_finite(tiny_llama_dir, tmp
     with pytest.raises(InvalidRequestError, match="layers.0.self_attn.o_proj.weight.*not finite"):
         extract_adapter(tiny_llama_dir, tmp_path / "tuned", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_or_odd_checkpoint_file_is_one_line_exit_2(tiny_llama_dir, tmp_path, capsys):
+    """QA: a truncated model.safetensors gave a traceback and exit 1, a folder named model.safetensors an
+    error naming no file, and a FIFO among the checkpoint's files hung extract forever."""
+    import os
+
+    from s2ft_serve.adapters.cli import main
+
+    cases = {}
+    cases["truncated"] = tmp_path / "truncated"
+    cases["truncated"].mkdir()
+    (cases["truncated"] / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    cases["folder"] = tmp_path / "folder"
+    (cases["folder"] / "model.safetensors").mkdir(parents=True)
+    cases["fifo"] = tmp_path / "fifo"
+    cases["fifo"].mkdir()
+    os.mkfifo(cases["fifo"] / "model.safetensors")
+    for what, tuned in cases.items():
+        assert main(["extract", "--base", str(tiny_llama_dir), "--tuned", str(tuned),
+                     "--out", str(tmp_path / f"out-{what}")]) == 2, what
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (not the progress bar)
+        assert len(errors) == 1 and str(tuned / "model.safetensors") in errors[0], (what, errors)
+    base = tmp_path / "damaged-base"
+    shutil.copytree(tiny_llama_dir, base)
+    (base / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    assert main(["extract", "--base", str(base), "--tuned", str(tiny_llama_dir), "--out", str(tmp_path / "o")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(base) in errors[0] and "not readable safetensors" in errors[0]
+
+
+def test_extract_reads_the_files_transformers_loads(tiny_model_dir, base_and_adapter, tmp_path):
+    """QA: every *.safetensors in the folder was read, the last by name winning, so a stale copy beside
+    the checkpoint (here the base itself) was diffed instead of it."""
+    _, adapter, folder = base_and_adapter
+    tuned = fuse_to_model(tiny_model_dir, folder, tmp_path / "tuned").out_dir
+    shutil.copy(tiny_model_dir / "model.safetensors", tuned / "model_old.safetensors")
+    extract_adapter(tiny_model_dir, tuned, tmp_path / "x")
+    _assert_same_adapter(adapter, load_adapter(tmp_path / "x"))
+    (tuned / "model.safetensors").rename(tuned / "weights.safetensors")  # two files, none says which
+    with pytest.raises(ModelNotSupportedError, match="neither model.safetensors nor"):
+        extract_adapter(tiny_model_dir, tuned, tmp_path / "y")
+
+
+def test_fuse_leaves_the_bases_other_weight_files_out(tiny_llama_dir, tmp_path):
+    """QA: a base's GGUF, TF, Flax or ONNX weights were copied beside the fused ones, stale and unfused."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    for name in ("model.gguf", "tf_model.h5", "flax_model.msgpack", "model.onnx", "notes.txt"):
+        (base / name).write_text("x")
+    loaded = load_model(base)
+    adapter = random_adapter(loaded.model, str(base), seed=1, channels=3)
+    save_adapter(adapter, tmp_path / "a")
+    fuse_to_model(base, tmp_path / "a", tmp_path / "fused")
+    names = {p.name for p in (tmp_path / "fused").iterdir()}
+    assert "notes.txt" in names and not names & {"model.gguf", "tf_model.h5", "flax_model.msgpack", "model.onnx"}

@@ -174,3 +174,24 @@ def test_cli_extract_reports_the_permutation(mha_base_dir, tmp_path, capsys):
     assert "permuted" in lines[1] and "2 layer(s)" in lines[1]
     summary = json.loads(lines[-1])["permutation"]
     assert summary["1"]["heads"]["first_moved"][0] == [0, 3]  # position 0 holds base head 3
+
+
+def test_channels_with_equal_gate_rows_are_matched_on_their_up_rows_too(tmp_path):
+    """QA: channels were matched on gate_proj rows alone; where two channels' gate rows are equal (dead
+    or pruned channels) a genuine reference checkpoint was refused as "fine-tuned in another way"."""
+    base_dir = make_tiny_model(tmp_path / "base", "llama", seed=5)
+    base = _load(base_dir)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.mlp.gate_proj.weight[1] = layer.mlp.gate_proj.weight[0]  # channels 0 and 1: the same gate row
+    base.save_pretrained(base_dir)
+    tuned = _load(base_dir)
+    channels = {0: [1, 9], 1: [1]}
+    _permute_like_reference(tuned, {}, channels)
+    _train_front(tuned, {}, channels)
+    tuned.save_pretrained(tmp_path / "tuned")
+    report = extract_adapter(base_dir, tmp_path / "tuned", tmp_path / "adapter")
+    assert report.permutations[1].channels == _order([1], tuned.config.intermediate_size)
+    merge_into(base, load_adapter(tmp_path / "adapter"))
+    ids = torch.tensor([[9, 8, 7, 6, 5]])
+    torch.testing.assert_close(_logits(base, ids), _logits(tuned, ids), atol=1e-5, rtol=0)
