@@ -122,6 +122,11 @@ def choose_columns(cfg: TrainConfig, model: torch.nn.Module, rows: list[D.Exampl
     return selection
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """A loss for the adapter's config: JSON has no NaN or infinity, and a config holding one is refused."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: Selection, cfg: TrainConfig,
                  data_hash: str, stats: dict) -> Adapter:
     save_dtype = getattr(torch, cfg.save_dtype)
@@ -165,8 +170,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                              {**hashes, "base_model_fingerprint": loaded.fingerprint})
     final_train = sum(losses) / len(losses) if losses else None
     final_val = evaluate(model, val_rows, cfg, world, pad_id, device) if val_rows else None
-    stats = {"steps": steps, "final_train_loss": final_train, "final_val_loss": final_val,
-             "train_rows": len(rows), "world_size": world.size}
+    stats = {"steps": steps, "final_train_loss": finite_or_none(final_train),
+             "final_val_loss": finite_or_none(final_val), "train_rows": len(rows), "world_size": world.size}
     adapter = make_adapter(loaded, layers, selection, cfg, hashes["data"], stats)
     path = Path(cfg.output)
     if world.main:

@@ -258,3 +258,18 @@ def test_a_config_that_is_not_utf8_is_a_validation_error(folder, base):
     (folder / "adapter_config.json").write_bytes(b'{"adapter_type": "s2ft", "note": "caf\xe9"}')
     with pytest.raises(AdapterValidationError, match="not valid JSON \\(not UTF-8 text"):
         load_adapter(folder, shapes(base))
+
+
+def test_save_adapter_refuses_a_config_no_loader_would_take(tiny_llama_dir, tmp_path):
+    """QA: `merge` wrote a config recording a non-UTF-8 path (a lone surrogate) and exited 0; every
+    later load refused it. A trainer's non-finite loss is recorded as null instead."""
+    from s2ft_serve.train.trainer import finite_or_none
+
+    loaded = load_model(tiny_llama_dir)
+    adapter = random_adapter(loaded.model, "caf\udce9", seed=1, channels=2)
+    with pytest.raises(AdapterValidationError, match="not valid Unicode"):
+        save_adapter(adapter, tmp_path / "a")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+    adapter.config["base_model"] = "tiny"
+    adapter.config["training"] = {"final_val_loss": finite_or_none(float("nan")), "final_train_loss": finite_or_none(2.5)}
+    load_adapter(save_adapter(adapter, tmp_path / "b"))
