@@ -110,13 +110,28 @@ def tokenize_record(record: dict, tokenizer, max_length: int) -> Example:
         ids, labels = _tokenize_messages(record["messages"], tokenizer)
     elif "prompt" in record:
         prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        completion = completion + _eos(tokenizer)
+        completion = completion_ids(tokenizer, prompt, record["prompt"], record["completion"]) + _eos(tokenizer)
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     else:
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + _eos(tokenizer)
         labels = list(ids)
     return Example(input_ids=ids[:max_length], labels=labels[:max_length])
+
+
+def completion_ids(tokenizer, prompt_ids: list[int], prompt: str, completion: str) -> list[int]:
+    """The tokens that follow `prompt_ids` to write `completion`, as TRL's SFTTrainer finds them: the
+    joint text's tokens after the prompt's, where the prompt's tokens are its prefix. Tokenized alone, a
+    completion starts a text: SentencePiece tokenizers (Llama 2, Mistral) then put a word-start "▁" in
+    front of it (QA: "Answer:" + "\n4" was learnt, and answered, as " \n4"). Where the join changes the
+    prompt's last tokens, the completion is tokenized after a "\n", whose tokens are dropped."""
+    joint = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+    if joint[: len(prompt_ids)] == prompt_ids:
+        return joint[len(prompt_ids):]
+    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    anchored = tokenizer("\n" + completion, add_special_tokens=False)["input_ids"]
+    if anchor and anchored[: len(anchor)] == anchor:
+        return anchored[len(anchor):]
+    return tokenizer(completion, add_special_tokens=False)["input_ids"]
 
 
 def _eos(tokenizer) -> list[int]:

@@ -32,6 +32,22 @@ def test_prompt_completion_loss_only_on_completion(tok):
     assert ex.labels[0] == IGNORE and tok.decode(ex.input_ids).startswith("What is 2 + 2?")
 
 
+@pytest.mark.parametrize("prompt, completion", [("Answer:", "\n4"), ("Hello", ", world"), ("The quick", " brown fox"),
+                                                ("x = ", "2 + 2"), ("Q", " é€")])
+def test_a_completion_is_learnt_as_the_tokens_that_continue_its_prompt(tok, prompt, completion):
+    """QA: a completion was tokenized alone, and SentencePiece tokenizers (Llama 2, Mistral) put a word-start
+    "▁" in front of any text they start: "Answer:" + "\n4" was learnt, and served, as " \n4"."""
+    from s2ft_serve.model.testing import make_sentencepiece_tokenizer
+
+    for tokenizer in (make_sentencepiece_tokenizer(), tok):
+        ex = tokenize_record({"prompt": prompt, "completion": completion}, tokenizer, 512)
+        n = ex.labels.count(IGNORE)
+        learnt = ex.input_ids[n:-1]  # the completion's tokens, EOS after them
+        served = tokenizer.decode(ex.input_ids[:n] + learnt, skip_special_tokens=True)
+        assert served[len(tokenizer.decode(ex.input_ids[:n], skip_special_tokens=True)):] == completion
+        assert ex.input_ids[-1] == tokenizer.eos_token_id
+
+
 def test_messages_loss_only_on_assistant_turns(tok):
     record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
                            {"role": "assistant", "content": "world"}, {"role": "user", "content": "again"},
