@@ -26,6 +26,11 @@ from s2ft_serve.errors import S2FTError
 EXIT_ERROR = 2
 
 
+def say(text: str, file=None) -> None:
+    """Print `text`, a file name that is not UTF-8 in it as `\\xNN` escapes (print would raise)."""
+    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=file or sys.stdout)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -63,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PATH_ARGS = ("dir", "out", "model", "adapter", "base", "tuned", "base_model")
+RECORDED_ARGS = ("model", "adapter", "base", "tuned", "base_model")  # paths an output's config records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,9 +89,9 @@ def _run(args: argparse.Namespace) -> int:
 
     commands = {"inspect": cmd_inspect, "merge": cmd_merge, "fuse": cmd_fuse, "extract": cmd_extract}
     try:
-        for value in [getattr(args, name, None) for name in PATH_ARGS] + list(getattr(args, "sources", [])):
+        for value in [getattr(args, name, None) for name in RECORDED_ARGS] + list(getattr(args, "sources", [])):
             if value is not None and not is_utf8(value):  # QA: merge wrote a config nothing could load
-                print(f"s2ft-adapter {args.command}: error: {value.encode('utf-8', 'backslashreplace').decode()}: "
+                say(f"s2ft-adapter {args.command}: error: {value}: "
                       f"not valid UTF-8; adapter configs record paths as text", file=sys.stderr)
                 return EXIT_ERROR
         return commands[args.command](args)
@@ -94,15 +99,15 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except S2FTError as exc:
-        print(f"s2ft-adapter {args.command}: error: {exc.message}", file=sys.stderr)
+        say(f"s2ft-adapter {args.command}: error: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # the file system refused a read or write the checks could not foresee
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"s2ft-adapter {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        say(f"s2ft-adapter {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except SafetensorError as exc:  # a base model's damaged weights file (QA: a traceback, exit 1)
         model = getattr(args, "model", None) or getattr(args, "base", None)
-        print(f"s2ft-adapter {args.command}: error: {model}: its weights are not readable safetensors ({exc})",
+        say(f"s2ft-adapter {args.command}: error: {model}: its weights are not readable safetensors ({exc})",
               file=sys.stderr)
         return EXIT_ERROR
 
@@ -112,9 +117,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     head_dim = args.head_dim or recorded_head_dim(adapter.config) or base_head_dim(adapter.config.get("base_model", ""))
     report = inspect_report(adapter, head_dim)
     if args.json:
-        print(json.dumps(report))
+        say(json.dumps(report))
     else:
-        print(format_inspect(report))
+        say(format_inspect(report))
     return 0
 
 
@@ -209,7 +214,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         save_adapter(merged, tmp)
     parts = " + ".join(f"{w:g}*{p}" for p, w in specs)
-    print(f"merged {parts} -> {out} ({len(merged.modules)} modules, {merged.num_parameters():,} parameters)")
+    say(f"merged {parts} -> {out} ({len(merged.modules)} modules, {merged.num_parameters():,} parameters)")
     return 0
 
 
@@ -217,7 +222,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from s2ft_serve.adapters.interop import fuse_to_model
 
     report = fuse_to_model(None if args.model == "default" else args.model, args.adapter, args.out)
-    print(f"fused {report.adapter} into {report.base_model} -> {report.out_dir} "
+    say(f"fused {report.adapter} into {report.base_model} -> {report.out_dir} "
           f"({report.modules} modules, {report.parameters:,} parameters, weights in {report.dtype})")
     return 0
 
@@ -228,15 +233,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     base = None if args.base == "default" else args.base
     report = extract_adapter(base, args.tuned, args.out, tolerance=tolerance)
-    print(f"extracted {report.tuned} (diffed against {report.base_model}) -> {report.out_dir} "
+    say(f"extracted {report.tuned} (diffed against {report.base_model}) -> {report.out_dir} "
           f"({report.modules} modules, {report.parameters:,} parameters; other weights within "
           f"{report.max_unchanged_diff:.3g} of the base)")
     if report.permuted:
-        print(f"the checkpoint's heads/FFN channels were permuted (S²FT reference-code layout) in "
+        say(f"the checkpoint's heads/FFN channels were permuted (S²FT reference-code layout) in "
               f"{len(report.permutations)} layer(s); undone. Full permutation: {report.out_dir / PERMUTATION_FILE}")
-        print(json.dumps({"permutation": report.permutation_summary()}))
+        say(json.dumps({"permutation": report.permutation_summary()}))
     else:
-        print("no permutation: the checkpoint is in the base model's order")
+        say("no permutation: the checkpoint is in the base model's order")
     return 0
 
 

@@ -87,11 +87,11 @@ def check_output_dir(out: Path) -> None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidRequestError(f"{out}: already exists and is not empty; choose a new output folder",
                                       param="out")
-        if out.is_dir() and (os.path.ismount(out) or out.resolve() == Path.cwd().resolve()):
+        if out.is_symlink() or out.is_dir() and (os.path.ismount(out) or out.resolve() == Path.cwd().resolve()):
             # the output replaces the folder, which cannot be done to a mount point (a container's volume)
             # or the current folder: QA, both failed only after the whole load and fuse
-            raise InvalidRequestError(f"{out}: is a mount point or the current folder, which the output cannot "
-                                      f"replace; write to a new folder inside it", param="out")
+            raise InvalidRequestError(f"{out}: is a symbolic link, a mount point or the current folder, which the "
+                                      f"output cannot replace; write to a new folder inside it", param="out")
         above = out.absolute().parent
         while not above.exists() and above != above.parent:
             above = above.parent

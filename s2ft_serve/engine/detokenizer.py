@@ -33,10 +33,9 @@ class Detokenizer:
         self.text = ""  # the decoded output so far (cut before a stop string once found)
         self.emitted = 0  # characters of `text` already released
         self.stopped = False
-        context = list(prompt)[-CONTEXT_TOKENS:]
-        if tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
-            context = []  # a prompt ending in half a character: its completion is the answer's text
-        self._context = context
+        # (a prompt ending in half a character counts its U+FFFD as its own text: the answer starts after
+        # that character, as decode(prompt + answer)[len(decode(prompt)):] has it)
+        self._context = list(prompt)[-CONTEXT_TOKENS:]
         self._ids: list[int] = list(self._context)  # the context, then the output's ids
         self._prefix = 0  # window start: context tokens already part of `text` (or of the prompt)
         self._read = len(self._context)  # tokens whose text is in `text` (or in the prompt)

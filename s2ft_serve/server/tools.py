@@ -266,15 +266,17 @@ SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "depen
 
 
 def rebase_refs(schema, base: str):
-    """A copy of `schema` whose local references ("#", "#/...") point into `base` (a JSON pointer such as
-    "#/$defs/tool_0") instead of the document's root: the schema moved there."""
+    """A copy of `schema` whose references to the document's root ("#", "#/...") point into `base` (a JSON
+    pointer such as "#/$defs/tool_0") instead: the schema moved there. A subschema with its own "$id" is a
+    resource of its own, its "#/..." relative to it, and anchors ("#name") resolve anywhere: both are kept
+    (QA: rewritten, they were 400s)."""
     if isinstance(schema, list):
         return [rebase_refs(s, base) for s in schema]
-    if not isinstance(schema, dict):
+    if not isinstance(schema, dict) or "$id" in schema:
         return schema
     out = {}
     for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
             out[key] = base + value[1:]
         elif key in SCHEMA_DATA:
             out[key] = value

@@ -108,6 +108,14 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got "
                                           f"{getattr(self, name)}")
+        from s2ft_serve.adapters.format import is_utf8
+
+        for name in ("data", "val_data", "model"):  # recorded in the adapter's config, which must be text (QA:
+            value = getattr(self, name)  # refused only when saving, after the whole run)
+            if value is not None and not is_utf8(value):
+                shown = value.encode("utf-8", "backslashreplace").decode()
+                raise InvalidRequestError(f"--{name.replace('_', '-')} {shown}: not valid UTF-8; the adapter's config "
+                                          f"records it as text")
         if self.keep_checkpoints < 1:
             raise InvalidRequestError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         self._check_device()

@@ -217,7 +217,7 @@ def test_the_current_folder_as_output_is_refused_before_any_work(adapters, tmp_p
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     assert main(["fuse", "--adapter", str(a1), "--out", "."]) == 2
-    assert "mount point or the current folder" in capsys.readouterr().err
+    assert "a mount point or the current folder" in capsys.readouterr().err
 
 
 def test_a_termination_signal_while_writing_leaves_nothing_behind(adapters, tmp_path, monkeypatch):
@@ -263,3 +263,22 @@ def test_inspect_shows_heads_unknown_when_base_model_cannot_be_read(adapters, tm
         folder = save_adapter(random_adapter(loaded.model, base_model, seed=i, heads=1, channels=2), tmp_path / f"b{i}")
         assert main(["inspect", str(folder), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["head_dim"] is None
+
+
+def test_only_the_paths_an_output_records_must_be_utf8(adapters, tmp_path, capsys):
+    """QA (red team): the UTF-8 check also refused `inspect` and --out, which no config records."""
+    _, (a1, a2) = adapters
+    odd = os.fsdecode(bytes(tmp_path) + b"/ad-\xff")
+    os.rename(a1, odd)
+    assert main(["inspect", odd]) == 0
+    out = os.fsdecode(bytes(tmp_path) + b"/merged-\xff")
+    assert main(["merge", "--out", out, str(a2)]) == 0 and load_adapter(out)
+
+
+def test_a_symbolic_link_as_output_is_refused_before_any_work(adapters, tmp_path, capsys):
+    """QA (red team): a link to an empty folder passed the check, then failed after the work."""
+    _, (a1, _) = adapters
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert main(["merge", "--out", str(tmp_path / "link"), str(a1)]) == 2
+    assert "symbolic link" in capsys.readouterr().err

@@ -97,9 +97,15 @@ def test_an_answer_after_a_word_keeps_its_space(sp_tokenizer, tokenizer):
     # byte-level: a prompt's last tokens change nothing
     prompt, answer = tokenizer.encode("The quick"), tokenizer.encode(" brown fox")
     assert streamed(Detokenizer(tokenizer, [], prompt=prompt), answer) == " brown fox"
-    # a prompt ending in half a character: its end is not decoded as context (its completion is answer text)
-    cut = tokenizer.encode("é")[:1]
-    assert streamed(Detokenizer(tokenizer, [], prompt=cut), answer) == " brown fox"
+    # token-id prompts cut inside a character: the character is the prompt's (QA: the answer began with U+FFFD)
+    for tokenizer in (sp_tokenizer, tokenizer):
+        ids = tokenizer.encode("The price is 5 € — or café ok", add_special_tokens=False)
+        cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+        assert cuts
+        for n in cuts:
+            prompt, answer = ids[:n], ids[n:]
+            expected = tokenizer.decode(prompt + answer)[len(tokenizer.decode(prompt)):]
+            assert streamed(Detokenizer(tokenizer, [], prompt=prompt), answer) == expected and "\ufffd" not in expected
 
 
 def test_the_engines_answer_keeps_its_leading_space(tmp_path, sp_tokenizer):

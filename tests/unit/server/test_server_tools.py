@@ -289,3 +289,15 @@ def test_rebase_refs_moves_local_references_only():
         "$ref": "#/$defs/t", "properties": {"$ref": {"$ref": "#/$defs/t/$defs/A"}, "const": {"type": "string"}},
         "const": {"$ref": "#/data"}, "enum": [{"$ref": "#"}], "anyOf": [{"$ref": "other.json#/x"}],
         "$defs": {"A": {"items": [{"$ref": "#/$defs/t/$defs/A"}]}}}
+
+
+def test_required_keeps_id_resources_and_anchors_as_they_are():
+    """QA (red team of the fix above): references inside a schema with its own "$id" resolve against it,
+    and anchors ("#name") anywhere: rebased, they pointed nowhere (400s the inline layout had served)."""
+    from s2ft_serve.server.tools import rebase_refs
+
+    resource = {"$id": "https://example.com/unit", "$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A"}
+    anchored = {"$defs": {"n": {"$anchor": "num", "type": "integer"}}, "properties": {"a": {"$ref": "#num"}}}
+    assert rebase_refs(resource, "#/$defs/t") == resource
+    assert rebase_refs({"properties": {"u": resource}}, "#/$defs/t") == {"properties": {"u": resource}}
+    assert rebase_refs(anchored, "#/$defs/t") == anchored

@@ -174,6 +174,13 @@ def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
                          ("eval_every", -1), ("keep_checkpoints", 0), ("max_grad_norm", -1.0), ("device", "bogus")):
         with pytest.raises(InvalidRequestError, match="--" + field.replace("_", "-")):
             train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", **{field: value}))
+    # QA: a path that is not UTF-8 trained to the end, then the config it is recorded in was refused
+    odd = str(tmp_path / "caf\udce9")
+    for field, args in (("data", (tiny_llama_dir, odd)), ("val_data", (tiny_llama_dir, task_file)),
+                        ("model", (odd, task_file))):
+        extra = {"val_data": odd} if field == "val_data" else {}
+        with pytest.raises(InvalidRequestError, match=f"--{field.replace('_', '-')} .*not valid UTF-8"):
+            train(_cfg(*args, tmp_path / "o", **extra))
     assert not (tmp_path / "o").exists()
 
 
