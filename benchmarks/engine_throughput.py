@@ -85,9 +85,10 @@ def decode_tps(timer, batch: int, tokens: int) -> float:
     raise SystemExit(f"timing noise exceeds the time of {tokens - 1} decode steps: raise --tokens")
 
 
-def stream_floor_ms(nbytes: int, dtype: torch.dtype, device: torch.device, repeats: int = 20) -> float:
-    """Median time (ms) for `torch.sum` to read `nbytes` of `dtype` that are not in any cache."""
-    buffers = [torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device) for _ in range(2)]
+def stream_floor_ms(nbytes: int, device: torch.device, repeats: int = 20) -> float:
+    """Median time (ms) for `torch.sum` to read `nbytes` that are not in any cache, as float32 (a bfloat16
+    sum is slower per byte than the memory: QA, it made the bound of bfloat16 adapters look lower)."""
+    buffers = [torch.ones(nbytes // 4, dtype=torch.float32, device=device) for _ in range(2)]
     times = []
     for i in range(repeats):  # alternate two buffers, so the previous read leaves nothing useful cached
         sync(device)
@@ -216,7 +217,7 @@ def main() -> None:
         # the bytes a mixed step must read: the deltas as the engine holds them
         extra_bytes = args.batch * info["adapter_params"] * held.itemsize
         if held not in floors:
-            floors[held] = stream_floor_ms(extra_bytes, held, torch.device(args.device))
+            floors[held] = stream_floor_ms(extra_bytes, torch.device(args.device))
             print(f"{args.batch} adapters' deltas held in {str(held).removeprefix('torch.')}: {extra_bytes / 1e6:.0f} "
                   f"MB per decode step, which torch.sum streams in {floors[held]:.2f} ms "
                   f"({extra_bytes / floors[held] / 1e6:.1f} GB/s)")

@@ -245,9 +245,11 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMod
                 "'required', 'none' or a named function", param="tool_choice")
         return ToolMode(None, None, parser, 1 if body.parallel_tool_calls is False else None)
     if choice == "required":
-        # each tool's schema under the list's $defs, its own references ("#", "#/$defs/...") moved there with it:
-        # inside the list they resolved against the list (QA: pydantic's $defs were a 400, "#" a wrong grammar)
-        defs = {f"tool_{i}": rebase_refs(schema, f"#/$defs/tool_{i}") for i, schema in enumerate(schemas.values())}
+        # each tool's schema under the list's $defs as a resource of its own ("$id"), so that its references
+        # ("#", "#/$defs/...", "#anchor") resolve against it: inside the list they resolved against the list
+        # (QA: pydantic's $defs were a 400, "#" a wrong grammar; rebased by hand, $id and anchors broke)
+        defs = {f"tool_{i}": schema if "$id" in schema else {"$id": f"urn:s2ft-serve:tool:{i}", **schema}
+                for i, schema in enumerate(schemas.values())}
         items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                   "properties": {"name": {"const": name}, "parameters": {"$ref": f"#/$defs/tool_{i}"}}}
                  for i, name in enumerate(schemas)]
@@ -259,32 +261,6 @@ def tool_mode(body: ChatCompletionRequest, parser: str | None = None) -> ToolMod
     if name not in schemas:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return ToolMode(Guide(json={"x-guidance": LAYOUT, **schemas[name]}), name)  # the schema's own options win
-
-
-SCHEMA_DATA = {"const", "enum", "default", "examples"}  # keywords whose values are data, not schemas
-SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> schema
-
-
-def rebase_refs(schema, base: str):
-    """A copy of `schema` whose references to the document's root ("#", "#/...") point into `base` (a JSON
-    pointer such as "#/$defs/tool_0") instead: the schema moved there. A subschema with its own "$id" is a
-    resource of its own, its "#/..." relative to it, and anchors ("#name") resolve anywhere: both are kept
-    (QA: rewritten, they were 400s)."""
-    if isinstance(schema, list):
-        return [rebase_refs(s, base) for s in schema]
-    if not isinstance(schema, dict) or "$id" in schema:
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
-            out[key] = base + value[1:]
-        elif key in SCHEMA_DATA:
-            out[key] = value
-        elif key in SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: rebase_refs(sub, base) for name, sub in value.items()}
-        else:
-            out[key] = rebase_refs(value, base)
-    return out
 
 
 def template_tools(tools: list[Tool] | None) -> list[dict] | None:

@@ -239,15 +239,21 @@ async def test_arguments_nested_too_deeply_are_passed_on_as_text(client):
 # a tool's own references: pydantic's "$defs" (openai.pydantic_function_tool of a nested model), draft-07's
 # "definitions", and a recursive "#"
 ADDRESS = {"$defs": {"Addr": {"type": "object", "additionalProperties": False, "required": ["zip"],
-                              "properties": {"zip": {"type": "integer"}}}},
+                              "properties": {"zip": {"type": "integer", "minimum": 0, "maximum": 99}}}},
            "type": "object", "additionalProperties": False, "required": ["addr"],
            "properties": {"addr": {"$ref": "#/$defs/Addr"}}}
 LEVEL = {"definitions": {"L": {"enum": [1, 2]}}, "type": "object", "additionalProperties": False,
          "required": ["level"], "properties": {"level": {"$ref": "#/definitions/L"}}}
 TREE = {"type": "object", "additionalProperties": False, "required": ["kids"],
         "properties": {"kids": {"type": "array", "maxItems": 1, "items": {"$ref": "#"}}}}
+# QA (red team of the first fix): a schema with its own "$id", and "$anchor"s of the same name in two tools
+OWN_ID = {"$id": "https://example.com/unit", "$defs": {"U": {"enum": ["c", "f"]}}, "type": "object",
+          "additionalProperties": False, "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/U"}}}
+ANCHORED = [{"$defs": {"v": {"$anchor": "v", "type": t}}, "type": "object", "additionalProperties": False,
+             "required": [key], "properties": {key: {"$ref": "#v"}}} for key, t in (("n", "null"), ("s", "boolean"))]
 REF_TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}}
-             for name, schema in (("address", ADDRESS), ("level", LEVEL), ("tree", TREE))]
+             for name, schema in (("address", ADDRESS), ("level", LEVEL), ("tree", TREE), ("unit", OWN_ID),
+                                  ("number", ANCHORED[0]), ("flag", ANCHORED[1]))]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -261,7 +267,7 @@ async def test_required_keeps_each_tools_own_references(client, seed):
         jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
 
 
-def test_required_grammar_follows_a_recursive_tool_schema(engine):
+def test_required_grammar_follows_each_tools_own_references(engine):
     from s2ft_serve.server.protocol import ChatCompletionRequest
     from s2ft_serve.server.tools import tool_mode
 
@@ -277,27 +283,8 @@ def test_required_grammar_follows_a_recursive_tool_schema(engine):
     assert not accepts('[{"name": "tree", "parameters": {"kids": [[{"name": "tree", "parameters": {"kids": []}}]]}}]')
     assert accepts('[{"name": "address", "parameters": {"addr": {"zip": 7}}}, {"name": "level", "parameters": {"level": 2}}]')
     assert not accepts('[{"name": "address", "parameters": {"addr": {"zip": "7"}}}]')
-
-
-def test_rebase_refs_moves_local_references_only():
-    from s2ft_serve.server.tools import rebase_refs
-
-    schema = {"$ref": "#", "properties": {"$ref": {"$ref": "#/$defs/A"}, "const": {"type": "string"}},
-              "const": {"$ref": "#/data"}, "enum": [{"$ref": "#"}], "anyOf": [{"$ref": "other.json#/x"}],
-              "$defs": {"A": {"items": [{"$ref": "#/$defs/A"}]}}}
-    assert rebase_refs(schema, "#/$defs/t") == {
-        "$ref": "#/$defs/t", "properties": {"$ref": {"$ref": "#/$defs/t/$defs/A"}, "const": {"type": "string"}},
-        "const": {"$ref": "#/data"}, "enum": [{"$ref": "#"}], "anyOf": [{"$ref": "other.json#/x"}],
-        "$defs": {"A": {"items": [{"$ref": "#/$defs/t/$defs/A"}]}}}
-
-
-def test_required_keeps_id_resources_and_anchors_as_they_are():
-    """QA (red team of the fix above): references inside a schema with its own "$id" resolve against it,
-    and anchors ("#name") anywhere: rebased, they pointed nowhere (400s the inline layout had served)."""
-    from s2ft_serve.server.tools import rebase_refs
-
-    resource = {"$id": "https://example.com/unit", "$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A"}
-    anchored = {"$defs": {"n": {"$anchor": "num", "type": "integer"}}, "properties": {"a": {"$ref": "#num"}}}
-    assert rebase_refs(resource, "#/$defs/t") == resource
-    assert rebase_refs({"properties": {"u": resource}}, "#/$defs/t") == {"properties": {"u": resource}}
-    assert rebase_refs(anchored, "#/$defs/t") == anchored
+    assert accepts('[{"name": "unit", "parameters": {"unit": "c"}}]')
+    assert not accepts('[{"name": "unit", "parameters": {"unit": "k"}}]')
+    assert accepts('[{"name": "number", "parameters": {"n": null}}, {"name": "flag", "parameters": {"s": true}}]')
+    assert not accepts('[{"name": "number", "parameters": {"n": true}}]')
+    assert not accepts('[{"name": "flag", "parameters": {"s": null}}]')
