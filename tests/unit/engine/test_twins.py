@@ -4,7 +4,7 @@ gets alone."""
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest
 
@@ -153,13 +153,19 @@ def test_twins_of_a_chunked_prompt_outlive_its_cancel_and_end_at_their_own(tiny_
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     expected = reference_greedy(reference(tiny_llama_dir), PROMPT, 4)
     with make_engine(tiny_llama_dir, max_batch_size=8, max_tokens_per_step=8) as engine:
-        chunks = []
-        engine.add_step_listener(lambda rows, tokens: chunks.append(tokens))
+        first_chunk, go_on = threading.Event(), threading.Event()
+
+        def hold_after_the_first_chunk(rows, tokens):  # (a step listener runs on the engine thread)
+            if not first_chunk.is_set():
+                first_chunk.set()
+                go_on.wait(30)
+
+        engine.add_step_listener(hold_after_the_first_chunk)
         first, second, third = engine.submit_many([(PROMPT, None, greedy)] * 3)
-        while not chunks:  # the prompt is being chunked, the other two waiting on it
-            time.sleep(0.001)
+        assert first_chunk.wait(30)  # the prompt is being chunked, the other two waiting on it
         first.cancel()
         third.cancel()
+        go_on.set()
         assert first.result().finish_reason == "abort" and third.result().finish_reason == "abort"
         out = second.result()  # back in the queue when its prompt's request left: it computes it itself
         assert out.token_ids == expected and out.finish_reason == "length"
