@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RECORDED_ARGS = ("model", "adapter", "base", "tuned", "base_model")  # paths an output's config records
+# paths an output's config records, and the output's own (the engine and safetensors read only UTF-8 paths)
+RECORDED_ARGS = ("out", "model", "adapter", "base", "tuned", "base_model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

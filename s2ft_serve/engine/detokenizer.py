@@ -6,6 +6,7 @@ from __future__ import annotations
 # start of a text (SentencePiece's leading space, byte-level merges) give the right delta; the first
 # new tokens are decoded after as many of the prompt's last tokens (as vLLM does).
 CONTEXT_TOKENS = 5
+MAX_CHAR_TOKENS = 4  # a character's UTF-8 bytes: at most 4 byte tokens
 
 
 class Detokenizer:
@@ -35,19 +36,37 @@ class Detokenizer:
         self.stopped = False
         # (a prompt ending in half a character counts its U+FFFD as its own text: the answer starts after
         # that character, as decode(prompt + answer)[len(decode(prompt)):] has it)
-        self._context = list(prompt)[-CONTEXT_TOKENS:]
+        tail = list(prompt)[-(CONTEXT_TOKENS + MAX_CHAR_TOKENS - 1):]
+        found = self._char_start(tail, len(tail) - CONTEXT_TOKENS, 0)
+        start, self._before = found or (len(tail), "")  # the text of the tokens from _prefix to _read
+        self._context = tail[start:]  # (empty where no character starts in the tail)
         self._ids: list[int] = list(self._context)  # the context, then the output's ids
         self._prefix = 0  # window start: context tokens already part of `text` (or of the prompt)
         self._read = len(self._context)  # tokens whose text is in `text` (or in the prompt)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _char_start(self, ids: list[int], latest: int, earliest: int) -> tuple[int, str] | None:
+        """The latest position from `latest` down to `earliest` where `ids` start a character (their text
+        does not begin with U+FFFD), with the text from there; or None. A window must start there: decoded
+        from inside a character, SentencePiece's byte fallback turns the whole run of byte tokens into
+        U+FFFD, valid characters after it included (QA: "日本" answered "語の本" as nine U+FFFD)."""
+        for start in range(max(latest, earliest), earliest - 1, -1):
+            text = self._decode(ids[start:])
+            if not text.startswith("\ufffd"):
+                return start, text
+        return None
+
     def _window(self, final: bool) -> str:
         """Text of the tokens after `_read` ('' while it ends in half a character, unless final)."""
-        decode, skip = self.tokenizer.decode, self.skip_special_tokens
-        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=skip)
-        after = decode(self._ids[self._prefix :], skip_special_tokens=skip)
+        before, after = self._before, self._decode(self._ids[self._prefix :])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        self._prefix, self._read = max(self._read, len(self._ids) - CONTEXT_TOKENS), len(self._ids)
+        read = len(self._ids)  # the next window starts at most CONTEXT_TOKENS back, where a character does
+        found = self._char_start(self._ids[:read], read - CONTEXT_TOKENS, self._prefix)
+        self._prefix, self._before = found or (self._prefix, after)
+        self._read = read
         return after[len(before) :]
 
     def add(self, token_ids: list[int]) -> str:

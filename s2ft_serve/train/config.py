@@ -110,12 +110,12 @@ class TrainConfig:
                                           f"{getattr(self, name)}")
         from s2ft_serve.adapters.format import is_utf8
 
-        for name in ("data", "val_data", "model"):  # recorded in the adapter's config, which must be text (QA:
-            value = getattr(self, name)  # refused only when saving, after the whole run)
-            if value is not None and not is_utf8(value):
-                shown = value.encode("utf-8", "backslashreplace").decode()
+        for name in ("data", "val_data", "model", "output"):  # recorded in the adapter's config, which must be
+            value = getattr(self, name)  # text (QA: refused only when saving, after the whole run); the engine
+            if value is not None and not is_utf8(str(value)):  # and safetensors read only UTF-8 paths
+                shown = str(value).encode("utf-8", "backslashreplace").decode()
                 raise InvalidRequestError(f"--{name.replace('_', '-')} {shown}: not valid UTF-8; the adapter's config "
-                                          f"records it as text")
+                                          f"records paths as text, and the engine reads only UTF-8 paths")
         if self.keep_checkpoints < 1:
             raise InvalidRequestError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         self._check_device()

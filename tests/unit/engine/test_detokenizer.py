@@ -125,3 +125,20 @@ def test_the_engines_answer_keeps_its_leading_space(tmp_path, sp_tokenizer):
             else:
                 text = engine.generate("The quick", None, params).text
             assert text == " brown"
+
+
+@pytest.mark.parametrize("prompt_text, answer_text", [("日本", "語の本 hello"), ("Party time! 🎉🎉", "🎉 Yes, let us go"),
+                                                      ("Hi", "🎉🎉🎉🎉 fun")])
+def test_windows_start_where_a_character_does(sp_tokenizer, tokenizer, prompt_text, answer_text):
+    """QA: a window of the last 5 tokens could start inside a character (the prompt's last ones, or several
+    tokens added at once, as speculative decoding does); SentencePiece's byte fallback then decodes the whole
+    run of byte tokens as U+FFFD, the answer's valid characters included ("日本" answered with 9 of them)."""
+    for tok in (sp_tokenizer, tokenizer):
+        prompt, full = tok.encode(prompt_text), tok.encode(prompt_text + answer_text)
+        assert full[:len(prompt)] == prompt
+        answer = full[len(prompt):]
+        expected = tok.decode(full, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+        for per_add in (1, 3, 6):
+            detok = Detokenizer(tok, [], prompt=prompt)
+            text = "".join(detok.add(answer[:n]) for n in range(per_add, len(answer) + per_add, per_add))
+            assert text + detok.flush() == expected, (per_add, text)

@@ -4,6 +4,7 @@ adapter reproduces the trainer's own logits, resume equals an uninterrupted run.
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -177,10 +178,13 @@ def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
     # QA: a path that is not UTF-8 trained to the end, then the config it is recorded in was refused
     odd = str(tmp_path / "caf\udce9")
     for field, args in (("data", (tiny_llama_dir, odd)), ("val_data", (tiny_llama_dir, task_file)),
-                        ("model", (odd, task_file))):
-        extra = {"val_data": odd} if field == "val_data" else {}
+                        ("model", (odd, task_file)), ("output", (tiny_llama_dir, task_file))):
+        extra = {"val_data": odd} if field == "val_data" else {"output": odd} if field == "output" else {}
         with pytest.raises(InvalidRequestError, match=f"--{field.replace('_', '-')} .*not valid UTF-8"):
             train(_cfg(*args, tmp_path / "o", **extra))
+    # the Python API takes paths too (the red team's next round: the check failed on a Path)
+    assert TrainConfig(model=str(tiny_llama_dir), data=pathlib.Path(task_file), output=str(tmp_path / "p"),
+                       val_data=pathlib.Path(task_file)).validate() is None
     assert not (tmp_path / "o").exists()
 
 
