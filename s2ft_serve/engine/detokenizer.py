@@ -36,35 +36,41 @@ class Detokenizer:
         self.stopped = False
         # (a prompt ending in half a character counts its U+FFFD as its own text: the answer starts after
         # that character, as decode(prompt + answer)[len(decode(prompt)):] has it)
-        tail = list(prompt)[-(CONTEXT_TOKENS + MAX_CHAR_TOKENS - 1):]
-        found = self._char_start(tail, len(tail) - CONTEXT_TOKENS, 0)
-        start, self._before = found or (len(tail), "")  # the text of the tokens from _prefix to _read
-        self._context = tail[start:]  # (empty where no character starts in the tail)
-        self._ids: list[int] = list(self._context)  # the context, then the output's ids
-        self._prefix = 0  # window start: context tokens already part of `text` (or of the prompt)
+        self._context = list(prompt)[-(CONTEXT_TOKENS + MAX_CHAR_TOKENS - 1):]
+        self._out: list[int] = []  # the output's ids (the caller's list: never copied), its first _n counted
+        self._n = 0
+        found = self._char_start(len(self._context) - CONTEXT_TOKENS, 0)
+        start, self._before = found or (0, self._decode(self._context))  # (no character starts: all of it)
+        self._context = self._context[start:]
+        self._prefix = 0  # window start, in context + output: tokens already part of `text` (or the prompt's)
         self._read = len(self._context)  # tokens whose text is in `text` (or in the prompt)
+
+    def _span(self, start: int) -> list[int]:
+        """The ids from `start` on, in the context followed by the output."""
+        c = len(self._context)
+        return self._context[start:] + self._out[max(0, start - c): self._n]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _char_start(self, ids: list[int], latest: int, earliest: int) -> tuple[int, str] | None:
-        """The latest position from `latest` down to `earliest` where `ids` start a character (their text
+    def _char_start(self, latest: int, earliest: int) -> tuple[int, str] | None:
+        """The latest position from `latest` down to `earliest` where the ids start a character (their text
         does not begin with U+FFFD), with the text from there; or None. A window must start there: decoded
         from inside a character, SentencePiece's byte fallback turns the whole run of byte tokens into
         U+FFFD, valid characters after it included (QA: "日本" answered "語の本" as nine U+FFFD)."""
         for start in range(max(latest, earliest), earliest - 1, -1):
-            text = self._decode(ids[start:])
+            text = self._decode(self._span(start))
             if not text.startswith("\ufffd"):
                 return start, text
         return None
 
     def _window(self, final: bool) -> str:
         """Text of the tokens after `_read` ('' while it ends in half a character, unless final)."""
-        before, after = self._before, self._decode(self._ids[self._prefix :])
+        before, after = self._before, self._decode(self._span(self._prefix))
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        read = len(self._ids)  # the next window starts at most CONTEXT_TOKENS back, where a character does
-        found = self._char_start(self._ids[:read], read - CONTEXT_TOKENS, self._prefix)
+        read = len(self._context) + self._n  # the next window starts at most CONTEXT_TOKENS back, where a
+        found = self._char_start(read - CONTEXT_TOKENS, self._prefix)  # character does
         self._prefix, self._before = found or (self._prefix, after)
         self._read = read
         return after[len(before) :]
@@ -73,7 +79,7 @@ class Detokenizer:
         """Update with the full generated ids; return the newly final text."""
         self._generated = len(token_ids)
         ends = token_ids and token_ids[-1] in self.end_ids and not self.include_stop
-        self._ids = self._context + (token_ids[:-1] if ends else token_ids)
+        self._out, self._n = token_ids, len(token_ids) - 1 if ends else len(token_ids)
         if self.stopped:
             return ""
         return self._update(self.text + self._window(final=False))

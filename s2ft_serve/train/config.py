@@ -7,6 +7,7 @@ fields, so the command line and the Python API always take the same options.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 from s2ft_serve.errors import InvalidRequestError
@@ -77,6 +78,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # one spelling downstream: the adapter's config records "bfloat16", never "bf16"
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        for name in ("data", "val_data", "model", "output"):  # paths as text: the adapter's config records them
+            if isinstance(getattr(self, name), os.PathLike):  # (QA: a Path val_data trained, then could not save)
+                setattr(self, name, os.fspath(getattr(self, name)))
 
     def validate(self) -> None:
         """Refuse inconsistent options before anything is loaded."""
@@ -112,8 +116,8 @@ class TrainConfig:
 
         for name in ("data", "val_data", "model", "output"):  # recorded in the adapter's config, which must be
             value = getattr(self, name)  # text (QA: refused only when saving, after the whole run); the engine
-            if value is not None and not is_utf8(str(value)):  # and safetensors read only UTF-8 paths
-                shown = str(value).encode("utf-8", "backslashreplace").decode()
+            if value is not None and not is_utf8(value):  # and safetensors read only UTF-8 paths
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 raise InvalidRequestError(f"--{name.replace('_', '-')} {shown}: not valid UTF-8; the adapter's config "
                                           f"records paths as text, and the engine reads only UTF-8 paths")
         if self.keep_checkpoints < 1:

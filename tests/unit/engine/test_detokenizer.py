@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -98,8 +99,10 @@ def test_an_answer_after_a_word_keeps_its_space(sp_tokenizer, tokenizer):
     prompt, answer = tokenizer.encode("The quick"), tokenizer.encode(" brown fox")
     assert streamed(Detokenizer(tokenizer, [], prompt=prompt), answer) == " brown fox"
     # token-id prompts cut inside a character: the character is the prompt's (QA: the answer began with U+FFFD)
-    for tokenizer in (sp_tokenizer, tokenizer):
-        ids = tokenizer.encode("The price is 5 € — or café ok", add_special_tokens=False)
+    # (also short ones, where no position of the prompt's tail starts a character: the red team's third round)
+    for tokenizer, text in itertools.product((sp_tokenizer, tokenizer), ("The price is 5 € — or café ok", "本 world",
+                                                                          "🎉 yes", "日本 is 日本")):
+        ids = tokenizer.encode(text, add_special_tokens=False)
         cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
         assert cuts
         for n in cuts:
