@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -56,7 +55,8 @@ from s2ft_serve.errors import (
     QueueFullError,
     S2FTError,
 )
-from s2ft_serve.model.loading import LoadedModel, exact_context_limit, head_dim_of, load_model, target_linears
+from s2ft_serve.model.loading import (TEMPLATE_FAILURES, TEMPLATE_REFUSALS, LoadedModel, exact_context_limit, head_dim_of,
+                                      load_model, target_linears)
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +281,12 @@ class Engine:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **(template_kwargs or {}))
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        except TEMPLATE_REFUSALS as exc:
             raise InvalidRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
         except RecursionError:  # QA: a 500 (transformers walks the template's data recursively)
             raise InvalidRequestError("the chat (messages, tools or template arguments) is nested too deeply",
                                       param="messages") from None
-        except (ArithmeticError, LookupError) as exc:  # the template's own code failing on these messages (a
-            # division, a missing key); anything else is the server's, a 500 with its traceback (QA)
+        except TEMPLATE_FAILURES as exc:
             raise InvalidRequestError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
                                       param="messages") from None
         self.check_text_fits(len(text), "messages")  # the template's text too, before tokenizing it
@@ -459,11 +458,12 @@ class Engine:
         """Structured output for this engine's tokenizer (built on first use)."""
         return self._guided.get()
 
-    def guide_checked(self, guide: Guide) -> bool:
-        """Whether `guided.check(guide)` answers at once: the compiler is built and has compiled or
-        refused this guide before (the server then checks it on the event loop, not in its pool)."""
+    def check_guide_if_known(self, guide: Guide, param: str | None = None) -> bool:
+        """`guided.check(guide, param)` where it answers at once (the compiler is built and compiled or refused
+        this guide before): True, or its InvalidRequestError; False where it would have to compile (the
+        server then checks it in its pool, not on the event loop)."""
         built = self._guided.built
-        return built is not None and built.is_cached(guide)
+        return built is not None and built.check(guide, param, compile_new=False) is not None
 
     def check_token_ids(self, ids, param: str) -> None:
         """Refuse token ids outside the vocabulary, naming the request field `param`."""

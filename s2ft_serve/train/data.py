@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import torch
 
 from s2ft_serve.errors import DataValidationError
+from s2ft_serve.model.loading import TEMPLATE_FAILURES, TEMPLATE_REFUSALS
 from s2ft_serve.train.config import EPOCH_SEED_STRIDE
 
 IGNORE = -100
@@ -146,10 +146,9 @@ def _render(tokenizer, messages: list[dict], **kwargs):
                                   "or text format")
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+    except TEMPLATE_REFUSALS as exc:
         raise DataValidationError(f"the chat template refused this conversation: {exc}") from None
-    except (ArithmeticError, LookupError, RecursionError) as exc:  # the template's own code failing on this
-        # conversation; anything else is a fault of the trainer or the tokenizer, not of the data line (QA)
+    except TEMPLATE_FAILURES as exc:
         raise DataValidationError(f"the chat template failed on this conversation: {type(exc).__name__}: "
                                   f"{exc}") from None
 

@@ -68,11 +68,16 @@ async def start(body: CompletionRequest, engine: Engine, gen: Generation) -> lis
     return [c.handle.prompt_token_ids for c in gen.choices[::body.n]]
 
 
+def echo_logprobs(text: TokenStrings, prompt_ids: list[int], prompt_logprobs: list | None,
+                  offsets: TextOffsets) -> CompletionLogprobs:
+    """The echoed prompt's logprobs (the first token has none; none at all when they were not computed)."""
+    return completion_logprobs(text, prompt_ids, prompt_logprobs or [None] * len(prompt_ids), offsets)
+
+
 def choice_logprobs(text: TokenStrings, out: RequestOutput, echo: bool) -> CompletionLogprobs:
     result, offsets = CompletionLogprobs(), TextOffsets()
     if echo:
-        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        extend(result, completion_logprobs(text, out.prompt_token_ids, entries, offsets))
+        extend(result, echo_logprobs(text, out.prompt_token_ids, out.prompt_logprobs, offsets))
     return extend(result, completion_logprobs(text, out.token_ids, out.logprobs or [], offsets))
 
 
@@ -101,18 +106,17 @@ async def stream(body: CompletionRequest, gen: Generation, model: str, prompts: 
                                       usage=gen.usage(prompt_tokens) if every else None))
 
     offsets = [TextOffsets() for _ in gen.choices]
-    echo_logprobs = body.echo and body.logprobs is not None
-    if body.echo and not echo_logprobs:
+    echo_scored = body.echo and body.logprobs is not None
+    if body.echo and not echo_scored:
         for choice in gen.choices:
             yield chunk(choice.index, texts[choice.prompt_index])
     echoed: set[int] = set()
     async for choice, event in gen.events():
-        if echo_logprobs and choice.index not in echoed:  # the prompt, with its logprobs, once they exist (as vLLM)
+        if echo_scored and choice.index not in echoed:  # the prompt, with its logprobs, once they exist (as vLLM)
             echoed.add(choice.index)
-            ids = choice.handle.prompt_token_ids
-            entries = choice.handle.prompt_logprobs or [None] * len(ids)
             yield chunk(choice.index, texts[choice.prompt_index],
-                        completion_logprobs(text, ids, entries, offsets[choice.index]))
+                        echo_logprobs(text, choice.handle.prompt_token_ids, choice.handle.prompt_logprobs,
+                                      offsets[choice.index]))
         logprobs = None
         if body.logprobs is not None and event.logprob is not None and event.token_id is not None:
             logprobs = completion_logprobs(text, [event.token_id], [event.logprob], offsets[choice.index])

@@ -246,13 +246,15 @@ def test_a_new_guide_compiles_once_however_many_threads_check_it(engine, monkeyp
     threads = [threading.Thread(target=check, args=(g,)) for g in (good, good, good, bad, bad)]
     for t in threads:
         t.start()
-    assert not engine.guide_checked(good)
+    assert not engine.check_guide_if_known(good)
     gate.set()
     for t in threads:
         t.join(10)
     assert sorted(calls) == ["[ab]{2}", "a("]
     assert sum(isinstance(r, InvalidRequestError) and r.param == "p" for r in results) == 2
-    assert engine.guide_checked(good) and engine.guide_checked(bad)
+    assert engine.check_guide_if_known(good)
+    with pytest.raises(InvalidRequestError, match="invalid regex"):  # the refusal, known too
+        engine.check_guide_if_known(bad)
     with pytest.raises(InvalidRequestError, match="invalid regex") as again:
         guided.check(bad, "q")
     assert again.value.param == "q" and len(calls) == 2
