@@ -219,7 +219,8 @@ class S2FTLinear(nn.Module):
             return y
         s = self.slots
         slots = b.token_slots  # the registry reserves every slot in every module
-        differentiable = x.requires_grad and torch.is_grad_enabled()  # the kernel is inference-only
+        # the kernel is inference-only: y also needs a gradient where the base weight does
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
         if self.native is not None and not differentiable and (b.mode == "mixed" or x.shape[-2] <= NATIVE_MAX_ROW_LEN):
             # adds into y in place; "rows": each prompt's slots on every one of its tokens
             self.native(y2, x2.contiguous(), s.table, b.per_token(x.shape[-2]), s.ks, s.cols)

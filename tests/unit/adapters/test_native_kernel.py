@@ -316,14 +316,15 @@ def test_column_edits_on_a_row_major_weight_match_index_add_and_restore_exactly(
         set_(w, index, torch.zeros(72, 4, dtype=dtype))
 
 
-def test_kernel_reads_a_bfloat16_table_as_the_float32_one_bit_for_bit(op):
+@pytest.mark.parametrize("out", [576, 40])  # AVX-512 vectors where the CPU has them and out comes in 16s
+def test_kernel_reads_a_bfloat16_table_as_the_float32_one_bit_for_bit(op, out):
     """A bfloat16 table (deltas saved in bfloat16) gives the float32 table of the same values' sums exactly."""
     g = torch.Generator().manual_seed(11)
-    table, ks, cols, _ = slot_layout(g, 9, 21, 300, 576)
+    table, ks, cols, _ = slot_layout(g, 9, 21, 300, out)
     table = table.bfloat16().float()  # bfloat16 values (the NaN padding stays NaN and stays unread)
     x = torch.randn(17, 300, generator=g)
     token_slots = torch.randint(0, 9, (17, 2), generator=g)
-    y0 = torch.randn(17, 576, generator=g)
+    y0 = torch.randn(17, out, generator=g)
     wide, narrow = y0.clone(), y0.clone()
     op(wide, x, table, token_slots, ks, cols)
     op(narrow, x, table.bfloat16(), token_slots, ks, cols)
@@ -443,16 +444,17 @@ def test_unused_builds_of_other_versions_are_pruned(tmp_path):
     assert not old.exists() and all(f.exists() for f in (current, used, foreign, building))
 
 
-def test_kernel_on_a_bfloat16_model_sums_in_float32_and_rounds_once(op):
+@pytest.mark.parametrize("out", [37, 64])
+def test_kernel_on_a_bfloat16_model_sums_in_float32_and_rounds_once(op, out):
     """bfloat16 y, x and table: each token's correction is the float32 sum of the widened values (the
     float32 kernel's own), added to y and rounded to bfloat16 once."""
     g = torch.Generator().manual_seed(14)
-    table, ks, cols, _ = slot_layout(g, 7, 19, 70, 37)
+    table, ks, cols, _ = slot_layout(g, 7, 19, 70, out)
     table = table.bfloat16()
     x = torch.randn(12, 70, generator=g).bfloat16()
     token_slots = torch.randint(0, 7, (12, 2), generator=g)
-    y0 = torch.randn(12, 37, generator=g).bfloat16()
-    correction = torch.zeros(12, 37)
+    y0 = torch.randn(12, out, generator=g).bfloat16()
+    correction = torch.zeros(12, out)
     op(correction, x.float(), table, token_slots, ks, cols)
     y = y0.clone()
     op(y, x, table, token_slots, ks, cols)
