@@ -128,6 +128,15 @@ def test_layer_stays_differentiable_outside_inference(op):
     with torch.inference_mode():
         assert torch.allclose(layer(x.detach()), y.detach(), atol=1e-6)
     assert x.grad is not None and x.grad[0, 5] != x.grad[1, 5]  # the adapter's column reaches the gradient
+    # a base weight that needs a gradient (where it is not stored column-major, it keeps requires_grad):
+    # the same path, not the kernel (which refuses outputs that record)
+    layer.base.weight.requires_grad_(True)
+    layer.base.weight.grad = None
+    y = layer(x.detach())
+    y.sum().backward()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x.detach()), y.detach(), atol=1e-6)
+    assert layer.base.weight.grad is not None
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch"])

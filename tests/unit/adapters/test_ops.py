@@ -65,6 +65,7 @@ def test_layer_slots_grow_and_reset_exactly():
 
 
 @pytest.mark.parametrize("kernel, length", [("native", 4), ("native", NATIVE_MAX_ROW_LEN + 1), ("torch", 4)])
+@torch.inference_mode()  # as the engine runs it (with autograd recording, the kernel never serves)
 def test_layer_rows_mode_applies_each_prompts_own_slots(kernel, length):
     """A batched prefill: prompt p's tokens get exactly its slots' columns (several slots add up), through
     the compiled kernel for short rows, `row_delta` for longer ones or without the kernel."""
