@@ -100,9 +100,12 @@ struct Next {
 // add_rows_bf16 with 16-float AVX-512 vectors, where the CPU has them and out comes in 16s. The same
 // chain for every output element: y[o] = fma(x[cols[j]], widen(block[j, o]), y[o]) in j order, so the
 // same bits as the clones (whose float32 and bfloat16 forms contract `acc += w * v` into that FMA).
-// Four rows per pass, and each pass asks for the rows 4 KB further on, running on into the next
-// block: with the whole read one stream, the 32 adapters' 115 MB took 4.9 ms against 6.4 for
-// add_rows_bf16 and 3.7 for a plain read (2-core AMD EPYC VM; benchmarks/adapter_kernel.py).
+// Four rows per pass, and each pass asks for the rows 4 KB further on into L2, running on into the
+// next block, so a thread's blocks are one stream. On a 2-core AMD EPYC VM the 32 adapters' 115 MB
+// now cost a decode step 3-5 ms, about a plain read's time; add_rows_bf16 read them at 1.7x that
+// (benchmarks/adapter_kernel.py). In the step, asking into L2 or L1, 2 or 4 KB ahead, with two or
+// four rows a pass, came within 1 ms of each other; eight rows, or 8 KB ahead into L1, were slower.
+// Float32 tables gained nothing from the same code (bound by the bytes), so they keep add_rows_f32.
 #define S2FT_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
 S2FT_AVX512 inline __m512 widen16(const uint16_t* p) {  // 16 bfloat16 -> float32, exact
@@ -120,9 +123,9 @@ S2FT_AVX512 void add_rows_bf16_avx512(float* __restrict__ y, const float* __rest
   auto ask = [&](int64_t from, int64_t to) {  // block bytes [from, to), continued by the next block's
     for (int64_t p = from; p < to; p += 64) {
       if (p < bytes)
-        _mm_prefetch(here + p, _MM_HINT_T0);
+        _mm_prefetch(here + p, _MM_HINT_T1);
       else if (p - bytes < next.bytes)
-        _mm_prefetch(reinterpret_cast<const char*>(next.p) + (p - bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next.p) + (p - bytes), _MM_HINT_T1);
     }
   };
   int64_t j = 0;
