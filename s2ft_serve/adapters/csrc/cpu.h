@@ -6,6 +6,7 @@
 // the CPU has (the build may be copied to another machine, so no -march=native). Each kernel keeps the
 // same sequence of roundings in every clone, so the clones give the same bits.
 #define S2FT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define S2FT_HAS_CLONES 1
 #else
 #define S2FT_CLONES
 #endif

@@ -24,7 +24,9 @@
 
 #include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// The AVX-512 read only where the clones are built: it matches the bits of their FMA clones, not
+// those of a build without clones (clang, other systems), whose plain x86-64 code rounds each product.
+#ifdef S2FT_HAS_CLONES
 #include <immintrin.h>
 #define S2FT_X86 1
 #endif
