@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from pydantic_core import PydanticSerializationError
 
 from s2ft_serve.engine.engine import Engine, RequestHandle
 from s2ft_serve.engine.request import Guide, RequestOutput, SamplingParams, StreamEvent
-from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, S2FTError
+from s2ft_serve.errors import AdapterNotFoundError, InvalidRequestError, QueueFullError, S2FTError
 from s2ft_serve.server.errors import ascii_json, domain_error_response
 from s2ft_serve.server.metrics import UNKNOWN_ADAPTER_LABEL, Metrics
 from s2ft_serve.server.protocol import ChatMessage, ChatTemplateFields, PromptTokensDetails, SamplingFields, Usage
@@ -173,10 +174,33 @@ def guide_of(fields: SamplingFields) -> tuple[Guide | None, str | None]:
     return Guide(json=rf.json_schema.schema_), "response_format"
 
 
-# New guides compile in threads of their own: a schema can take seconds to compile or to be refused (QA: a
-# 6,000-property one took 15 s), and in asyncio's default pool (6 threads on 2 cores) a handful of them left
-# no thread for other requests' tokenizing and submission, stalling every user for over a minute
-GUIDE_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s2ft-guide-check")
+class GuideChecks:
+    """New guides compile in threads of their own: a schema can take seconds to compile or to be refused
+    (QA: a 6,000-property one took 15 s), and in asyncio's default pool (6 threads on 2 cores) a handful
+    of them left no thread for other requests' tokenizing and submission, stalling every user for over a
+    minute. At most the engine's `max_queue` requests wait for them, as for the engine's own queue; more
+    get a 429 (a flood of new schemas queued without bound)."""
+
+    def __init__(self, threads: int = 2):
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s2ft-guide-check")
+        self.waiting = 0
+        self._lock = threading.Lock()  # apps on other event loops (threads) share the pool
+
+    async def check(self, engine: Engine, guide: Guide, param: str) -> None:
+        limit = engine.config.max_queue
+        with self._lock:
+            if self.waiting >= limit:
+                raise QueueFullError(f"too many requests wait for new schemas or grammars to compile ({limit});"
+                                     " retry later")
+            self.waiting += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, check_guide, engine, guide, param)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+
+GUIDE_CHECKS = GuideChecks()
 
 
 async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | None = None) -> Guide | None:
@@ -190,7 +214,7 @@ async def request_guide(engine: Engine, fields: SamplingFields, tools: Guide | N
     if guide is None:
         return None
     if not engine.check_guide_if_known(guide, param):  # (compiled or refused before: a look-up)
-        await asyncio.get_running_loop().run_in_executor(GUIDE_CHECKS, check_guide, engine, guide, param)
+        await GUIDE_CHECKS.check(engine, guide, param)
     return guide
 
 

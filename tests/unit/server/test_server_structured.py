@@ -113,3 +113,47 @@ async def test_slow_new_schemas_do_not_stall_other_requests(client, engine, monk
         gate.set()
     for i, answer in enumerate(await asyncio.gather(*heavy)):
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"slow-{i}"
+
+
+async def test_a_flood_of_new_schemas_is_bounded_by_the_queue_limit(client, engine, monkeypatch):
+    """Requests waiting for new guides to compile were not counted anywhere (QA: a flood of distinct slow
+    schemas queued without bound): beyond `max_queue` of them, a new schema gets a 429 with Retry-After, as
+    a full engine queue does; known guides and plain requests are served meanwhile, and nothing is lost."""
+    import asyncio
+    import threading
+
+    from s2ft_serve.engine.guided import GuidedDecoding
+
+    gate = threading.Event()
+    compile_uncached = GuidedDecoding._compile_uncached
+
+    def slow(self, fmt, text):
+        if "slow-" in text:
+            gate.wait(60)
+        return compile_uncached(self, fmt, text)
+
+    monkeypatch.setattr(GuidedDecoding, "_compile_uncached", slow)
+    monkeypatch.setattr(engine.config, "max_queue", 4)  # (schemas new to this test: others' are cached)
+    known = {"prompt": "x", "max_tokens": 8, "structured_outputs": {"choice": ["known"]}}
+    assert (await client.post("/v1/completions", json=known)).status_code == 200  # compiled once, cached
+    heavy = [asyncio.ensure_future(client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [f"flood-slow-{i}"]}})) for i in range(4)]
+    try:
+        await asyncio.sleep(0.5)
+        for i in (4, 5):
+            r = await client.post("/v1/chat/completions", json={
+                "messages": MESSAGES, "max_tokens": 16, "structured_outputs": {"choice": [f"flood-slow-{i}"]}})
+            assert r.status_code == 429 and r.headers["retry-after"], r.text
+            assert r.json()["error"]["type"] == "rate_limit_error" and "compile" in r.json()["error"]["message"]
+        for body in (known, {"prompt": "x", "max_tokens": 1}):
+            r = await asyncio.wait_for(client.post("/v1/completions", json=body), 30)
+            assert r.status_code == 200, r.text
+        assert not any(task.done() for task in heavy)
+    finally:
+        gate.set()
+    for i, answer in enumerate(await asyncio.gather(*heavy)):
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"flood-slow-{i}"
+    # the count went back down: new schemas are taken again
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16,
+                                                   "structured_outputs": {"choice": ["flood-slow-6"]}})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "flood-slow-6"
