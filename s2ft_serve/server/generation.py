@@ -178,26 +178,38 @@ class GuideChecks:
     """New guides compile in threads of their own: a schema can take seconds to compile or to be refused
     (QA: a 6,000-property one took 15 s), and in asyncio's default pool (6 threads on 2 cores) a handful
     of them left no thread for other requests' tokenizing and submission, stalling every user for over a
-    minute. At most the engine's `max_queue` requests wait for them, as for the engine's own queue; more
-    get a 429 (a flood of new schemas queued without bound)."""
+    minute. At most the engine's `max_queue` checks are pending, as for the engine's own queue; more
+    requests get a 429 (a flood of new schemas queued without bound). A check counts until it ends in
+    its thread, even if its request went away meanwhile."""
 
     def __init__(self, threads: int = 2):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s2ft-guide-check")
-        self.waiting = 0
+        self.pending = 0
         self._lock = threading.Lock()  # apps on other event loops (threads) share the pool
 
     async def check(self, engine: Engine, guide: Guide, param: str) -> None:
         limit = engine.config.max_queue
         with self._lock:
-            if self.waiting >= limit:
+            if self.pending >= limit:
                 raise QueueFullError(f"too many requests wait for new schemas or grammars to compile ({limit});"
                                      " retry later")
-            self.waiting += 1
+            self.pending += 1
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, check_guide, engine, guide, param)
+            future = asyncio.get_running_loop().run_in_executor(self.pool, self._run, engine, guide, param)
+        except BaseException:
+            self._done()
+            raise
+        await future
+
+    def _run(self, engine: Engine, guide: Guide, param: str) -> None:
+        try:
+            check_guide(engine, guide, param)
         finally:
-            with self._lock:
-                self.waiting -= 1
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self.pending -= 1
 
 
 GUIDE_CHECKS = GuideChecks()

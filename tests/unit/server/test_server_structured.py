@@ -153,6 +153,21 @@ async def test_a_flood_of_new_schemas_is_bounded_by_the_queue_limit(client, engi
         gate.set()
     for i, answer in enumerate(await asyncio.gather(*heavy)):
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"flood-slow-{i}"
+    # a request that goes away while its schema compiles leaves the compile counted until it ends
+    gate.clear()
+    gone = [asyncio.ensure_future(client.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [f"flood-slow-gone-{i}"]}})) for i in range(4)]
+    await asyncio.sleep(0.5)
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    try:
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16,
+                                                       "structured_outputs": {"choice": ["flood-slow-7"]}})
+        assert r.status_code == 429, r.text
+    finally:
+        gate.set()
+    await asyncio.sleep(0.5)  # the four compiles end
     # the count went back down: new schemas are taken again
     r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16,
                                                    "structured_outputs": {"choice": ["flood-slow-6"]}})
