@@ -180,7 +180,8 @@ class GuideChecks:
     of them left no thread for other requests' tokenizing and submission, stalling every user for over a
     minute. At most the engine's `max_queue` checks are pending, as for the engine's own queue; more
     requests get a 429 (a flood of new schemas queued without bound). A check counts until it ends in
-    its thread, even if its request went away meanwhile."""
+    its thread, even if its request went away meanwhile; one whose request went away before it started
+    is cancelled and stops counting."""
 
     def __init__(self, threads: int = 2):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s2ft-guide-check")
@@ -195,19 +196,16 @@ class GuideChecks:
                                      " retry later")
             self.pending += 1
         try:
-            future = asyncio.get_running_loop().run_in_executor(self.pool, self._run, engine, guide, param)
+            job = self.pool.submit(check_guide, engine, guide, param)
         except BaseException:
             self._done()
             raise
-        await future
+        # once the job ends, or is cancelled before it starts (QA: a cancelled request cancels its queued
+        # job, which then never runs: a count decremented inside the job leaked)
+        job.add_done_callback(self._done)
+        await asyncio.wrap_future(job)
 
-    def _run(self, engine: Engine, guide: Guide, param: str) -> None:
-        try:
-            check_guide(engine, guide, param)
-        finally:
-            self._done()
-
-    def _done(self) -> None:
+    def _done(self, job=None) -> None:
         with self._lock:
             self.pending -= 1
 

@@ -153,22 +153,35 @@ async def test_a_flood_of_new_schemas_is_bounded_by_the_queue_limit(client, engi
         gate.set()
     for i, answer in enumerate(await asyncio.gather(*heavy)):
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"flood-slow-{i}"
-    # a request that goes away while its schema compiles leaves the compile counted until it ends
+    # a request that goes away while its schema compiles leaves the compile counted until it ends; one
+    # whose check had not started yet (two threads) is not counted any more: that check never runs
+    from s2ft_serve.server.generation import GUIDE_CHECKS
+
+    def slow_request(name: str):
+        return asyncio.ensure_future(client.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [name]}}))
+
     gate.clear()
-    gone = [asyncio.ensure_future(client.post("/v1/completions", json={
-        "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [f"flood-slow-gone-{i}"]}})) for i in range(4)]
+    gone = [slow_request(f"flood-slow-gone-{i}") for i in range(4)]
     await asyncio.sleep(0.5)
     for task in gone:
         task.cancel()
     await asyncio.gather(*gone, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    assert GUIDE_CHECKS.pending == 2  # (QA: the two queued ones, never run, stayed counted for good)
+    later = [slow_request(f"flood-slow-later-{i}") for i in range(2)]
     try:
+        await asyncio.sleep(0.5)
         r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16,
                                                        "structured_outputs": {"choice": ["flood-slow-7"]}})
         assert r.status_code == 429, r.text
     finally:
         gate.set()
-    await asyncio.sleep(0.5)  # the four compiles end
-    # the count went back down: new schemas are taken again
+    for i, answer in enumerate(await asyncio.gather(*later)):
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == f"flood-slow-later-{i}"
+    await asyncio.sleep(0.5)  # the cancelled requests' running compiles end too
+    assert GUIDE_CHECKS.pending == 0
+    # new schemas are taken again
     r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 16,
                                                    "structured_outputs": {"choice": ["flood-slow-6"]}})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "flood-slow-6"
