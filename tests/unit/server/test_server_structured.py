@@ -3,8 +3,10 @@ completions, streamed or not, with n choices; bad schemas, regexes and grammars 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -84,13 +86,8 @@ async def test_bad_structured_output_requests_are_400(client, body, param, messa
         assert error["param"] == param and message in error["message"], error
 
 
-async def test_slow_new_schemas_do_not_stall_other_requests(client, engine, monkeypatch):
-    """QA: schema checks ran in asyncio's default thread pool (6 threads on 2 cores), which also tokenizes
-    prompts and queues requests; a handful of schemas that take long to compile (a 6,000-property one took
-    15 s to be refused) held every thread, and a plain one-token completion waited 40-75 s."""
-    import asyncio
-    import threading
-
+def slow_compiles(monkeypatch) -> threading.Event:
+    """Guides whose text holds "slow-" compile only once the returned gate is set (or after 60 s)."""
     from s2ft_serve.engine.guided import GuidedDecoding
 
     gate = threading.Event()
@@ -102,6 +99,14 @@ async def test_slow_new_schemas_do_not_stall_other_requests(client, engine, monk
         return compile_uncached(self, fmt, text)
 
     monkeypatch.setattr(GuidedDecoding, "_compile_uncached", slow)
+    return gate
+
+
+async def test_slow_new_schemas_do_not_stall_other_requests(client, engine, monkeypatch):
+    """QA: schema checks ran in asyncio's default thread pool (6 threads on 2 cores), which also tokenizes
+    prompts and queues requests; a handful of schemas that take long to compile (a 6,000-property one took
+    15 s to be refused) held every thread, and a plain one-token completion waited 40-75 s."""
+    gate = slow_compiles(monkeypatch)
     engine.guided  # built before the requests (its first build runs where the first check runs)
     heavy = [asyncio.ensure_future(client.post("/v1/completions", json={
         "prompt": "x", "max_tokens": 16, "structured_outputs": {"choice": [f"slow-{i}"]}})) for i in range(40)]
@@ -119,20 +124,7 @@ async def test_a_flood_of_new_schemas_is_bounded_by_the_queue_limit(client, engi
     """Requests waiting for new guides to compile were not counted anywhere (QA: a flood of distinct slow
     schemas queued without bound): beyond `max_queue` of them, a new schema gets a 429 with Retry-After, as
     a full engine queue does; known guides and plain requests are served meanwhile, and nothing is lost."""
-    import asyncio
-    import threading
-
-    from s2ft_serve.engine.guided import GuidedDecoding
-
-    gate = threading.Event()
-    compile_uncached = GuidedDecoding._compile_uncached
-
-    def slow(self, fmt, text):
-        if "slow-" in text:
-            gate.wait(60)
-        return compile_uncached(self, fmt, text)
-
-    monkeypatch.setattr(GuidedDecoding, "_compile_uncached", slow)
+    gate = slow_compiles(monkeypatch)
     monkeypatch.setattr(engine.config, "max_queue", 4)  # (schemas new to this test: others' are cached)
     known = {"prompt": "x", "max_tokens": 8, "structured_outputs": {"choice": ["known"]}}
     assert (await client.post("/v1/completions", json=known)).status_code == 200  # compiled once, cached
