@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from s2ft_serve.adapters.format import Adapter, is_utf8, load_adapter
+from s2ft_serve.adapters.format import Adapter, is_utf8, load_adapter, printable
 from s2ft_serve.errors import S2FTError
 
 EXIT_ERROR = 2
@@ -28,7 +28,7 @@ EXIT_ERROR = 2
 
 def say(text: str, file=None) -> None:
     """Print `text`, a file name that is not UTF-8 in it as `\\xNN` escapes (print would raise)."""
-    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=file or sys.stdout)
+    print(printable(text), file=file or sys.stdout)
 
 
 def positive_int(text: str) -> int:
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         for value in [getattr(args, name, None) for name in RECORDED_ARGS] + list(getattr(args, "sources", [])):
             if value is not None and not is_utf8(value):  # QA: merge wrote a config nothing could load
                 say(f"s2ft-adapter {args.command}: error: {value}: "
-                      f"not valid UTF-8; adapter configs record paths as text", file=sys.stderr)
+                    f"not valid UTF-8; adapter configs record paths as text", file=sys.stderr)
                 return EXIT_ERROR
         return commands[args.command](args)
     except BrokenPipeError:  # `inspect ... | head`: the reader has what it wanted
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     except SafetensorError as exc:  # a base model's damaged weights file (QA: a traceback, exit 1)
         model = getattr(args, "model", None) or getattr(args, "base", None)
         say(f"s2ft-adapter {args.command}: error: {model}: its weights are not readable safetensors ({exc})",
-              file=sys.stderr)
+            file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -224,7 +224,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
     report = fuse_to_model(None if args.model == "default" else args.model, args.adapter, args.out)
     say(f"fused {report.adapter} into {report.base_model} -> {report.out_dir} "
-          f"({report.modules} modules, {report.parameters:,} parameters, weights in {report.dtype})")
+        f"({report.modules} modules, {report.parameters:,} parameters, weights in {report.dtype})")
     return 0
 
 
@@ -235,11 +235,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     base = None if args.base == "default" else args.base
     report = extract_adapter(base, args.tuned, args.out, tolerance=tolerance)
     say(f"extracted {report.tuned} (diffed against {report.base_model}) -> {report.out_dir} "
-          f"({report.modules} modules, {report.parameters:,} parameters; other weights within "
-          f"{report.max_unchanged_diff:.3g} of the base)")
+        f"({report.modules} modules, {report.parameters:,} parameters; other weights within "
+        f"{report.max_unchanged_diff:.3g} of the base)")
     if report.permuted:
         say(f"the checkpoint's heads/FFN channels were permuted (S²FT reference-code layout) in "
-              f"{len(report.permutations)} layer(s); undone. Full permutation: {report.out_dir / PERMUTATION_FILE}")
+            f"{len(report.permutations)} layer(s); undone. Full permutation: {report.out_dir / PERMUTATION_FILE}")
         say(json.dumps({"permutation": report.permutation_summary()}))
     else:
         say("no permutation: the checkpoint is in the base model's order")

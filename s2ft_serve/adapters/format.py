@@ -216,6 +216,11 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def printable(text: str) -> str:
+    """`text` with what is not UTF-8 in it (a file name's undecodable bytes) as `\\xNN` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def check_config(config, source: str) -> dict:
     """Refuse a config that is not format v1's (`source` names it in the error)."""
     if not isinstance(config, dict):

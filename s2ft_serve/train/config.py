@@ -113,13 +113,12 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got "
                                           f"{getattr(self, name)}")
-        from s2ft_serve.adapters.format import is_utf8
+        from s2ft_serve.adapters.format import is_utf8, printable
 
         for name in PATH_FIELDS:  # the adapter's config must be text (QA: refused only when saving, after the
             value = getattr(self, name)  # whole run), and the engine and safetensors read only UTF-8 paths
             if value is not None and not is_utf8(value):
-                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                raise InvalidRequestError(f"--{name.replace('_', '-')} {shown}: not valid UTF-8; the adapter's config "
+                raise InvalidRequestError(f"--{name.replace('_', '-')} {printable(value)}: not valid UTF-8; the adapter's config "
                                           f"records paths as text, and the engine reads only UTF-8 paths")
         if self.keep_checkpoints < 1:
             raise InvalidRequestError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
