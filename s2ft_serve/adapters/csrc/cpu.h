@@ -11,6 +11,13 @@
 #define S2FT_CLONES
 #endif
 
+// Whether this CPU runs code built for target("avx512f,avx2,fma"): 16-float vectors with fused multiply-adds.
+#if defined(__x86_64__) && defined(__GNUC__)
+inline bool cpu_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
+#else
+inline bool cpu_avx512() { return false; }
+#endif
+
 // No contraction of a multiply and an add into a fused multiply-add: each product is rounded on its
 // own, as PyTorch's eager ops round (for kernels that must give those ops' bits).
 #define S2FT_EXACT __attribute__((optimize("fp-contract=off")))

@@ -26,6 +26,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define S2FT_X86 1
@@ -167,7 +169,6 @@ S2FT_AVX512 void block512(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const 
   }
 }
 
-bool avx512_ok() { return __builtin_cpu_supports("avx512f"); }
 
 // either width: 16-float vectors where the CPU has them and the columns come in 16s
 void any_block(bool wide, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float* A, int64_t lda,
@@ -188,7 +189,6 @@ void tile(bool wide, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const float
 bool cpu_ok() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 #else
 bool cpu_ok() { return false; }
-bool avx512_ok() { return false; }
 #endif
 
 at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -246,7 +246,7 @@ at::Tensor exact_linear(const at::Tensor& x, const at::Tensor& w, const std::opt
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t kc = block_size(K, block_cap);
-  const bool wide = avx512_ok();
+  const bool wide = cpu_avx512();
   if (col_major) {  // C = y [M, N], A = x [M, K], B = w.T [K, N], a [kc, 32] block of B in L1 for all rows
     if (bp) for (int64_t m = 0; m < M; ++m) std::copy(bp, bp + N, yp + m * N);
     at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {

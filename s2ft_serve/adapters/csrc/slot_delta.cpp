@@ -24,11 +24,8 @@
 
 #include "cpu.h"
 
-// The AVX-512 read only where the clones are built: it matches the bits of their FMA clones, not
-// those of a build without clones (clang, other systems), whose plain x86-64 code rounds each product.
 #ifdef S2FT_HAS_CLONES
 #include <immintrin.h>
-#define S2FT_X86 1
 #endif
 
 namespace {
@@ -46,7 +43,8 @@ inline float widen(uint16_t v) {  // bfloat16 -> float32, exact: its bits are a 
 // y[0:out] += sum_j x[cols[j]] * block[j * out : (j + 1) * out], eight rows per pass over y.
 // AHEAD > 0: each pass also asks for the block's rows AHEAD further on (a software prefetch into the
 // caches), which the hardware prefetcher, restarting on every token's block, leaves late: with
-// bfloat16 rows that makes the read 1.2-1.25x faster on an AVX-512 Xeon; with float32 it slows it.
+// bfloat16 rows that made the read 1.2-1.25x faster on an AVX-512 Xeon; with float32 it slows it.
+// (Where the AVX-512 form below serves, bfloat16 rows go there.)
 template <typename T, int AHEAD>
 inline __attribute__((always_inline)) void add_rows(float* __restrict__ y, const float* __restrict__ x,
                                                     const T* __restrict__ block, const int64_t* __restrict__ cols,
@@ -98,13 +96,15 @@ struct Next {
   int64_t bytes = 0;
 };
 
-#ifdef S2FT_X86
+#ifdef S2FT_HAS_CLONES
 // add_rows_bf16 with 16-float AVX-512 vectors, where the CPU has them and out comes in 16s. The same
 // chain for every output element: y[o] = fma(x[cols[j]], widen(block[j, o]), y[o]) in j order, so the
-// same bits as the clones (whose float32 and bfloat16 forms contract `acc += w * v` into that FMA).
+// same bits as the clones (whose float32 and bfloat16 forms contract `acc += w * v` into that FMA);
+// only where the clones are built: a build without them (clang, other systems) runs plain x86-64 code
+// for float32 tables, which rounds each product, and the two tables' bits would differ.
 // Four rows per pass, and each pass asks for the rows 4 KB further on into L2, running on into the
 // next block, so a thread's blocks are one stream. On a 2-core AMD EPYC VM the 32 adapters' 115 MB
-// now cost a decode step 3-5 ms, about a plain read's time; add_rows_bf16 read them at 1.7x that
+// took 4.1-4.8 ms alone (1.4x a plain read of the bytes); add_rows_bf16 took 6.9 ms (1.7x)
 // (benchmarks/adapter_kernel.py). In the step, asking into L2 or L1, 2 or 4 KB ahead, with two or
 // four rows a pass, came within 1 ms of each other; eight rows, or 8 KB ahead into L1, were slower.
 // Float32 tables gained nothing from the same code (bound by the bytes), so they keep add_rows_f32.
@@ -154,10 +154,8 @@ S2FT_AVX512 void add_rows_bf16_avx512(float* __restrict__ y, const float* __rest
   }
 }
 
-bool avx512_ok() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
 #else
 void add_rows_bf16_avx512(float*, const float*, const uint16_t*, const int64_t*, int64_t, int64_t, Next) {}
-bool avx512_ok() { return false; }
 #endif
 
 void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, const at::Tensor& token_slots,
@@ -202,7 +200,11 @@ void slot_delta_add(at::Tensor y, const at::Tensor& x, const at::Tensor& table, 
   }
   const bool wide = table.scalar_type() == at::kFloat;
   const uint16_t* hp = wide ? nullptr : reinterpret_cast<const uint16_t*>(table.data_ptr<at::BFloat16>());
-  const bool vec512 = !wide && out % 16 == 0 && avx512_ok();
+#ifdef S2FT_HAS_CLONES
+  const bool vec512 = !wide && out % 16 == 0 && cpu_avx512();
+#else
+  constexpr bool vec512 = false;
+#endif
   // y_row += the bfloat16 rows of slot s at x_row; `q` is (token, slot) q = t * m + i, `end` ends the
   // thread's tokens: the next of its blocks is found for the AVX-512 read's look-ahead
   auto bf16_rows = [&](float* y_row, const float* x_row, int64_t s, int64_t q, int64_t end) {
