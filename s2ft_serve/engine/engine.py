@@ -359,7 +359,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt_ids = self._prompt_ids(prompt)
-        self._check_length(len(prompt_ids), params.max_tokens)
+        self.check_length(len(prompt_ids), params.max_tokens)
         self.check_token_ids(params.logit_bias, "logit_bias")
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")  # QA: one out of range banned tokens in
         # another request's logits (min_tokens), or failed the whole step
@@ -420,7 +420,7 @@ class Engine:
     def logits(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Full-sequence logits [len, vocab] float32, on the CPU, through the serving path (tests, scoring)."""
         ids = self._prompt_ids(list(token_ids))
-        self._check_length(len(ids), 0)
+        self.check_length(len(ids), 0)
         version = self._pin(adapter)
         try:
             with self.lock:
@@ -486,7 +486,7 @@ class Engine:
                 f"{param} is {chars} characters long: more than this model's maximum context length of "
                 f"{self.max_model_len} tokens can hold. Please reduce the length of the prompt.", param=param)
 
-    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_model_len:  # a full-length prompt with max_tokens 0 is scoring
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "

@@ -57,3 +57,23 @@ async def test_a_chat_of_more_messages_than_the_context_has_tokens_is_refused_be
     monkeypatch.setattr(engine, "max_token_chars", 1)
     r = await client.post("/tokenize", json={"messages": [{"role": "user", "content": ""}] * engine.max_model_len})
     assert r.status_code == 400 and "characters long" in r.json()["error"]["message"] and rendered
+
+
+async def test_a_list_of_prompts_is_refused_at_the_first_that_cannot_fit(client, engine, monkeypatch):
+    """QA: each prompt of a list passed the character check alone, and all were tokenized (60 of them,
+    14 MB: 6-9 s) before the first was refused; now tokenizing stops at the first too long, and
+    a list that fits is served."""
+    calls = []
+    original = engine.tokenize
+    monkeypatch.setattr(engine, "tokenize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fits = "hi " * 4
+    too_long = "hello " * engine.max_model_len  # under the character bound, over the context in tokens
+    r = await client.post("/v1/completions", json={"prompt": [fits, too_long] + [too_long] * 5, "max_tokens": 1})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    assert len(calls) == 2
+    ids = engine.tokenize(fits)
+    r = await client.post("/v1/completions", json={"prompt": [ids, ids[:-1] + [0] * engine.max_model_len],
+                                                   "max_tokens": 1})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    r = await client.post("/v1/completions", json={"prompt": [fits, fits], "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.json()
