@@ -142,16 +142,17 @@ class AdapterRegistry:
         return entry
 
     @_locked
-    def check_memory_room(self, name: str, nbytes: int) -> None:
-        """Refuse `name`, an adapter held only in memory, when the limits cannot hold it beside the others
-        that are never evicted: those held only in memory, and the fused ones (QA: they were not counted)."""
+    def check_memory_room(self, name: str, nbytes: int, doing: str = "adding") -> None:
+        """Refuse `name`, an adapter held only in memory (or to be fused), when the limits cannot hold it
+        beside the others that are never evicted: those held only in memory, and the fused ones (QA:
+        they were not counted)."""
         held = [e for e in self.entries.values() if e.name != name
                 and (e.path is None or (e.version is not None and self.is_fused(e.name)))]
         held_bytes = sum(e.nbytes for e in held)
         if len(held) + 1 > self.max_resident or held_bytes + nbytes > self.max_resident_bytes:
             raise ConflictError(
                 f"{len(held)} adapter(s) are never evicted (held only in memory: merged, or added without a "
-                f"folder; or fused), using {held_bytes} bytes; adding '{name}' ({nbytes} bytes) would exceed "
+                f"folder; or fused), using {held_bytes} bytes; {doing} '{name}' ({nbytes} bytes) would exceed "
                 f"max_resident_adapters ({self.max_resident}) or max_resident_bytes ({self.max_resident_bytes}): "
                 "unload or unfuse one, or save a merge to a folder (s2ft-adapter merge) and load that",
                 param="name")
@@ -259,6 +260,9 @@ class AdapterRegistry:
             raise ConflictError(
                 f"{len(self.fused)} adapter(s) already fused ({', '.join(f.version.name for f in self.fused)}); "
                 f"at most {self.max_fused} may be fused: unfuse first", param="name")
+        entry = self.entries.get(name)
+        if entry is not None:  # fused, it is never evicted (QA: fusing let those exceed the bounds)
+            self.check_memory_room(name, entry.nbytes, "fusing")
 
     @_locked
     def fuse(self, name: str) -> None:

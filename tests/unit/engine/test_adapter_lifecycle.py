@@ -434,6 +434,26 @@ def test_adapters_never_evicted_bound_the_others(tiny_model_dir, root):
     engine.shutdown()
 
 
+def test_a_fuse_that_would_exceed_the_bounds_of_adapters_never_evicted_is_refused(tiny_model_dir, root):
+    """QA: fusing skipped the bounds that adapters never evicted must fit (with two merges in memory
+    and at most two resident, a third adapter fused made three resident for good); a refused fuse changes
+    nothing, and one that fits beside the others goes through."""
+    engine = make_engine(tiny_model_dir, adapter_root=str(root), max_resident_adapters=2, max_fused_adapters=2)
+    engine.add_adapter("m", random_adapter(engine.loaded.model, engine.model_name, seed=72))
+    engine.load_adapter("r0", "r0")
+    engine.fuse("m")  # held in memory already: fusing it adds nothing never evicted
+    engine.fuse("r0")  # 2 of 2
+    engine.unfuse("r0")
+    engine.add_adapter("m2", random_adapter(engine.loaded.model, engine.model_name, seed=73))
+    before = {a.name: (a.resident, a.fused) for a in engine.list_adapters()}
+    with pytest.raises(ConflictError, match="fusing 'r0'"):
+        engine.fuse("r0")
+    assert {a.name: (a.resident, a.fused) for a in engine.list_adapters()} == before
+    assert len(engine.registry.fused) == 1
+    engine.fuse("m2")  # in memory: fits as before
+    engine.shutdown()
+
+
 def test_merge_sources_and_names_checked_before_reading(tiny_model_dir, root):
     """QA: a merge into the name of a folder under the adapter root read its sources (evicting others)
     and would have hidden that folder; a missing source was found only after the others were read; numpy
