@@ -585,6 +585,8 @@ class Engine:
             raise InvalidRequestError("adapter name must be a non-empty string of at most 256 characters", param="name")
         if not is_utf8(name):  # a lone surrogate: no response could name it
             raise InvalidRequestError("adapter name must be valid Unicode text", param="name")
+        if not name.isprintable():  # a newline or another control character: no log line or header holds it
+            raise InvalidRequestError("adapter name must not hold control characters", param="name")
         if name == self.model_name:
             raise ConflictError(f"'{name}' is the base model's name", param="name")
 
@@ -651,7 +653,8 @@ class Engine:
     def lazy_folder(self, name: str) -> Path:
         """The folder under `adapter_root` that a request naming `name` loads on demand."""
         root = self.config.adapter_root
-        if not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not is_utf8(name):
+        if (not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not is_utf8(name)
+                or not name.isprintable()):  # QA: a folder named with a newline was served, its header then broke
             raise AdapterNotFoundError(name)
         try:
             found = (Path(root).expanduser() / name / CONFIG_FILE).is_file()

@@ -487,8 +487,8 @@ async def serve(request: Request, response: Response, engine: Engine, settings: 
         record_status(metrics, adapter, exc, gen)
         raise
     model = response_model(engine, adapter)
-    # a header holds Latin-1 only (QA: an adapter named 日本 made each of its requests a 500)
-    headers = {"x-adapter-id": model if model.isascii() else quote(model, safe="")}
+    # a header holds printable Latin-1 only (QA: an adapter named 日本 made each of its requests a 500)
+    headers = {"x-adapter-id": model if model.isascii() and model.isprintable() else quote(model, safe="")}
     if fields.stream:
         events = sse_stream(stream(gen, model, context), partial(record_status, metrics, adapter, gen=gen))
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -370,7 +370,10 @@ class ModelList(ResponseModel):
 
 # ---------- adapters (admin) ----------
 
-AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"  # a name the server gives an adapter (admin routes, --adapter)
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)]
+# an adapter the server already holds: any name it accepted (a folder loaded on demand may hold a space)
+AdapterRef = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class LoadAdapterRequest(RequestModel):
@@ -382,7 +385,7 @@ class LoadAdapterRequest(RequestModel):
 
 
 class MergeSource(RequestModel):
-    name: AdapterName
+    name: AdapterRef
     weight: float = 1.0
 
 
@@ -408,7 +411,7 @@ class VllmLoadLoraRequest(RequestModel):
 class VllmUnloadLoraRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"lora_name": "math"}]})
 
-    lora_name: AdapterName
+    lora_name: AdapterRef
     lora_int_id: int | None = None
 
 

@@ -7,6 +7,7 @@ environment after that.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s2ft_serve.adapters.format import is_utf8
 from s2ft_serve.config import EngineConfig
+from s2ft_serve.server.protocol import ADAPTER_NAME
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
@@ -48,7 +50,7 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: one per core)")
     gemm: Literal["exact", "onednn"] = Field(
         "exact", description="exact: MKL's summation order (transformers' bits), compiled where verified; onednn: "
-        "oneDNN's packed GEMMs on CPU float32, logits differ by rounding")
+        "oneDNN's packed GEMMs on CPU float32 (logits differ by rounding) and bfloat16 (with native bfloat16 arithmetic)")
     adapter_kernel: Literal["auto", "native", "torch"] = Field(
         "auto", description="mixed-adapter steps: auto = the compiled CPU float32/bfloat16 kernel where it builds (on CUDA "
         "its Triton twin), else torch's embedding_bag; native = the kernel or refuse to start; torch = embedding_bag")
@@ -89,10 +91,20 @@ class ServerSettings(BaseSettings):
     @field_validator("adapter")
     @classmethod
     def _check_adapters(cls, value: list[str]) -> list[str]:
+        names = set()
         for spec in value:
             name, sep, path = spec.partition("=")
-            if not sep or not name.strip() or not path.strip():
+            name = name.strip()
+            if not sep or not name or not path.strip():
                 raise ValueError(f"adapter {spec!r} must be NAME=PATH")
+            # the admin routes' rule, so that they can reach it (QA: a preloaded 'bad/name' could be
+            # neither unloaded nor fused), and one adapter per name (QA: the last silently won)
+            if len(name) > 128 or not re.fullmatch(ADAPTER_NAME, name):
+                raise ValueError(f"adapter name {name!r} must start with a letter or digit and hold only letters, "
+                                 "digits and . _ : @ + - (at most 128 characters)")
+            if name in names:
+                raise ValueError(f"adapter name {name!r} is given twice")
+            names.add(name)
         return value
 
     @model_validator(mode="after")

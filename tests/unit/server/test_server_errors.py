@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from server_helpers import client_for
+from server_helpers import client_for, make_server_engine, write_adapter
 
 from s2ft_serve.config import EngineConfig
 from s2ft_serve.engine.engine import Engine
@@ -211,6 +211,33 @@ async def test_an_adapter_named_beyond_latin1_is_served(settings, tiny_llama_dir
                 r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": "日本",
                                                                "stream": stream})
                 assert r.status_code == 200 and unquote(r.headers["x-adapter-id"]) == "日本", r.text
+    finally:
+        engine.shutdown(timeout=5)
+
+
+async def test_adapter_names_with_control_characters_are_refused_and_any_held_name_is_reachable(
+        settings, tiny_llama_dir, tmp_path):
+    """QA: a folder named with a newline or a carriage return was loaded on demand and served, then its
+    `x-adapter-id` header made uvicorn drop the connection (counted a 200); a folder named with a space
+    was served but refused, by the admin routes' name rule, as a merge source and by vLLM's unload."""
+    from s2ft_serve.errors import InvalidRequestError
+
+    engine = make_server_engine(tiny_llama_dir, tmp_path, max_batch_size=2)
+    try:
+        for name, seed in (("nl\nx", 1), ("cr\rx", 2), ("c\x01x", 3), ("sp ace", 4)):
+            write_adapter(engine, tmp_path / name, seed)
+        with pytest.raises(InvalidRequestError, match="control characters"):
+            engine.load_adapter("a\nb", str(tmp_path / "sp ace"))
+        async with client_for(create_app(settings.model_copy(update={"adapter_root": str(tmp_path)}), engine)) as c:
+            for name in ("nl\nx", "cr\rx", "c\x01x"):
+                r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "model": name})
+                assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "model": "sp ace"})
+            assert r.status_code == 200 and r.headers["x-adapter-id"] == "sp ace"
+            r = await c.post("/v1/adapters/merge", json={"name": "m", "sources": [{"name": "sp ace", "weight": 0.5}]})
+            assert r.status_code in (200, 201), r.text
+            assert (await c.post("/v1/unload_lora_adapter", json={"lora_name": "sp ace"})).status_code == 200
+            assert [a.name for a in engine.list_adapters()] == ["m"]
     finally:
         engine.shutdown(timeout=5)
 

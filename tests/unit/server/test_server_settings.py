@@ -84,6 +84,17 @@ def test_bad_settings_are_refused(bad):
         ServerSettings(**bad)
 
 
+@pytest.mark.parametrize("adapters, error", [(["bad/name=a"], "must start with a letter or digit"),
+                                             (["-x=a"], "must start with"), (["sp ace=a"], "must start with"),
+                                             (["x=a", "x=b"], "'x' is given twice"), (["x=a", " x =b"], "given twice")])
+def test_preloaded_adapter_names_follow_the_admin_routes_rule_once_each(adapters, error):
+    """QA: a preloaded 'bad/name' served but no admin route could reach it; of two preloads named 'x'
+    the last silently won."""
+    with pytest.raises(ValidationError, match=error):
+        ServerSettings(adapter=adapters)
+    assert ServerSettings(adapter=["math=a", "m.2:v@1+x=b"]).adapter_specs() == {"math": "a", "m.2:v@1+x": "b"}
+
+
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
                                             ("0.0.0.0", False), ("10.0.0.5", False), ("example.com", False)])
 def test_loopback_detection(host, loopback):
