@@ -174,18 +174,18 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
-        raise ModelNotSupportedError(_no_safetensors_message(path) if not files else
+        raise ModelNotSupportedError(no_safetensors_message(path) if not files else
                                      f"{path}: holds {len(files)} *.safetensors files and neither model.safetensors "
                                      f"nor model.safetensors.index.json says which hold the weights")
     return files
 
 
-def _no_safetensors_message(path: Path) -> str:
+def no_safetensors_message(path: Path) -> str:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if not pickles:
         return f"{path}: holds no *.safetensors weights"
     return (
-        f"{path}: holds only pickle weights ({', '.join(pickles)}), which s2ft-adapter never loads "
+        f"{path}: holds only pickle weights ({', '.join(pickles)}), which s2ft-serve never loads "
         "(loading pickle can run arbitrary code). If you trust the file, convert it once with: "
         "python -c \"import torch; from safetensors.torch import save_file; "
         f"sd = torch.load('{pickles[0]}', weights_only=True); "

@@ -166,8 +166,12 @@ def load_model(
     path = resolve_model_path(model)
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
+    if not any(path.glob("*.safetensors")):  # never pickle (QA: a folder of pytorch_model.bin was loaded)
+        from s2ft_serve.adapters.interop import no_safetensors_message
+
+        raise ModelNotSupportedError(no_safetensors_message(path))
     with _FROM_PRETRAINED:  # QA: two engines built at once in two threads failed ("copy out of meta tensor")
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True)
     fp = fingerprint(hf_model)
     hf_model.to(device=resolve_device(device), dtype=None if dtype is None else resolve_dtype(dtype))
     hf_model.eval()

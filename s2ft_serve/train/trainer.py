@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from s2ft_serve.adapters.format import Adapter, ModuleDelta, make_config, save_adapter
-from s2ft_serve.errors import InvalidRequestError
+from s2ft_serve.adapters.format import CONFIG_FILE, WEIGHTS_FILE, Adapter, ModuleDelta, make_config, save_adapter
+from s2ft_serve.errors import ConflictError, InvalidRequestError
 from s2ft_serve.model.loading import LoadedModel, load_model, resolve_device
 from s2ft_serve.train import data as D
 from s2ft_serve.train.checkpoint import refuse_earlier_run
@@ -64,11 +64,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# what an --output may hold besides: this run's checkpoints, and (on --resume) the adapter it wrote
+OUTPUT_FILES = ("checkpoints", CONFIG_FILE, WEIGHTS_FILE)
+
+
 def prepare_output(cfg: TrainConfig) -> None:
     """Create `--output` and check it can be written, before the model loads: a bad path should cost
-    seconds, not a whole training run. A fresh run into a folder holding an earlier run's
-    checkpoints is refused, since mixing the two runs' checkpoints would lose the new ones."""
+    seconds, not a whole training run. A folder holding anything else than a run's checkpoints and
+    its adapter is refused (QA: a run into the base model's folder wrote an adapter there, and
+    transformers then took the folder for a PEFT adapter), as is, unless resumed, one that already
+    holds an adapter or checkpoints (which the new run would replace or mix with its own)."""
     out = Path(cfg.output)
+    try:
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError:
+        held = []  # unreadable: the write check below says so
+    others = [n for n in held if n not in OUTPUT_FILES and not n.startswith(".adapter-")]  # a save's staging
+    if others:
+        raise ConflictError(f"--output {out} already holds other files ({', '.join(others[:5])}"
+                            f"{', ...' if len(others) > 5 else ''}); choose a new or empty folder", param="output")
+    files = [out / n for n in (CONFIG_FILE, WEIGHTS_FILE) if n in held]
+    if any(not f.is_file() or f.is_symlink() for f in files):
+        raise ConflictError(f"--output {out}: {', '.join(f.name for f in files)} must be regular files, which the "
+                            "new adapter replaces", param="output")
+    if not cfg.resume:
+        refuse_earlier_run(out / "checkpoints")
+    if files and not cfg.resume:
+        raise ConflictError(f"--output {out} already holds an adapter; pass --resume to continue the run that "
+                            "wrote it, or choose another --output", param="output")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -76,8 +99,6 @@ def prepare_output(cfg: TrainConfig) -> None:
     except OSError as exc:
         raise InvalidRequestError(f"--output {out}: cannot create or write this folder ({exc.strerror or exc})",
                                   param="output") from None
-    if not cfg.resume:
-        refuse_earlier_run(out / "checkpoints")
 
 
 def data_hashes(cfg: TrainConfig) -> dict[str, str | None]:
@@ -146,6 +167,23 @@ def make_adapter(loaded: LoadedModel, layers: dict[str, S2FTLinear], selection: 
     return Adapter(config=config, modules=modules)
 
 
+def save_output(adapter: Adapter, out: Path) -> None:
+    """Write the adapter into `out` (beside its checkpoints) whole or not at all: both files are
+    written to a folder inside it first, then moved in, the config last and an old one removed first,
+    so that an interruption never pairs new weights with an old config (QA: a failed config write left
+    new weights and no config, the training lost)."""
+    staged = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    try:
+        save_adapter(adapter, staged)
+        (out / CONFIG_FILE).unlink(missing_ok=True)
+        os.replace(staged / WEIGHTS_FILE, out / WEIGHTS_FILE)
+        os.replace(staged / CONFIG_FILE, out / CONFIG_FILE)
+    except OSError as exc:
+        raise InvalidRequestError(f"--output {out}: could not write the adapter ({exc.strerror or exc}); "
+                                  f"what was written is kept in {staged}", param="output") from None
+    staged.rmdir()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train an S²FT adapter as `cfg` says and write it to `cfg.output`."""
     cfg.validate()
@@ -175,7 +213,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     adapter = make_adapter(loaded, layers, selection, cfg, hashes["data"], stats)
     path = Path(cfg.output)
     if world.main:
-        save_adapter(adapter, path)
+        save_output(adapter, path)
     if world.size > 1:
         dist.barrier()
     model.eval()

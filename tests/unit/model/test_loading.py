@@ -40,3 +40,22 @@ def test_unsupported_models_are_refused(tmp_path):
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("S2FT_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
+
+
+def test_a_model_folder_with_only_pickle_weights_is_refused_unread(tiny_llama_dir, tmp_path, monkeypatch):
+    """QA: a base folder holding only pytorch_model.bin was loaded (torch.load) by the engine, the
+    trainer and s2ft-adapter, though pickle is never loaded; it is refused, naming the file and the
+    conversion, without reading it."""
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, pickled)
+    state = load_model(str(tiny_llama_dir), dtype=None).model.state_dict()
+    torch.save(state, pickled / "pytorch_model.bin")
+    for file in pickled.glob("*.safetensors*"):
+        file.unlink()
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    with pytest.raises(ModelNotSupportedError, match="only pickle weights \\(pytorch_model.bin\\)"):
+        load_model(str(pickled))
+    assert loads == []
