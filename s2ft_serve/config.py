@@ -21,8 +21,8 @@ class EngineConfig:
     threads: int | None = None  # CPU threads for torch; None = torch's default (one per core). On a
     # machine shared with other busy processes, 1 avoids OpenMP threads spinning against each other.
     gemm: str = "exact"  # exact: MKL's order (transformers' base logits bit for bit; AVX2: at 4, 8, 12+ rows)
-    # | onednn: fused, prepacked oneDNN GEMMs on CPU float32 (about as fast here), logits differ by float rounding
-    # (~2e-4 on SmolLM2)
+    # | onednn: fused, prepacked oneDNN GEMMs on CPU float32 (about as fast here; logits differ by float rounding,
+    # ~2e-4 on SmolLM2) and bfloat16 where the CPU has native bfloat16 arithmetic (faster than exact)
     adapter_kernel: str = "auto"  # mixed-adapter decode steps: auto = the compiled CPU kernel for CPU
     # float32 and bfloat16 where it builds (a C++ compiler, once), on CUDA its Triton twin, else embedding_bag
     # | native (required) | torch

@@ -16,7 +16,8 @@ exactly what transformers computes; only attention and caching are ours:
   for one token; each row may start at a different position.
 - Dense projections go through `gemm.DenseGemm`: the model's own Linears (`gemm="exact"`; each through
   `gemm.ExactLinear`, the same bits, faster where verified), or with
-  `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32. The
+  `gemm="onednn"` one GEMM for q/k/v and one for gate/up, prepacked for oneDNN on CPU float32 (and
+  bfloat16 where the CPU has native bfloat16 arithmetic). The
   engine then owns the model it serves: the original q/k/v, gate/up (and an untied LM head) modules
   are released.
 - On CPU float32 the rotary embedding of a layer's q and k is one compiled call

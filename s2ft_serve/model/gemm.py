@@ -22,13 +22,16 @@ still when the weight is reordered once into oneDNN's blocked layout. So:
 - `DenseGemm` runs projections that share an input as one GEMM over their concatenated weights
   (q/k/v, gate/up) or one alone (the LM head), the weight prepacked once in oneDNN's blocked
   layout (an opaque copy; the original modules are then released, see `release`). Where oneDNN
-  cannot serve the weight (not CPU float32), it calls the model's own Linears, as `exact` does.
+  cannot serve the weight (not on the CPU, float16, or bfloat16 on a CPU without native bfloat16
+  arithmetic), it calls the model's own Linears, as `exact` does.
 - `onednn_linear` is the unpacked oneDNN call for weights that change in place (the adapted `o_proj` /
   `down_proj`, which fusion edits column by column).
 
-Results equal `F.linear` up to float rounding (a different summation order), which is enough to
-break the engine's 1e-4 correctness contract on a real model: on SmolLM2-135M the logits differ
-from transformers' by up to ~2e-4 (of values up to ~40). Hence opt-in.
+In float32 the results equal `F.linear` up to float rounding (a different summation order), which
+is enough to break the engine's 1e-4 correctness contract on a real model: on SmolLM2-135M the logits
+differ from transformers' by up to ~2e-4 (of values up to ~40). Hence opt-in. A bfloat16 `F.linear`
+on the CPU is itself a oneDNN call; prepacked and fused it gave the very same bits on the AMD EPYC
+with AVX-512 BF16 we measured (not promised elsewhere), and a faster decode step.
 """
 
 from __future__ import annotations
@@ -48,9 +51,18 @@ _ONEDNN_OPS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn
 GEMMS = ("exact", "onednn")
 
 
+@functools.cache
+def _onednn_bfloat16() -> bool:
+    """Whether oneDNN has a native bfloat16 inner product on this CPU (AVX-512 BF16 or AMX)."""
+    return _ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_usable(weight: torch.Tensor) -> bool:
-    """oneDNN's inner product can serve this weight: CPU float32 (its bf16 path needs AVX-512 BF16)."""
-    return _ONEDNN_OPS and weight.device.type == "cpu" and weight.dtype == torch.float32
+    """oneDNN's inner product can serve this weight: CPU float32, or CPU bfloat16 where the CPU has
+    native bfloat16 arithmetic (elsewhere oneDNN would emulate it, slower than `F.linear`)."""
+    if not _ONEDNN_OPS or weight.device.type != "cpu":
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _onednn_bfloat16())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

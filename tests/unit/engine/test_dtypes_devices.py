@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from s2ft_serve.engine.request import SamplingParams
 from s2ft_serve.model.testing import random_adapter
 
 from engine_reference import make_engine, reference, reference_logits
@@ -62,6 +63,35 @@ def test_bfloat16_mixed_steps_through_the_compiled_kernel_track_float32(tiny_lla
         assert errors["native"] < 0.1 * expected.abs().max().item(), (row, errors)
         assert errors["native"] <= 2 * errors["torch"] + 1e-3, (row, errors)
         assert steps["native"][row].argmax() == expected.argmax()
+
+
+def test_bfloat16_onednn_gemms_pack_where_the_cpu_has_bfloat16_and_serve_as_exact_does(tiny_llama_dir):
+    """gemm="onednn" on a bfloat16 model prepacks q/k/v, gate/up and the LM head for oneDNN where the CPU
+    has native bfloat16 arithmetic (else it runs the Linears, as "exact" does); either way a mixed batch
+    of adapters and the base decodes as the "exact" engine does, logits within bfloat16 rounding."""
+    from s2ft_serve.model import gemm
+
+    logits, tokens = {}, {}
+    made = None
+    for mode in ("exact", "onednn"):
+        engine = make_engine(tiny_llama_dir, dtype="bfloat16", gemm=mode)
+        try:
+            model = engine.runner.model
+            packs = mode == "onednn" and gemm.onednn_usable(model.hf.model.embed_tokens.weight)
+            assert [d.packed for d in model.qkv + model.gate_up] == [packs] * 4
+            assert isinstance(model.lm_head, gemm.DenseGemm) == (mode == "onednn")
+            made = made or [random_adapter(engine.loaded.model, engine.model_name, seed=s) for s in (5, 6)]
+            for i, adapter in enumerate(made):
+                engine.add_adapter(f"a{i}", adapter)
+            logits[mode] = [engine.logits(engine.tokenize(p), n) for p, n in zip(PROMPTS, ["a0", None, "a1"])]
+            tokens[mode] = engine.generate(engine.tokenize(PROMPTS[0]), adapter="a1",
+                                            params=SamplingParams(max_tokens=6, temperature=0)).token_ids
+        finally:
+            engine.shutdown(timeout=5)
+    for exact, onednn in zip(logits["exact"], logits["onednn"]):
+        assert (exact - onednn).abs().max().item() <= 0.02 * exact.abs().max().item()
+        assert torch.equal(exact.argmax(-1), onednn.argmax(-1))
+    assert tokens["exact"] == tokens["onednn"]
 
 
 @pytest.mark.cuda
