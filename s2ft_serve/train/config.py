@@ -96,14 +96,15 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise InvalidRequestError(f"--max-steps must be at least 1, got {self.max_steps}")
         # (field, lowest, highest, lowest allowed, highest allowed); NaN fails every comparison
-        ranges = [("learning_rate", 0, math.inf, False, False), ("weight_decay", 0, math.inf, True, False),
+        # QA: a learning rate of 1e38 overflowed inside AdamW, 1e308 epochs in the step count (tracebacks)
+        ranges = [("learning_rate", 0, 100, False, True), ("weight_decay", 0, math.inf, True, False),
                   ("adam_beta1", 0, 1, True, False), ("adam_beta2", 0, 1, True, False),
                   ("adam_eps", 0, math.inf, True, False), ("warmup_ratio", 0, 1, True, True),
                   ("max_grad_norm", 0, math.inf, True, False)]
         if self.warmup_steps is not None:
             ranges.append(("warmup_steps", 0, math.inf, True, False))
         if self.max_steps is None:  # --epochs counts only then
-            ranges.append(("epochs", 0, math.inf, False, False))
+            ranges.append(("epochs", 0, 1_000_000, False, True))
         for name, low, high, with_low, with_high in ranges:
             value = getattr(self, name)
             if not ((low <= value if with_low else low < value) and (value <= high if with_high else value < high)):

@@ -60,13 +60,25 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            reason = record_problem(record)
+            except RecursionError:  # QA: a line of 100,000 nested arrays was a traceback
+                raise DataValidationError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+            reason = record_problem(record) or _surrogate_problem(record)
             if reason:
                 raise DataValidationError(f"{path}:{lineno}: {reason}")
             records.append((lineno, record))
     if not records:
         raise DataValidationError(f"{path}: holds no examples")
     return records
+
+
+def _surrogate_problem(record: dict) -> str | None:
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes (QA: it passed
+    this check, then failed after the model loaded, with a traceback)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode text (a lone surrogate, such as the escape \\ud800)"
+    return None
 
 
 def record_problem(record: object) -> str | None:

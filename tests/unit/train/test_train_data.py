@@ -113,6 +113,11 @@ def test_text_loss_on_every_token_and_truncation(tok):
     ('{"messages": [{"role": "assistant", "content": 3}]}', "content must be a string"),
     ('{"text": ""}', "non-empty string"),
     ('{"input": "x"}', "expected one of the keys"),
+    # QA: these two were tracebacks, the first only after the model had loaded
+    ('{"text": "abc \\ud800 def"}', "a lone surrogate"),
+    ('{"prompt": "a", "completion": "b\\udfff"}', "a lone surrogate"),
+    ('{"messages": [{"role": "assistant", "content": "\\ud800"}]}', "a lone surrogate"),
+    ('{"text": ' + "[" * 100_000, "nested too deeply"),
 ])
 def test_malformed_line_refused_with_its_number(tmp_path, tok, bad, reason):
     good = json.dumps({"prompt": "a", "completion": "b"})

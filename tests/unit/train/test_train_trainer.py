@@ -172,9 +172,12 @@ def test_bad_options_refused(tiny_llama_dir, task_file, tmp_path):
     # QA: these crashed with torch's tracebacks after the model had loaded, or were taken silently
     for field, value in (("learning_rate", float("nan")), ("adam_beta1", 2.0), ("adam_eps", -1.0),
                          ("weight_decay", -1.0), ("warmup_steps", -2), ("warmup_ratio", 3.0), ("save_every", -1),
-                         ("eval_every", -1), ("keep_checkpoints", 0), ("max_grad_norm", -1.0), ("device", "bogus")):
+                         ("eval_every", -1), ("keep_checkpoints", 0), ("max_grad_norm", -1.0), ("device", "bogus"),
+                         ("learning_rate", 1e38)):  # (QA: overflowed inside AdamW)
         with pytest.raises(InvalidRequestError, match="--" + field.replace("_", "-")):
             train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", **{field: value}))
+    with pytest.raises(InvalidRequestError, match=r"--epochs must lie in \(0, 1000000\]"):  # QA: 1e308 overflowed
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "o", max_steps=None, epochs=1e308))
     # QA: a path that is not UTF-8 trained to the end, then the config it is recorded in was refused
     odd = str(tmp_path / "caf\udce9")
     for field, args in (("data", (tiny_llama_dir, odd)), ("val_data", (tiny_llama_dir, task_file)),
