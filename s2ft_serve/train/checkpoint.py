@@ -157,7 +157,20 @@ def _check_same_batching(path: Path, meta: dict, batching: dict[str, int] | None
 def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
                     data_hashes: dict[str, str | None], batching: dict[str, int] | None = None) -> Progress:
     """Restore deltas and AdamW moments into `layers` / `optimizer`; the data, batching and selection
-    (every module's columns, and no module more or less) must match."""
+    (every module's columns, and no module more or less) must match. A damaged checkpoint (a key or a
+    tensor missing, a truncated file) is one clear error naming it (QA: KeyError and SafetensorError
+    tracebacks)."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_checkpoint(path, layers, optimizer, data_hashes, batching)
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as exc:
+        raise InvalidRequestError(f"{path}: a damaged checkpoint ({type(exc).__name__}: {exc}); remove that folder "
+                                  "to resume from the one before it") from None
+
+
+def _load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.optim.Optimizer,
+                     data_hashes: dict[str, str | None], batching: dict[str, int] | None) -> Progress:
     from safetensors.torch import load_file
 
     meta = json.loads((path / STATE_JSON).read_text())

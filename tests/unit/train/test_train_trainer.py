@@ -92,6 +92,24 @@ def test_resume_from_a_checkpoint_beyond_max_steps_is_refused(tiny_llama_dir, ta
     assert again.steps == 4 and load_adapter(again.path).config["training"]["steps"] == 4
 
 
+def test_a_damaged_checkpoint_is_one_clear_error_naming_it(tiny_llama_dir, task_file, tmp_path):
+    """QA: a state.json missing a key (KeyError) or a truncated state.safetensors (SafetensorError)
+    made --resume a traceback."""
+    train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2))
+    step = tmp_path / "out" / "checkpoints" / "step-4"
+    meta = json.loads((step / "state.json").read_text())
+    (step / "state.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "adam_steps"}))
+    with pytest.raises(InvalidRequestError, match=r"step-4: a damaged checkpoint \(KeyError: 'adam_steps'\)"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, resume=True))
+    (step / "state.json").write_text(json.dumps(meta))
+    tensors = (step / "state.safetensors").read_bytes()
+    (step / "state.safetensors").write_bytes(tensors[: len(tensors) // 2])
+    with pytest.raises(InvalidRequestError, match=r"step-4: a damaged checkpoint \(SafetensorError"):
+        train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, resume=True))
+    shutil.rmtree(step)  # as the message says: the one before it resumes
+    assert train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, resume=True)).steps == 4
+
+
 def test_validation_examples_are_scored_unpacked(tiny_llama_dir, task_file, val_file, tmp_path):
     """QA: with --packing the validation file was packed too, so each example was scored after the
     previous ones: a loss that serving the examples never reproduces."""
