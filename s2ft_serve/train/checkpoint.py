@@ -59,14 +59,21 @@ def save_checkpoint(folder: Path, layers: dict[str, S2FTLinear], optimizer: torc
             tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
             steps[name] = float(state["step"])
     save_file(tensors, str(target / STATE_TENSORS))
+    _sync(target / STATE_TENSORS)  # on disk before the state.json that vouches for it (a crash, a power cut)
     meta = {"step": progress.step, "losses": progress.losses or [], "tokens": progress.tokens, "adam_steps": steps,
             "data_sha256": {k: data_hashes.get(k) for k in ("data", "val_data")},
             "base_model_fingerprint": data_hashes.get("base_model_fingerprint"), "batching": batching}
     partial = target / (STATE_JSON + ".tmp")  # whole or not at all (QA: a torn one blocked --resume)
     partial.write_text(json.dumps(meta))
+    _sync(partial)
     os.replace(partial, target / STATE_JSON)
     _prune(folder, keep)
     return target
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -90,19 +97,25 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    return [p for p in _step_folders(folder) if _readable(p / STATE_JSON)]
+def complete_checkpoints(folder: Path, warn: bool = False) -> list[Path]:
+    """The checkpoints whose `state.json` is there and whole; with `warn`, each one skipped is logged."""
+    return [p for p in _step_folders(folder) if _readable(p / STATE_JSON, warn)]
 
 
-def _readable(state: Path) -> bool:
+def _readable(state: Path, warn: bool = False) -> bool:
     """Whether a checkpoint's `state.json` is there and whole (one cut short by a crash before the write
-    became atomic, or by a full disk, is skipped with a warning)."""
+    became atomic, or by a full disk, or never written, the run stopped first, is skipped with a warning
+    on resume)."""
     if not state.is_file():
+        if warn:
+            log.warning("%s has no %s (cut short before it was written): that checkpoint is skipped",
+                        state.parent, STATE_JSON)
         return False
     try:
         json.loads(state.read_text())
-    except (OSError, ValueError):
-        log.warning("%s is unreadable: that checkpoint is skipped", state)
+    except (OSError, ValueError, RecursionError):
+        if warn:
+            log.warning("%s is unreadable: that checkpoint is skipped", state)
         return False
     return True
 
@@ -119,7 +132,7 @@ def refuse_earlier_run(folder: Path) -> None:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    done = complete_checkpoints(folder)
+    done = complete_checkpoints(folder, warn=True)
     return max(done, key=_step_of) if done else None
 
 
@@ -164,7 +177,8 @@ def load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch.
 
     try:
         return _load_checkpoint(path, layers, optimizer, data_hashes, batching)
-    except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, OSError, RuntimeError,
+            SafetensorError) as exc:
         raise InvalidRequestError(f"{path}: a damaged checkpoint ({type(exc).__name__}: {exc}); remove that folder "
                                   "to resume from the one before it") from None
 
@@ -174,6 +188,11 @@ def _load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch
     from safetensors.torch import load_file
 
     meta = json.loads((path / STATE_JSON).read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{STATE_JSON} holds a JSON {type(meta).__name__}, not an object")
+    step, losses = meta["step"], [float(x) for x in meta["losses"]]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{STATE_JSON} records step {step!r}, not a whole number")
     _check_same_data(path, meta, data_hashes)
     _check_same_batching(path, meta, batching)
     tensors = load_file(str(path / STATE_TENSORS))
@@ -190,12 +209,17 @@ def _load_checkpoint(path: Path, layers: dict[str, S2FTLinear], optimizer: torch
                 raise InvalidRequestError(
                     f"{path}: checkpoint selected different columns for {name}; resume with the same "
                     "model, selection options and seed")
+            shape = layer.delta.shape
+            moments = [f"{name}.exp_avg", f"{name}.exp_avg_sq"] if name in meta["adam_steps"] else []
+            for key in [f"{name}.delta", *moments]:  # else a wrong shape failed only at the first step
+                if tensors[key].shape != shape:
+                    raise ValueError(f"{key} has shape {list(tensors[key].shape)}, the run's delta {list(shape)}")
             layer.delta.copy_(tensors[f"{name}.delta"])
-            if name in meta["adam_steps"]:
-                dev = layer.delta.device
+            if moments:
+                dev, dtype = layer.delta.device, layer.delta.dtype
                 optimizer.state[layer.delta] = {
-                    "step": torch.tensor(meta["adam_steps"][name]),
-                    "exp_avg": tensors[f"{name}.exp_avg"].to(dev),
-                    "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(dev),
+                    "step": torch.tensor(float(meta["adam_steps"][name])),
+                    "exp_avg": tensors[moments[0]].to(dev, dtype),
+                    "exp_avg_sq": tensors[moments[1]].to(dev, dtype),
                 }
-    return Progress(step=int(meta["step"]), losses=list(meta["losses"]), tokens=int(meta.get("tokens", 0)))
+    return Progress(step=step, losses=losses, tokens=int(meta.get("tokens", 0)))

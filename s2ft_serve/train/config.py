@@ -16,6 +16,17 @@ from s2ft_serve.errors import InvalidRequestError
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}  # accepted on input, never recorded
 EPOCH_SEED_STRIDE = 100_003  # data.batch_order seeds epoch e's order with seed * EPOCH_SEED_STRIDE + e
 MAX_SEED = 2**63 // EPOCH_SEED_STRIDE  # so that seed fits torch's 64-bit generator seed
+# AdamW's step is the learning rate over 1 - beta1 ** t (down to 2 ** -53), in float32 (at most 3.4e38):
+# a learning rate of 100 keeps it finite (QA: 1e38 overflowed inside AdamW, a RuntimeError traceback)
+MAX_LEARNING_RATE = 100
+# the step count, epochs x batches per epoch, must be a finite whole number (QA: 1e308 epochs overflowed
+# converting it to one, after the model had loaded)
+MAX_EPOCHS = 1_000_000
+RANGE_REASONS = {  # said after a range, where the range alone does not explain itself
+    "learning_rate": f" (above {MAX_LEARNING_RATE}, AdamW's float32 step can overflow; usual rates are 1e-5 to 1e-2)",
+    "epochs": f" (at most {MAX_EPOCHS:,} passes, so that the step count stays a finite whole number; "
+              "or give --max-steps)",
+}
 PATH_FIELDS = ("data", "val_data", "model", "output")  # recorded in the adapter's config as text
 
 
@@ -97,19 +108,20 @@ class TrainConfig:
             raise InvalidRequestError(f"--max-steps must be at least 1, got {self.max_steps}")
         # (field, lowest, highest, lowest allowed, highest allowed); NaN fails every comparison
         # QA: a learning rate of 1e38 overflowed inside AdamW, 1e308 epochs in the step count (tracebacks)
-        ranges = [("learning_rate", 0, 100, False, True), ("weight_decay", 0, math.inf, True, False),
+        ranges = [("learning_rate", 0, MAX_LEARNING_RATE, False, True), ("weight_decay", 0, math.inf, True, False),
                   ("adam_beta1", 0, 1, True, False), ("adam_beta2", 0, 1, True, False),
                   ("adam_eps", 0, math.inf, True, False), ("warmup_ratio", 0, 1, True, True),
                   ("max_grad_norm", 0, math.inf, True, False)]
         if self.warmup_steps is not None:
             ranges.append(("warmup_steps", 0, math.inf, True, False))
         if self.max_steps is None:  # --epochs counts only then
-            ranges.append(("epochs", 0, 1_000_000, False, True))
+            ranges.append(("epochs", 0, MAX_EPOCHS, False, True))
         for name, low, high, with_low, with_high in ranges:
             value = getattr(self, name)
             if not ((low <= value if with_low else low < value) and (value <= high if with_high else value < high)):
                 span = f"{'[' if with_low else '('}{low}, {high}{']' if with_high else ')'}"
-                raise InvalidRequestError(f"--{name.replace('_', '-')} must lie in {span}, got {value}")
+                why = RANGE_REASONS.get(name, "")
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must lie in {span}, got {value}{why}")
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got "

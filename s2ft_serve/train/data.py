@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from s2ft_serve.adapters.format import is_utf8
 from s2ft_serve.errors import DataValidationError
 from s2ft_serve.model.loading import TEMPLATE_FAILURES, TEMPLATE_REFUSALS
 from s2ft_serve.train.config import EPOCH_SEED_STRIDE
@@ -62,6 +63,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             except RecursionError:  # QA: a line of 100,000 nested arrays was a traceback
                 raise DataValidationError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+            except ValueError as exc:  # a number Python refuses to read, such as one of over 4300 digits
+                raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc})") from None
             reason = record_problem(record) or _surrogate_problem(record)
             if reason:
                 raise DataValidationError(f"{path}:{lineno}: {reason}")
@@ -73,11 +76,16 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
 def _surrogate_problem(record: dict) -> str | None:
     """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes (QA: it passed
-    this check, then failed after the model loaded, with a traceback)."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return "not valid Unicode text (a lone surrogate, such as the escape \\ud800)"
+    this check, then failed after the model loaded, with a traceback). Only the texts that are tokenized
+    are read, one by one: no recursion into whatever else a line holds."""
+    if "messages" in record:
+        texts = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(record["messages"])]
+    else:
+        keys = ("prompt", "completion") if "prompt" in record or "completion" in record else ("text",)
+        texts = [(key, record[key]) for key in keys]
+    for where, text in texts:
+        if not is_utf8(text):
+            return f"{where} is not valid Unicode text (it holds a lone surrogate, such as the escape \\ud800)"
     return None
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from s2ft_serve.errors import DataValidationError
 from s2ft_serve.model.testing import make_tokenizer
-from s2ft_serve.train.data import IGNORE, Example, batch_order, collate, load_examples, pack, tokenize_record
+from s2ft_serve.train.data import (IGNORE, Example, batch_order, collate, load_examples, pack, read_records,
+                                   tokenize_record)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,7 @@ def test_text_loss_on_every_token_and_truncation(tok):
     ('{"prompt": "a", "completion": "b\\udfff"}', "a lone surrogate"),
     ('{"messages": [{"role": "assistant", "content": "\\ud800"}]}', "a lone surrogate"),
     ('{"text": ' + "[" * 100_000, "nested too deeply"),
+    ('{"text": ' + "1" * 5000 + "}", "invalid JSON"),  # more digits than Python reads: was a ValueError traceback
 ])
 def test_malformed_line_refused_with_its_number(tmp_path, tok, bad, reason):
     good = json.dumps({"prompt": "a", "completion": "b"})
@@ -126,6 +128,30 @@ def test_malformed_line_refused_with_its_number(tmp_path, tok, bad, reason):
         load_examples(path, tok, 64)
     assert "d.jsonl:4: " in err.value.message
     assert reason in err.value.message
+
+
+@pytest.mark.parametrize("bad, where", [
+    ('{"text": "abc \\ud800 def"}', "text"),
+    ('{"prompt": "abc \\ud800", "completion": " def"}', "prompt"),
+    ('{"prompt": "a", "completion": "b\\udfff"}', "completion"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udc80"}]}',
+     "messages[1].content"),
+    ('{"text": "x", "meta": ' + "[" * 100_000 + "}", "invalid JSON (nested too deeply)"),
+])
+def test_unusable_text_refused_by_validation_alone(tmp_path, bad, where):
+    """QA: a lone surrogate passed the validation (no tokenizer is at hand there), then failed after the
+    model had loaded, with a TypeError traceback ("the chat template refused this conversation" for
+    messages); a line nested too deeply was a RecursionError traceback. The validation, before anything
+    loads, names the line and the field."""
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    path = _write(tmp_path, [good, bad, good])
+    with pytest.raises(DataValidationError) as err:
+        read_records(path)
+    assert err.value.message.startswith(f"{path}:2: {where}")
+    assert "\n" not in err.value.message
+    # a valid pair of surrogates (an escaped emoji) is text like any other, and so are fields left unread
+    ok = _write(tmp_path, ['{"text": "\\ud83d\\ude00"}', '{"text": "x", "note": "\\ud800"}'])
+    assert [r["text"] for _, r in read_records(ok)] == ["\U0001F600", "x"]
 
 
 def test_missing_and_empty_files_refused(tmp_path, tok):

@@ -40,3 +40,28 @@ def test_an_epoch_is_one_pass_whatever_the_accumulation():
     assert total_micro_batches(cfg, 24, World()) == 6 and total_steps(cfg, 24, World()) == 2
     cfg.epochs = 2.5
     assert total_micro_batches(cfg, 24, World()) == 15 and total_steps(cfg, 24, World()) == 4
+
+
+def test_options_that_would_overflow_are_refused_up_front_and_the_bounds_work():
+    """QA: --epochs 1e308 --batch-size 1 passed the checks, then the step count overflowed (OverflowError:
+    cannot convert float infinity to integer); --learning-rate 1e38 overflowed inside AdamW (RuntimeError).
+    Both are flag errors that say why; the largest values allowed still give a step count and an AdamW step."""
+    import math
+
+    import torch
+
+    from s2ft_serve.errors import InvalidRequestError
+
+    for field, value in (("epochs", 1e308), ("epochs", math.inf), ("learning_rate", 1e38), ("learning_rate", math.inf)):
+        cfg = TrainConfig(data="x", output="y", batch_size=1, **{field: value})
+        with pytest.raises(InvalidRequestError, match=f"--{field.replace('_', '-')} must lie in .*got .* \\(.*\\w"):
+            cfg.validate()
+    cfg = TrainConfig(data="x", output="y", batch_size=1, epochs=1e6)  # the largest allowed
+    cfg.validate()
+    assert total_steps(cfg, 10**6, World()) == 10**12
+    cfg = TrainConfig(data="x", output="y", learning_rate=100, adam_beta1=1 - 2**-53)  # the largest allowed
+    cfg.validate()
+    delta = torch.nn.Parameter(torch.zeros(4))
+    delta.grad = torch.full((4,), 1e-3)
+    torch.optim.AdamW([delta], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2)).step()
+    assert bool(torch.isfinite(delta).all())

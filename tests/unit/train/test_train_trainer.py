@@ -110,6 +110,36 @@ def test_a_damaged_checkpoint_is_one_clear_error_naming_it(tiny_llama_dir, task_
     assert train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, resume=True)).steps == 4
 
 
+def test_other_damage_to_a_checkpoint_is_the_same_clear_error(tiny_llama_dir, task_file, tmp_path, caplog):
+    """The red team, after the QA fix above: a state.json holding a JSON array (AttributeError), a step of
+    1e999 (OverflowError) or moments of another shape (a RuntimeError inside AdamW at the first step, after
+    the resume had succeeded) were tracebacks; a step folder without a state.json was skipped unsaid."""
+    train(_cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=4, save_every=2))
+    step = tmp_path / "out" / "checkpoints" / "step-4"
+    meta = json.loads((step / "state.json").read_text())
+    resume = _cfg(tiny_llama_dir, task_file, tmp_path / "out", max_steps=6, resume=True)
+    for damaged in ([meta], {**meta, "step": "1e999"}, {**meta, "losses": ["x"]}):
+        text = json.dumps(damaged).replace('"1e999"', "1e999")
+        (step / "state.json").write_text(text)
+        with pytest.raises(InvalidRequestError, match=r"step-4: a damaged checkpoint \((ValueError|OverflowError)"):
+            train(resume)
+    (step / "state.json").write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(step / "state.safetensors"))
+    good = dict(tensors)
+    name = next(k for k in tensors if k.endswith(".exp_avg"))
+    tensors[name] = torch.zeros(tensors[name].numel() + 1)
+    save_file(tensors, str(step / "state.safetensors"))
+    with pytest.raises(InvalidRequestError, match=r"step-4: a damaged checkpoint \(ValueError: .*exp_avg has shape"):
+        train(resume)
+    save_file(good, str(step / "state.safetensors"))
+    (step / "state.json").unlink()  # cut short before its state.json: skipped, and said so
+    with caplog.at_level("WARNING"):
+        assert train(resume).steps == 6
+    assert "step-4 has no state.json" in caplog.text
+
+
 def test_validation_examples_are_scored_unpacked(tiny_llama_dir, task_file, val_file, tmp_path):
     """QA: with --packing the validation file was packed too, so each example was scored after the
     previous ones: a loss that serving the examples never reproduces."""
