@@ -653,8 +653,9 @@ class Engine:
     def lazy_folder(self, name: str) -> Path:
         """The folder under `adapter_root` that a request naming `name` loads on demand."""
         root = self.config.adapter_root
-        if (not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not is_utf8(name)
-                or not name.isprintable()):  # QA: a folder named with a newline was served, its header then broke
+        # not printable: a lone surrogate, or a newline or another control character (QA: a folder named
+        # with a newline was served, its x-adapter-id header then broke)
+        if not self.config.lazy_load or root is None or "/" in name or name in (".", "..") or not name.isprintable():
             raise AdapterNotFoundError(name)
         try:
             found = (Path(root).expanduser() / name / CONFIG_FILE).is_file()
@@ -686,7 +687,9 @@ class Engine:
         they move by the dtype's rounding, see the README)."""
         self._not_the_base(name, "fused")
         self.check_known(name)  # 404 for a name no one could load, before "already fused" (QA: a 409)
-        self.registry.check_fusable(name)  # a refused fuse loads nothing and evicts nothing
+        # a refused fuse loads nothing and evicts nothing (but for the room check of a folder never
+        # loaded, whose size is known once loaded: registry.fuse checks again)
+        self.registry.check_fusable(name)
         self._pin(name)  # makes it resident; the pin is released below
         with self.lock:
             entry = self.registry.get(name)

@@ -54,7 +54,7 @@ GEMMS = ("exact", "onednn")
 @functools.cache
 def _onednn_bfloat16() -> bool:
     """Whether oneDNN has a native bfloat16 inner product on this CPU (AVX-512 BF16 or AMX)."""
-    return _ONEDNN_OPS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def onednn_usable(weight: torch.Tensor) -> bool:

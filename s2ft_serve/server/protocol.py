@@ -370,8 +370,8 @@ class ModelList(ResponseModel):
 
 # ---------- adapters (admin) ----------
 
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"  # a name the server gives an adapter (admin routes, --adapter)
-AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)]
+# a name the server gives an adapter (admin routes, --adapter)
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
 # an adapter the server already holds: any name it accepted (a folder loaded on demand may hold a space)
 AdapterRef = Annotated[str, Field(min_length=1, max_length=256)]
 

@@ -7,18 +7,18 @@ environment after that.
 from __future__ import annotations
 
 import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from s2ft_serve.adapters.format import is_utf8
 from s2ft_serve.config import EngineConfig
-from s2ft_serve.server.protocol import ADAPTER_NAME
+from s2ft_serve.server.protocol import AdapterName
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+_ADAPTER_NAME = TypeAdapter(AdapterName)  # the admin routes' rule for a name the server gives
 
 
 class ServerSettings(BaseSettings):
@@ -99,9 +99,11 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"adapter {spec!r} must be NAME=PATH")
             # the admin routes' rule, so that they can reach it (QA: a preloaded 'bad/name' could be
             # neither unloaded nor fused), and one adapter per name (QA: the last silently won)
-            if len(name) > 128 or not re.fullmatch(ADAPTER_NAME, name):
+            try:
+                _ADAPTER_NAME.validate_python(name)
+            except ValidationError:
                 raise ValueError(f"adapter name {name!r} must start with a letter or digit and hold only letters, "
-                                 "digits and . _ : @ + - (at most 128 characters)")
+                                 "digits and . _ : @ + - (at most 128 characters)") from None
             if name in names:
                 raise ValueError(f"adapter name {name!r} is given twice")
             names.add(name)

@@ -107,7 +107,6 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise InvalidRequestError(f"--max-steps must be at least 1, got {self.max_steps}")
         # (field, lowest, highest, lowest allowed, highest allowed); NaN fails every comparison
-        # QA: a learning rate of 1e38 overflowed inside AdamW, 1e308 epochs in the step count (tracebacks)
         ranges = [("learning_rate", 0, MAX_LEARNING_RATE, False, True), ("weight_decay", 0, math.inf, True, False),
                   ("adam_beta1", 0, 1, True, False), ("adam_beta2", 0, 1, True, False),
                   ("adam_eps", 0, math.inf, True, False), ("warmup_ratio", 0, 1, True, True),

@@ -65,7 +65,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 raise DataValidationError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
             except ValueError as exc:  # a number Python refuses to read, such as one of over 4300 digits
                 raise DataValidationError(f"{path}:{lineno}: invalid JSON ({exc})") from None
-            reason = record_problem(record) or _surrogate_problem(record)
+            reason = record_problem(record)
             if reason:
                 raise DataValidationError(f"{path}:{lineno}: {reason}")
             records.append((lineno, record))
@@ -74,19 +74,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _surrogate_problem(record: dict) -> str | None:
-    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes (QA: it passed
-    this check, then failed after the model loaded, with a traceback). Only the texts that are tokenized
-    are read, one by one: no recursion into whatever else a line holds."""
-    if "messages" in record:
-        texts = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(record["messages"])]
-    else:
-        keys = ("prompt", "completion") if "prompt" in record or "completion" in record else ("text",)
-        texts = [(key, record[key]) for key in keys]
-    for where, text in texts:
-        if not is_utf8(text):
-            return f"{where} is not valid Unicode text (it holds a lone surrogate, such as the escape \\ud800)"
-    return None
+def _not_text(where: str, text: str) -> str | None:
+    """JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes (QA: it passed the
+    validation, then failed after the model loaded, with a traceback)."""
+    if is_utf8(text):
+        return None
+    return f"{where} is not valid Unicode text (it holds a lone surrogate, such as the escape \\ud800)"
 
 
 def record_problem(record: object) -> str | None:
@@ -99,13 +92,15 @@ def record_problem(record: object) -> str | None:
         for key in ("prompt", "completion"):
             if not isinstance(record.get(key), str):
                 return f"'{key}' must be a string (prompt/completion format)"
+            if problem := _not_text(key, record[key]):
+                return problem
         if not record["completion"]:
             return "'completion' is empty"
         return None
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
             return "'text' must be a non-empty string"
-        return None
+        return _not_text("text", record["text"])
     return "expected one of the keys 'messages', 'prompt' + 'completion', or 'text'"
 
 
@@ -119,6 +114,8 @@ def _messages_problem(messages: object) -> str | None:
             return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}"
         if not isinstance(m.get("content"), str):
             return f"messages[{i}].content must be a string"
+        if problem := _not_text(f"messages[{i}].content", m["content"]):
+            return problem
     if not any(m["role"] == "assistant" for m in messages):
         return "'messages' has no assistant message to learn from"
     return None

@@ -89,9 +89,9 @@ def prepare_output(cfg: TrainConfig) -> None:
                             "new adapter replaces", param="output")
     if not cfg.resume:
         refuse_earlier_run(out / "checkpoints")
-    if files and not cfg.resume:
-        raise ConflictError(f"--output {out} already holds an adapter; pass --resume to continue the run that "
-                            "wrote it, or choose another --output", param="output")
+        if files:
+            raise ConflictError(f"--output {out} already holds an adapter; pass --resume to continue the run that "
+                                "wrote it, or choose another --output", param="output")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
